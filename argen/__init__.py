@@ -1,0 +1,3 @@
+"""argen: fast autoregressive image generation."""
+
+__version__ = "0.1.0"

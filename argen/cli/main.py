@@ -1,0 +1,54 @@
+"""`argen` command line. Thin: parse arguments, call the library, report errors in one line.
+
+Each subcommand lives in its own module with `register(subparsers)`, which adds its parser
+and sets `func`. Any `ArgenError` (bad input the user can fix) becomes one line on stderr and
+exit code 2; so do argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from ..errors import ArgenError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints full usage on errors; we want one line and exit code 2."""
+
+    def error(self, message):
+        raise ArgenError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, eval as eval_cmd, generate, train
+
+    parser = OneLineParser(prog="argen", description="Fast autoregressive image generation.")
+    parser.add_argument("--version", action="version", version=f"argen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for module in (generate, bench, eval_cmd, train):
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return int(args.func(args) or 0)
+    except ArgenError as err:
+        print(f"argen: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("argen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

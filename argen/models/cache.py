@@ -1,0 +1,65 @@
+"""Static KV cache owned by a sampling call (gpt-fast style: preallocated, `update(pos, k, v)`).
+
+Keys are addressed by sequence position: slot p holds the key/value of position p. A query at
+position q sees every slot p <= q whose key is valid (caption padding is invalid), plus itself.
+Because visibility is decided by position, a speculative sampler that wrote a window of drafts
+and kept only some of them needs no data movement to "rewind": the rejected slots lie beyond
+the next query's position until the next forward overwrites them. `rewind` only records the
+kept length per row (used for bookkeeping and checks).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size, self.max_len, self.device = batch_size, max_len, torch.device(device)
+        self.positions = torch.arange(max_len, device=device)
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def set_condition_mask(self, cond_len: int, cond_mask: Optional[torch.Tensor]) -> None:
+        """Mark which of the first `cond_len` slots hold real condition tokens (t2i padding)."""
+        if cond_len > self.max_len:
+            raise ValueError(f"condition of {cond_len} tokens does not fit a cache of {self.max_len}")
+        self.key_valid.fill_(True)
+        if cond_mask is not None:
+            self.key_valid[:, :cond_len] = cond_mask.to(device=self.device, dtype=torch.bool)
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, H, T, hd] at `input_pos` ([T] shared, or [B, T] per row); return the full cache."""
+        kc, vc = self.k[layer], self.v[layer]
+        if input_pos.dim() == 1:
+            kc[:, :, input_pos] = k
+            vc[:, :, input_pos] = v
+        else:
+            rows = torch.arange(kc.shape[0], device=kc.device)[:, None]
+            kc[rows, :, input_pos] = k.transpose(1, 2)
+            vc[rows, :, input_pos] = v.transpose(1, 2)
+        if layer == 0:
+            end = (input_pos.max(-1).values if input_pos.dim() == 2 else input_pos.max()) + 1
+            self.lengths = torch.maximum(self.lengths, end)
+        return kc, vc
+
+    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean mask [B, 1, T, max_len] for queries at `input_pos`."""
+        qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
+        causal = self.positions <= qpos
+        if causal.dim() == 2:
+            causal = causal[None]
+        visible = (causal & self.key_valid[:, None, :]) | (self.positions == qpos)
+        return visible[:, None]
+
+    def rewind(self, lengths) -> None:
+        """Keep only the first `lengths` positions of each row (int, or tensor [B])."""
+        lengths = torch.as_tensor(lengths, device=self.device).expand(self.batch_size)
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("cannot rewind a cache forward")
+        self.lengths = lengths.clone()

@@ -1,0 +1,525 @@
+"""LlamaGen-style decoder-only image generator.
+
+Numerically identical to the official LlamaGen `Transformer` (FoundationVision/LlamaGen,
+`autoregressive/models/gpt.py`) and loads its state dicts unchanged: the module names below are
+the official ones. The quirks that matter for exact agreement are reproduced on purpose and
+marked "LlamaGen quirk" where they appear.
+
+Two ways to call the model:
+
+* teacher forcing, ``model(idx, cond, mask=None)`` -> logits for every position of
+  ``[condition prefix ; idx]`` (training, scoring);
+* the sampling contract used by every sampler in `argen.samplers`:
+  ``cache = model.new_cache(...)``, ``model.prefill(cond, cache, cond_mask)`` and
+  ``model.decode(tokens, input_pos, cache)``. The cache belongs to the caller, so one model can
+  serve several sampling calls (and teacher-forced calls) without state leaking between them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+
+from ..errors import ArgenError
+from .cache import KVCache
+from .checkpoint import load_into, load_state_dict_file
+from .pretrained import PretrainedMixin
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a generator. Field names follow the official LlamaGen `ModelArgs`.
+
+    Additions: ``rope_type`` ("2d" as in LlamaGen, or "1d" for 1D tokenizers such as TiTok),
+    ``grid_size`` (rows, cols) for image token grids that are not square, and
+    ``caption_token_num`` (the size of the t2i unconditional-embedding buffer; LlamaGen fixes it
+    at 120).
+    """
+
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    num_classes: int = 1000
+    caption_dim: int = 2048
+    class_dropout_prob: float = 0.1
+    model_type: str = "c2i"
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+    rope_type: str = "2d"
+    grid_size: Optional[tuple] = None
+    caption_token_num: int = 120
+
+    # Official sizes (`GPT_models` in LlamaGen): (n_layer, n_head, dim).
+    NAMED_SIZES = {
+        "GPT-B": (12, 12, 768),
+        "GPT-L": (24, 16, 1024),
+        "GPT-XL": (36, 20, 1280),
+        "GPT-XXL": (48, 24, 1536),
+        "GPT-XXXL": (48, 40, 2560),
+        "GPT-1B": (22, 32, 2048),
+        "GPT-3B": (24, 32, 3200),
+        "GPT-7B": (32, 32, 4096),
+    }
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in cls.NAMED_SIZES:
+            raise ArgenError(f"unknown GPT size {name!r}; choose one of {', '.join(cls.NAMED_SIZES)}")
+        n_layer, n_head, dim = cls.NAMED_SIZES[name]
+        return cls(n_layer=n_layer, n_head=n_head, dim=dim, **overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ArgenError(f"unknown GPT config fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ArgenError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+        if self.model_type not in ("c2i", "t2i"):
+            raise ArgenError(f"model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
+            # The official c2i embedding produces one token; more would break position bookkeeping.
+            raise ArgenError("class-conditional models use exactly one condition token (cls_token_num=1)")
+        if self.rope_type not in ("1d", "2d"):
+            raise ArgenError(f"rope_type must be '1d' or '2d', got {self.rope_type!r}")
+        if self.grid_size is not None:
+            self.grid_size = tuple(int(g) for g in self.grid_size)
+            if len(self.grid_size) != 2 or self.grid_size[0] * self.grid_size[1] != self.block_size:
+                raise ArgenError(f"grid_size {self.grid_size} does not multiply to block_size={self.block_size}")
+        elif self.rope_type == "2d" and math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ArgenError(f"block_size={self.block_size} is not a square grid: pass grid_size=(rows, cols)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def grid(self) -> tuple:
+        if self.grid_size is not None:
+            return self.grid_size
+        side = math.isqrt(self.block_size)
+        return (side, side)
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        # LlamaGen quirk: int(2*4*dim/3), optionally scaled, rounded up to `multiple_of`.
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cls_token_num + self.block_size
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE tables. Shape [cls_token_num + block_size, head_dim // 2, 2] holding (cos, sin).
+# LlamaGen quirk: the condition rows are all zeros (cos = sin = 0, not the identity rotation), so
+# q and k of every condition position are exactly zero.
+
+
+def rope_table_2d(grid: Sequence[int], head_dim: int, base: float, cls_token_num: int) -> torch.Tensor:
+    """2D RoPE: the first head_dim/4 rotation pairs use the row index, the last head_dim/4 the column."""
+    rows, cols = grid
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    r = torch.arange(rows, dtype=torch.float32)
+    c = torch.arange(cols, dtype=torch.float32)
+    freqs_r = torch.outer(r, freqs)  # [rows, head_dim/4]
+    freqs_c = torch.outer(c, freqs)  # [cols, head_dim/4]
+    angles = torch.cat(
+        [freqs_r[:, None, :].expand(rows, cols, -1), freqs_c[None, :, :].expand(rows, cols, -1)], dim=-1
+    ).reshape(rows * cols, half)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+
+
+def rope_table_1d(length: int, head_dim: int, base: float, cls_token_num: int) -> torch.Tensor:
+    """1D RoPE over token index, with the same zero rows for the condition prefix."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2), table])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) in float32.
+
+    x: [B, L, H, hd]; table: [L, hd/2, 2] or [B, L, hd/2, 2] (per-row positions).
+    """
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    if table.dim() == 3:
+        table = table[None]
+    table = table[:, :, None]  # broadcast over heads
+    cos, sin = table[..., 0], table[..., 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks. Module names equal the official ones so state dicts load unchanged.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # LlamaGen quirk: normalise in float32, cast back, then scale.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (per-sample residual drop), active only in training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class LabelEmbedder(nn.Module):
+    """Class id -> one condition token. Row `num_classes` is the null (unconditional) class."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        # LlamaGen quirk: the null row exists only when class dropout is on.
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+
+    @property
+    def has_null(self) -> bool:
+        return self.dropout_prob > 0
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features [B, T, caption_dim] -> T condition tokens (LlamaGen t2i)."""
+
+    def __init__(self, caption_dim: int, dim: int, dropout_prob: float, token_num: int):
+        super().__init__()
+        self.dropout_prob = dropout_prob
+        self.cap_proj = MLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim**0.5)
+
+    has_null = True
+
+    def null_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.uncond_embedding[: features.shape[1]].to(features.dtype).expand_as(features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(features.shape[0], device=features.device) < self.dropout_prob
+            features = torch.where(drop[:, None, None], self.null_features(features), features)
+        return self.cap_proj(features)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.ffn_hidden_dim
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.head_dim
+        self.kv_dim = self.n_kv_head * self.head_dim
+        self.wqkv = nn.Linear(config.dim, config.dim + 2 * self.kv_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.attn_dropout_p = config.attn_dropout_p
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+
+    def forward(self, x, rope, mask=None, cache: Optional[KVCache] = None, layer: int = 0, input_pos=None):
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = apply_rope(q.view(bsz, seqlen, self.n_head, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(k.view(bsz, seqlen, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, input_pos, k, v)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+        )
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig, drop_path: float):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, rope, mask=None, cache=None, layer=0, input_pos=None):
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, mask, cache, layer, input_pos))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class GPT(PretrainedMixin, ModelMixin, ConfigMixin):
+    """The LlamaGen generator (c2i or t2i).
+
+    Build with `GPT(GPTConfig(...))`, `GPT(dim=..., n_layer=..., ...)` or `GPT.from_name("GPT-B", ...)`.
+    """
+
+    config_name = "config.json"
+
+    def __init__(self, config: Optional[GPTConfig] = None, **config_fields):
+        super().__init__()
+        cfg = config if config is not None else GPTConfig.from_dict(config_fields)
+        # Registered by hand (not with diffusers' decorator) because the fields live in GPTConfig.
+        self.register_to_config(**asdict(cfg))
+        self.gpt_config = cfg
+        if cfg.model_type == "c2i":
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        else:
+            token_num = max(cfg.caption_token_num, cfg.cls_token_num)
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.class_dropout_prob, token_num)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        # stochastic depth grows linearly over depth (0 -> drop_path_rate), as torch.linspace would
+        rates = [cfg.drop_path_rate * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]
+        self.layers = nn.ModuleList(TransformerBlock(cfg, rates[i]) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # The RoPE table is derived from the config, so it is a non-persistent buffer: it moves with
+        # .to(device) but never enters the state dict (official files may carry it; it is ignored).
+        self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
+        self._init_weights()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPT":
+        return cls(GPTConfig.from_name(name, **overrides))
+
+    # Official `ModelArgs` fields that do not change the network.
+    _UNUSED_LLAMAGEN_ARGS = ("max_batch_size", "max_seq_len")
+
+    @classmethod
+    def from_llamagen(cls, checkpoint, prefer_ema: bool = False, **model_args) -> "GPT":
+        """Build from official LlamaGen weights.
+
+        `checkpoint`: a path (`.pt`/`.pth` holding {"model": ...} or {"ema": ...} or a raw FSDP
+        state dict, or `.safetensors`) or a state dict. `model_args`: official `ModelArgs` field
+        names (dim, n_layer, n_head, vocab_size, num_classes, block_size, cls_token_num,
+        caption_dim, model_type, ...). `prefer_ema` picks "ema" over "model" when both exist
+        (the official sample scripts use "model").
+        """
+        args = {k: v for k, v in model_args.items() if k not in cls._UNUSED_LLAMAGEN_ARGS}
+        model = cls(GPTConfig.from_dict(args))
+        if isinstance(checkpoint, dict):
+            state, source = checkpoint, "state dict"
+        else:
+            state, source = load_state_dict_file(checkpoint, prefer_ema=prefer_ema), str(checkpoint)
+        load_into(model, state, source=source)
+        return model.eval()
+
+    def _rope_table(self) -> torch.Tensor:
+        cfg = self.gpt_config
+        if cfg.rope_type == "2d":
+            return rope_table_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+        return rope_table_1d(cfg.block_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+    def _init_weights(self):
+        std = self.gpt_config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+        # LlamaGen quirk: the output projection starts at zero.
+        nn.init.zeros_(self.output.weight)
+
+    # ---- conditions -----------------------------------------------------------------------
+
+    @property
+    def supports_cfg(self) -> bool:
+        return self.cls_embedding.has_null
+
+    def check_condition(self, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> None:
+        """Raise a one-line error for conditions the model cannot take."""
+        cfg = self.gpt_config
+        if cfg.model_type == "c2i":
+            if cond.dim() != 1 or cond.dtype not in (torch.int32, torch.int64):
+                raise ArgenError(f"c2i condition must be integer class ids [B], got {tuple(cond.shape)} {cond.dtype}")
+            limit = cfg.num_classes + int(self.cls_embedding.has_null)
+            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= limit):
+                raise ArgenError(f"class id out of range: got {cond.tolist()}, valid ids are 0..{cfg.num_classes - 1}")
+        else:
+            if cond.dim() != 3 or cond.shape[-1] != cfg.caption_dim or not cond.is_floating_point():
+                raise ArgenError(f"t2i condition must be float features [B, T, {cfg.caption_dim}], got {tuple(cond.shape)}")
+            if cond.shape[1] != cfg.cls_token_num:
+                raise ArgenError(f"t2i condition has {cond.shape[1]} tokens, the model takes {cfg.cls_token_num}")
+            if cond_mask is not None and tuple(cond_mask.shape) != tuple(cond.shape[:2]):
+                raise ArgenError(f"caption mask shape {tuple(cond_mask.shape)} != features {tuple(cond.shape[:2])}")
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional counterpart of `cond` (null class / unconditional caption embedding)."""
+        if not self.supports_cfg:
+            raise ArgenError("this model was trained without condition dropout: it has no null condition for CFG")
+        if self.gpt_config.model_type == "c2i":
+            return torch.full_like(cond, self.gpt_config.num_classes)
+        return self.cls_embedding.null_features(cond)
+
+    def condition_length(self, cond: torch.Tensor) -> int:
+        return 1 if self.gpt_config.model_type == "c2i" else cond.shape[1]
+
+    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        emb = self.cls_embedding(cond)[:, : self.gpt_config.cls_token_num]
+        return emb.to(self.tok_embeddings.weight.dtype)
+
+    def _check_tokens(self, idx: torch.Tensor) -> None:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.gpt_config.vocab_size):
+            raise ArgenError(f"token id out of range: valid ids are 0..{self.gpt_config.vocab_size - 1}")
+
+    # ---- teacher forcing ------------------------------------------------------------------
+
+    def training_mask(self, cond_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """The official t2i attention mask from a caption mask [B, T] (True = real token).
+
+        Causal, key columns of padded caption slots removed for every query, and the diagonal
+        forced on so a padded row still attends to itself. Shape [B, 1, length, length].
+        """
+        bsz, t = cond_mask.shape
+        mask = torch.tril(torch.ones(length, length, dtype=torch.bool, device=cond_mask.device)).repeat(bsz, 1, 1)
+        mask[:, :, :t] &= cond_mask.bool()[:, None, :]
+        mask |= torch.eye(length, dtype=torch.bool, device=cond_mask.device)
+        return mask[:, None]
+
+    def forward(self, idx: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for every position of ``[condition prefix ; idx]``: [B, cls_token_num + L, V], float32.
+
+        Position j < cls_token_num - 1 are condition positions; logits[:, cls_token_num - 1 + k]
+        predicts idx[:, k]. ``mask`` is the official boolean attention mask [B, 1, S, S], or a
+        caption mask [B, cls_token_num] from which it is built.
+        """
+        self._check_tokens(idx)
+        self.check_condition(cond)
+        x = torch.cat([self.embed_condition(cond), self.tok_embeddings(idx)], dim=1)
+        x = self.tok_dropout(x)
+        length = x.shape[1]
+        if length > self.freqs_cis.shape[0]:
+            raise ArgenError(f"sequence of {length} positions exceeds the model's {self.freqs_cis.shape[0]}")
+        if mask is not None and mask.dim() == 2:
+            mask = self.training_mask(mask, length)
+        rope = self.freqs_cis[:length]
+        for layer in self.layers:
+            x = layer(x, rope, mask)
+        return self.output(self.norm(x)).float()
+
+    # ---- sampling contract ----------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
+        """A KV cache for `batch_size` rows (with CFG: 2x the real batch) and `max_len` positions."""
+        cfg = self.gpt_config
+        weight = self.tok_embeddings.weight
+        return KVCache(
+            n_layer=cfg.n_layer, batch_size=batch_size, n_head=cfg.n_kv_head or cfg.n_head,
+            max_len=max_len or cfg.seq_len, head_dim=cfg.head_dim,
+            device=device or weight.device, dtype=dtype or weight.dtype,
+        )
+
+    def _run_cached(self, x: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if int(input_pos.max()) >= self.freqs_cis.shape[0]:
+            raise ArgenError(f"position {int(input_pos.max())} is past the model's {self.freqs_cis.shape[0]} positions")
+        rope = self.freqs_cis[input_pos]
+        mask = cache.attention_mask(input_pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i, input_pos)
+        return x
+
+    def prefill(self, cond: torch.Tensor, cache: KVCache, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the condition prefix into the cache; return the logits [B, V] of its last position.
+
+        `cond_mask` [B, T] marks real caption tokens (t2i, left padded): padded slots are removed
+        as keys for every later query, as the official sampler does.
+        """
+        self.check_condition(cond, cond_mask)
+        t = self.condition_length(cond)
+        cache.set_condition_mask(t, cond_mask)
+        pos = torch.arange(t, device=cache.device)
+        x = self._run_cached(self.embed_condition(cond), pos, cache)
+        return self.output(self.norm(x[:, -1])).float()
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed tokens [B, T] at sequence positions `input_pos` ([T], or [B, T] per row).
+
+        Writes their keys/values into the cache and returns logits [B, T, V]; logits[:, j]
+        predicts the token after position input_pos[j]. Sequence position of image token k is
+        cls_token_num + k. A query sees every cached key at a position <= its own, so feeding a
+        window of several tokens verifies them all in one forward, and rewinding is just writing
+        over the rejected positions later (see `KVCache.rewind`).
+        """
+        x = self.tok_embeddings(tokens)
+        x = self._run_cached(x, input_pos, cache)
+        return self.output(self.norm(x)).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

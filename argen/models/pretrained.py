@@ -1,0 +1,92 @@
+"""`save_pretrained` / `from_pretrained` in the diffusers layout: `config.json` + `model.safetensors`.
+
+Configs go through diffusers' `ConfigMixin` (`save_config` / `load_config`). Weights are written
+with safetensors under the name `model.safetensors`; folders written by diffusers' own
+`ModelMixin.save_pretrained` (`diffusion_pytorch_model.safetensors`) load too. Writes are atomic:
+a folder is assembled beside the target and renamed into place, so an interrupted save never
+leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..hub import resolve_model_dir
+from .checkpoint import load_into, load_state_dict_file
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAMES = (WEIGHTS_NAME, "diffusion_pytorch_model.safetensors")
+
+
+def atomic_directory_write(target: Path, write) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `target`, replacing it only once complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class PretrainedMixin:
+    """For modules that are also diffusers `ConfigMixin`s whose config rebuilds them: `cls(**config)`."""
+
+    def save_pretrained(self, save_directory, dtype: Optional[torch.dtype] = None, extra_files: Optional[dict] = None):
+        """Write config.json + model.safetensors (optionally cast floats to `dtype`, e.g. float16)."""
+        state = {}
+        for key, value in self.state_dict().items():
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            state[key] = value.detach().contiguous().cpu()
+
+        def write(tmp: Path):
+            self.save_config(tmp)
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+
+        atomic_directory_write(Path(save_directory), write)
+
+    @classmethod
+    def config_to_init_kwargs(cls, config: dict) -> dict:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype: Optional[torch.dtype] = None):
+        """Load a model saved by `save_pretrained` (or a shipped model name such as 'default-c2i')."""
+        folder = resolve_model_dir(name_or_path)
+        if not (folder / cls.config_name).is_file():
+            raise CheckpointError(f"{folder}: no {cls.config_name} (not a model folder written by save_pretrained)")
+        config = cls.load_config(folder)
+        expected = cls.__name__
+        if config.get("_class_name", expected) != expected:
+            raise CheckpointError(f"{folder} holds a {config['_class_name']}, not a {expected}")
+        model = cls(**cls.config_to_init_kwargs(config))
+        weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{folder}: no weights file ({' or '.join(WEIGHTS_NAMES)})")
+        load_into(model, load_state_dict_file(weights), source=str(weights))
+        model.eval()
+        if dtype is not None:
+            model.to(dtype)
+        if device is not None:
+            model.to(device)
+        return model

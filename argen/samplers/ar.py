@@ -1,0 +1,68 @@
+"""Plain autoregressive sampling with a KV cache: one forward pass per token.
+
+Written as gpt-fast does: `prefill`, `decode_one_token`, `decode_n_tokens`, each short.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import Sampler, SamplerOutput, cfg_batch
+from .logits import SamplingParams, logits_to_probs
+from .rng import RandomStreams, sample_from_probs
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, guided: bool,
+               streams: Optional[RandomStreams], sample: bool = True) -> torch.Tensor:
+    """Model logits [B' , V] (both CFG halves) -> one token per real sample [B]."""
+    probs = logits_to_probs(logits, params, guided)
+    if not sample:
+        return probs.argmax(dim=-1)
+    return sample_from_probs(probs, streams)
+
+
+def prefill(model, cond, cond_mask, cache, params, streams, sample=True) -> torch.Tensor:
+    logits = model.prefill(cond, cache, cond_mask)
+    return next_token(logits, params, params.guided_at(0), streams, sample)
+
+
+def decode_one_token(model, token, input_pos, cache, params, guided, streams, sample=True) -> torch.Tensor:
+    """token [B] at position input_pos [1] -> the next token [B]."""
+    x = token[:, None]
+    if params.uses_cfg:
+        x = torch.cat([x, x])
+    logits = model.decode(x, input_pos, cache)[:, -1]
+    return next_token(logits, params, guided, streams, sample)
+
+
+def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, sample=True, progress=False):
+    """Emit tokens 1..num_tokens-1 after `first` [B]; returns [B, num_tokens]."""
+    tokens = torch.empty(first.shape[0], num_tokens, dtype=torch.long, device=first.device)
+    tokens[:, 0] = first
+    input_pos = torch.tensor([cond_len], device=first.device)
+    for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
+        tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params,
+                                        params.guided_at(n), streams, sample)
+        input_pos += 1
+    return tokens
+
+
+class ARSampler(Sampler):
+    """One token per forward pass, batched, CFG-aware. `sample=False` picks the argmax."""
+
+    name = "ar"
+
+    def __init__(self, sample: bool = True):
+        self.sample = sample
+
+    def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
+        cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
+        cond_len = model.condition_length(cond)
+        cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
+        first = prefill(model, cond_all, mask_all, cache, params, streams, self.sample)
+        tokens = decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, self.sample, progress)
+        return SamplerOutput(tokens=tokens, num_forward_passes=num_tokens,
+                             accepted_per_forward=[1.0] * (num_tokens - 1))

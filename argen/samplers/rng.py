@@ -1,0 +1,77 @@
+"""Random streams for sampling.
+
+With per-sample streams, row i of a batch draws only from its own generator, in an order that
+depends only on its own trajectory, so a sample is the same whatever the batch size (and
+whatever process it runs in). Without them, sampling uses the global RNG through one
+`torch.multinomial(probs, 1)` per step: exactly the official LlamaGen call sequence, so seeded
+official traces reproduce.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..errors import ArgenError
+
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+class RandomStreams:
+    """One CPU `torch.Generator` per sample. Draws are made on the CPU, so the numbers do not
+    depend on the device the model runs on, then moved to it."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int]) -> "RandomStreams":
+        return cls([torch.Generator().manual_seed(int(s)) for s in seeds])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def subset(self, rows: Sequence[int]) -> "RandomStreams":
+        return RandomStreams([self.generators[i] for i in rows])
+
+    def uniform(self, *shape: int, device=None) -> torch.Tensor:
+        """[B, *shape] uniforms in [0, 1), row i from generator i."""
+        rows = [torch.rand(shape, generator=g, dtype=torch.float64) for g in self.generators]
+        return torch.stack(rows).to(device)
+
+
+def make_streams(batch_size: int, seeds: Optional[Sequence[int]] = None,
+                 generator: GeneratorArg = None) -> Optional[RandomStreams]:
+    """Per-sample streams from `seeds` (one int per sample) or `generator` (a list, one per
+    sample). A single generator gives every row a seed drawn from it, in order: reproducible,
+    but sample i then depends on its index, not on the batch it sits in."""
+    if seeds is not None and generator is not None:
+        raise ArgenError("give seeds or generator, not both")
+    if seeds is not None:
+        if len(seeds) != batch_size:
+            raise ArgenError(f"got {len(seeds)} seeds for a batch of {batch_size}")
+        return RandomStreams.from_seeds(seeds)
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        drawn = torch.randint(0, 2**62, (batch_size,), generator=generator).tolist()
+        return RandomStreams.from_seeds(drawn)
+    if len(generator) != batch_size:
+        raise ArgenError(f"got {len(generator)} generators for a batch of {batch_size}")
+    return RandomStreams(generator)
+
+
+def sample_from_probs(probs: torch.Tensor, streams: Optional[RandomStreams]) -> torch.Tensor:
+    """Draw one token per row of probs [B, V] -> [B].
+
+    Global-RNG mode calls `torch.multinomial(probs, 1)` once (the official call). Stream mode
+    inverts the CDF at one uniform per row: right-sided search so zero-probability tokens are
+    never picked.
+    """
+    if streams is None:
+        return torch.multinomial(probs, num_samples=1)[:, 0]
+    u = streams.uniform(device=probs.device).to(torch.float64)  # [B]
+    cdf = probs.double().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return idx.clamp_(max=probs.shape[-1] - 1)

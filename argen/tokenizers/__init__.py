@@ -1,0 +1,7 @@
+"""Image tokenizers behind one interface (`ImageTokenizer`). Never a top-level `tokenizers`
+package: that name belongs to Hugging Face tokenizers, which transformers imports."""
+
+from .base import ImageTokenizer
+from .vq import VQTokenizer
+
+__all__ = ["ImageTokenizer", "VQTokenizer"]

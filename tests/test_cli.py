@@ -1,0 +1,35 @@
+"""The `argen` command: help, version, one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from argen import __version__
+from argen.cli.main import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "argen", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version_and_help():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"argen {__version__}"
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("generate", "bench", "eval", "train"):
+        assert command in out.stdout
+
+
+def test_unknown_command_is_one_line_exit_2():
+    out = run_cli("fly")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "invalid choice" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_option_is_one_line(capsys):
+    assert main(["--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("argen: error:") and err.strip().count("\n") == 0

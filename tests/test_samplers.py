@@ -1,0 +1,136 @@
+"""The shared logits path, random streams and the AR sampler."""
+
+import math
+
+import pytest
+import torch
+
+from argen.errors import ArgenError
+from argen.samplers import ARSampler, SamplingParams, generate, get_sampler, logits_to_probs, process_logits
+from argen.samplers.logits import filter_top_k_top_p
+from argen.samplers.rng import RandomStreams, make_streams, sample_from_probs
+
+from helpers import left_padded_captions, tiny_gpt, tiny_t2i
+
+
+def test_cfg_mixes_conditional_first():
+    cond, uncond = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 0.0]])
+    params = SamplingParams(cfg_scale=3.0)
+    mixed = process_logits(torch.cat([cond, uncond]), params)
+    torch.testing.assert_close(mixed, uncond + 3.0 * (cond - uncond))
+    # outside the guidance interval only the conditional half is used
+    torch.testing.assert_close(process_logits(torch.cat([cond, uncond]), params, guided=False), cond)
+
+
+def test_cfg_interval_counts_like_llamagen():
+    # cfg_interval=5: the prefill token and decode steps 0..5 (tokens 0..6) are guided
+    params = SamplingParams(cfg_scale=2.0, cfg_interval=5)
+    assert [params.guided_at(n) for n in range(9)] == [True] * 7 + [False] * 2
+    assert all(SamplingParams(cfg_scale=2.0).guided_at(n) for n in range(300))
+    assert not SamplingParams(cfg_scale=1.0).guided_at(0)
+
+
+def test_temperature_before_filtering():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    probs = logits_to_probs(logits, SamplingParams(temperature=0.5))
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.5, -1))
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_crossing_token():
+    logits = torch.tensor([[5.0, 3.0, 3.0, 1.0]])
+    kept = filter_top_k_top_p(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(kept).tolist() == [[True, True, True, False]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = filter_top_k_top_p(probs.log(), top_k=0, top_p=0.6)
+    # cumulative 0.5, 0.8, ...: the token crossing 0.6 (index 1) survives, the rest go
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    kept = filter_top_k_top_p(probs.log(), top_k=0, top_p=0.01)
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False]]
+
+
+def test_bad_sampling_params():
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(temperature=-1.0)):
+        with pytest.raises(ArgenError):
+            SamplingParams(**bad)
+
+
+def test_stream_sampling_follows_probabilities_and_skips_zeros():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2]).expand(4000, 5).contiguous()
+    streams = RandomStreams.from_seeds(range(4000))
+    drawn = sample_from_probs(probs, streams)
+    counts = torch.bincount(drawn, minlength=5).double()
+    assert counts[0] == 0 and counts[2] == 0
+    expected = probs[0].double() * 4000
+    nz = expected > 0
+    chi2 = (((counts[nz] - expected[nz]) ** 2) / expected[nz]).sum().item()
+    assert chi2 < 13.8  # chi-square, 2 dof, p = 0.001
+
+
+def test_make_streams_validation():
+    with pytest.raises(ArgenError):
+        make_streams(2, seeds=[1])
+    with pytest.raises(ArgenError):
+        make_streams(2, seeds=[1, 2], generator=torch.Generator())
+    assert make_streams(3) is None
+    assert len(make_streams(3, generator=torch.Generator().manual_seed(0))) == 3
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_per_sample_seeds_are_batch_size_invariant_c2i(cfg):
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    seeds = [100 + i for i in range(8)]
+    params = SamplingParams(cfg_scale=cfg, top_k=20)
+    batch = ARSampler()(model, labels, params=params, seeds=seeds).tokens
+    for i in (0, 5):
+        alone = ARSampler()(model, labels[i:i + 1], params=params, seeds=seeds[i:i + 1]).tokens
+        assert torch.equal(alone[0], batch[i])
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_per_sample_seeds_are_batch_size_invariant_t2i():
+    model = tiny_t2i()
+    feats, mask = left_padded_captions(8, 6, 12, lengths=[6, 5, 4, 3, 2, 1, 6, 3])
+    seeds = list(range(8))
+    params = SamplingParams(cfg_scale=2.0, top_p=0.9)
+    batch = ARSampler()(model, feats, cond_mask=mask, params=params, seeds=seeds).tokens
+    alone = ARSampler()(model, feats[3:4], cond_mask=mask[3:4], params=params, seeds=seeds[3:4]).tokens
+    assert torch.equal(alone[0], batch[3])
+
+
+def test_same_seed_same_tokens_and_counters():
+    model = tiny_gpt()
+    a = ARSampler()(model, torch.tensor([1, 2]), seeds=[5, 6])
+    b = ARSampler()(model, torch.tensor([1, 2]), seeds=[5, 6])
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.num_forward_passes == 16 and a.mean_accepted_per_forward == 1.0
+
+
+def test_ar_sampler_matches_teacher_forced_distribution_greedy():
+    """Greedy AR tokens are the argmax of the teacher-forced logits of their own sequence."""
+    model = tiny_gpt()
+    cond = torch.tensor([4, 9])
+    tokens = ARSampler(sample=False)(model, cond).tokens
+    logits = model(tokens[:, :-1], cond)
+    assert torch.equal(logits.argmax(-1), tokens)
+
+
+def test_generate_signature_and_errors():
+    model = tiny_gpt()
+    out = generate(model, torch.tensor([1, 2, 3]), 10, cfg_scale=1.5, top_k=5)
+    assert out.shape == (3, 10) and out.dtype == torch.int32
+    with pytest.raises(ArgenError, match="class id"):
+        generate(model, torch.tensor([11]), 4)
+    with pytest.raises(ArgenError, match="num_tokens"):
+        generate(model, torch.tensor([1]), 17)
+    with pytest.raises(ArgenError):
+        get_sampler("nope")
+    no_null = tiny_gpt(class_dropout_prob=0.0)
+    with pytest.raises(ArgenError, match="null condition|condition dropout"):
+        generate(no_null, torch.tensor([1]), 4, cfg_scale=2.0)
+
+
+def test_token_id_out_of_vocab_is_rejected():
+    model = tiny_gpt()
+    with pytest.raises(ArgenError, match="token id"):
+        model(torch.tensor([[64]]), torch.tensor([1]))
