@@ -24,6 +24,16 @@ class KVCache:
         self.positions = torch.arange(max_len, device=device)
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.active_len = max_len  # slots a forward attends over (see `attend_upto`)
+
+    def attend_upto(self, input_pos: torch.Tensor) -> None:
+        """Limit the next forward's attention to slots < max(input_pos) + 1.
+
+        On the CPU this halves the attention work of an average decode step for the price of
+        one tiny host read. On accelerators the full static length is kept: static shapes are
+        what CUDA graphs / torch.compile want, and reading the position would force a sync.
+        """
+        self.active_len = int(input_pos.max()) + 1 if input_pos.device.type == "cpu" else self.max_len
 
     def set_condition_mask(self, cond_len: int, cond_mask: Optional[torch.Tensor]) -> None:
         """Mark which of the first `cond_len` slots hold real condition tokens (t2i padding)."""
@@ -46,15 +56,16 @@ class KVCache:
         if layer == 0:
             end = (input_pos.max(-1).values if input_pos.dim() == 2 else input_pos.max()) + 1
             self.lengths = torch.maximum(self.lengths, end)
-        return kc, vc
+        return kc[:, :, : self.active_len], vc[:, :, : self.active_len]
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [B, 1, T, max_len] for queries at `input_pos`."""
+        """Boolean mask [B, 1, T, active_len] for queries at `input_pos`."""
+        positions = self.positions[: self.active_len]
         qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
-        causal = self.positions <= qpos
+        causal = positions <= qpos
         if causal.dim() == 2:
             causal = causal[None]
-        visible = (causal & self.key_valid[:, None, :]) | (self.positions == qpos)
+        visible = (causal & self.key_valid[:, None, : self.active_len]) | (positions == qpos)
         return visible[:, None]
 
     def rewind(self, lengths) -> None:

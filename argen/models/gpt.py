@@ -490,6 +490,7 @@ class GPT(PretrainedMixin, ModelMixin, ConfigMixin):
         if int(input_pos.max()) >= self.freqs_cis.shape[0]:
             raise ArgenError(f"position {int(input_pos.max())} is past the model's {self.freqs_cis.shape[0]} positions")
         rope = self.freqs_cis[input_pos]
+        cache.attend_upto(input_pos)
         mask = cache.attention_mask(input_pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, input_pos)

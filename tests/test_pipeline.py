@@ -1,0 +1,135 @@
+"""ARPipeline and `argen generate` end to end on tiny saved pipelines (and the shipped ones when present)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from argen.cli.main import main
+from argen.data.fashion_mnist import CLASS_NAMES
+from argen.errors import ArgenError
+from argen.hub import ASSETS
+from argen.pipeline import ARPipeline
+from argen.tokenizers import VQTokenizer
+
+from helpers import tiny_gpt
+
+
+def tiny_vq():
+    torch.manual_seed(0)
+    return VQTokenizer(codebook_size=64, codebook_embed_dim=8, ch=32, z_channels=32, encoder_ch_mult=(1, 2, 2),
+                       decoder_ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, image_size=16).eval()
+
+
+@pytest.fixture(scope="module")
+def c2i_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipes") / "c2i"
+    ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES, defaults={"cfg_scale": 2.0}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def t2i_dir(tmp_path_factory):
+    from argen.text import load_text_encoder
+
+    encoder = load_text_encoder("minilm", max_length=12)
+    path = tmp_path_factory.mktemp("pipes") / "t2i"
+    gpt = tiny_gpt(model_type="t2i", cls_token_num=12, caption_dim=encoder.feature_dim)
+    ARPipeline(gpt, tiny_vq(), encoder).save_pretrained(path)
+    return path
+
+
+def test_c2i_pipeline_seeds_independent_of_batch_size(c2i_dir):
+    pipe = ARPipeline.from_pretrained(c2i_dir)
+    a = pipe(class_labels=["sneaker", 3], num_images=3, seed=7, batch_size=6, progress=False)
+    b = pipe(class_labels=["Sneaker", "3"], num_images=3, seed=7, batch_size=1, progress=False)
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.labels == [7, 7, 7, 3, 3, 3] and a.seeds == list(range(7, 13))
+    assert len(a.images) == 6 and a.images[0].size == (16, 16) and a.images[0].mode == "L"
+    assert a.num_forward_passes == 16  # one batch of 6, 16 tokens each
+    assert not torch.equal(a.tokens[0], a.tokens[1])
+
+
+def test_pipeline_input_errors(c2i_dir, t2i_dir):
+    c2i = ARPipeline.from_pretrained(c2i_dir)
+    for bad in ("spaceship", 10, -1, "42"):
+        with pytest.raises(ArgenError):
+            c2i(class_labels=bad, progress=False)
+    with pytest.raises(ArgenError, match="class-conditional"):
+        c2i(prompt="a shoe", progress=False)
+    t2i = ARPipeline.from_pretrained(t2i_dir)
+    with pytest.raises(ArgenError, match="empty prompt"):
+        t2i(prompt="   ", progress=False)
+    with pytest.raises(ArgenError, match="too long"):
+        t2i(prompt="a very long description of a shoe " * 5, progress=False)
+    with pytest.raises(ArgenError, match="text-to-image"):
+        t2i(class_labels=1, progress=False)
+
+
+def test_t2i_pipeline(t2i_dir):
+    pipe = ARPipeline.from_pretrained(t2i_dir)
+    out = pipe(prompt=["a sneaker", "a dark bag"], num_images=2, seed=0, progress=False)
+    assert out.tokens.shape == (4, 16) and out.labels == [0, 0, 1, 1]
+    alone = pipe(prompt="a dark bag", num_images=2, seed=2, progress=False)
+    assert torch.equal(alone.tokens, out.tokens[2:])
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "argen", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_generate_writes_grid_and_images(c2i_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(c2i_dir), "--class", "bag", "--class", "0", "--num-images", "3",
+                 "--out", str(out), "--grid-scale", "2"]) == 0
+    grid = Image.open(out)
+    assert grid.size[0] > 32
+    files = sorted(p.name for p in (tmp_path / "grid").iterdir())
+    assert files == [f"{i:04d}_seed{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class", "spaceship"], "unknown"),
+    (["--class", "12"], "out of range"),
+    (["--class", "1", "--out", "missing_dir/x.png"], "does not exist"),
+    (["--class", "1", "--out", "x.jpg"], ".png"),
+    (["--class", "1", "--num-images", "0"], "num-images"),
+    (["--class", "1", "--model", "no/such/model"], "no model directory"),
+    (["--class", "1", "--top-p", "0"], "top_p"),
+])
+def test_cli_generate_bad_input(c2i_dir, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    model = [] if "--model" in args else ["--model", str(c2i_dir)]
+    out = [] if "--out" in args else ["--out", "o.png"]
+    assert main(["generate", *args, *model, *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_cli_generate_prompt_errors_in_a_real_process(tmp_path):
+    for args, message in ((["   "], "empty prompt"), ([], "prompt")):
+        out = run_cli("generate", *args, "--out", str(tmp_path / "o.png"))
+        assert out.returncode == 2 and message in out.stderr
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+shipped = pytest.mark.skipif(not (ASSETS / "default-c2i" / "pipeline.json").is_file(), reason="shipped models not built yet")
+
+
+@shipped
+def test_shipped_c2i_cli(tmp_path):
+    out = run_cli("generate", "--class", "sneaker", "--num-images", "2", "--out", str(tmp_path / "s.png"))
+    assert out.returncode == 0, out.stderr
+    assert "generated 2 images" in out.stdout
+    assert len(list((tmp_path / "s").iterdir())) == 2
+
+
+@pytest.mark.skipif(not (ASSETS / "default-t2i" / "pipeline.json").is_file(), reason="shipped models not built yet")
+def test_shipped_t2i_cli(tmp_path):
+    out = run_cli("generate", "a pair of running shoes", "--num-images", "2", "--out", str(tmp_path / "t.png"))
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "t.png").size[0] > 0
