@@ -28,7 +28,7 @@ def random_gpt(size: str = "GPT-B", vocab_size: int = 16384, num_classes: int = 
     torch.manual_seed(seed)
     model = GPT.from_name(size, vocab_size=vocab_size, num_classes=num_classes, block_size=block_size)
     torch.nn.init.normal_(model.output.weight, std=0.02)
-    return model.eval().to(dtype)
+    return torch.nn.Module.to(model.eval(), dtype)  # diffusers' ModelMixin.to warns on every dtype cast
 
 
 def weight_bytes_per_step(model: GPT) -> int:

@@ -85,8 +85,9 @@ class PretrainedMixin:
             raise CheckpointError(f"{folder}: no weights file ({' or '.join(WEIGHTS_NAMES)})")
         load_into(model, load_state_dict_file(weights), source=str(weights))
         model.eval()
+        # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even with nothing to keep in fp32
         if dtype is not None:
-            model.to(dtype)
+            torch.nn.Module.to(model, dtype)
         if device is not None:
-            model.to(device)
+            torch.nn.Module.to(model, device)
         return model
