@@ -184,7 +184,7 @@ class ARPipeline(DiffusionPipeline):
             sampler = get_sampler(sampler)
         params = SamplingParams(cfg_scale=self.defaults.get("cfg_scale", 2.0) if cfg_scale is None else cfg_scale,
                                 cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
-        conds, masks, labels = self._conditions(prompt, class_labels, num_images)
+        conds, masks, labels = self.prepare_conditions(prompt, class_labels, num_images)
         seeds = [seed + i for i in range(len(labels))]
         start = time.perf_counter()
         tokens, nfe = [], 0
@@ -204,7 +204,8 @@ class ARPipeline(DiffusionPipeline):
         chunks = [self.tokenizer.decode_flat(tokens[i:i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
         return torch.cat(chunks).clamp(-1, 1)
 
-    def _conditions(self, prompt, class_labels, num_images):
+    def prepare_conditions(self, prompt=None, class_labels=None, num_images: int = 1):
+        """(cond, cond_mask or None, labels) for `num_images` images per prompt or class."""
         if (prompt is None) == (class_labels is None):
             raise ArgenError("give either a prompt (text-to-image) or class labels (class-conditional)")
         if prompt is not None:

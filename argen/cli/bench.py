@@ -21,6 +21,25 @@ def register(sub):
     d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     d.add_argument("--json", help="write the records to this JSON file")
     d.set_defaults(func=run_decode)
+
+    s = kinds.add_parser("samplers", help="NFE, step compression and wall-clock of samplers vs AR (+ FID)")
+    s.add_argument("samplers", nargs="+", help="sampler specs, e.g. ar sjd mcsjd gsd:G=3 gsd:G=10")
+    s.add_argument("--model", default="default-c2i", help="pipeline name or folder (default default-c2i)")
+    s.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
+    s.add_argument("--num-images", type=int, default=32, help="images per setting and round (default 32)")
+    s.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up (default 3)")
+    s.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the model's)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fid", type=int, default=0, metavar="N",
+                   help="also score N images per sampler with argen.eval (FID/IS/class accuracy)")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", help="write one record per sampler setting and batch size")
+    s.add_argument("--md", help="write the Markdown table here too")
+    s.add_argument("--plot", help="PNG: speed-up vs FID (or vs step compression)")
+    s.set_defaults(func=run_samplers)
     p.set_defaults(func=lambda args: p.print_help())
 
 
@@ -65,4 +84,41 @@ def run_decode(args) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"results": to_records(results), "greedy_agreement": agreement}, handle, indent=2)
+    return 0
+
+
+def run_samplers(args) -> int:
+    import torch
+
+    from ..bench.samplers import bench_samplers, markdown_table, parse_spec, plot, write_json
+    from ..pipeline import ARPipeline
+    from ..samplers import SamplingParams
+
+    specs = [parse_spec(text) for text in args.samplers]
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    if args.num_images < 1 or args.rounds < 1:
+        raise ArgenError("--num-images and --rounds must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = ARPipeline.from_pretrained(args.model)
+    cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
+    params = SamplingParams(cfg_scale=cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    quality = None
+    if args.fid:
+        from ..eval.quality import quality_scorer  # FID/IS/class accuracy on the fmnist classifier
+
+        quality = quality_scorer(args.fid)
+    records = bench_samplers(pipe, specs, batch_sizes, max(args.num_images, args.fid), params, args.rounds,
+                             args.seed, quality=quality, log=lambda m: print(m, flush=True))
+    table = markdown_table(records)
+    print(table)
+    meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.json:
+        write_json(records, args.json, meta)
+    if args.md:
+        with open(args.md, "w") as handle:
+            handle.write(table + "\n")
+    if args.plot:
+        plot(records, args.plot)
     return 0

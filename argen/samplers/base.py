@@ -22,11 +22,20 @@ from .rng import GeneratorArg, RandomStreams, make_streams
 class SamplerOutput:
     """tokens: [B, N] int64. num_forward_passes: model calls for the whole batch, prefill
     included (NFE). accepted_per_forward: tokens emitted per forward per sample, one entry per
-    decode forward (1.0 throughout for plain AR)."""
+    decode forward (1.0 throughout for plain AR). forwards_per_sample: [B], the forward pass
+    after which each sample was complete (ragged speculative batches finish rows at different
+    times; None means every row took num_forward_passes)."""
 
     tokens: torch.Tensor
     num_forward_passes: int
     accepted_per_forward: list = field(default_factory=list)
+    forwards_per_sample: Optional[torch.Tensor] = None
+
+    @property
+    def nfe_per_sample(self) -> torch.Tensor:
+        if self.forwards_per_sample is not None:
+            return self.forwards_per_sample
+        return torch.full((self.tokens.shape[0],), self.num_forward_passes)
 
     @property
     def mean_accepted_per_forward(self) -> float:
