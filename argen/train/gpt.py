@@ -1,0 +1,480 @@
+"""GPT training on VQ codes of Fashion-MNIST (`argen train gpt`), class- or text-conditional.
+
+1. The whole train split is encoded once with the trained VQ and cached
+   (`<out>/codes_train.safetensors`, keyed by a hash of the VQ weights, the item limit and the
+   flip option); `--flip` adds horizontally flipped copies as augmentation.
+2. Teacher forcing as LlamaGen: input idx = codes[:, :-1], logits = model(idx, cond)[:,
+   cls_token_num - 1:], cross-entropy against all block_size codes. The model applies class /
+   caption dropout itself in train mode (CFG needs it).
+3. t2i: each item gets a caption from `argen.data.captions.train_caption`, drawn with
+   random.Random seeded by (seed, epoch, index): it varies over epochs yet a resumed run sees
+   the same captions. The caption space is small (a few hundred strings), so MiniLM features
+   of every possible training caption are computed once and looked up per batch.
+4. The EMA weights are exported to `<out>/model` with `pipeline.json` (tokenizer, model type,
+   class names, text encoder), a sample grid and a model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..data import captions as captions_mod
+from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, pad_image, to_model_range
+from ..errors import ArgenError
+from ..hub import SHIPPED_MODELS, resolve_model_dir
+from ..models.gpt import GPT, GPTConfig
+from ..tokenizers.vq import VQTokenizer
+from .common import Trainer, TrainConfig, seed_everything, set_threads, write_json
+
+CODES_NAME = "codes_train.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# Codes
+
+
+def _weights_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "diffusion_pytorch_model.safetensors"):
+        p = folder / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_images(vq: VQTokenizer, images_uint8: torch.Tensor, flip: bool = False, batch_size: int = 500,
+                  progress: bool = False) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> codes [N, h*w] (int16), padded to the VQ's image size first."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for start in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="encode", leave=False):
+        x = pad_image(to_model_range(images_uint8[start:start + batch_size]).unsqueeze(1), vq.image_size)
+        if flip:
+            x = x.flip(-1)
+        out.append(vq.encode(x).flatten(1).to(torch.int16))
+    return torch.cat(out)
+
+
+def load_or_encode_codes(vq: VQTokenizer, vq_dir: Path, images: torch.Tensor, cache: Path, flip: bool,
+                         limit: Optional[int], progress: bool) -> torch.Tensor:
+    """Codes of `images` (and their flips, appended) from `cache` if it matches, else encoded and cached."""
+    key = {"vq": _weights_hash(vq_dir), "items": str(len(images)), "flip": str(bool(flip)), "limit": str(limit)}
+    if cache.is_file():
+        try:
+            with safe_open(str(cache), "pt") as f:
+                meta = f.metadata() or {}
+                if all(meta.get(k) == v for k, v in key.items()):
+                    return f.get_tensor("codes")
+        except Exception:  # noqa: BLE001 - a broken cache is simply rebuilt
+            pass
+    codes = encode_images(vq, images, progress=progress)
+    if flip:
+        codes = torch.cat([codes, encode_images(vq, images, flip=True, progress=progress)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    save_file({"codes": codes.contiguous()}, str(tmp), metadata=key)
+    tmp.replace(cache)
+    return codes
+
+
+# --------------------------------------------------------------------------------------------
+# Captions
+
+
+_CAPTION_TABLES: dict = {}
+
+
+def caption_table(encoder) -> tuple[list[str], dict, torch.Tensor, torch.Tensor]:
+    """Every possible training caption, its id, and MiniLM features/masks [C, T, D] / [C, T].
+
+    Cached per process and encoder config (the table is a pure function of both)."""
+    key = repr(sorted(encoder.config().items()))
+    if key not in _CAPTION_TABLES:
+        _CAPTION_TABLES[key] = _caption_table(encoder)
+    return _CAPTION_TABLES[key]
+
+
+def _caption_table(encoder):
+    texts = sorted({c for label in range(len(CLASS_NAMES)) for c in captions_mod.all_train_captions(label)})
+    feats, masks = [], []
+    for start in range(0, len(texts), 64):
+        f, m = encoder.encode(texts[start:start + 64])
+        feats.append(f.float())
+        masks.append(m)
+    return texts, {t: i for i, t in enumerate(texts)}, torch.cat(feats), torch.cat(masks)
+
+
+def item_caption(seed: int, epoch: int, index: int, label: int, image_uint8) -> str:
+    rng = random.Random(f"argen-t2i:{seed}:{epoch}:{index}")
+    return captions_mod.train_caption(label, image_uint8, rng)
+
+
+class CodeBatches:
+    """Batches of (codes, condition) by (epoch, index) keys.
+
+    c2i: {"codes", "labels"}. t2i: {"codes", "caption_ids"}; the caption of an item depends on
+    (seed, epoch, index) only. Items N..2N-1 are the flipped copies when flip is on.
+    """
+
+    def __init__(self, codes: torch.Tensor, labels: torch.Tensor, images_uint8: torch.Tensor, model_type: str,
+                 seed: int = 0, caption_ids: Optional[dict] = None):
+        self.codes = codes
+        self.labels = labels
+        self.images = images_uint8
+        self.model_type = model_type
+        self.seed = seed
+        self.caption_ids = caption_ids
+        self.base = len(labels)
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitems__(self, keys):
+        index = torch.tensor([i for _, i in keys], dtype=torch.long)
+        base_index = index % self.base
+        batch = {"codes": self.codes[index].long()}
+        labels = self.labels[base_index]
+        if self.model_type == "c2i":
+            batch["labels"] = labels
+        else:
+            ids = []
+            for (epoch, i), b in zip(keys, base_index.tolist()):
+                text = item_caption(self.seed, epoch, i, int(self.labels[b]), self.images[b].numpy())
+                ids.append(self.caption_ids[text])
+            batch["caption_ids"] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling for the model card
+
+
+@torch.no_grad()
+def sample_grid(gpt: GPT, vq: VQTokenizer, cond, cond_mask=None, cfg_scale: float = 2.0, seeds=None):
+    """AR samples for conditions `cond` -> images [B, 1, H, W] in [-1, 1]."""
+    from ..samplers import ARSampler, SamplingParams
+
+    B = cond.shape[0]
+    out = ARSampler()(gpt, cond, params=SamplingParams(cfg_scale=cfg_scale), cond_mask=cond_mask,
+                      seeds=list(range(B)) if seeds is None else seeds)
+    h, w = vq.code_shape
+    return vq.decode(out.tokens.view(B, h, w)).float().clamp(-1, 1)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
+    from PIL import Image
+
+    B, _, H, W = images.shape
+    cols = B // rows
+    grid = images[: rows * cols, 0].reshape(rows, cols, H, W).permute(0, 2, 1, 3).reshape(rows * H, cols * W)
+    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: Optional[float] = None,
+              batch_size: int = 64, lr: float = 1e-3, seed: int = 0, warmup_steps: int = 200,
+              weight_decay: float = 0.05, ema_decay: float = 0.999, grad_clip: float = 1.0,
+              size: Optional[str] = None, dim: int = 320, n_layer: int = 6, n_head: int = 5,
+              dropout: float = 0.0, class_dropout: float = 0.1, flip: bool = False,
+              codes_cache=None, text_encoder: str = "minilm", tokenizer_name: Optional[str] = None,
+              cfg_scale: float = 2.0, limit: Optional[int] = None, ckpt_every: int = 500, log_every: int = 25,
+              resume: bool = False, threads: Optional[int] = None, progress: bool = True,
+              export_dtype: str = "auto", command: Optional[str] = None, samples_per_class: int = 10,
+              eval_items: int = 2000, accuracy_per_class: int = 30, data_root=None,
+              stop_at_step: Optional[int] = None) -> dict:
+    """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics."""
+    from accelerate import Accelerator
+
+    set_threads(threads)
+    if model_type not in ("c2i", "t2i"):
+        raise ArgenError(f"model type must be c2i or t2i, got {model_type!r}")
+    if (steps is None) == (epochs is None):
+        raise ArgenError("give exactly one of --steps or --epochs")
+    if export_dtype not in ("auto", "float16", "float32"):
+        raise ArgenError(f"export dtype must be auto, float16 or float32, got {export_dtype!r}")
+    vq_dir = resolve_model_dir(vq)
+    vq_model = VQTokenizer.from_pretrained(vq_dir).float().eval()
+    h, w = vq_model.code_shape
+    accelerator = Accelerator()
+    out = Path(out)
+
+    images, labels = load_fashion_mnist("train", data_root)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    cache = Path(codes_cache) if codes_cache else out / CODES_NAME
+    t_prep = time.time()
+    if accelerator.is_main_process:
+        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, progress)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, False)
+    num_items = len(codes)
+
+    encoder, caption_ids, cap_feats, cap_masks, enc_config = None, None, None, None, None
+    if model_type == "t2i":
+        encoder = _load_encoder(text_encoder)
+        texts, caption_ids, cap_feats, cap_masks = caption_table(encoder)
+        enc_config = dict(encoder.config())
+        if enc_config.get("name") == "minilm":
+            enc_config["path"] = None  # found again from the installed package
+    prep_s = time.time() - t_prep
+
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs * (num_items // (batch_size * accelerator.num_processes))))
+    cfg = TrainConfig(out=str(out), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
+                      ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=progress)
+
+    fields = dict(vocab_size=vq_model.vocab_size, block_size=h * w, grid_size=(h, w) if h != w else None,
+                  num_classes=len(CLASS_NAMES), model_type=model_type, class_dropout_prob=class_dropout,
+                  token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout, multiple_of=64)
+    if model_type == "t2i":
+        fields.update(cls_token_num=encoder.max_length, caption_dim=encoder.feature_dim,
+                      caption_token_num=encoder.max_length)
+    gpt_cfg = GPTConfig.from_name(size, **fields) if size else GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head,
+                                                                         **fields)
+    torch.manual_seed(seed)  # identical init on every process
+    model = GPT(gpt_cfg)
+    seed_everything(seed + accelerator.process_index)
+
+    dataset = CodeBatches(codes, labels, images, model_type, seed, caption_ids)
+    cls = gpt_cfg.cls_token_num
+
+    def loss_fn(m, batch):
+        x = batch["codes"]
+        if model_type == "c2i":
+            logits = m(x[:, :-1], batch["labels"])
+        else:
+            ids = batch["caption_ids"]
+            logits = m(x[:, :-1], cap_feats[ids], cap_masks[ids])
+        logits = logits[:, cls - 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+        return loss, {"loss": loss}
+
+    run_info = {"kind": f"gpt-{model_type}", "vq": str(vq), "vq_hash": _weights_hash(vq_dir),
+                "gpt_config": {k: v for k, v in model.config.items() if not k.startswith("_")},
+                "parameters": model.num_parameters(), "train_items": num_items, "flip": flip,
+                "text_encoder": enc_config, "command": command, "prep_s": round(prep_s, 1),
+                "threads": torch.get_num_threads()}
+    trainer = Trainer(cfg, model, dataset, loss_fn, num_items=num_items, loss_names=["loss"],
+                      accelerator=accelerator, run_info=run_info, tokens_per_item=h * w)
+    trainer.fit(stop_at=stop_at_step)
+    if not trainer.finished:
+        return {"stopped_at": trainer.step}
+
+    metrics = {}
+    if trainer.is_main:
+        t0 = time.time()
+        ema = trainer.ema_model()
+        folder = out / "model"
+        tok_name = tokenizer_name or (str(vq) if str(vq) in SHIPPED_MODELS else str(vq_dir))
+        pipeline = {"tokenizer": tok_name, "model_type": model_type, "class_names": list(CLASS_NAMES),
+                    "image_size": vq_model.image_size, "crop": 28, "code_shape": [h, w],
+                    "default_cfg_scale": cfg_scale}
+        extra = {}
+        if model_type == "t2i":
+            pipeline["text_encoder"] = enc_config
+            extra["text_encoder.json"] = _json(enc_config)
+        extra["pipeline.json"] = _json(pipeline)
+        metrics = {"step": trainer.step, "train_wall_s": round(trainer.elapsed, 1), "prep_s": round(prep_s, 1),
+                   "final_train_losses": trainer.last_losses, "parameters": model.num_parameters()}
+        # Held-out-free sanity metric: teacher-forced loss of the EMA model on the test split.
+        test_images, test_labels = load_fashion_mnist("test", data_root)
+        n_test = min(eval_items, len(test_labels))
+        test_codes = encode_images(vq_model, test_images[:n_test]).long()
+        cond, mask = _conditions(model_type, test_labels[:n_test], encoder, test_images[:n_test], seed)
+        metrics["test_items"] = n_test
+        metrics["test_loss_ema_fp32"] = _test_loss(ema, test_codes, cond, mask)
+        dtype = torch.float32 if export_dtype == "float32" else torch.float16
+        ema.save_pretrained(folder, dtype=dtype, extra_files=extra)
+        if export_dtype != "float32":
+            half = GPT.from_pretrained(folder).float()
+            metrics["test_loss_fp16_export"] = _test_loss(half, test_codes, cond, mask)
+            if export_dtype == "auto" and metrics["test_loss_fp16_export"] - metrics["test_loss_ema_fp32"] > 0.002:
+                ema.save_pretrained(folder, dtype=torch.float32, extra_files=extra)
+                dtype = torch.float32
+        metrics["export_dtype"] = str(dtype).replace("torch.", "")
+        final = GPT.from_pretrained(folder).float().eval()
+        # Per-class sample grid: one row per class.
+        n = samples_per_class
+        grid_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(n)
+        if model_type == "c2i":
+            imgs = sample_grid(final, vq_model, grid_labels, cfg_scale=cfg_scale)
+            prompts = None
+        else:
+            prompts = [captions_mod.HELDOUT_PROMPTS[c][0] for c in range(len(CLASS_NAMES))]
+            f, m = encoder.encode([prompts[int(c)] for c in grid_labels])
+            imgs = sample_grid(final, vq_model, f, m, cfg_scale=cfg_scale)
+        save_grid(imgs, len(CLASS_NAMES), folder / "samples.png")
+        metrics["grid_prompts"] = prompts
+        metrics["grid_samples"] = int(imgs.shape[0])
+        if accuracy_per_class > 0:
+            metrics["class_accuracy"] = class_accuracy(final, vq_model, model_type, encoder, cfg_scale,
+                                                       accuracy_per_class)
+        metrics["eval_wall_s"] = round(time.time() - t0, 1)
+        write_json(out / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
+        write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
+        write_gpt_card(folder, metrics, cfg, run_info, pipeline)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+_ENCODERS: dict = {}
+
+
+def _load_encoder(name: str):
+    """Text encoders are loaded once per process (tests train several t2i models)."""
+    from ..text import load_text_encoder
+
+    if name not in _ENCODERS:
+        _ENCODERS[name] = load_text_encoder(name)
+    return _ENCODERS[name]
+
+
+def class_accuracy(gpt: GPT, vq: VQTokenizer, model_type: str, encoder, cfg_scale: float, per_class: int,
+                   batch: int = 100) -> Optional[dict]:
+    """Fraction of samples the shipped Fashion-MNIST classifier assigns to the requested class
+    (t2i: prompts cycle through the held-out `HELDOUT_PROMPTS`). None when no classifier is installed."""
+    try:
+        from ..eval.fmnist_classifier import load_fmnist_classifier
+
+        clf = load_fmnist_classifier()
+    except Exception:  # noqa: BLE001 - optional: the classifier ships separately
+        return None
+    labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
+    correct = torch.zeros(len(CLASS_NAMES))
+    seeds = list(range(10_000, 10_000 + len(labels)))
+    for s in range(0, len(labels), batch):
+        lab = labels[s:s + batch]
+        if model_type == "c2i":
+            imgs = sample_grid(gpt, vq, lab, cfg_scale=cfg_scale, seeds=seeds[s:s + batch])
+        else:
+            prompts = [captions_mod.HELDOUT_PROMPTS[int(c)][(s + j) % len(captions_mod.HELDOUT_PROMPTS[int(c)])]
+                       for j, c in enumerate(lab)]
+            f, m = encoder.encode(prompts)
+            imgs = sample_grid(gpt, vq, f, m, cfg_scale=cfg_scale, seeds=seeds[s:s + batch])
+        with torch.no_grad():
+            pred = clf(imgs).argmax(-1)
+        correct += torch.bincount(lab[pred == lab], minlength=len(CLASS_NAMES)).float()
+    return {"accuracy": float(correct.sum() / len(labels)), "per_class": (correct / per_class).tolist(),
+            "samples": len(labels), "cfg_scale": cfg_scale,
+            "conditions": "class ids" if model_type == "c2i" else "held-out prompts (HELDOUT_PROMPTS)",
+            "classifier": "argen/assets/fmnist-classifier"}
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _conditions(model_type, labels, encoder, images, seed):
+    if model_type == "c2i":
+        return labels, None
+    texts = [item_caption(seed, 0, i, int(labels[i]), images[i].numpy()) for i in range(len(labels))]
+    return encoder.encode(texts)
+
+
+@torch.no_grad()
+def _test_loss(model: GPT, codes, cond, mask, batch_size: int = 250) -> float:
+    model.eval()
+    cls = model.gpt_config.cls_token_num
+    total = 0.0
+    for s in range(0, len(codes), batch_size):
+        x = codes[s:s + batch_size]
+        c = cond[s:s + batch_size]
+        mk = None if mask is None else mask[s:s + batch_size]
+        logits = model(x[:, :-1], c, mk)[:, cls - 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum"))
+    return total / codes.numel()
+
+
+def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict, pipeline: dict) -> None:
+    g = run_info["gpt_config"]
+    kind = run_info["kind"].split("-")[1]
+    epochs = metrics["step"] * cfg.batch_size / run_info["train_items"]
+    tokens = metrics["step"] * cfg.batch_size * g["block_size"]
+    title = "class-conditional (c2i)" if kind == "c2i" else "text-conditional (t2i, MiniLM caption features)"
+    cond_text = (
+        "Condition: Fashion-MNIST class id 0-9 (" + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES)) + "); "
+        f"class dropout {g['class_dropout_prob']} during training gives the null class used by CFG."
+        if kind == "c2i" else
+        f"Condition: all-MiniLM-L6-v2 token features ({g['cls_token_num']} left-padded slots x {g['caption_dim']}), "
+        "see `text_encoder.json`. Training captions come from `argen.data.captions.train_caption` (several templates, "
+        "synonyms and a measured dark/light attribute), redrawn every epoch; caption dropout "
+        f"{g['class_dropout_prob']} trains the unconditional embedding used by CFG. Held-out prompts "
+        "(`HELDOUT_PROMPTS`: unseen templates and synonyms) were never trained on."
+    )
+    grid = ("`samples.png`: one row per class (0-9 top to bottom), "
+            f"{cfg_scale_text(pipeline)}, seeds 0..{metrics['grid_samples'] - 1} in reading order.")
+    if metrics.get("grid_prompts"):
+        grid += " Row prompts (held-out): " + "; ".join(f"{i}: \"{p}\"" for i, p in enumerate(metrics["grid_prompts"]))
+    text = f"""# default-{kind}: {title} GPT for Fashion-MNIST
+
+LlamaGen-architecture generator (`argen.models.GPT`) trained from scratch with `argen train gpt` on the
+VQ codes of the Fashion-MNIST train split ({run_info['train_items']} items{', incl. horizontal flips' if run_info['flip'] else ''}),
+tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vocabulary {g['vocab_size']}).
+
+## Model
+- dim {g['dim']}, {g['n_layer']} layers, {g['n_head']} heads, FFN hidden {GPTConfig.from_dict(g).ffn_hidden_dim},
+  2D RoPE, {run_info['parameters'] / 1e6:.2f}M parameters; dropout (token/residual/FFN) {g['resid_dropout_p']}.
+- {cond_text}
+- Weights: EMA (decay {cfg.ema_decay}) of the trained weights, stored as {metrics['export_dtype']}
+  (teacher-forced test loss fp32 EMA {metrics['test_loss_ema_fp32']:.4f}"""
+    if "test_loss_fp16_export" in metrics:
+        text += f", fp16 export {metrics['test_loss_fp16_export']:.4f}"
+    text += f""").
+- `pipeline.json` names the tokenizer, model type, class names{' and text encoder' if kind == 't2i' else ''}.
+
+## Training
+- Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
+- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} ({epochs:.2f} epochs, {tokens / 1e6:.1f}M training tokens);
+  AdamW lr {cfg.lr}, betas {tuple(cfg.betas)}, weight decay {cfg.weight_decay} on matrices, {cfg.warmup_steps} warmup steps
+  then cosine to {cfg.min_lr_ratio} x lr, grad clip {cfg.grad_clip}; cross-entropy over all {g['block_size']} tokens.
+- Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores, shared with other jobs;
+  {run_info.get('threads', '?')} torch thread(s)),
+  plus {metrics['prep_s']:.0f} s to encode the data{' and captions' if kind == 't2i' else ''}.
+- Final training loss (mean of the last log interval): {metrics['final_train_losses'].get('loss', float('nan')):.4f};
+  teacher-forced loss on {metrics['test_items']} test images: {metrics['test_loss_ema_fp32']:.4f} nats/token.
+
+## Samples
+{grid}
+{_accuracy_text(metrics.get('class_accuracy'))}
+
+## Use
+```python
+from argen.models import GPT
+from argen.samplers import ARSampler, SamplingParams
+from argen.tokenizers.vq import VQTokenizer
+gpt = GPT.from_pretrained("default-{kind}").float()
+vq = VQTokenizer.from_pretrained("default-vq")
+```
+"""
+    (folder / "MODEL_CARD.md").write_text(text)
+
+
+def _accuracy_text(acc: Optional[dict]) -> str:
+    if not acc:
+        return ""
+    per = ", ".join(f"{n} {100 * a:.0f}%" for n, a in zip(CLASS_NAMES, acc["per_class"]))
+    return (f"\nClass accuracy of {acc['samples']} samples ({acc['conditions']}, CFG {acc['cfg_scale']}, seeds 10000+) "
+            f"under the shipped Fashion-MNIST classifier: **{100 * acc['accuracy']:.1f}%** ({per}).\n")
+
+
+def cfg_scale_text(pipeline: dict) -> str:
+    return f"CFG scale {pipeline['default_cfg_scale']}"
