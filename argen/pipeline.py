@@ -64,8 +64,11 @@ def _norm_name(name: str) -> str:
 
 class ARPipeline(DiffusionPipeline):
     def __init__(self, gpt: GPT, tokenizer: VQTokenizer, text_encoder=None, class_names: Optional[Sequence[str]] = None,
-                 defaults: Optional[dict] = None):
+                 defaults: Optional[dict] = None, crop: Optional[int] = None):
+        """`defaults` holds sampling defaults (e.g. {"cfg_scale": 2.0}); `crop` center-crops decoded
+        images to that size (a tokenizer trained on padded images, e.g. 28x28 in a 32x32 frame)."""
         super().__init__()
+        self.crop = crop
         self.register_modules(gpt=gpt, tokenizer=tokenizer)
         self.text_encoder = text_encoder  # not a torch module of ours: moved by `to()` below
         self.class_names = list(class_names or [])
@@ -117,12 +120,15 @@ class ARPipeline(DiffusionPipeline):
             if "text_encoder" not in meta:
                 raise ArgenError(f"{folder}: text-to-image model without a text_encoder entry in {PIPELINE_FILE}")
             encoder = text_encoder_from_config(meta["text_encoder"], device, path=text_encoder_path)
-        return cls(gpt, vq, encoder, meta.get("class_names"), meta.get("defaults"))
+        defaults = dict(meta.get("defaults") or {})
+        if "default_cfg_scale" in meta:
+            defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
+        return cls(gpt, vq, encoder, meta.get("class_names"), defaults, meta.get("crop"))
 
     def save_pretrained(self, save_directory, dtype: Optional[torch.dtype] = None, **_):
         """Write a self-contained folder: pipeline.json + gpt/ + tokenizer/."""
         meta = {"tokenizer": "tokenizer", "model_type": self.gpt.gpt_config.model_type,
-                "class_names": self.class_names, "defaults": self.defaults}
+                "class_names": self.class_names, "defaults": self.defaults, "crop": self.crop}
         if self.text_encoder is not None:
             meta["text_encoder"] = self.text_encoder.config()
 
@@ -202,7 +208,12 @@ class ARPipeline(DiffusionPipeline):
 
     def decode(self, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         chunks = [self.tokenizer.decode_flat(tokens[i:i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
-        return torch.cat(chunks).clamp(-1, 1)
+        images = torch.cat(chunks).clamp(-1, 1)
+        if self.crop and self.crop < images.shape[-1]:
+            top = (images.shape[-2] - self.crop) // 2
+            left = (images.shape[-1] - self.crop) // 2
+            images = images[..., top:top + self.crop, left:left + self.crop]
+        return images
 
     def prepare_conditions(self, prompt=None, class_labels=None, num_images: int = 1):
         """(cond, cond_mask or None, labels) for `num_images` images per prompt or class."""

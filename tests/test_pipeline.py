@@ -133,3 +133,12 @@ def test_shipped_t2i_cli(tmp_path):
     out = run_cli("generate", "a pair of running shoes", "--num-images", "2", "--out", str(tmp_path / "t.png"))
     assert out.returncode == 0, out.stderr
     assert Image.open(tmp_path / "t.png").size[0] > 0
+
+
+def test_crop_and_saved_defaults(tmp_path):
+    pipe = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES, defaults={"cfg_scale": 3.0}, crop=12)
+    pipe.save_pretrained(tmp_path / "p")
+    again = ARPipeline.from_pretrained(tmp_path / "p")
+    assert again.crop == 12 and again.defaults == {"cfg_scale": 3.0}
+    out = again(class_labels=1, num_images=1, progress=False)
+    assert out.images[0].size == (12, 12)
