@@ -1,6 +1,313 @@
-"""`argen eval`."""
+"""`argen eval`: sample for evaluation, FID / IS / precision-recall / class accuracy, reference statistics.
+
+    argen eval fid --model default-c2i --sampler ar --num-samples 10000 --out runs/x
+    argen eval fid --samples runs/x --ref fashion-mnist:test
+    argen eval sample --model default-t2i --num-samples 10000 --out runs/t2i --npz
+    argen eval ref-stats --ref fashion-mnist:test --floor 10000
+
+Sampling and feature extraction are split over processes when launched by accelerate or torchrun
+(image i is the same whatever the number of processes), and sampling resumes where a killed run
+stopped:
+
+    accelerate launch --num_processes 2 -m argen eval fid ...               (GPUs)
+    accelerate launch --multi_gpu --num_processes 2 -m argen eval fid ...   (CPU-only machine: gloo)
+    torchrun --nproc_per_node 2 -m argen eval fid ...
+
+(`accelerate launch --cpu` always starts a single process unless given an MPI hostfile.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ArgenError
+
+
+def _add_extractor_args(p):
+    p.add_argument("--extractor", default="fmnist", choices=("fmnist", "inception"),
+                   help="feature network: the shipped Fashion-MNIST classifier (default) or the 2015 TF-Inception")
+    p.add_argument("--protocol", default=None,
+                   help="inception only: adm (= torch-fidelity, legacy TF resize; comparable with LlamaGen/ADM "
+                        "numbers, the default) or clean (clean-fid's resize: a different metric)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="inception weights file (default $ARGEN_INCEPTION_WEIGHTS); never downloaded")
+    p.add_argument("--ref", default="fashion-mnist:test",
+                   help="reference: fashion-mnist:test (default), fashion-mnist:train, an image folder or an .npz")
+    p.add_argument("--ref-num", type=int, default=None, metavar="N", help="use N reference images (default all)")
+    p.add_argument("--feature-batch-size", type=int, default=None, metavar="B",
+                   help="images per feature-network call (default 500 fmnist, 32 inception)")
+    p.add_argument("--device", default=None, help="device for the networks (default: accelerate's, else cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch default)")
+
+
+def _add_sampling_args(p, required_out: bool):
+    p.add_argument("--model", default=None, help="pipeline name (default-c2i, default-t2i) or folder to sample from")
+    p.add_argument("--sampler", default="ar", help="sampler name or spec with options, e.g. ar, gsd:G=10")
+    p.add_argument("--sampler-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="sampler option (repeatable), e.g. --sampler-opt G=10")
+    p.add_argument("--num-samples", type=int, default=10000, help="images to generate (default 10000)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per sampler call and process (default 16)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--cfg-interval", type=int, default=-1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="t2i: prompt file (.txt one per line, or .jsonl {prompt, label}); image i uses prompt i "
+                        "(cycled). Default: argen's held-out Fashion-MNIST prompts, class i %% 10")
+    p.add_argument("--out", required=required_out, default=None,
+                   help="output folder: samples/NNNNNN.png, samples.jsonl, sampling.json, metrics.json")
+    p.add_argument("--npz", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write an ADM sample batch (arr_0) for the official evaluator (default OUT/samples.npz)")
 
 
 def register(sub):
-    parser = sub.add_parser("eval", help="(not available yet in this version)")
-    parser.set_defaults(func=None)
+    parser = sub.add_parser("eval", help="FID / IS / class accuracy of samples; reference statistics",
+                            description="Evaluate generators: sample N images (resumable, multi-process with "
+                                        "accelerate launch) and score them against reference statistics.")
+    kinds = parser.add_subparsers(dest="eval_kind", metavar="KIND")
+
+    f = kinds.add_parser("fid", help="sample from --model (or take --samples) and compute FID/IS/P/R/class accuracy")
+    _add_sampling_args(f, required_out=False)
+    f.add_argument("--samples", default=None, metavar="PATH",
+                   help="score existing samples instead: a sampling output folder, an image folder or an ADM .npz")
+    _add_extractor_args(f)
+    f.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
+                   help="also compute the real-data floor (train vs test at the same N; default on for fmnist)")
+    f.add_argument("--json", default=None, metavar="PATH", help="metrics JSON (default OUT/metrics.json)")
+    f.set_defaults(func=run_fid)
+
+    s = kinds.add_parser("sample", help="only generate the evaluation samples (PNGs, optionally an ADM npz)")
+    _add_sampling_args(s, required_out=True)
+    s.add_argument("--device", default=None, help="device (default: accelerate's, else cpu)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch default)")
+    s.set_defaults(func=run_sample)
+
+    r = kinds.add_parser("ref-stats", help="compute (and cache) reference statistics; optionally the real-data floor")
+    _add_extractor_args(r)
+    r.add_argument("--out", default=None, metavar="FILE.npz",
+                   help="also write the statistics here (mu, sigma, argen_meta, feats)")
+    r.add_argument("--adm", action="store_true",
+                   help="with --out: write an ADM reference batch instead (arr_0 = the reference images, RGB)")
+    r.add_argument("--floor", type=int, default=0, metavar="N",
+                   help="also report the real-data floor: FID of N images of the other Fashion-MNIST split")
+    r.add_argument("--refresh", action="store_true", help="recompute even if cached")
+    r.set_defaults(func=run_ref_stats)
+    parser.set_defaults(func=lambda args: parser.print_help())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _state(device):
+    """accelerate's PartialState (one process when not launched with accelerate / torchrun).
+
+    accelerate only picks its multi-CPU (gloo) backend when asked for the CPU, so ``cpu=True``
+    is passed whenever the run is on the CPU (no CUDA, ``--device cpu`` or ACCELERATE_USE_CPU).
+    """
+    import os
+
+    import torch
+
+    try:
+        from accelerate import PartialState
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    cpu = (str(device or "").startswith("cpu") or not torch.cuda.is_available()
+           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    state = PartialState(cpu=cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and state.num_processes != world:
+        raise ArgenError(f"launched as {world} processes but accelerate set up {state.num_processes}; "
+                         "every process would do all the work")
+    return state
+
+
+def _setup(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = _state(args.device)
+    device = args.device or (str(state.device) if state is not None else "cpu")
+    return state, device
+
+
+def _sampler_spec(args):
+    from ..bench.samplers import parse_spec
+
+    text = args.sampler
+    if args.sampler_opt:
+        extra = ",".join(o.strip() for o in args.sampler_opt)
+        text = f"{text},{extra}" if ":" in text else f"{text}:{extra}"
+    spec = parse_spec(text)
+    return spec.name, spec.options, spec.label
+
+
+def _check_sampling_args(args):
+    if args.num_samples < 1:
+        raise ArgenError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise ArgenError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _sample(args, state, device):
+    from ..pipeline import ARPipeline
+    from ..samplers import SamplingParams
+    from ..eval.sampling import generate_samples, read_prompt_file
+
+    _check_sampling_args(args)
+    name, options, label = _sampler_spec(args)
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    pipe = ARPipeline.from_pretrained(args.model, device=device)
+    cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
+    params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p)
+    summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,
+                               seed=args.seed, batch_size=args.batch_size, prompts=prompts, model_name=str(args.model),
+                               state=state, log=_log)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([summary])
+    else:
+        parts = [summary]
+    sampled = sum(p["sampled"] for p in parts)
+    nfe = [p["nfe_per_image"] * p["sampled"] for p in parts if p["sampled"]]
+    total = {"generated": sum(p["generated"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
+             "nfe_per_image": sum(nfe) / sampled if sampled else None,
+             "seconds": max(p["seconds"] for p in parts), "processes": len(parts), "sampler_label": label}
+    if state is not None:
+        state.wait_for_everyone()
+    return total
+
+
+def _write_npz(args, state, samples):
+    """The ADM sample batch (arr_0, uint8 RGB) of ``samples``, written by the main process."""
+    if not args.npz or (state is not None and not state.is_main_process):
+        return None
+    from ..eval.npz import write_sample_npz
+    from ..eval.quality import resolve_samples
+    from ..eval.reference import read_image_files
+
+    path = Path(args.out) / "samples.npz" if args.npz is True else Path(args.npz)
+    source = resolve_samples(samples)
+    images = source.images if source.files is None else read_image_files(source.files, f"samples in {samples}")
+    write_sample_npz(path, images)
+    _log(f"wrote ADM sample batch {path} (arr_0, {len(source)} images)")
+    return path
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _extractor(args, device):
+    from ..eval.features import get_extractor
+
+    return get_extractor(args.extractor, protocol=args.protocol, inception_weights=args.inception_weights,
+                         device=device, batch_size=args.feature_batch_size)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_sample(args) -> int:
+    if not args.model:
+        raise ArgenError("argen eval sample needs --model")
+    state, device = _setup(args)
+    summary = _sample(args, state, device)
+    _write_npz(args, state, args.out)
+    if state is None or state.is_main_process:
+        print(f"{summary['generated']} image(s) generated, {summary['skipped']} already present, "
+              f"{summary['processes']} process(es) -> {Path(args.out) / 'samples'}")
+    return 0
+
+
+def run_fid(args) -> int:
+    from ..eval.quality import evaluate_samples, format_table
+
+    if (args.model is None) == (args.samples is None):
+        raise ArgenError("give --model (sample, then score) or --samples (score existing samples), not both or neither")
+    if args.model is not None and not args.out:
+        raise ArgenError("--model needs --out: the folder for the samples and metrics")
+    if args.samples is not None and args.npz and not args.out:
+        raise ArgenError("--npz with --samples needs --out")
+    if args.ref_num is not None and args.ref_num < 2:
+        raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
+    state, device = _setup(args)
+    start = time.perf_counter()
+    extractor = _extractor(args, device)  # fail on a missing weights file before sampling for hours
+    sampling = None
+    samples = args.out if args.model is not None else args.samples
+    if args.model is not None:
+        sampling = _sample(args, state, device)
+    _write_npz(args, state, samples)
+    metrics = evaluate_samples(samples, extractor=extractor,
+                               ref=args.ref, ref_num=args.ref_num, floor=args.floor, state=state, log=_log)
+    if metrics is None:  # not the main process
+        return 0
+    if sampling is not None:
+        metrics["sampling_run"] = sampling
+    metrics["seconds"] = time.perf_counter() - start
+    json_path = Path(args.json) if args.json else (Path(args.out) / "metrics.json" if args.out else None)
+    if json_path is not None:
+        _atomic_json(json_path, metrics)
+    print(format_table(metrics))
+    if json_path is not None:
+        print(f"metrics -> {json_path}")
+    return 0
+
+
+def run_ref_stats(args) -> int:
+    from ..eval.npz import write_stats_npz
+    from ..eval.reference import load_reference_images, real_data_floor, reference_stats
+
+    if args.ref_num is not None and args.ref_num < 2:
+        raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
+    if args.adm and not args.out:
+        raise ArgenError("--adm needs --out FILE.npz")
+    state, device = _setup(args)
+    if state is not None and not state.is_main_process:
+        return 0
+    extractor = _extractor(args, device)
+    stats = reference_stats(extractor, args.ref, args.ref_num, refresh=args.refresh, log=_log)
+    record = {"ref": stats.meta(), "extractor": extractor.identity(), "feature_dim": int(stats.mu.shape[0])}
+    print(f"{stats.dataset}: N={stats.n}, {stats.mu.shape[0]}-d {extractor.describe()}")
+    if stats.path:
+        print(f"statistics: {stats.path}")
+    if args.out:
+        if args.adm:
+            images, _, _ = load_reference_images(args.ref, args.ref_num)
+            path = write_stats_npz(args.out, stats.mu, stats.sigma, images=images)
+            print(f"ADM reference batch (arr_0, {len(images)} images): {path}")
+        else:
+            path = write_stats_npz(args.out, stats.mu, stats.sigma, meta={**stats.meta(), "path": None},
+                                   feats=stats.feats, probs=stats.probs)
+            print(f"statistics copy: {path}")
+    if args.floor:
+        floor = real_data_floor(extractor, args.floor, args.ref, ref_stats=stats, log=_log)
+        if floor is None:
+            raise ArgenError("--floor needs a Fashion-MNIST reference (fashion-mnist:test or :train) and N up to the "
+                             "size of the other split")
+        record["floor"] = floor
+        print(f"real-data floor: FID {floor['fid']:.4f} ({floor['real_set']} N={floor['num']} vs {floor['ref']})")
+    return 0

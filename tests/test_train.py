@@ -1,0 +1,193 @@
+"""Training loops: a tiny run learns, a stopped-and-resumed run is bit-identical, CLI errors are one line.
+
+Everything is tiny (a few dozen Fashion-MNIST images, models of a few thousand parameters) and
+runs on one thread so the tests stay fast and leave the CPU to others.
+"""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from argen.cli.main import main
+from argen.tokenizers.vq import VQTokenizer
+from argen.train.common import (
+    EMA,
+    StepBatchSampler,
+    epoch_permutation,
+    latest_checkpoint,
+    list_checkpoints,
+    read_log,
+    warmup_cosine,
+)
+from argen.train.gpt import train_gpt
+from argen.train.tokenizer import train_tokenizer
+
+torch.set_num_threads(1)
+
+TINY_VQ = dict(ch=8, ch_mult=(1, 1, 1, 1), z_channels=8, codebook_size=32, codebook_dim=4, norm_groups=4)
+TINY_GPT = dict(dim=32, n_layer=1, n_head=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_vq_dir(tmp_path_factory):
+    """An untrained tiny VQ (4x4 codes, 32 entries): enough to produce codes for GPT training."""
+    torch.manual_seed(0)
+    vq = VQTokenizer(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 1, 1, 1),
+                     decoder_ch_mult=(1, 1, 1, 1), z_channels=8, ch=8, num_res_blocks=1, in_channels=1,
+                     norm_groups=4, image_size=32)
+    folder = tmp_path_factory.mktemp("vq") / "model"
+    vq.save_pretrained(folder)
+    return folder
+
+
+def _tensors(path):
+    return load_file(str(path))
+
+
+def _assert_same_state(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+# -- pieces --------------------------------------------------------------------------------
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = warmup_cosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_data_order_is_a_function_of_seed_and_epoch():
+    assert torch.equal(epoch_permutation(50, 3, 2), epoch_permutation(50, 3, 2))
+    assert not torch.equal(epoch_permutation(50, 3, 2), epoch_permutation(50, 3, 1))
+    full = list(StepBatchSampler(20, 6, seed=1, start=0, stop=7))
+    tail = list(StepBatchSampler(20, 6, seed=1, start=4, stop=7))
+    assert full[4:] == tail
+    assert full[3][0][0] == 1  # 3 batches per epoch: batch 3 is epoch 1
+
+
+def test_ema_tracks_parameters_and_copies_buffers():
+    m = torch.nn.BatchNorm1d(3)
+    ema = EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+        m.running_mean.fill_(7.0)
+    ema.num_updates = 100
+    ema.update(m)
+    assert torch.allclose(ema.shadow["weight"], torch.full((3,), 2.0))
+    assert torch.equal(ema.shadow["running_mean"], torch.full((3,), 7.0))
+
+
+# -- tokenizer -----------------------------------------------------------------------------
+
+
+def test_tokenizer_tiny_run_learns_and_exports(tmp_path):
+    out = tmp_path / "vq"
+    metrics = train_tokenizer(out, steps=16, batch_size=8, lr=3e-3, warmup_steps=2, limit=64, test_limit=16,
+                              log_every=2, ckpt_every=8, restart_every=4, progress=False, **TINY_VQ)
+    rows = read_log(out / "log.csv")
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert rows[-1]["rec_mse"] < rows[0]["rec_mse"]
+    assert {"psnr_db", "codebook_usage"} <= set(metrics["test"])
+    assert json.loads((out / "metrics.json").read_text())["test"]["codes_used"] >= 1
+    vq = VQTokenizer.from_pretrained(out / "model")
+    assert vq.code_shape == (4, 4)
+    assert (out / "model" / "MODEL_CARD.md").is_file() and (out / "model" / "reconstructions.png").is_file()
+    assert [p.name for p in list_checkpoints(out)] == ["step_000008", "step_000016"]
+
+
+def test_tokenizer_resume_is_bit_exact(tmp_path):
+    kw = dict(steps=8, batch_size=8, lr=3e-3, warmup_steps=2, limit=48, test_limit=8, log_every=2, ckpt_every=4,
+              restart_every=2, progress=False, **TINY_VQ)
+    train_tokenizer(tmp_path / "a", **kw)
+    assert train_tokenizer(tmp_path / "b", stop_at_step=4, **kw) == {"stopped_at": 4}
+    train_tokenizer(tmp_path / "b", resume=True, **kw)
+    for name in ("model.safetensors", "ema.safetensors", "extra.safetensors"):
+        _assert_same_state(tmp_path / "a/checkpoints/step_000008" / name, tmp_path / "b/checkpoints/step_000008" / name)
+    log_a = read_log(tmp_path / "a/log.csv")
+    log_b = read_log(tmp_path / "b/log.csv")
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+
+
+# -- GPT ----------------------------------------------------------------------------------
+
+
+def test_gpt_c2i_tiny_run_lowers_the_loss(tmp_path, tiny_vq_dir):
+    out = tmp_path / "c2i"
+    metrics = train_gpt(out, model_type="c2i", vq=str(tiny_vq_dir), steps=20, batch_size=16, lr=3e-3,
+                        warmup_steps=2, limit=64, log_every=2, ckpt_every=10, progress=False,
+                        samples_per_class=1, eval_items=16, accuracy_per_class=1, **TINY_GPT)
+    rows = read_log(out / "log.csv")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
+    assert (out / "codes_train.safetensors").is_file()
+    pipeline = json.loads((out / "model" / "pipeline.json").read_text())
+    assert pipeline["model_type"] == "c2i" and len(pipeline["class_names"]) == 10
+    assert (out / "model" / "samples.png").is_file() and (out / "model" / "MODEL_CARD.md").is_file()
+    assert metrics["export_dtype"] in ("float16", "float32")
+    acc = metrics["class_accuracy"]
+    assert acc is None or (acc["samples"] == 10 and 0 <= acc["accuracy"] <= 1)
+
+
+def test_gpt_t2i_resume_is_bit_exact(tmp_path, tiny_vq_dir):
+    kw = dict(model_type="t2i", vq=str(tiny_vq_dir), steps=6, batch_size=8, lr=3e-3, warmup_steps=2, limit=32,
+              log_every=1, ckpt_every=3, progress=False, dropout=0.1, samples_per_class=1, eval_items=8, accuracy_per_class=0, **TINY_GPT)
+    train_gpt(tmp_path / "a", **kw)
+    assert train_gpt(tmp_path / "b", stop_at_step=3, **kw) == {"stopped_at": 3}
+    train_gpt(tmp_path / "b", resume=True, **kw)
+    for name in ("model.safetensors", "ema.safetensors"):
+        _assert_same_state(tmp_path / "a/checkpoints/step_000006" / name, tmp_path / "b/checkpoints/step_000006" / name)
+    assert [r["loss"] for r in read_log(tmp_path / "a/log.csv")] == [r["loss"] for r in read_log(tmp_path / "b/log.csv")]
+    folder = tmp_path / "a" / "model"
+    assert json.loads((folder / "text_encoder.json").read_text())["feature_dim"] == 384
+    assert json.loads((folder / "pipeline.json").read_text())["text_encoder"]["name"] == "minilm"
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("argen: error:")
+    return err
+
+
+def test_cli_missing_vq_dir(tmp_path, capsys):
+    err = _one_line_error(capsys, ["train", "gpt", "--model-type", "c2i", "--vq", str(tmp_path / "nope"),
+                                   "--out", str(tmp_path / "o"), "--steps", "2"])
+    assert "nope" in err
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    _one_line_error(capsys, ["train", "tokenizer", "--out", str(tmp_path / "o")])  # no --steps/--epochs
+    _one_line_error(capsys, ["train", "gpt", "--model-type", "x2i", "--vq", "default-vq", "--out", "o", "--steps", "1"])
+    _one_line_error(capsys, ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps", "0"])
+    _one_line_error(capsys, ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps", "3", "--ch-mult", "1,a"])
+
+
+def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq_dir):
+    out = tmp_path / "run"
+    argv = ["train", "gpt", "--model-type", "c2i", "--vq", str(tiny_vq_dir), "--out", str(out), "--steps", "2",
+            "--limit", "32", "--batch-size", "8", "--dim", "16", "--n-layer", "1", "--n-head", "2",
+            "--ckpt-every", "1", "--no-progress", "--threads", "1"]
+    train_gpt(out, model_type="c2i", vq=str(tiny_vq_dir), steps=2, batch_size=8, limit=32, dim=16, n_layer=1,
+              n_head=2, ckpt_every=1, progress=False, stop_at_step=1)
+    assert latest_checkpoint(out).name == "step_000001"
+    err = _one_line_error(capsys, argv)
+    assert "--resume" in err
