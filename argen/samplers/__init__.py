@@ -6,7 +6,11 @@ from .generate import generate
 from .logits import SamplingParams, logits_to_probs, process_logits
 from .rng import RandomStreams, make_streams
 
-SAMPLERS = {"ar": ARSampler}
+from .gsd import GSDSampler
+from .mcsjd import MCSJDSampler
+from .sjd import SJDSampler
+
+SAMPLERS = {"ar": ARSampler, "sjd": SJDSampler, "gsd": GSDSampler, "mcsjd": MCSJDSampler}
 
 
 def get_sampler(name: str, **options) -> Sampler:
@@ -18,5 +22,5 @@ def get_sampler(name: str, **options) -> Sampler:
     return SAMPLERS[name](**options)
 
 
-__all__ = ["ARSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
+__all__ = ["ARSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
            "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS"]

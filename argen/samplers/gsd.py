@@ -1,0 +1,130 @@
+"""Grouped speculative decoding (GSD; So et al., ICCV 2025). Lossy; G=1 is SJD exactly.
+
+The SJD loop with one change, the acceptance test of a draft x at a target row p (draft
+distribution q), in `grouped_ratio`:
+
+* group W: x and its neighbours in the rank order of p, G//2 just below x and G-1-G//2 just
+  above (the reference code's window is 7 below and 6 above, G=14). Found with two top-k's of
+  size <= G/2 over masked probabilities, never a sort of the vocabulary;
+* filters, both must hold for y in W (x always passes): |p(y) - p(x)| < prob_threshold and
+  ||E[y] - E[x]||^2 below the `embed_quantile` quantile of squared distances between random
+  token pairs of E, the generator's `tok_embeddings.weight` or a tokenizer codebook (a
+  threshold in units of the table's own distance distribution, so it carries over between
+  tables of any scale and dimension);
+* accept x (and emit x itself) iff u < sum_W' p / sum_W' q over the same kept set W'. A draft
+  with p(x) = 0 (outside top-k/top-p) is never accepted.
+
+Rejection, residual, bonus and Jacobi update are SJD's (token level).
+
+Thresholds. The reference uses |dp| < 0.15 and squared L2 < 0.5 on Lumina-mGPT's input
+embeddings; the absolute 0.5 is tied to that table's scale. Here the embedding threshold is in
+units of the median pairwise squared distance (`embedding_scale`); see the project report for
+how the defaults were tuned on the shipped LlamaGen-style models.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..errors import ArgenError
+from .sjd import SJDSampler
+from .speculative import gather_last
+
+
+def embedding_threshold(embed: torch.Tensor, quantile: float, pairs: int = 20000) -> float:
+    """The `quantile` of squared L2 distances between random distinct rows of embed [V, D]
+    (fixed pairs, so the threshold is reproducible)."""
+    vocab = embed.shape[0]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab, (pairs,), generator=g)
+    b = (a + torch.randint(1, vocab, (pairs,), generator=g)) % vocab
+    e = embed.detach().float()
+    a, b = a.to(e.device), b.to(e.device)
+    return float(torch.quantile(((e[a] - e[b]) ** 2).sum(-1), quantile))
+
+
+def rank_neighbours(p: torch.Tensor, x: torch.Tensor, below: int, above: int):
+    """Tokens next to x in the order of p (ties broken by id): ids [..., below + above] and
+    whether each exists."""
+    px = gather_last(p, x)[..., None]
+    ids = torch.arange(p.shape[-1], device=p.device)
+    below, above = min(below, p.shape[-1] - 1), min(above, p.shape[-1] - 1)
+    xs = x[..., None]
+    parts = []
+    if below:
+        lower = (p < px) | ((p == px) & (ids < xs))
+        vals, idx = torch.where(lower, p, float("-inf")).topk(below, dim=-1, largest=True)
+        parts.append((idx, torch.isfinite(vals)))
+    if above:
+        upper = (p > px) | ((p == px) & (ids > xs))
+        vals, idx = torch.where(upper, p, float("inf")).topk(above, dim=-1, largest=False)
+        parts.append((idx, torch.isfinite(vals)))
+    return torch.cat([i for i, _ in parts], -1), torch.cat([v for _, v in parts], -1)
+
+
+def grouped_ratio(p, q, x, group_size: int, prob_threshold: float,
+                  embed: Optional[torch.Tensor], embed_threshold: float) -> torch.Tensor:
+    """sum_W' p / sum_W' q for each draft x [B, S] (p, q: [B, S, V]); see the module doc."""
+    group, keep = x[..., None], torch.ones_like(x, dtype=torch.bool)[..., None]
+    if group_size > 1:
+        below = group_size // 2
+        ids, exists = rank_neighbours(p, x, below, group_size - 1 - below)
+        group, keep = torch.cat([group, ids], -1), torch.cat([keep, exists], -1)
+    p_group, q_group = p.gather(-1, group), q.gather(-1, group)
+    if group_size > 1:
+        px = p_group[..., :1]
+        keep = keep & ((p_group - px).abs() < prob_threshold)
+        if embed is not None:
+            dist = (embed[group] - embed[x][..., None, :]).pow(2).sum(-1)
+            keep = keep & (dist < embed_threshold)
+        keep[..., 0] = True
+    ratio = (p_group * keep).sum(-1) / (q_group * keep).sum(-1)
+    return torch.where(p_group[..., 0] > 0, ratio, torch.zeros_like(ratio))
+
+
+class GSDSampler(SJDSampler):
+    """GSDSampler(group_size=10, prob_threshold=0.15, embed_quantile=0.5, embeddings="model",
+    window=16, init="random").
+
+    embeddings: "model" (the generator's tok_embeddings), a [V, D] tensor (e.g. a VQ codebook),
+    or "none" / None (probability filter only). embed_quantile q in (0, 1]: a neighbour passes
+    when its squared distance to the draft is below the q-quantile of the distances between
+    random token pairs of that table (1.0 turns the filter off).
+    """
+
+    name = "gsd"
+
+    def __init__(self, group_size: int = 10, prob_threshold: float = 0.15, embed_quantile: float = 0.5,
+                 embeddings: Union[str, None, torch.Tensor] = "model", window: int = 16, init: str = "random"):
+        super().__init__(window=window, init=init)
+        if int(group_size) != group_size or group_size < 1:
+            raise ArgenError(f"group_size must be an integer >= 1, got {group_size!r}")
+        if prob_threshold <= 0:
+            raise ArgenError(f"prob_threshold must be > 0, got {prob_threshold}")
+        if not 0 < embed_quantile <= 1:
+            raise ArgenError(f"embed_quantile must be in (0, 1], got {embed_quantile}")
+        if isinstance(embeddings, str) and embeddings not in ("model", "none"):
+            raise ArgenError(f"embeddings must be 'model', 'none', None or a [V, D] tensor, got {embeddings!r}")
+        self.group_size, self.prob_threshold, self.embed_quantile = int(group_size), prob_threshold, embed_quantile
+        self.embeddings = None if isinstance(embeddings, str) and embeddings == "none" else embeddings
+
+    def __repr__(self) -> str:
+        source = self.embeddings if self.embeddings is None or isinstance(self.embeddings, str) else "tensor"
+        return (f"GSDSampler(group_size={self.group_size}, prob_threshold={self.prob_threshold}, "
+                f"embed_quantile={self.embed_quantile}, embeddings={source!r}, window={self.window}, "
+                f"init={self.init!r})")
+
+    def prepare(self, model) -> dict:
+        embed = model.tok_embeddings.weight if isinstance(self.embeddings, str) else self.embeddings
+        if embed is None or self.group_size == 1 or self.embed_quantile >= 1:
+            return {"embed": None, "threshold": float("inf")}
+        vocab = model.gpt_config.vocab_size
+        if embed.dim() != 2 or embed.shape[0] < vocab:
+            raise ArgenError(f"GSD embeddings must be [V >= {vocab}, D], got {tuple(embed.shape)}")
+        embed = embed.detach()[:vocab].float().to(model.tok_embeddings.weight.device)
+        return {"embed": embed, "threshold": embedding_threshold(embed, self.embed_quantile)}
+
+    def accept_ratio(self, p, q, drafts, ctx) -> torch.Tensor:
+        return grouped_ratio(p, q, drafts, self.group_size, self.prob_threshold, ctx["embed"], ctx["threshold"])

@@ -1,0 +1,297 @@
+"""What the speculative samplers (SJD, GSD, MC-SJD) share: the window loop and its pieces.
+
+One step is one forward pass (one NFE). For sample b with e_b image tokens committed so far
+(the newest, x_{e-1}, is committed but not yet in the KV cache) and window length L_b:
+
+* input    ``[x_{e-1}, d_e, ..., d_{e+L_b-2}]`` at image indices e-1 .. e+L_b-2, i.e. sequence
+  positions ``cond_len + e - 1 + j`` (`window_inputs`);
+* targets  ``P[:, j]`` = processed distribution (CFG, temperature, top-k/top-p through the shared
+  `logits_to_probs`) of image token e+j; row j verifies draft d_{e+j}, whose draft distribution
+  ``q[:, j]`` is stored with it (`target_probs`);
+* verify   every draft at once: ``u < ratio`` (the sampler's `accept_ratio`), then n_acc = the
+  number of leading accepts (`leading_accepts`) and m = n_acc + 1 tokens are emitted: the accepted
+  drafts plus one token from row n_acc (residual on a rejection, bonus when all were accepted);
+* update   the sampler's `propose` returns Y [B, T]: Y[:, :m] are the emitted tokens and
+  Y[:, m:] the next drafts (Jacobi update) with q = P[:, m:] (`commit`); slots past the rows of
+  this window get fresh drafts (`init_drafts`);
+* cache    keeps x_{e-1} and the accepted drafts: every row is rewound to ``cond_len + e_new - 1``
+  (the cache hides slots past a query's position, so nothing moves).
+
+Ragged batches: each row keeps its own e_b and window. The forward runs T = max_b L_b slots;
+rows with a shorter window (the end of the image) or finished rows pad with slots at the spare
+position ``cond_len + N - 1`` that no real query can see. Each row draws a fixed number of
+uniforms per step from its own stream, so a sample does not depend on its batch. CFG halves
+get identical tokens, positions and rewinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ArgenError
+from .base import Sampler, SamplerOutput, cfg_batch
+from .logits import SamplingParams, logits_to_probs
+from .rng import RandomStreams
+
+INITS = ("random", "left", "above")
+INIT_ALIASES = {"repeat_horizon": "left", "repeat_vertical": "above"}
+
+
+# ---- random numbers ------------------------------------------------------------------------
+
+
+def draw_uniforms(streams: Optional[RandomStreams], batch: int, n: int, device) -> torch.Tensor:
+    """[batch, n] float64 uniforms: row i from stream i, or from the global RNG."""
+    if streams is None:
+        return torch.rand(batch, n, dtype=torch.float64).to(device)
+    return streams.uniform(n, device=device)
+
+
+def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per distribution: probs [..., V] (unnormalised is fine), uniforms u [...].
+
+    Inverse CDF with a right-sided search, so zero-mass tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1).contiguous()
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """relu(p - q) (unnormalised; `sample_rows` normalises). Where it is numerically empty
+    (p == q, so a rejection has probability ~0) fall back to p."""
+    r = (p - q).clamp_min(0)
+    return torch.where(r.sum(-1, keepdim=True) > eps, r, p)
+
+
+# ---- window bookkeeping ----------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Per-sample state. seq [B, N + L]: committed tokens at [0, e), drafts at [e, e + L - 1),
+    scratch after (padding slots read and write there). q [B, L - 1, V]: the draft
+    distribution of each draft slot."""
+
+    seq: torch.Tensor
+    emitted: torch.Tensor
+    q: torch.Tensor
+
+
+def window_lengths(emitted: torch.Tensor, window: int, num_tokens: int) -> torch.Tensor:
+    """L_b = min(L, N - e_b): the window shrinks so no row predicts past the image (0 = done)."""
+    return (num_tokens - emitted).clamp(min=0, max=window)
+
+
+def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
+    """Tokens [B, width] and positions [B, width] of the window; padding slots sit at the spare
+    position cond_len + N - 1 (never attended to by a real query of this image)."""
+    index = emitted[:, None] - 1 + torch.arange(width, device=seq.device)
+    pos = (cond_len + index).clamp(max=cond_len + num_tokens - 1)
+    return seq.gather(1, index), pos
+
+
+def guidance(params: SamplingParams, emitted: torch.Tensor, width: int):
+    """Whether each window row is guided: a bool, or [B, width, 1] when cfg_interval applies."""
+    if not params.uses_cfg or params.cfg_interval < 0:
+        return params.uses_cfg
+    index = emitted[:, None] + torch.arange(width, device=emitted.device)
+    return (index <= params.cfg_interval + 1)[..., None]
+
+
+def target_probs(model, tokens, pos, cache, params: SamplingParams, guided) -> torch.Tensor:
+    """One forward over the window (both CFG halves get the same tokens and positions)."""
+    if params.uses_cfg:
+        tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+    return logits_to_probs(model.decode(tokens, pos, cache), params, guided)
+
+
+# ---- verification --------------------------------------------------------------------------
+
+
+def gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [..., V], index [...] -> x[..., index]."""
+    return x.gather(-1, index[..., None]).squeeze(-1)
+
+
+def token_ratio(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """p(d) / q(d): the speculative-sampling acceptance ratio (q(d) > 0: d was drawn from q)."""
+    return gather_last(p, drafts) / gather_last(q, drafts)
+
+
+def leading_accepts(accept: torch.Tensor) -> torch.Tensor:
+    """Number of leading True per row of accept [B, S]."""
+    return accept.long().cumprod(-1).sum(-1)
+
+
+def rows_at(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] -> x[b, rows[b]] for each b."""
+    index = rows.view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])
+    return x.gather(1, index).squeeze(1)
+
+
+# ---- drafts --------------------------------------------------------------------------------
+
+
+def uniform_q(shape, vocab: int, device) -> torch.Tensor:
+    return torch.full((*shape, vocab), 1.0 / vocab, device=device)
+
+
+def random_drafts(u: torch.Tensor, vocab: int):
+    """Uniform random tokens; their draft distribution is the uniform one (it is what they were
+    drawn from; it accepts at least as often as the one-hot q of the reference code)."""
+    tokens = (u * vocab).long().clamp_(max=vocab - 1)
+    return tokens, uniform_q(tokens.shape, vocab, u.device)
+
+
+def spatial_drafts(seq, index, need, u, vocab: int, grid, mode: str):
+    """Copy the token to the left / above each slot (random where there is none), in slot order
+    so a slot can copy an earlier one. Writes the chosen drafts into seq; q is one-hot on a
+    copied token (a deterministic draft) and uniform on a random fallback."""
+    cols = grid[1]
+    tokens, copied = [], []
+    for k in range(index.shape[1]):
+        idx = index[:, k]
+        src = idx - 1 if mode == "left" else idx - cols
+        has_src = (idx % cols != 0) if mode == "left" else (src >= 0)
+        pick = torch.where(has_src, gather_last(seq, src.clamp(min=0)), (u[:, k] * vocab).long().clamp(max=vocab - 1))
+        pick = torch.where(need[:, k], pick, gather_last(seq, idx))
+        seq.scatter_(1, idx[:, None], pick[:, None])
+        tokens.append(pick)
+        copied.append(has_src)
+    tokens, copied = torch.stack(tokens, 1), torch.stack(copied, 1)
+    one_hot = torch.nn.functional.one_hot(tokens, vocab).float()
+    q = torch.where(copied[..., None], one_hot, uniform_q(tokens.shape, vocab, seq.device))
+    return tokens, q
+
+
+def init_drafts(win: Window, need: torch.Tensor, u: torch.Tensor, init: str, grid, vocab: int) -> torch.Tensor:
+    """Fill the draft slots marked in need [B, L-1] (seq and the returned q [B, L-1, V] rows)."""
+    index = win.emitted[:, None] + torch.arange(need.shape[1], device=need.device)
+    if init == "random":
+        tokens, q = random_drafts(u, vocab)
+        win.seq.scatter_(1, index, torch.where(need, tokens, win.seq.gather(1, index)))
+        return q
+    return spatial_drafts(win.seq, index, need, u, vocab, grid, init)[1]
+
+
+def commit(win: Window, proposals: torch.Tensor, m: torch.Tensor, probs: torch.Tensor):
+    """Write Y (emitted tokens, then Jacobi drafts) at image indices e.. and advance e by m.
+
+    Slot k of the next window is old row m + k when the window had that row (its draft is
+    already in seq, its q is that row of P). Returns (from_rows [B, L-1], their q); the other
+    slots need fresh drafts."""
+    width = proposals.shape[1]
+    win.seq.scatter_(1, win.emitted[:, None] + torch.arange(width, device=m.device), proposals)
+    win.emitted = win.emitted + m
+    src = m[:, None] + torch.arange(win.q.shape[1], device=m.device)
+    jacobi_q = probs.gather(1, src.clamp(max=width - 1)[..., None].expand(-1, -1, probs.shape[-1]))
+    return src < width, jacobi_q
+
+
+# ---- the sampler ---------------------------------------------------------------------------
+
+
+class SpeculativeSampler(Sampler):
+    """The speculative Jacobi loop. Subclasses define `accept_ratio` (how a draft is tested)
+    and `propose` (which tokens are emitted and which become the next drafts).
+
+    window: tokens fed per forward (L); 1 is plain AR. init: how new draft slots are filled,
+    "random" (uniform over the vocabulary), "left" or "above" (repeat the neighbouring token in
+    the image grid: the spatial priors of SJD).
+    """
+
+    name = "speculative"
+
+    def __init__(self, window: int = 16, init: str = "random"):
+        init = INIT_ALIASES.get(init, init)
+        if int(window) != window or window < 1:
+            raise ArgenError(f"window must be an integer >= 1, got {window!r}")
+        if init not in INITS:
+            raise ArgenError(f"unknown draft init {init!r}; choose one of {', '.join(INITS)}")
+        self.window, self.init = int(window), init
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window={self.window}, init={self.init!r})"
+
+    # ---- hooks ----------------------------------------------------------------------------
+
+    def prepare(self, model) -> dict:
+        """Per-call context for `accept_ratio` (GSD: embeddings)."""
+        return {}
+
+    def accept_ratio(self, p, q, drafts, ctx) -> torch.Tensor:
+        """Acceptance probability (before min(1, .)) of each draft: [B, S]."""
+        raise NotImplementedError
+
+    def propose(self, probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh) -> torch.Tensor:
+        """Y [B, T]: Y[:, :n_acc+1] emitted, Y[:, n_acc+1:] the next drafts."""
+        raise NotImplementedError
+
+    def init_drafts(self, win: Window, need: torch.Tensor, u: torch.Tensor, grid, vocab: int) -> torch.Tensor:
+        """Fill the draft slots marked in need [B, L-1]; returns q [B, L-1, V] (rows of other slots unused)."""
+        return init_drafts(win, need, u, self.init, grid, vocab)
+
+    # ---- loop -----------------------------------------------------------------------------
+
+    def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
+        ctx = self.prepare(model)
+        cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
+        batch, cond_len = cond.shape[0], model.condition_length(cond)
+        cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
+        probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        win = self.start(probs, streams, num_tokens, model.gpt_config.grid)
+        rows_nfe = torch.ones(batch, dtype=torch.long, device=probs.device)
+        accepted = []
+        bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+        while True:
+            lengths = window_lengths(win.emitted, self.window, num_tokens)
+            width = int(lengths.max())
+            if width == 0:
+                break
+            m = self.step(model, win, lengths, width, cache, cond_len, num_tokens, params, streams, ctx)
+            active = lengths > 0
+            rows_nfe += active
+            accepted.append(m.sum() / active.sum())
+            if progress:
+                bar.update(int(win.emitted.min()) - bar.n)
+        bar.close()
+        return SamplerOutput(tokens=win.seq[:, :num_tokens].clone(), num_forward_passes=1 + len(accepted),
+                             accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
+                             forwards_per_sample=rows_nfe.cpu())
+
+    def start(self, probs, streams, num_tokens: int, grid) -> Window:
+        """Sample token 0 from the prefill distribution and draw the first drafts."""
+        batch, vocab = probs.shape
+        u = draw_uniforms(streams, batch, self.window, probs.device)
+        seq = torch.zeros(batch, num_tokens + self.window, dtype=torch.long, device=probs.device)
+        seq[:, 0] = sample_rows(probs, u[:, 0])
+        win = Window(seq=seq, emitted=torch.ones(batch, dtype=torch.long, device=probs.device), q=None)
+        need = torch.ones(batch, self.window - 1, dtype=torch.bool, device=probs.device)
+        win.q = self.init_drafts(win, need, u[:, 1:], grid, vocab)
+        return win
+
+    def step(self, model, win: Window, lengths, width: int, cache, cond_len: int, num_tokens: int,
+             params: SamplingParams, streams, ctx) -> torch.Tensor:
+        """One forward: verify the window, emit, Jacobi-update, rewind. Returns m [B]."""
+        L = self.window
+        tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)
+        probs = target_probs(model, tokens, pos, cache, params, guidance(params, win.emitted, width))
+        # a fixed budget per row and step: acceptance, residual, Jacobi samples, new drafts
+        u = draw_uniforms(streams, tokens.shape[0], 4 * L - 3, probs.device)
+        u_acc, u_res, u_fresh, u_init = u.split([L - 1, L - 1, L, L - 1], dim=1)
+        drafts, q = tokens[:, 1:], win.q[:, : width - 1]
+        has_draft = torch.arange(width - 1, device=probs.device) < (lengths - 1)[:, None]
+        accept = u_acc[:, : width - 1] < self.accept_ratio(probs[:, :-1], q, drafts, ctx)
+        n_acc = leading_accepts(accept & has_draft)
+        proposals = self.propose(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh[:, :width])
+        m = torch.where(lengths > 0, n_acc + 1, 0)
+        from_rows, jacobi_q = commit(win, proposals, m, probs)
+        init_q = self.init_drafts(win, ~from_rows, u_init, model.gpt_config.grid, probs.shape[-1])
+        win.q = torch.where(from_rows[..., None], jacobi_q, init_q)
+        kept = cond_len + win.emitted - 1
+        cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
+        return m
