@@ -120,3 +120,12 @@ def load_into(module: torch.nn.Module, state_dict: Mapping, source: str = "state
     if problems:
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint_into(module: torch.nn.Module, checkpoint, prefer_ema: bool = False) -> torch.nn.Module:
+    """`checkpoint` is a state dict or a path to one (see `load_state_dict_file`); strict, with clear errors."""
+    if isinstance(checkpoint, Mapping):
+        load_into(module, checkpoint, source="state dict")
+    else:
+        load_into(module, load_state_dict_file(checkpoint, prefer_ema=prefer_ema), source=str(checkpoint))
+    return module

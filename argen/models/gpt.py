@@ -28,7 +28,7 @@ from diffusers import ConfigMixin, ModelMixin
 
 from ..errors import ArgenError
 from .cache import KVCache
-from .checkpoint import load_into, load_state_dict_file
+from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
 
 
@@ -376,12 +376,7 @@ class GPT(PretrainedMixin, ModelMixin, ConfigMixin):
         """
         args = {k: v for k, v in model_args.items() if k not in cls._UNUSED_LLAMAGEN_ARGS}
         model = cls(GPTConfig.from_dict(args))
-        if isinstance(checkpoint, dict):
-            state, source = checkpoint, "state dict"
-        else:
-            state, source = load_state_dict_file(checkpoint, prefer_ema=prefer_ema), str(checkpoint)
-        load_into(model, state, source=source)
-        return model.eval()
+        return load_checkpoint_into(model, checkpoint, prefer_ema).eval()
 
     def _rope_table(self) -> torch.Tensor:
         cfg = self.gpt_config

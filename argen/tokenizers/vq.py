@@ -17,7 +17,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..errors import ArgenError
-from ..models.checkpoint import load_into, load_state_dict_file
+from ..models.checkpoint import load_checkpoint_into
 from ..models.pretrained import PretrainedMixin
 from .base import ImageTokenizer
 
@@ -229,12 +229,7 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
     def from_llamagen(cls, checkpoint, prefer_ema: bool = False, **vq_args) -> "VQTokenizer":
         """Build from official LlamaGen VQ weights (path or state dict) and VQ `ModelArgs` fields."""
         model = cls(**vq_args)
-        if isinstance(checkpoint, dict):
-            state, source = checkpoint, "state dict"
-        else:
-            state, source = load_state_dict_file(checkpoint, prefer_ema=prefer_ema), str(checkpoint)
-        load_into(model, state, source=source)
-        return model.eval()
+        return load_checkpoint_into(model, checkpoint, prefer_ema).eval()
 
     # ---- ImageTokenizer -------------------------------------------------------------------
 
