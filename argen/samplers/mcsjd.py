@@ -9,6 +9,12 @@ update are one vectorised operation (`propose`): the emitted tokens are the coup
 and including the first row where the coupling moved, the rest are the next drafts. The new
 draft is still an exact sample of p (its stored q), so acceptance stays exact and the sampler
 lossless; drafts persist while their distributions do, which lets longer windows pay off.
+
+Measured (NFE per image, 64-token Fashion-MNIST generators, cfg 2.0): on default-c2i SJD L=16
+needs 31.7 forwards (2.02x), this sampler 25.4 at L=16, 23.9 at L=32 (2.68x), 24.0 at L=64. The
+other coupling, shared Gumbel noise per position (draft = argmax(log p + g)), was measured on a
+proxy model and did no better (2.92x vs 2.94x at L=16, 3.27x vs 3.30x at L=32) while needing a
+[B, L, V] noise state, so the maximal coupling is what ships.
 """
 
 from __future__ import annotations
