@@ -26,6 +26,7 @@ get identical tokens, positions and rewinds.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Optional
 
@@ -223,13 +224,13 @@ class SpeculativeSampler(Sampler):
         """Per-call context for `accept_ratio` (GSD: embeddings)."""
         return {}
 
+    @abc.abstractmethod
     def accept_ratio(self, p, q, drafts, ctx) -> torch.Tensor:
         """Acceptance probability (before min(1, .)) of each draft: [B, S]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def propose(self, probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh) -> torch.Tensor:
         """Y [B, T]: Y[:, :n_acc+1] emitted, Y[:, n_acc+1:] the next drafts."""
-        raise NotImplementedError
 
     def init_drafts(self, win: Window, need: torch.Tensor, u: torch.Tensor, grid, vocab: int) -> torch.Tensor:
         """Fill the draft slots marked in need [B, L-1]; returns q [B, L-1, V] (rows of other slots unused)."""

@@ -16,6 +16,7 @@ the user already has.
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 from pathlib import Path
 from typing import Sequence
@@ -93,7 +94,7 @@ def left_pad(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
     return out, out_mask
 
 
-class TextEncoder:
+class TextEncoder(abc.ABC):
     """Base class: turns a batch of prompts into left-padded caption features for the GPT.
 
     Subclasses set `name`, `max_length` (the number of caption slots T) and `feature_dim` (D)
@@ -108,21 +109,21 @@ class TextEncoder:
 
     # -- subclass hooks -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask `[B, L]`, right-padded, truncated to `max_length`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token features `[B, L, feature_dim]` for the tokenized batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def count_tokens(self, prompt: str) -> int:
         """Number of tokens `prompt` becomes (special tokens included), before truncation.
 
         Lets a caller reject a prompt longer than `max_length` with a clear message instead
         of having its end cut off silently.
         """
-        raise NotImplementedError
 
     # -- public API -----------------------------------------------------------------------
 
