@@ -108,3 +108,20 @@ def test_named_sizes_have_official_parameter_counts():
         assert model.num_parameters() == count, name
     assert GPTConfig.from_name("GPT-3B").head_dim == 100
     assert GPTConfig.from_name("GPT-XL").ffn_hidden_dim == 3584
+
+
+@torch.no_grad()
+def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
+    eager = tiny_gpt()
+    compiled = tiny_gpt()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_decode()
+    assert "decode" in vars(compiled) and "decode" not in vars(eager)  # only this instance changed
+    cond = torch.tensor([1, 5, 10])
+    tokens = torch.randint(0, 64, (3, eager.gpt_config.block_size))
+    torch.testing.assert_close(cached_logits_one_by_one(compiled, cond, tokens),
+                               cached_logits_one_by_one(eager, cond, tokens), **TOL)
+    params = SamplingParams(cfg_scale=2.0, top_k=0)
+    labels = torch.tensor([1, 5])
+    expect = ARSampler()(eager, labels, params=params, seeds=[3, 4]).tokens
+    assert torch.equal(ARSampler()(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)

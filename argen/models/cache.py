@@ -21,6 +21,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.batch_size, self.max_len, self.device = batch_size, max_len, torch.device(device)
+        self.dtype = dtype
         self.positions = torch.arange(max_len, device=device)
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -33,7 +34,8 @@ class KVCache:
         one tiny host read. On accelerators the full static length is kept: static shapes are
         what CUDA graphs / torch.compile want, and reading the position would force a sync.
         """
-        self.active_len = int(input_pos.max()) + 1 if input_pos.device.type == "cpu" else self.max_len
+        static = input_pos.device.type != "cpu" or torch.compiler.is_compiling()
+        self.active_len = self.max_len if static else int(input_pos.max()) + 1
 
     def set_condition_mask(self, cond_len: int, cond_mask: Optional[torch.Tensor]) -> None:
         """Mark which of the first `cond_len` slots hold real condition tokens (t2i padding)."""
@@ -47,8 +49,8 @@ class KVCache:
         """Write k, v [B, H, T, hd] at `input_pos` ([T] shared, or [B, T] per row); return the full cache."""
         kc, vc = self.k[layer], self.v[layer]
         if input_pos.dim() == 1:
-            kc[:, :, input_pos] = k
-            vc[:, :, input_pos] = v
+            kc.index_copy_(2, input_pos, k)  # one kernel; advanced-index assignment costs several ops
+            vc.index_copy_(2, input_pos, v)
         else:
             rows = torch.arange(kc.shape[0], device=kc.device)[:, None]
             kc[rows, :, input_pos] = k.transpose(1, 2)
@@ -59,14 +61,19 @@ class KVCache:
         return kc[:, :, : self.active_len], vc[:, :, : self.active_len]
 
     def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [B, 1, T, active_len] for queries at `input_pos`."""
+        """Additive float mask [B, 1, T, active_len] (0 visible, -inf hidden) for queries at `input_pos`.
+
+        Additive rather than boolean because attention would otherwise convert a boolean mask to
+        exactly this in every layer; converting once per forward gives the same numbers.
+        """
         positions = self.positions[: self.active_len]
         qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
         causal = positions <= qpos
         if causal.dim() == 2:
             causal = causal[None]
         visible = (causal & self.key_valid[:, None, : self.active_len]) | (positions == qpos)
-        return visible[:, None]
+        hidden = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return hidden.masked_fill_(~visible, float("-inf"))[:, None]
 
     def rewind(self, lengths) -> None:
         """Keep only the first `lengths` positions of each row (int, or tensor [B])."""
