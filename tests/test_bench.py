@@ -1,11 +1,14 @@
 """Benchmark plumbing on tiny models (the numbers themselves come from scripts, not tests)."""
 
 import json
+import statistics
 
+import numpy as np
 import pytest
 import torch
 
 from argen.bench.decode import bench_decode, weight_bytes_per_step
+from argen.cli.main import main
 from argen.bench.samplers import bench_samplers, markdown_table, parse_spec, plot, write_json
 from argen.data.fashion_mnist import CLASS_NAMES
 from argen.errors import ArgenError
@@ -43,9 +46,51 @@ def test_bench_samplers_records_and_outputs(tmp_path):
     assert markdown_table(records).count("\n") == 5
 
 
+def test_bench_samplers_scores_a_separate_quality_set_once_per_setting():
+    pipe = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
+    specs = [parse_spec("ar"), parse_spec("sjd:L=4")]
+    calls = []
+
+    def quality(images, labels):  # records what it was given; the metric itself is tested in test_metrics
+        calls.append((images.shape[0], list(labels)))
+        return {"fid": float(images.double().mean()), "is": 1.0, "class_accuracy": 0.5}
+
+    records = bench_samplers(pipe, specs, [1, 2], 2, SamplingParams(cfg_scale=2.0), rounds=1,
+                             quality=quality, quality_images=6, log=lambda m: None)
+    assert [c[0] for c in calls] == [6, 6]  # one scoring per setting, on the 6-image set, not per batch size
+    assert calls[0][1] == [i % 10 for i in range(6)]
+    by_label = {(r.sampler, r.batch_size): r for r in records}
+    assert by_label[("ar", 1)].fid == by_label[("ar", 2)].fid
+    assert by_label[("sjd", 1)].nfe_images == 6 and by_label[("sjd", 1)].step_compression > 1.0
+    assert by_label[("ar", 1)].num_images == 2  # timing set
+
+
 @torch.no_grad()
 def test_bench_decode_tiny():
     model = tiny_gpt(vocab_size=64, num_classes=10)
     result = bench_decode(model, "fp32", 2, SamplingParams(cfg_scale=2.0), tokens=16, rounds=2)
     assert result.rows == 4 and result.ms_per_step > 0 and result.roofline_ms > 0
     assert weight_bytes_per_step(model) == sum(p.numel() * 4 for n, p in model.named_parameters() if "embedding" not in n)
+
+
+def test_bench_features_fmnist_on_given_images():
+    from argen.bench.features import bench_features
+
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    record = bench_features("fmnist", num_images=30, batch_size=8, rounds=2, images=images)
+    assert record["num_images"] == 30 and record["batch_size"] == 8 and len(record["seconds_rounds"]) == 2
+    assert record["images_per_second"] == pytest.approx(30 / statistics.median(record["seconds_rounds"]))
+
+
+def test_cli_bench_features_bad_input(capsys):
+    assert main(["bench", "features", "--num-images", "1"]) == 2
+    assert "--num-images" in capsys.readouterr().err
+
+
+def test_forward_cost_curve_tiny():
+    from argen.bench.samplers import forward_cost, forward_cost_table
+
+    curves = forward_cost(tiny_gpt(), [1, 2], windows=(1, 4), repeats=3)
+    assert [c["rows"] for c in curves] == [2, 4]
+    assert all(c["cost"][1] == 1.0 and c["cost"][4] > 0 and c["ms_t1"] > 0 for c in curves)
+    assert forward_cost_table(curves).count("\n") == 3

@@ -18,7 +18,8 @@ from argen.cli.main import main
 from argen.data.fashion_mnist import CLASS_NAMES
 from argen.errors import ArgenError, DatasetError
 from argen.eval import frechet_distance, feature_statistics
-from argen.eval.features import FMNISTExtractor, InceptionExtractor, as_uint8_images, get_extractor
+from argen.eval.features import (FMNISTExtractor, InceptionExtractor, as_uint8_images, get_extractor,
+                                 write_random_inception_weights)
 from argen.eval.npz import read_sample_npz, read_stats_npz, write_sample_npz, write_stats_npz
 from argen.eval.quality import evaluate_samples, fid_to_stats, quality_scorer
 from argen.eval.reference import reference_stats
@@ -96,30 +97,8 @@ def run_main(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
-    """A randomly initialised state dict in torch-fidelity's Inception layout (the real file's format).
-
-    He-scaled weights keep activations O(1) through the 90-odd layers, so features differ between
-    images (PyTorch's default init makes them vanish to ~1e-8)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    class Unloaded(fe.FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # build the architecture only
-            return None
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = Unloaded("random-inception", ["2048"])
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in net.state_dict().items():
-        if key.endswith("conv.weight") or key == "fc.weight":
-            fan_in = value[0].numel()
-            value = torch.randn(value.shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif key.endswith("bn.bias") or key == "fc.bias":
-            value = 0.1 * torch.randn(value.shape, generator=g)
-        state[key] = value.clone()
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
-    torch.save(state, path)
-    return path
+    """A randomly initialised state dict in torch-fidelity's Inception layout (the real file's format)."""
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "weights-inception-random.pth")
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ class Record:
     images_per_second: float
     wallclock_speedup: float
     seconds_rounds: list = field(default_factory=list)
+    nfe_images: Optional[int] = None  # images NFE and compression were averaged over (the quality set)
     fid: Optional[float] = None
     inception_score: Optional[float] = None
     class_accuracy: Optional[float] = None
@@ -115,16 +116,29 @@ def benchmark_conditions(pipe, num_images: int):
     return cond, mask, labels
 
 
+def _nfe_stats(nfe: torch.Tensor, ar_nfe: float) -> dict:
+    return {"nfe_per_image": nfe.mean().item(), "step_compression": ar_nfe / nfe.mean().item()}
+
+
 def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int], num_images: int,
                    params: SamplingParams, rounds: int = 3, seed: int = 0,
-                   quality: Optional[Callable[[torch.Tensor, List[int]], dict]] = None,
+                   quality: Optional[Callable[[torch.Tensor, List[int]], dict]] = None, quality_images: int = 0,
                    log: Callable[[str], None] = print) -> List[Record]:
-    """Measure every spec at every batch size. `quality(images, labels) -> {fid, is, class_accuracy}`."""
+    """Measure every spec at every batch size.
+
+    Speed: `num_images` images per setting, `rounds` interleaved timed rounds after a warm-up.
+    Quality (when `quality(images, labels) -> {fid, is, class_accuracy}` is given): each setting
+    samples `quality_images` images once, untimed, at the largest batch size (a sample does not
+    depend on the batch size), and its NFE and step compression are then taken over that larger
+    set, which estimates them more precisely than the timing images.
+    """
     if not any(s.name == "ar" and not s.options for s in specs):
         specs = [SamplerSpec("ar", {}, "ar")] + list(specs)
-    cond, mask, labels = benchmark_conditions(pipe, num_images)
-    seeds = [seed + i for i in range(num_images)]
-    records, quality_cache = [], {}
+    total = max(num_images, quality_images if quality is not None else 0)
+    cond, mask, labels = benchmark_conditions(pipe, total)
+    seeds = [seed + i for i in range(total)]
+    mask_n = None if mask is None else mask[:num_images]
+    records = []
     for bs in batch_sizes:
         samplers = {s.label: make_sampler(s) for s in specs}
         for label, sampler in samplers.items():  # warm-up round, not timed
@@ -133,30 +147,94 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
         results = {}
         for r in range(rounds):
             for label, sampler in samplers.items():
-                tokens, nfe, accepted, seconds = run_sampler(pipe.gpt, sampler, cond, mask, params, bs, seeds)
+                tokens, nfe, accepted, seconds = run_sampler(pipe.gpt, sampler, cond[:num_images], mask_n, params,
+                                                             bs, seeds[:num_images])
                 times[label].append(seconds)
-                results[label] = (tokens, nfe, accepted)
+                results[label] = (nfe, accepted)
             log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
-        ar_nfe = results["ar"][1].mean().item()
+        ar_nfe = results["ar"][0].mean().item()
         ar_seconds = statistics.median(times["ar"])
         for spec in specs:
-            tokens, nfe, accepted = results[spec.label]
+            nfe, accepted = results[spec.label]
             seconds = statistics.median(times[spec.label])
-            record = Record(
+            records.append(Record(
                 sampler=spec.name, params=spec.options, batch_size=bs, num_images=num_images,
-                nfe_per_image=nfe.mean().item(), step_compression=ar_nfe / nfe.mean().item(),
                 accepted_per_forward=sum(accepted) / len(accepted) if accepted else 0.0,
                 seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
-                wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[spec.label])
-            if quality is not None:
-                # samples do not depend on the batch size (per-sample seeds): score each setting once
-                key = spec.label
-                if key not in quality_cache:
-                    quality_cache[key] = quality(pipe.decode(tokens), labels)
-                q = quality_cache[key]
-                record.fid, record.inception_score, record.class_accuracy = q.get("fid"), q.get("is"), q.get("class_accuracy")
-            records.append(record)
+                wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[spec.label], **_nfe_stats(nfe, ar_nfe)))
+    if quality is not None and quality_images:
+        _add_quality(pipe, specs, records, cond[:quality_images], None if mask is None else mask[:quality_images],
+                     labels[:quality_images], seeds[:quality_images], params, max(batch_sizes), quality, log)
     return records
+
+
+@torch.no_grad()
+def _add_quality(pipe, specs, records, cond, mask, labels, seeds, params, batch_size, quality, log) -> None:
+    """Sample the quality set once per setting; fill FID/IS/accuracy and the set's NFE into its records."""
+    scored, ar_nfe = {}, None
+    for spec in specs:
+        start = time.perf_counter()
+        tokens, nfe, accepted, _ = run_sampler(pipe.gpt, make_sampler(spec), cond, mask, params, batch_size, seeds)
+        scores = quality(pipe.decode(tokens), labels)
+        ar_nfe = nfe.mean().item() if spec.name == "ar" and not spec.options else ar_nfe
+        scored[spec.label] = (scores, nfe, accepted)
+        log(f"quality {spec.label}: {len(seeds)} images in {time.perf_counter() - start:.0f}s, "
+            f"FID {scores.get('fid', float('nan')):.3f}")
+    for spec in specs:
+        scores, nfe, accepted = scored[spec.label]
+        for record in records:
+            if record.sampler == spec.name and record.params == spec.options:
+                record.fid, record.inception_score = scores.get("fid"), scores.get("is")
+                record.class_accuracy = scores.get("class_accuracy")
+                for key, value in _nfe_stats(nfe, ar_nfe).items():
+                    setattr(record, key, value)
+                record.accepted_per_forward = sum(accepted) / len(accepted) if accepted else 0.0
+                record.nfe_images = len(seeds)
+
+
+@torch.no_grad()
+def forward_cost(gpt, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2, 4, 8, 16), cfg: bool = True,
+                 repeats: int = 30) -> List[dict]:
+    """Time one decode forward of T tokens per row against a 1-token forward, interleaved.
+
+    This is the price of verifying a window: speculative sampling pays off in wall-clock only as
+    far as a T-token forward costs less than T one-token forwards (memory-bound, on big models or
+    accelerators); on a compute-bound CPU it costs nearly T times as much. Returns one record per
+    batch size: {batch_size, rows, ms_t1, cost: {T: time(T) / time(1)}}.
+    """
+    cfg_len = gpt.gpt_config.cls_token_num
+    n = gpt.gpt_config.block_size
+    out = []
+    for bs in batch_sizes:
+        rows = bs * (2 if cfg else 1)
+        cond = torch.zeros(rows, dtype=torch.long) if gpt.gpt_config.model_type == "c2i" else \
+            torch.zeros(rows, cfg_len, gpt.gpt_config.caption_dim)
+        cache = gpt.new_cache(rows, cfg_len + n)
+        gpt.prefill(cond, cache)
+        times = {t: [] for t in windows}
+        for r in range(repeats + 1):
+            for t in windows:
+                start_pos = cfg_len + (r * 7) % max(1, n - t)  # vary the attended length like a real run
+                tokens = torch.zeros(rows, t, dtype=torch.long)
+                pos = torch.arange(start_pos, start_pos + t)
+                begin = time.perf_counter()
+                gpt.decode(tokens, pos, cache)
+                if r:  # the first pass warms up
+                    times[t].append(time.perf_counter() - begin)
+        base = statistics.median(times[windows[0]])
+        out.append({"batch_size": bs, "rows": rows, "ms_t1": base * 1e3,
+                    "cost": {int(t): statistics.median(v) / base for t, v in times.items()}})
+    return out
+
+
+def forward_cost_table(curves: Sequence[dict]) -> str:
+    windows = list(curves[0]["cost"])
+    lines = ["| batch (rows) | ms per 1-token forward | " + " | ".join(f"T={t}" for t in windows) + " |",
+             "|---|---|" + "---|" * len(windows)]
+    for c in curves:
+        lines.append(f"| {c['batch_size']} ({c['rows']}) | {c['ms_t1']:.2f} | "
+                     + " | ".join(f"{c['cost'][t]:.2f}x" for t in windows) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(records: Sequence[Record]) -> str:

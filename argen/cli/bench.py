@@ -34,12 +34,31 @@ def register(sub):
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fid", type=int, default=0, metavar="N",
-                   help="also score N images per sampler with argen.eval (FID/IS/class accuracy)")
+                   help="also sample N images per sampler (untimed, at the largest batch size) and score them "
+                        "with argen.eval (FID/IS/class accuracy); NFE is then averaged over these N")
+    s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
+    s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
+                   help="also time a T-token forward against a 1-token one at each batch size "
+                        "(the cost of verifying a window; empty to skip)")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", help="write one record per sampler setting and batch size")
     s.add_argument("--md", help="write the Markdown table here too")
     s.add_argument("--plot", help="PNG: speed-up vs FID (or vs step compression)")
     s.set_defaults(func=run_samplers)
+
+    f = kinds.add_parser("features", help="feature-extraction throughput (images/s) of an eval extractor")
+    f.add_argument("--extractor", choices=("fmnist", "inception"), default="fmnist")
+    f.add_argument("--protocol", default=None, help="inception only: adm (default) or clean")
+    f.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="inception weights file (default $ARGEN_INCEPTION_WEIGHTS)")
+    f.add_argument("--random-weights", action="store_true",
+                   help="inception: time a randomly initialised network of the same architecture")
+    f.add_argument("--num-images", type=int, default=1000, help="Fashion-MNIST test images per pass")
+    f.add_argument("--batch-size", type=int, default=0, help="images per network call (0 = extractor default)")
+    f.add_argument("--rounds", type=int, default=3)
+    f.add_argument("--threads", type=int, default=0)
+    f.add_argument("--json", help="write the record to this JSON file")
+    f.set_defaults(func=run_features)
     p.set_defaults(func=lambda args: p.print_help())
 
 
@@ -108,11 +127,21 @@ def run_samplers(args) -> int:
         from ..eval.quality import quality_scorer  # FID/IS/class accuracy on the fmnist classifier
 
         quality = quality_scorer(args.fid)
-    records = bench_samplers(pipe, specs, batch_sizes, max(args.num_images, args.fid), params, args.rounds,
-                             args.seed, quality=quality, log=lambda m: print(m, flush=True))
+    if args.compile:
+        pipe.gpt.compile_decode()
+    records = bench_samplers(pipe, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
+                             quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
     table = markdown_table(records)
+    curves = []
+    if args.forward_cost:
+        from ..bench.samplers import forward_cost, forward_cost_table
+
+        windows = sorted({1, *_int_list(args.forward_cost, "--forward-cost")})
+        curves = forward_cost(pipe.gpt, batch_sizes, windows, cfg=params.uses_cfg)
+        table += "\n\nCost of one T-token forward relative to a 1-token forward:\n\n" + forward_cost_table(curves)
     print(table)
     meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
+            "fid_images": args.fid, "compile": args.compile, "forward_cost": curves,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
         write_json(records, args.json, meta)
@@ -121,4 +150,25 @@ def run_samplers(args) -> int:
             handle.write(table + "\n")
     if args.plot:
         plot(records, args.plot)
+    return 0
+
+
+def run_features(args) -> int:
+    import torch
+
+    from ..bench.features import bench_features
+
+    if args.num_images < 2 or args.rounds < 1 or args.batch_size < 0:
+        raise ArgenError("--num-images must be >= 2, --rounds >= 1 and --batch-size >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = bench_features(args.extractor, args.num_images, args.batch_size, args.rounds, args.protocol,
+                            args.inception_weights, args.random_weights)
+    record["threads"] = torch.get_num_threads()
+    weights = " (random weights, same architecture)" if record["random_weights"] else ""
+    print(f"{record['extractor']} ({record['protocol']}){weights}: {record['images_per_second']:.1f} images/s "
+          f"({record['num_images']} images, batch {record['batch_size']}, {record['threads']} threads)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=2)
     return 0

@@ -300,6 +300,38 @@ def _load_fidelity_net(path: Path, device):
     return net.to(device).eval()
 
 
+def write_random_inception_weights(path, seed: int = 0) -> Path:
+    """Write a randomly initialised state dict in torch-fidelity's Inception layout (the real file's
+    format), for offline tests and speed measurements; its features mean nothing.
+
+    He-scaled weights keep activations O(1) through the 90-odd layers, so features still differ
+    between images (PyTorch's default init makes them vanish to ~1e-8).
+    """
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    class ArchitectureOnly(fidelity.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+    # torch-fidelity's constructor always fetches the real weights; build the layers only, offline.
+    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}):
+        net = ArchitectureOnly("random-inception", ["2048"])
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in net.state_dict().items():
+        if key.endswith("conv.weight") or key == "fc.weight":
+            value = torch.randn(value.shape, generator=gen) * (2.0 / value[0].numel()) ** 0.5
+        elif key.endswith("bn.bias") or key == "fc.bias":
+            value = 0.1 * torch.randn(value.shape, generator=gen)
+        state[key] = value.clone()
+    path = Path(path)
+    torch.save(state, path)
+    return path
+
+
 # The trunk of torch-fidelity's InceptionV3, pool3 output (used when our code does the resize).
 _TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
           "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
