@@ -94,3 +94,17 @@ def test_forward_cost_curve_tiny():
     assert [c["rows"] for c in curves] == [2, 4]
     assert all(c["cost"][1] == 1.0 and c["cost"][4] > 0 and c["ms_t1"] > 0 for c in curves)
     assert forward_cost_table(curves).count("\n") == 3
+
+
+def test_target_entropy_of_a_flat_model_is_log_vocab():
+    from argen.bench.samplers import target_entropy
+
+    gpt = tiny_gpt()
+    params = SamplingParams(cfg_scale=2.0)
+    stats = target_entropy(ARPipeline(gpt, tiny_vq(), class_names=CLASS_NAMES), 4, params)
+    assert 0 < stats["mean_entropy_nats"] < np.log(64) and 1 / 64 < stats["mean_top1_prob"] <= 1
+    with torch.no_grad():
+        gpt.output.weight.zero_()  # every logit 0: uniform next-token distributions
+    flat = target_entropy(ARPipeline(gpt, tiny_vq(), class_names=CLASS_NAMES), 4, params)
+    assert flat["mean_entropy_nats"] == pytest.approx(np.log(64), abs=1e-5)
+    assert flat["mean_top1_prob"] == pytest.approx(1 / 64) and flat["share_top1_above_0.9"] == 0

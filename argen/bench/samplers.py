@@ -227,6 +227,34 @@ def forward_cost(gpt, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2
     return out
 
 
+@torch.no_grad()
+def target_entropy(pipe, num_images: int, params: SamplingParams, seed: int = 0) -> dict:
+    """How predictable the model's next tokens are, along its own AR samples.
+
+    Speculative acceptance is bounded by how peaked the target distributions are: a draft of a
+    position whose distribution has entropy H survives re-sampling with probability about
+    exp(-H) or less. Returns mean/median entropy (nats), mean top-1 probability and the share
+    of positions whose top-1 probability exceeds 0.9, over `num_images` AR samples.
+    """
+    from ..samplers.logits import logits_to_probs
+
+    gpt = pipe.gpt
+    cond, mask, _ = benchmark_conditions(pipe, num_images)
+    tokens = get_sampler("ar")(gpt, cond, params=params, cond_mask=mask, seeds=list(range(seed, seed + num_images))).tokens
+    if params.uses_cfg:
+        both, both_mask = torch.cat([cond, gpt.null_condition(cond)]), None if mask is None else torch.cat([mask, mask])
+        logits = gpt(torch.cat([tokens, tokens])[:, :-1], both, mask=both_mask)
+    else:
+        logits = gpt(tokens[:, :-1], cond, mask=mask)
+    t = gpt.condition_length(cond)
+    probs = logits_to_probs(logits[:, t - 1:], params, params.uses_cfg)  # rows predicting image tokens
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    top1 = probs.max(-1).values
+    return {"images": num_images, "mean_entropy_nats": entropy.mean().item(),
+            "median_entropy_nats": entropy.median().item(), "mean_top1_prob": top1.mean().item(),
+            "share_top1_above_0.9": (top1 > 0.9).float().mean().item()}
+
+
 def forward_cost_table(curves: Sequence[dict]) -> str:
     windows = list(curves[0]["cost"])
     lines = ["| batch (rows) | ms per 1-token forward | " + " | ".join(f"T={t}" for t in windows) + " |",

@@ -139,9 +139,15 @@ def run_samplers(args) -> int:
         windows = sorted({1, *_int_list(args.forward_cost, "--forward-cost")})
         curves = forward_cost(pipe.gpt, batch_sizes, windows, cfg=params.uses_cfg)
         table += "\n\nCost of one T-token forward relative to a 1-token forward:\n\n" + forward_cost_table(curves)
+    from ..bench.samplers import target_entropy
+
+    entropy = target_entropy(pipe, min(args.num_images, 64), params, args.seed)
+    table += (f"\n\nTarget distributions along {entropy['images']} AR samples: mean entropy "
+              f"{entropy['mean_entropy_nats']:.2f} nats, mean top-1 probability {entropy['mean_top1_prob']:.2f}, "
+              f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
     print(table)
     meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
-            "fid_images": args.fid, "compile": args.compile, "forward_cost": curves,
+            "fid_images": args.fid, "compile": args.compile, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
         write_json(records, args.json, meta)
