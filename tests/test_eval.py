@@ -244,6 +244,22 @@ def test_fid_to_stats_matches_frechet_distance():
         assert fid_to_stats(x, mu, sigma) == pytest.approx(frechet_distance(x, (mu, sigma)), rel=1e-6)
 
 
+def test_fid_over_subsets_scores_disjoint_blocks():
+    from argen.eval.quality import fid_over_subsets
+    from argen.eval.reference import RefStats
+
+    rng = np.random.default_rng(1)
+    mu, sigma = feature_statistics(rng.normal(size=(200, 8)))
+    stats = RefStats(mu=mu, sigma=sigma, n=200, dataset="test", identity=None)
+    feats = rng.normal(size=(31, 8))
+    out = fid_over_subsets(feats, stats, 3)  # 10 per subset; the 31st sample is left out
+    assert out["n"] == 10 and len(out["values"]) == 3
+    assert out["values"][1] == pytest.approx(fid_to_stats(feats[10:20], mu, sigma))
+    assert out["mean"] == pytest.approx(np.mean(out["values"])) and out["std"] > 0
+    with pytest.raises(ArgenError, match="at least 2"):
+        fid_over_subsets(feats, stats, 20)
+
+
 def test_reference_stats_cache_and_extractor_mismatch(tmp_path, fmnist_available):
     ref = write_pngs(tmp_path / "ref", random_images(6, 28))
     ext = FMNISTExtractor()

@@ -77,6 +77,8 @@ def register(sub):
     f.add_argument("--samples", default=None, metavar="PATH",
                    help="score existing samples instead: a sampling output folder, an image folder or an ADM .npz")
     _add_extractor_args(f)
+    f.add_argument("--subsets", type=int, default=0, metavar="K",
+                   help="also report FID over K disjoint subsets (mean ± std): FID noise at N/K samples")
     f.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
                    help="also compute the real-data floor (train vs test at the same N; default on for fmnist)")
     f.add_argument("--json", default=None, metavar="PATH", help="metrics JSON (default OUT/metrics.json)")
@@ -251,6 +253,8 @@ def run_fid(args) -> int:
         raise ArgenError("--model needs --out: the folder for the samples and metrics")
     if args.samples is not None and args.npz and not args.out:
         raise ArgenError("--npz with --samples needs --out")
+    if args.subsets < 0:
+        raise ArgenError(f"--subsets must be >= 0, got {args.subsets}")
     if args.ref_num is not None and args.ref_num < 2:
         raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
     state, device = _setup(args)
@@ -262,7 +266,8 @@ def run_fid(args) -> int:
         sampling = _sample(args, state, device)
     _write_npz(args, state, samples)
     metrics = evaluate_samples(samples, extractor=extractor,
-                               ref=args.ref, ref_num=args.ref_num, floor=args.floor, state=state, log=_log)
+                               ref=args.ref, ref_num=args.ref_num, floor=args.floor, state=state, log=_log,
+                               subsets=args.subsets)
     if metrics is None:  # not the main process
         return 0
     if sampling is not None:
@@ -281,6 +286,8 @@ def run_ref_stats(args) -> int:
     from ..eval.npz import write_stats_npz
     from ..eval.reference import load_reference_images, real_data_floor, reference_stats
 
+    if args.subsets < 0:
+        raise ArgenError(f"--subsets must be >= 0, got {args.subsets}")
     if args.ref_num is not None and args.ref_num < 2:
         raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
     if args.adm and not args.out:

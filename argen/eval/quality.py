@@ -277,13 +277,16 @@ def _extract(extractor: FeatureExtractor, source: SampleSource, state=None):
 
 def evaluate_samples(samples: Any, *, labels=None, extractor: Optional[FeatureExtractor] = None,
                      ref: str = "fashion-mnist:test", ref_num: Optional[int] = None, floor: Optional[bool] = None,
-                     state=None, log: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+                     state=None, log: Optional[Callable[[str], None]] = None, subsets: int = 0) -> Optional[dict]:
     """Score samples (see :func:`resolve_samples`) against ``ref`` with ``extractor`` (default fmnist).
 
     ``floor``: also report the real-data floor at the same N (default: on for the fmnist
     extractor, off for Inception where 10k reference images cost CPU hours). Under several
     processes (``state``) every process extracts a share of the features; only the main
-    process computes and returns the metrics (the others return None).
+    process computes and returns the metrics (the others return None). ``subsets`` = K > 1 also
+    scores K disjoint consecutive subsets of N // K samples (``fid_subsets``: values, mean, std):
+    the spread of FID at that smaller N, i.e. how far two samplers' FIDs must differ to mean
+    anything.
     """
     from .features import FMNISTExtractor
 
@@ -301,10 +304,21 @@ def evaluate_samples(samples: Any, *, labels=None, extractor: Optional[FeatureEx
     if source.run is None and source.labels is not None and label_space is None:
         label_space = "fashion-mnist" if all(v is not None and 0 <= v < 10 for v in source.labels) else None
     metrics = compute_metrics(feats, probs, stats, extractor, source.labels, label_space, floor_info)
+    if subsets and subsets > 1:
+        metrics["fid_subsets"] = fid_over_subsets(feats, stats, subsets)
     metrics["samples"] = source.description
     if source.run is not None:
         metrics["sampling"] = source.run
     return metrics
+
+
+def fid_over_subsets(feats: np.ndarray, stats: RefStats, k: int) -> dict:
+    """FID of k disjoint consecutive blocks of len(feats) // k samples against the same reference."""
+    n = len(feats) // k
+    if n < 2:
+        raise ArgenError(f"--subsets {k} leaves {n} sample(s) per subset; need at least 2")
+    values = [fid_to_stats(feats[i * n:(i + 1) * n], stats.mu, stats.sigma) for i in range(k)]
+    return {"k": k, "n": n, "values": values, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
 
 
 def format_table(metrics: dict) -> str:
@@ -321,6 +335,9 @@ def format_table(metrics: dict) -> str:
             ("precision / recall", f"{fmt(metrics.get('precision'), '.3f')} / {fmt(metrics.get('recall'), '.3f')}"),
             ("class accuracy", fmt(metrics.get("class_accuracy"), ".1%")),
             ("samples", str(metrics.get("num_samples"))),
+            *([(f"FID of {metrics['fid_subsets']['k']} disjoint subsets of {metrics['fid_subsets']['n']}",
+                f"{metrics['fid_subsets']['mean']:.3f} ± {metrics['fid_subsets']['std']:.3f} (std)")]
+              if metrics.get("fid_subsets") else []),
             ("reference", f"{metrics.get('ref', {}).get('dataset')} (N={metrics.get('ref', {}).get('n')})"),
             ("extractor", f"{ext.get('extractor')} / {ext.get('protocol')} / sha256 {str(ext.get('weights_sha256'))[:16]}…")]
     if ext.get("extractor") == "inception" and ext.get("protocol") == "clean":
