@@ -19,6 +19,9 @@ def register(sub):
     d.add_argument("--compile", action="store_true", help="also measure torch.compile'd variants")
     d.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (default 5)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    d.add_argument("--window-cost", default="", metavar="T,T,...",
+                   help="also time a T-token forward against a 1-token one (fp32 eager): the cost of "
+                        "verifying a speculative window on a model of this size")
     d.add_argument("--json", help="write the records to this JSON file")
     d.set_defaults(func=run_decode)
 
@@ -82,27 +85,45 @@ def run_decode(args) -> int:
         raise ArgenError(f"unknown size {args.size!r}; choose one of {', '.join(GPTConfig.NAMED_SIZES)}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in DTYPES]
-    if unknown or not variants:
-        raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(DTYPES)}")
+    if unknown or not (variants or args.window_cost):
+        raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(DTYPES)} "
+                         "(an empty list is allowed with --window-cost)")
     side = int(round(args.tokens ** 0.5))
     if side * side != args.tokens:
         raise ArgenError(f"--tokens must be a square number (a token grid), got {args.tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, agreement = run(args.size, _int_list(args.batch_sizes, "--batch-sizes"), args.tokens, args.cfg_scale,
-                             variants, rounds=args.rounds)
-    if args.compile:
+    results, agreement = [], {}
+    if variants:
+        results, agreement = run(args.size, _int_list(args.batch_sizes, "--batch-sizes"), args.tokens,
+                                 args.cfg_scale, variants, rounds=args.rounds)
+    if args.compile and variants:
         more, more_agree = run(args.size, _int_list(args.batch_sizes, "--batch-sizes"), args.tokens, args.cfg_scale,
                                variants, compile_model=True, rounds=args.rounds)
         results += more
         agreement.update(more_agree)
-    print(markdown_table(results))
-    print("greedy-token agreement with fp32 (first 32 tokens, 2 samples): "
-          + ", ".join(f"{k} {v:.0%}" for k, v in agreement.items()))
+    curves = []
+    if args.window_cost:
+        from ..bench.decode import random_gpt
+        from ..bench.samplers import forward_cost, forward_cost_table
+
+        windows = sorted({1, *_int_list(args.window_cost, "--window-cost")})
+        model = random_gpt(args.size, block_size=args.tokens)
+        curves = forward_cost(model, _int_list(args.batch_sizes, "--batch-sizes"), windows, cfg=args.cfg_scale > 1,
+                              repeats=10)
+    if results:
+        print(markdown_table(results))
+    if curves:
+        print(f"\nCost of one T-token forward relative to a 1-token forward ({args.size}, fp32 eager):\n")
+        print(forward_cost_table(curves))
+    if agreement:
+        print("greedy-token agreement with fp32 (first 32 tokens, 2 samples): "
+              + ", ".join(f"{k} {v:.0%}" for k, v in agreement.items()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"results": to_records(results), "greedy_agreement": agreement}, handle, indent=2)
+            json.dump({"results": to_records(results), "greedy_agreement": agreement, "window_cost": curves},
+                      handle, indent=2)
     return 0
 
 
