@@ -265,6 +265,27 @@ def forward_cost_table(curves: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def copy_quality(records: Sequence[Record], path, expect: dict) -> None:
+    """Fill FID/IS/class accuracy from an earlier run's JSON whose settings match `expect`
+    (model, cfg_scale, seed), by sampler and parameters. One-line error on a mismatch."""
+    try:
+        data = json.loads(Path(path).read_text())
+        meta, earlier = data["meta"], data["records"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArgenError(f"--quality-from {path}: not a sampler-benchmark JSON ({exc})") from None
+    for key, value in expect.items():
+        if key in meta and meta[key] != value:
+            raise ArgenError(f"--quality-from {path} was measured with {key}={meta[key]!r}, this run uses {value!r}")
+    found = {}
+    for rec in earlier:
+        if rec.get("fid") is not None:
+            found[(rec["sampler"], json.dumps(rec["params"], sort_keys=True))] = rec
+    for record in records:
+        rec = found.get((record.sampler, json.dumps(record.params, sort_keys=True)))
+        if rec is not None:
+            record.fid, record.inception_score, record.class_accuracy = rec["fid"], rec.get("is"), rec.get("class_accuracy")
+
+
 def markdown_table(records: Sequence[Record]) -> str:
     head = ("| sampler | batch | NFE / image | step compression | accepted / forward | s / image | images / s "
             "| wall-clock speed-up | FID | IS | class acc. |")

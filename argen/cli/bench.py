@@ -39,6 +39,10 @@ def register(sub):
     s.add_argument("--fid", type=int, default=0, metavar="N",
                    help="also sample N images per sampler (untimed, at the largest batch size) and score them "
                         "with argen.eval (FID/IS/class accuracy); NFE is then averaged over these N")
+    s.add_argument("--quality-from", metavar="JSON",
+                   help="take FID/IS/class accuracy from an earlier `--fid` run's JSON (same model and sampling "
+                        "settings): samples do not depend on the batch size, so quality need not be re-sampled "
+                        "to re-time")
     s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
@@ -138,6 +142,8 @@ def run_samplers(args) -> int:
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     if args.num_images < 1 or args.rounds < 1:
         raise ArgenError("--num-images and --rounds must be >= 1")
+    if args.fid and args.quality_from:
+        raise ArgenError("give --fid (measure quality) or --quality-from (reuse it), not both")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = ARPipeline.from_pretrained(args.model)
@@ -152,6 +158,10 @@ def run_samplers(args) -> int:
         pipe.gpt.compile_decode()
     records = bench_samplers(pipe, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
                              quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
+    if args.quality_from:
+        from ..bench.samplers import copy_quality
+
+        copy_quality(records, args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
     table = markdown_table(records)
     curves = []
     if args.forward_cost:
@@ -168,7 +178,7 @@ def run_samplers(args) -> int:
               f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
     print(table)
     meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
-            "fid_images": args.fid, "compile": args.compile, "forward_cost": curves, "target_entropy": entropy,
+            "fid_images": args.fid, "compile": args.compile, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
         write_json(records, args.json, meta)
