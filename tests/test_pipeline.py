@@ -126,6 +126,11 @@ def test_shipped_c2i_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "generated 2 images" in out.stdout
     assert len(list((tmp_path / "s").iterdir())) == 2
+    # a lossless speculative sampler by spec; per-sample seeds, so the counts are deterministic
+    spec = run_cli("generate", "--class", "sneaker", "--num-images", "2", "--sampler", "mcsjd:L=8",
+                   "--out", str(tmp_path / "m.png"))
+    assert spec.returncode == 0, spec.stderr
+    assert "sampler mcsjd:L=8" in spec.stdout and "generated 2 images" in spec.stdout
 
 
 @pytest.mark.skipif(not (ASSETS / "default-t2i" / "pipeline.json").is_file(), reason="shipped models not built yet")

@@ -134,3 +134,14 @@ def test_token_id_out_of_vocab_is_rejected():
     model = tiny_gpt()
     with pytest.raises(ArgenError, match="token id"):
         model(torch.tensor([[64]]), torch.tensor([1]))
+
+
+def test_get_sampler_takes_specs_with_options():
+    from argen.samplers import GSDSampler, get_sampler
+
+    gsd = get_sampler("gsd:G=3,L=8")
+    assert isinstance(gsd, GSDSampler) and gsd.group_size == 3 and gsd.window == 8
+    assert get_sampler("gsd:G=3", window=4).window == 4  # keyword options on top of the spec
+    for bad in ("nope", "gsd:G", "ar:bogus=1"):
+        with pytest.raises(ArgenError):
+            get_sampler(bad)

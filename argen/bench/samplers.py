@@ -18,46 +18,7 @@ import torch
 
 from ..errors import ArgenError
 from ..samplers import SamplingParams, get_sampler
-
-# Short parameter names accepted in specs such as "gsd:G=10,L=16".
-ALIASES = {"G": "group_size", "L": "window"}
-
-
-@dataclass
-class SamplerSpec:
-    name: str
-    options: dict
-    label: str
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def parse_spec(text: str) -> SamplerSpec:
-    """'gsd:G=10,L=16' -> SamplerSpec('gsd', {'group_size': 10, 'window': 16}, 'gsd:G=10,L=16')."""
-    name, _, rest = text.strip().partition(":")
-    options = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ArgenError(f"bad sampler option {item!r} in {text!r}: use key=value")
-        options[ALIASES.get(key.strip(), key.strip())] = _parse_value(value.strip())
-    spec = SamplerSpec(name, options, text.strip())
-    make_sampler(spec)  # fail now, in one line, on unknown names or options
-    return spec
-
-
-def make_sampler(spec: SamplerSpec):
-    try:
-        return get_sampler(spec.name, **spec.options)
-    except TypeError as err:
-        raise ArgenError(f"sampler {spec.name!r} does not take these options: {err}") from None
+from ..samplers.spec import SamplerSpec, make_sampler, parse_spec  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -19,7 +19,8 @@ def register(sub):
     p.add_argument("--num-images", type=int, default=16, help="images per prompt/class (default 16)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--out", default="out.png", help="grid PNG; the single images go to a folder beside it")
-    p.add_argument("--sampler", default="ar", help="sampler name (default ar)")
+    p.add_argument("--sampler", default="ar",
+                   help="sampler name or spec with options (default ar), e.g. mcsjd:L=8 or gsd:G=10")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--cfg-interval", type=int, default=-1)
     p.add_argument("--temperature", type=float, default=1.0)

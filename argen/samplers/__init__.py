@@ -9,18 +9,17 @@ from .rng import RandomStreams, make_streams
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
 from .sjd import SJDSampler
+from .spec import SamplerSpec, make_sampler, parse_spec
 
 SAMPLERS = {"ar": ARSampler, "sjd": SJDSampler, "gsd": GSDSampler, "mcsjd": MCSJDSampler}
 
 
 def get_sampler(name: str, **options) -> Sampler:
-    """A sampler by name ('ar', ...), with its own options."""
-    from ..errors import ArgenError
-
-    if name not in SAMPLERS:
-        raise ArgenError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name](**options)
+    """A sampler by name ('ar', 'sjd', ...) or spec ('gsd:G=10,L=8'), with keyword options on top."""
+    spec = parse_spec(name) if ":" in name else SamplerSpec(name, {}, name)
+    return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 
 
 __all__ = ["ARSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
-           "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS"]
+           "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS",
+           "parse_spec"]

@@ -1,0 +1,53 @@
+"""Samplers named by a short text spec, as on the command line: "gsd:G=10,L=8", "mcsjd:L=16", "ar"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ArgenError
+
+# Short parameter names accepted in specs.
+ALIASES = {"G": "group_size", "L": "window"}
+
+
+@dataclass
+class SamplerSpec:
+    name: str
+    options: dict
+    label: str
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_spec(text: str) -> SamplerSpec:
+    """'gsd:G=10,L=16' -> SamplerSpec('gsd', {'group_size': 10, 'window': 16}, 'gsd:G=10,L=16').
+
+    The sampler is built once here, so an unknown name or option fails now, in one line."""
+    name, _, rest = text.strip().partition(":")
+    options = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ArgenError(f"bad sampler option {item!r} in {text!r}: use key=value")
+        options[ALIASES.get(key.strip(), key.strip())] = _parse_value(value.strip())
+    spec = SamplerSpec(name, options, text.strip())
+    make_sampler(spec)
+    return spec
+
+
+def make_sampler(spec: SamplerSpec):
+    from . import SAMPLERS
+
+    if spec.name not in SAMPLERS:
+        raise ArgenError(f"unknown sampler {spec.name!r}; available: {', '.join(sorted(SAMPLERS))}")
+    try:
+        return SAMPLERS[spec.name](**spec.options)
+    except TypeError as err:
+        raise ArgenError(f"sampler {spec.name!r} does not take these options: {err}") from None
