@@ -111,7 +111,7 @@ def test_target_entropy_of_a_flat_model_is_log_vocab():
 
 
 def test_quality_from_an_earlier_run_is_matched_by_sampler_and_settings(tmp_path):
-    from argen.bench.samplers import Record, copy_quality
+    from argen.bench.samplers import Record, copy_quality, load_quality
 
     def rec(sampler, params, fid=None):
         return Record(sampler, params, 1, 4, 16.0, 1.0, 1.0, 0.1, 10.0, 1.0, fid=fid)
@@ -119,10 +119,10 @@ def test_quality_from_an_earlier_run_is_matched_by_sampler_and_settings(tmp_path
     write_json([rec("ar", {}, 12.0), rec("gsd", {"group_size": 10}, 13.5)], tmp_path / "q.json",
                {"model": "default-c2i", "cfg_scale": 3.0, "seed": 0})
     now = [rec("ar", {}), rec("gsd", {"group_size": 10}), rec("gsd", {"group_size": 3})]
-    copy_quality(now, tmp_path / "q.json", {"model": "default-c2i", "cfg_scale": 3.0, "seed": 0})
+    copy_quality(now, load_quality(tmp_path / "q.json", {"model": "default-c2i", "cfg_scale": 3.0, "seed": 0}))
     assert [r.fid for r in now] == [12.0, 13.5, None]
     with pytest.raises(ArgenError, match="cfg_scale"):
-        copy_quality(now, tmp_path / "q.json", {"model": "default-c2i", "cfg_scale": 2.0, "seed": 0})
+        load_quality(tmp_path / "q.json", {"model": "default-c2i", "cfg_scale": 2.0, "seed": 0})
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ArgenError, match="not a sampler-benchmark JSON"):
-        copy_quality(now, tmp_path / "bad.json", {})
+        load_quality(tmp_path / "bad.json", {})

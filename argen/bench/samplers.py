@@ -226,9 +226,9 @@ def forward_cost_table(curves: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def copy_quality(records: Sequence[Record], path, expect: dict) -> None:
-    """Fill FID/IS/class accuracy from an earlier run's JSON whose settings match `expect`
-    (model, cfg_scale, seed), by sampler and parameters. One-line error on a mismatch."""
+def load_quality(path, expect: dict) -> dict:
+    """FID/IS/class accuracy by (sampler, parameters) from an earlier `--fid` run's JSON whose
+    settings match `expect` (model, cfg_scale, seed). One-line error on a mismatch."""
     try:
         data = json.loads(Path(path).read_text())
         meta, earlier = data["meta"], data["records"]
@@ -237,12 +237,14 @@ def copy_quality(records: Sequence[Record], path, expect: dict) -> None:
     for key, value in expect.items():
         if key in meta and meta[key] != value:
             raise ArgenError(f"--quality-from {path} was measured with {key}={meta[key]!r}, this run uses {value!r}")
-    found = {}
-    for rec in earlier:
-        if rec.get("fid") is not None:
-            found[(rec["sampler"], json.dumps(rec["params"], sort_keys=True))] = rec
+    return {(rec["sampler"], json.dumps(rec["params"], sort_keys=True)): rec
+            for rec in earlier if rec.get("fid") is not None}
+
+
+def copy_quality(records: Sequence[Record], quality: dict) -> None:
+    """Fill FID/IS/class accuracy of `records` from `load_quality`'s table (when it has the setting)."""
     for record in records:
-        rec = found.get((record.sampler, json.dumps(record.params, sort_keys=True)))
+        rec = quality.get((record.sampler, json.dumps(record.params, sort_keys=True)))
         if rec is not None:
             record.fid, record.inception_score, record.class_accuracy = rec["fid"], rec.get("is"), rec.get("class_accuracy")
 

@@ -134,7 +134,8 @@ def run_decode(args) -> int:
 def run_samplers(args) -> int:
     import torch
 
-    from ..bench.samplers import bench_samplers, markdown_table, parse_spec, plot, write_json
+    from ..bench.samplers import (bench_samplers, copy_quality, load_quality, markdown_table, parse_spec, plot,
+                                  write_json)
     from ..pipeline import ARPipeline
     from ..samplers import SamplingParams
 
@@ -156,12 +157,13 @@ def run_samplers(args) -> int:
         quality = quality_scorer(args.fid)
     if args.compile:
         pipe.gpt.compile_decode()
+    earlier_quality = None
+    if args.quality_from:  # checked before hours of timing, used after
+        earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
     records = bench_samplers(pipe, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
                              quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
     if args.quality_from:
-        from ..bench.samplers import copy_quality
-
-        copy_quality(records, args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
+        copy_quality(records, earlier_quality)
     table = markdown_table(records)
     curves = []
     if args.forward_cost:
