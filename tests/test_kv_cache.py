@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from argen.models import GPT, GPTConfig
-from argen.samplers import ARSampler, SamplingParams
+from argen.samplers import ARSampler, SamplingParams, get_sampler
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 
@@ -123,5 +123,6 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
                                cached_logits_one_by_one(eager, cond, tokens), **TOL)
     params = SamplingParams(cfg_scale=2.0, top_k=0)
     labels = torch.tensor([1, 5])
-    expect = ARSampler()(eager, labels, params=params, seeds=[3, 4]).tokens
-    assert torch.equal(ARSampler()(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
+    for sampler in (ARSampler(), get_sampler("mcsjd:L=4")):  # one static shape; several window widths
+        expect = sampler(eager, labels, params=params, seeds=[3, 4]).tokens
+        assert torch.equal(sampler(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
