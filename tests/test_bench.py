@@ -9,7 +9,7 @@ import torch
 
 from argen.bench.decode import bench_decode, weight_bytes_per_step
 from argen.cli.main import main
-from argen.bench.samplers import bench_samplers, markdown_table, parse_spec, plot, write_json
+from argen.bench.samplers import bench_samplers, markdown_table, parse_spec, plot, read_json, write_json
 from argen.data.fashion_mnist import CLASS_NAMES
 from argen.errors import ArgenError
 from argen.pipeline import ARPipeline
@@ -43,6 +43,11 @@ def test_bench_samplers_records_and_outputs(tmp_path):
     assert needed <= set(data["records"][0])
     plot(records, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+    again = read_json(tmp_path / "r.json")
+    assert [r.to_json() for r in again] == data["records"]
+    again[0].fid = 10.0  # one setting with FID: plotted against FID, the others left out
+    plot(again, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
     assert markdown_table(records).count("\n") == 5
 
 

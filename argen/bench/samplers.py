@@ -266,6 +266,17 @@ def markdown_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def read_json(path) -> List[Record]:
+    """Records back from `write_json` (e.g. to re-plot)."""
+    data = json.loads(Path(path).read_text())
+    out = []
+    for rec in data["records"]:
+        rec = dict(rec)
+        rec["inception_score"] = rec.pop("is", None)
+        out.append(Record(**rec))
+    return out
+
+
 def write_json(records: Sequence[Record], path, meta: Optional[dict] = None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -274,13 +285,17 @@ def write_json(records: Sequence[Record], path, meta: Optional[dict] = None) -> 
 
 
 def plot(records: Sequence[Record], path) -> None:
-    """Wall-clock speed-up against FID (or against step compression when FID was not measured)."""
+    """Wall-clock speed-up against FID, one point per setting that has an FID; against step
+    compression instead when no setting has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    have_fid = all(r.fid is not None for r in records)
+    have_fid = any(r.fid is not None for r in records)
+    skipped = sum(r.fid is None for r in records) if have_fid else 0
+    if have_fid:
+        records = [r for r in records if r.fid is not None]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for bs in sorted({r.batch_size for r in records}):
         rows = [r for r in records if r.batch_size == bs]
@@ -293,6 +308,8 @@ def plot(records: Sequence[Record], path) -> None:
     ax.set_xlabel("FID (lower is better)" if have_fid else "step compression (x fewer forwards than AR)")
     ax.set_ylabel("wall-clock speed-up vs AR")
     ax.axhline(1.0, color="grey", lw=0.5)
+    if skipped:
+        ax.set_title(f"{skipped} setting(s) without FID not shown", fontsize=8)
     ax.legend()
     fig.tight_layout()
     path = Path(path)
