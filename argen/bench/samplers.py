@@ -192,10 +192,11 @@ def forward_cost(gpt, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2
 def target_entropy(pipe, num_images: int, params: SamplingParams, seed: int = 0) -> dict:
     """How predictable the model's next tokens are, along its own AR samples.
 
-    Speculative acceptance is bounded by how peaked the target distributions are: a draft of a
-    position whose distribution has entropy H survives re-sampling with probability about
-    exp(-H) or less. Returns mean/median entropy (nats), mean top-1 probability and the share
-    of positions whose top-1 probability exceeds 0.9, over `num_images` AR samples.
+    One of the two things that limit speculative acceptance: a draft re-drawn from a broad row
+    rarely matches. The other is how much a row moves when the tokens before it change; sweep
+    `--temperature` (down to 0, where SJD is greedy Jacobi iteration) to tell them apart.
+    Returns mean/median entropy (nats), mean top-1 probability and the share of positions whose
+    top-1 probability exceeds 0.9, over `num_images` AR samples.
     """
     from ..samplers.logits import logits_to_probs
 
