@@ -23,7 +23,7 @@ from argen.samplers import SAMPLERS
 
 SPECULATIVE_SAMPLERS = {k: v for k, v in SAMPLERS.items() if k != "ar"}
 from argen.samplers.sjd import SJDSampler
-from argen.samplers.speculative import sample_rows
+from argen.samplers.rng import sample_rows
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 
@@ -180,11 +180,11 @@ class OracleSJD(SJDSampler):
         super().__init__(**kw)
         self.target = target
 
-    def init_drafts(self, win, need, u, grid, vocab):
+    def init_drafts(self, win, need, u, grid, q):
         index = win.emitted[:, None] + torch.arange(need.shape[1])
         truth = self.target.gather(1, index.clamp(max=self.target.shape[1] - 1))
         win.seq.scatter_(1, index, torch.where(need, truth, win.seq.gather(1, index)))
-        return torch.nn.functional.one_hot(truth, vocab).float()
+        q[need] = torch.nn.functional.one_hot(truth[need], q.shape[-1]).to(q.dtype)
 
 
 @pytest.mark.parametrize("window,accepted", [(4, [4, 4, 4, 3]), (6, [6, 6, 3]), (16, [15])])

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .speculative import SpeculativeSampler, residual, sample_rows, token_ratio
+from .rng import sample_rows
+from .speculative import SpeculativeSampler, residual, token_ratio
 
 
 class MCSJDSampler(SpeculativeSampler):

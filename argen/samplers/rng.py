@@ -71,7 +71,13 @@ def sample_from_probs(probs: torch.Tensor, streams: Optional[RandomStreams]) -> 
     """
     if streams is None:
         return torch.multinomial(probs, num_samples=1)[:, 0]
-    u = streams.uniform(device=probs.device).to(torch.float64)  # [B]
-    cdf = probs.double().cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return idx.clamp_(max=probs.shape[-1] - 1)
+    return sample_rows(probs, streams.uniform(device=probs.device))
+
+
+def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per distribution: probs [..., V] (unnormalised is fine), uniforms u [...].
+
+    Inverse CDF in float64 with a right-sided search, so zero-mass tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1).contiguous()
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .speculative import SpeculativeSampler, residual, rows_at, sample_rows, token_ratio
+from .rng import sample_rows
+from .speculative import SpeculativeSampler, residual, rows_at, token_ratio
 
 
 class SJDSampler(SpeculativeSampler):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..errors import ArgenError
 from .base import Sampler, SamplerOutput, cfg_batch
 from .logits import SamplingParams, logits_to_probs
-from .rng import RandomStreams
+from .rng import RandomStreams, sample_rows
 
 INITS = ("random", "left", "above")
 INIT_ALIASES = {"repeat_horizon": "left", "repeat_vertical": "above"}
@@ -50,15 +50,6 @@ def draw_uniforms(streams: Optional[RandomStreams], batch: int, n: int, device) 
     if streams is None:
         return torch.rand(batch, n, dtype=torch.float64).to(device)
     return streams.uniform(n, device=device)
-
-
-def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per distribution: probs [..., V] (unnormalised is fine), uniforms u [...].
-
-    Inverse CDF with a right-sided search, so zero-mass tokens are never drawn."""
-    cdf = probs.double().cumsum(-1)
-    target = (u.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1).contiguous()
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -137,21 +128,21 @@ def rows_at(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # ---- drafts --------------------------------------------------------------------------------
 
 
-def uniform_q(shape, vocab: int, device) -> torch.Tensor:
-    return torch.full((*shape, vocab), 1.0 / vocab, device=device)
-
-
-def random_drafts(u: torch.Tensor, vocab: int):
-    """Uniform random tokens; their draft distribution is the uniform one (it is what they were
-    drawn from; it accepts at least as often as the one-hot q of the reference code)."""
-    tokens = (u * vocab).long().clamp_(max=vocab - 1)
-    return tokens, uniform_q(tokens.shape, vocab, u.device)
+def set_draft_q(q: torch.Tensor, need: torch.Tensor, tokens: torch.Tensor, copied=None) -> None:
+    """Write the draft distributions of the slots marked in need [B, S] into q [B, S, V], in place:
+    uniform for a random draft (what it was drawn from; it accepts at least as often as the
+    one-hot q of the reference code), one-hot on the token for a copied (deterministic) draft.
+    Only the needed rows are touched: q is [B, L-1, V] and is rewritten every step."""
+    q[need] = 1.0 / q.shape[-1]
+    if copied is not None:
+        fixed = need & copied
+        q[fixed] = torch.nn.functional.one_hot(tokens[fixed], q.shape[-1]).to(q.dtype)
 
 
 def spatial_drafts(seq, index, need, u, vocab: int, grid, mode: str):
     """Copy the token to the left / above each slot (random where there is none), in slot order
-    so a slot can copy an earlier one. Writes the chosen drafts into seq; q is one-hot on a
-    copied token (a deterministic draft) and uniform on a random fallback."""
+    so a slot can copy an earlier one. Writes the chosen drafts into seq; returns them and
+    whether each was copied."""
     cols = grid[1]
     tokens, copied = [], []
     for k in range(index.shape[1]):
@@ -163,20 +154,20 @@ def spatial_drafts(seq, index, need, u, vocab: int, grid, mode: str):
         seq.scatter_(1, idx[:, None], pick[:, None])
         tokens.append(pick)
         copied.append(has_src)
-    tokens, copied = torch.stack(tokens, 1), torch.stack(copied, 1)
-    one_hot = torch.nn.functional.one_hot(tokens, vocab).float()
-    q = torch.where(copied[..., None], one_hot, uniform_q(tokens.shape, vocab, seq.device))
-    return tokens, q
+    return torch.stack(tokens, 1), torch.stack(copied, 1)
 
 
-def init_drafts(win: Window, need: torch.Tensor, u: torch.Tensor, init: str, grid, vocab: int) -> torch.Tensor:
-    """Fill the draft slots marked in need [B, L-1] (seq and the returned q [B, L-1, V] rows)."""
+def init_drafts(win: Window, need: torch.Tensor, u: torch.Tensor, init: str, grid, q: torch.Tensor) -> None:
+    """Fill the draft slots marked in need [B, L-1]: their tokens in win.seq, their rows of q."""
+    vocab = q.shape[-1]
     index = win.emitted[:, None] + torch.arange(need.shape[1], device=need.device)
     if init == "random":
-        tokens, q = random_drafts(u, vocab)
+        tokens = (u * vocab).long().clamp_(max=vocab - 1)
         win.seq.scatter_(1, index, torch.where(need, tokens, win.seq.gather(1, index)))
-        return q
-    return spatial_drafts(win.seq, index, need, u, vocab, grid, init)[1]
+        set_draft_q(q, need, tokens)
+    else:
+        tokens, copied = spatial_drafts(win.seq, index, need, u, vocab, grid, init)
+        set_draft_q(q, need, tokens, copied)
 
 
 def commit(win: Window, proposals: torch.Tensor, m: torch.Tensor, probs: torch.Tensor):
@@ -232,9 +223,10 @@ class SpeculativeSampler(Sampler):
     def propose(self, probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh) -> torch.Tensor:
         """Y [B, T]: Y[:, :n_acc+1] emitted, Y[:, n_acc+1:] the next drafts."""
 
-    def init_drafts(self, win: Window, need: torch.Tensor, u: torch.Tensor, grid, vocab: int) -> torch.Tensor:
-        """Fill the draft slots marked in need [B, L-1]; returns q [B, L-1, V] (rows of other slots unused)."""
-        return init_drafts(win, need, u, self.init, grid, vocab)
+    def init_drafts(self, win: Window, need: torch.Tensor, u: torch.Tensor, grid, q: torch.Tensor) -> None:
+        """Fill the draft slots marked in need [B, L-1]: tokens in win.seq, draft distributions
+        in the same rows of q [B, L-1, V] (in place; the other rows are left alone)."""
+        init_drafts(win, need, u, self.init, grid, q)
 
     # ---- loop -----------------------------------------------------------------------------
 
@@ -270,9 +262,10 @@ class SpeculativeSampler(Sampler):
         u = draw_uniforms(streams, batch, self.window, probs.device)
         seq = torch.zeros(batch, num_tokens + self.window, dtype=torch.long, device=probs.device)
         seq[:, 0] = sample_rows(probs, u[:, 0])
-        win = Window(seq=seq, emitted=torch.ones(batch, dtype=torch.long, device=probs.device), q=None)
+        q = torch.empty(batch, self.window - 1, vocab, device=probs.device)
+        win = Window(seq=seq, emitted=torch.ones(batch, dtype=torch.long, device=probs.device), q=q)
         need = torch.ones(batch, self.window - 1, dtype=torch.bool, device=probs.device)
-        win.q = self.init_drafts(win, need, u[:, 1:], grid, vocab)
+        self.init_drafts(win, need, u[:, 1:], grid, q)
         return win
 
     def step(self, model, win: Window, lengths, width: int, cache, cond_len: int, num_tokens: int,
@@ -290,9 +283,8 @@ class SpeculativeSampler(Sampler):
         n_acc = leading_accepts(accept & has_draft)
         proposals = self.propose(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh[:, :width])
         m = torch.where(lengths > 0, n_acc + 1, 0)
-        from_rows, jacobi_q = commit(win, proposals, m, probs)
-        init_q = self.init_drafts(win, ~from_rows, u_init, model.gpt_config.grid, probs.shape[-1])
-        win.q = torch.where(from_rows[..., None], jacobi_q, init_q)
+        from_rows, win.q = commit(win, proposals, m, probs)
+        self.init_drafts(win, ~from_rows, u_init, model.gpt_config.grid, win.q)
         kept = cond_len + win.emitted - 1
         cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
         return m
