@@ -410,3 +410,14 @@ def test_accelerate_two_processes_match_one_process(tmp_path, capsys, c2i_dir, f
     for key in ("fid", "is", "class_accuracy", "precision", "recall", "fid_floor"):
         assert m1[key] == m2[key], key  # bit-identical: every batch holds the same images
     assert m2["sampling_run"]["processes"] == 2 and m2["sampling_run"]["generated"] == 8
+
+
+def test_cli_ref_stats_on_a_folder(tmp_path, capsys, fmnist_available):
+    ref = write_pngs(tmp_path / "ref", random_images(8, 28))
+    assert main(["eval", "ref-stats", "--ref", str(ref), "--json", str(tmp_path / "r.json")]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["feature_dim"] == 128 and record["ref"]["n"] == 8
+    assert record["extractor"]["extractor"] == "fmnist"
+    capsys.readouterr()
+    assert main(["eval", "ref-stats", "--ref", str(ref), "--ref-num", "1"]) == 2
+    assert "--ref-num" in capsys.readouterr().err

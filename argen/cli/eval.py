@@ -99,6 +99,7 @@ def register(sub):
     r.add_argument("--floor", type=int, default=0, metavar="N",
                    help="also report the real-data floor: FID of N images of the other Fashion-MNIST split")
     r.add_argument("--refresh", action="store_true", help="recompute even if cached")
+    r.add_argument("--json", default=None, metavar="PATH", help="write what was computed (and the floor) here")
     r.set_defaults(func=run_ref_stats)
     parser.set_defaults(func=lambda args: parser.print_help())
 
@@ -286,8 +287,6 @@ def run_ref_stats(args) -> int:
     from ..eval.npz import write_stats_npz
     from ..eval.reference import load_reference_images, real_data_floor, reference_stats
 
-    if args.subsets < 0:
-        raise ArgenError(f"--subsets must be >= 0, got {args.subsets}")
     if args.ref_num is not None and args.ref_num < 2:
         raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
     if args.adm and not args.out:
@@ -317,4 +316,6 @@ def run_ref_stats(args) -> int:
                              "size of the other split")
         record["floor"] = floor
         print(f"real-data floor: FID {floor['fid']:.4f} ({floor['real_set']} N={floor['num']} vs {floor['ref']})")
+    if args.json:
+        _atomic_json(Path(args.json), record)
     return 0
