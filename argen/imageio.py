@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 
+from .atomic import atomic_write
 from .errors import ArgenError
 from .models.pretrained import atomic_directory_write
 
@@ -30,15 +30,7 @@ def check_png_path(path) -> Path:
 
 
 def save_png_atomic(image: Image.Image, path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def make_grid(images: Sequence[Image.Image], columns: int = 0, scale: int = 1, pad: int = 2) -> Image.Image:

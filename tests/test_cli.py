@@ -1,9 +1,9 @@
 """The `argen` command: help, version, one-line errors with exit code 2."""
 
+import json
 import subprocess
 import sys
 
-import pytest
 
 from argen import __version__
 from argen.cli.main import main
@@ -33,3 +33,22 @@ def test_unknown_option_is_one_line(capsys):
     assert main(["--bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("argen: error:") and err.strip().count("\n") == 0
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    from argen.atomic import atomic_write, atomic_write_json
+
+    target = tmp_path / "sub" / "out.json"
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+
+    def broken(handle):
+        handle.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    try:
+        atomic_write(target, broken)
+    except RuntimeError:
+        pass
+    assert json.loads(target.read_text()) == {"a": 1}  # the old file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]  # no temporary left

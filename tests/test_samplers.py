@@ -1,6 +1,5 @@
 """The shared logits path, random streams and the AR sampler."""
 
-import math
 
 import pytest
 import torch

@@ -12,10 +12,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from ..atomic import atomic_write, atomic_write_json
 from ..errors import ArgenError
 from ..samplers import SamplingParams, get_sampler
 from ..samplers.spec import SamplerSpec, make_sampler, parse_spec  # noqa: F401  (re-exported)
@@ -279,10 +280,7 @@ def read_json(path) -> List[Record]:
 
 
 def write_json(records: Sequence[Record], path, meta: Optional[dict] = None) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"meta": meta or {}, "records": [r.to_json() for r in records]}, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, {"meta": meta or {}, "records": [r.to_json() for r in records]})
 
 
 def plot(records: Sequence[Record], path) -> None:
@@ -313,8 +311,5 @@ def plot(records: Sequence[Record], path) -> None:
         ax.set_title(f"{skipped} setting(s) without FID not shown", fontsize=8)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)

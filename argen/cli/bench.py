@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import ArgenError
 
 
@@ -125,9 +125,8 @@ def run_decode(args) -> int:
               + ", ".join(f"{k} {v:.0%}" for k, v in agreement.items()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"results": to_records(results), "greedy_agreement": agreement, "window_cost": curves},
-                      handle, indent=2)
+        atomic_write_json(args.json, {"results": to_records(results), "greedy_agreement": agreement,
+                                      "window_cost": curves})
     return 0
 
 
@@ -185,8 +184,7 @@ def run_samplers(args) -> int:
     if args.json:
         write_json(records, args.json, meta)
     if args.md:
-        with open(args.md, "w") as handle:
-            handle.write(table + "\n")
+        atomic_write_text(args.md, table + "\n")
     if args.plot:
         plot(records, args.plot)
     return 0
@@ -208,6 +206,5 @@ def run_features(args) -> int:
     print(f"{record['extractor']} ({record['protocol']}){weights}: {record['images_per_second']:.1f} images/s "
           f"({record['num_images']} images, batch {record['batch_size']}, {record['threads']} threads)")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=2)
+        atomic_write_json(args.json, record)
     return 0

@@ -19,11 +19,11 @@ stopped:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write_json
 from ..errors import ArgenError
 
 
@@ -211,10 +211,7 @@ def _write_npz(args, state, samples):
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data, default=_json_default)
 
 
 def _json_default(value):

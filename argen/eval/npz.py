@@ -17,14 +17,13 @@ precision-recall and the reference IS. Everything is written atomically (tempora
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from argen.atomic import atomic_write
 from argen.errors import ArgenError
 
 __all__ = ["write_sample_npz", "read_sample_npz", "write_stats_npz", "read_stats_npz", "META_KEY"]
@@ -36,16 +35,7 @@ def _atomic_savez(path, arrays: dict) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ArgenError(f"npz output must end in .npz, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _open(path) -> Any:

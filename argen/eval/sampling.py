@@ -26,7 +26,6 @@ through the folder.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from argen.atomic import atomic_write_text
 from argen.errors import ArgenError
 
 __all__ = ["PlanItem", "make_plan", "read_prompt_file", "default_prompts", "generate_samples", "read_plan",
@@ -165,12 +165,6 @@ def png_complete(path: Path) -> bool:
         return False
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_plan(out_dir) -> tuple[dict, List[PlanItem]]:
     """``(sampling.json settings, plan items)`` of an output folder."""
     out_dir = Path(out_dir)
@@ -277,8 +271,8 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
         try:
             samples_dir.mkdir(parents=True, exist_ok=True)
             _check_resume(out_dir / RUN_FILE, settings)
-            _atomic_text(out_dir / RUN_FILE, json.dumps(settings, indent=2) + "\n")
-            _atomic_text(out_dir / PLAN_FILE, "".join(json.dumps(asdict(it)) + "\n" for it in items))
+            atomic_write_text(out_dir / RUN_FILE, json.dumps(settings, indent=2) + "\n")
+            atomic_write_text(out_dir / PLAN_FILE, "".join(json.dumps(asdict(it)) + "\n" for it in items))
         except (ArgenError, OSError) as exc:
             error = str(exc) if isinstance(exc, ArgenError) else f"cannot write to {out_dir}: {exc}"
     error = _broadcast_error(error, state)

@@ -18,7 +18,7 @@ Two ways to call the model:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence
 
 import torch

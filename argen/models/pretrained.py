@@ -9,7 +9,6 @@ leaves a half-written model.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path

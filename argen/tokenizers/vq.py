@@ -8,7 +8,7 @@ official code fixes 128, 2 and 3) so small tokenizers can be trained here.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import ArgenError
 from ..models.pretrained import atomic_directory_write
 
@@ -308,9 +309,7 @@ class CSVLog:
                     keep.append(line)
             except ValueError:
                 continue
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("\n".join(keep) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "\n".join(keep) + "\n")
 
     def append(self, row: dict) -> None:
         text = ""
@@ -618,12 +617,7 @@ def export_pretrained(model, folder, dtype=torch.float16, extra_files: Optional[
 
 
 def write_json(path, data) -> None:
-    """Atomic JSON write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, default=float)
 
 
 @contextlib.contextmanager

@@ -26,10 +26,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..data import captions as captions_mod
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, pad_image, to_model_range
+from ..atomic import atomic_write
 from ..errors import ArgenError
 from ..hub import SHIPPED_MODELS, resolve_model_dir
 from ..models.gpt import GPT, GPTConfig
@@ -82,10 +83,8 @@ def load_or_encode_codes(vq: VQTokenizer, vq_dir: Path, images: torch.Tensor, ca
     codes = encode_images(vq, images, progress=progress)
     if flip:
         codes = torch.cat([codes, encode_images(vq, images, flip=True, progress=progress)])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp")
-    save_file({"codes": codes.contiguous()}, str(tmp), metadata=key)
-    tmp.replace(cache)
+    data = safetensors_bytes({"codes": codes.contiguous()}, metadata=key)
+    atomic_write(cache, lambda handle: handle.write(data))
     return codes
 
 
