@@ -421,3 +421,16 @@ def test_cli_ref_stats_on_a_folder(tmp_path, capsys, fmnist_available):
     capsys.readouterr()
     assert main(["eval", "ref-stats", "--ref", str(ref), "--ref-num", "1"]) == 2
     assert "--ref-num" in capsys.readouterr().err
+
+
+def test_inception_weights_are_never_unpickled_unsafely(inception_weights):
+    real_load = torch.load
+    calls = []
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    with mock.patch.object(torch, "load", recording_load):
+        InceptionExtractor(inception_weights, protocol="adm")
+    assert calls == [True]  # opened once, tensors only; torch-fidelity never gets the path

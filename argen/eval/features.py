@@ -267,15 +267,35 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _fidelity_inception(state=None):
+    """torch-fidelity's FeatureExtractorInceptionV3 built offline from a state dict we loaded
+    (its constructor otherwise downloads the weights, or unpickles a given path unsafely);
+    with ``state=None`` the layers only, weights left at their initialisation."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    cls = fidelity.FeatureExtractorInceptionV3
+    if state is None:
+        class ArchitectureOnly(cls):
+            def load_state_dict(self, *args, **kwargs):
+                return None
+
+        cls = ArchitectureOnly
+    # The constructor's download call hands over our state dict instead; its own strict
+    # load_state_dict, dtype cast and eval() then run as usual.
+    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: state if state is not None else {}):
+        return cls("argen-inception", ["2048", "logits_unbiased"])
+
+
 def _load_fidelity_net(path: Path, device):
     """torch-fidelity's FeatureExtractorInceptionV3 with the user's state dict.
 
-    The file is first opened with ``weights_only=True`` (plain tensors only, no code can run)
-    and its keys checked, so a wrong or malicious file fails here in one line rather than
-    inside torch-fidelity (which unpickles with ``weights_only=False``).
+    The file is opened once, with ``weights_only=True`` (plain tensors only, no code can run),
+    and its keys checked, so a wrong or malicious file fails here in one line. torch-fidelity
+    never sees the path: given one, it would unpickle it with ``weights_only=False``.
     """
     import torch
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -291,8 +311,7 @@ def _load_fidelity_net(path: Path, device):
             raise CheckpointError(f"Inception weights {path} are not the 2015 TF-Inception in torch-fidelity's layout "
                                   f"({key}: {got}, expected {shape})")
     try:
-        net = FeatureExtractorInceptionV3("argen-inception", ["2048", "logits_unbiased"],
-                                          feature_extractor_weights_path=str(path))
+        net = _fidelity_inception(state)
     except RuntimeError as exc:  # load_state_dict: missing / unexpected / mis-shaped keys
         first = str(exc).splitlines()
         raise CheckpointError(f"Inception weights {path} do not match torch-fidelity's Inception: "
@@ -307,18 +326,9 @@ def write_random_inception_weights(path, seed: int = 0) -> Path:
     He-scaled weights keep activations O(1) through the 90-odd layers, so features still differ
     between images (PyTorch's default init makes them vanish to ~1e-8).
     """
-    from unittest import mock
-
     import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
 
-    class ArchitectureOnly(fidelity.FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):
-            return None
-
-    # torch-fidelity's constructor always fetches the real weights; build the layers only, offline.
-    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = ArchitectureOnly("random-inception", ["2048"])
+    net = _fidelity_inception()
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in net.state_dict().items():
