@@ -233,6 +233,8 @@ def test_uint8_inputs_and_pil_lists():
         as_uint8_images([Image.new("RGBA", (8, 8))])
     with pytest.raises(ArgenError, match="uint8"):
         as_uint8_images(np.zeros((2, 8, 8), dtype=np.float32))
+    with pytest.raises(ArgenError, match="mix shapes"):
+        as_uint8_images([np.zeros((8, 8), np.uint8), np.zeros((9, 8), np.uint8)])
 
 
 def test_fid_to_stats_matches_frechet_distance():

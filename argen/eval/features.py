@@ -94,7 +94,11 @@ def as_uint8_images(images: Any, what: str = "images") -> np.ndarray:
             raise ArgenError(f"no {what} given")
         if all(hasattr(im, "mode") and hasattr(im, "size") for im in images):
             return _pil_to_array(images, what)
-        images = np.stack([np.asarray(im) for im in images])
+        arrays = [np.asarray(im) for im in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ArgenError(f"{what} mix shapes: {', '.join(str(s) for s in sorted(shapes))}")
+        images = np.stack(arrays)
     if hasattr(images, "detach") and hasattr(images, "cpu"):
         images = images.detach().cpu().numpy()
     arr = np.asarray(images)
