@@ -191,3 +191,8 @@ def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq
     assert latest_checkpoint(out).name == "step_000001"
     err = _one_line_error(capsys, argv)
     assert "--resume" in err
+    # resuming with another architecture or other data is refused in one line, before any weight is loaded
+    bigger = [("32" if a == "16" and argv[i - 1] == "--dim" else a) for i, a in enumerate(argv)]
+    assert "gpt_config" in _one_line_error(capsys, bigger + ["--resume"])
+    fewer = [("24" if a == "32" and argv[i - 1] == "--limit" else a) for i, a in enumerate(argv)]
+    assert "train_items" in _one_line_error(capsys, fewer + ["--resume"])

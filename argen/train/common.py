@@ -454,6 +454,9 @@ class Trainer:
         acc.wait_for_everyone()
         return target
 
+    # run_info entries that describe the run, not what is trained (may differ on resume).
+    VOLATILE_RUN_KEYS = ("command", "prep_s", "threads")
+
     def _load(self, ckpt: Path) -> None:
         acc = self.accelerator
         meta = json.loads((ckpt / "state.json").read_text())
@@ -463,6 +466,12 @@ class Trainer:
             if saved.get(key) != mine:
                 raise ArgenError(f"cannot resume {ckpt}: it was trained with {key}={saved.get(key)!r}, "
                                  f"this run asks for {mine!r} (use the same settings or another --out)")
+        saved_run, my_run = meta.get("run_info", {}), json.loads(json.dumps(self.run_info, default=str))
+        for key in sorted(set(saved_run) | set(my_run)):
+            if key not in self.VOLATILE_RUN_KEYS and saved_run.get(key) != my_run.get(key):
+                raise ArgenError(f"cannot resume {ckpt}: it was trained with a different {key} "
+                                 f"({_short(saved_run.get(key))} vs {_short(my_run.get(key))}); "
+                                 "use the same model/data settings or another --out")
         if meta["num_processes"] != acc.num_processes:
             raise ArgenError(f"cannot resume {ckpt}: it ran on {meta['num_processes']} processes, this run has "
                              f"{acc.num_processes} (the data order depends on it)")
@@ -614,6 +623,11 @@ def export_pretrained(model, folder, dtype=torch.float16, extra_files: Optional[
     """`model.save_pretrained(folder, dtype)`; returns the folder."""
     model.save_pretrained(folder, dtype=dtype, extra_files=extra_files)
     return Path(folder)
+
+
+def _short(value, limit: int = 120) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def write_json(path, data) -> None:
