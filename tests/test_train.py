@@ -179,6 +179,10 @@ def test_cli_bad_arguments(tmp_path, capsys):
     _one_line_error(capsys, ["train", "gpt", "--model-type", "x2i", "--vq", "default-vq", "--out", "o", "--steps", "1"])
     _one_line_error(capsys, ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps", "0"])
     _one_line_error(capsys, ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps", "3", "--ch-mult", "1,a"])
+    assert "--test-limit" in _one_line_error(capsys, ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps",
+                                                      "3", "--test-limit", "1"])
+    assert "--limit" in _one_line_error(capsys, ["train", "gpt", "--model-type", "c2i", "--vq", "default-vq", "--out",
+                                                 str(tmp_path / "o"), "--steps", "1", "--limit", "0"])
 
 
 def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq_dir):

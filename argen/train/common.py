@@ -625,6 +625,18 @@ def export_pretrained(model, folder, dtype=torch.float16, extra_files: Optional[
     return Path(folder)
 
 
+def check_run_args(steps, epochs, export_dtype: str, **limits) -> None:
+    """The argument checks every training entry point shares; `limits` are item counts
+    (name=value, None = no limit) that must leave at least 2 items (one for a test split)."""
+    if (steps is None) == (epochs is None):
+        raise ArgenError("give exactly one of --steps or --epochs")
+    if export_dtype not in ("auto", "float16", "float32"):
+        raise ArgenError(f"export dtype must be auto, float16 or float32, got {export_dtype!r}")
+    for name, value in limits.items():
+        if value is not None and value < 2:
+            raise ArgenError(f"--{name.replace('_', '-')} must be at least 2 items, got {value}")
+
+
 def _short(value, limit: int = 120) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[:limit] + "..."

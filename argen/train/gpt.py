@@ -35,7 +35,7 @@ from ..errors import ArgenError
 from ..hub import SHIPPED_MODELS, resolve_model_dir
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizers.vq import VQTokenizer
-from .common import Trainer, TrainConfig, seed_everything, set_threads, write_json
+from .common import Trainer, TrainConfig, check_run_args, seed_everything, set_threads, write_json
 
 CODES_NAME = "codes_train.safetensors"
 
@@ -202,10 +202,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     set_threads(threads)
     if model_type not in ("c2i", "t2i"):
         raise ArgenError(f"model type must be c2i or t2i, got {model_type!r}")
-    if (steps is None) == (epochs is None):
-        raise ArgenError("give exactly one of --steps or --epochs")
-    if export_dtype not in ("auto", "float16", "float32"):
-        raise ArgenError(f"export dtype must be auto, float16 or float32, got {export_dtype!r}")
+    check_run_args(steps, epochs, export_dtype, limit=limit)
     vq_dir = resolve_model_dir(vq)
     vq_model = VQTokenizer.from_pretrained(vq_dir).float().eval()
     h, w = vq_model.code_shape

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..data.fashion_mnist import load_fashion_mnist, pad_image, to_model_range
 from ..errors import ArgenError
 from ..tokenizers.vq import VQTokenizer
-from .common import Trainer, TrainConfig, set_threads, seed_everything, write_json
+from .common import Trainer, TrainConfig, check_run_args, set_threads, seed_everything, write_json
 
 DEFAULT_VQ = dict(codebook_size=1024, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=(1, 1, 2),
@@ -170,10 +170,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     from accelerate import Accelerator
 
     set_threads(threads)
-    if (steps is None) == (epochs is None):
-        raise ArgenError("give exactly one of --steps or --epochs")
-    if export_dtype not in ("auto", "float16", "float32"):
-        raise ArgenError(f"export dtype must be auto, float16 or float32, got {export_dtype!r}")
+    check_run_args(steps, epochs, export_dtype, limit=limit, test_limit=test_limit)
     ch_mult = tuple(int(m) for m in ch_mult)
     if norm_groups is None:
         norm_groups = math.gcd(*[ch * m for m in ch_mult], 32)
