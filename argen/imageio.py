@@ -9,9 +9,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from .atomic import atomic_write
+from .atomic import atomic_directory_write, atomic_write
 from .errors import ArgenError
-from .models.pretrained import atomic_directory_write
 
 
 def check_png_path(path) -> Path:

@@ -27,7 +27,7 @@ from PIL import Image
 from .errors import ArgenError
 from .hub import resolve_model_dir
 from .models import GPT
-from .models.pretrained import atomic_directory_write
+from .atomic import atomic_directory_write
 from .samplers import Sampler, SamplingParams, get_sampler
 from .tokenizers import VQTokenizer
 

@@ -108,13 +108,17 @@ def test_malicious_pickle_never_executes(model, tmp_path):
 def test_save_pretrained_round_trip_fp16_and_atomic(model, tmp_path):
     target = tmp_path / "gpt"
     model.save_pretrained(target)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [".argen-output.json", "config.json", "model.safetensors"]
     assert same_weights(GPT.from_pretrained(target), model)
     model.save_pretrained(target, dtype=torch.float16)  # overwrite in place
     half = GPT.from_pretrained(target)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half.output.weight, model.output.weight.half().float())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt"]  # no temp folders left behind
+    (target / "MY_NOTES.md").write_text("mine")  # a user's file inside: the folder is no longer argen's alone
+    with pytest.raises(ArgenError, match="not written by argen"):
+        model.save_pretrained(target)
+    assert (target / "MY_NOTES.md").read_text() == "mine"
 
 
 def test_save_pretrained_failure_leaves_old_model(model, tmp_path):

@@ -9,40 +9,19 @@ leaves a half-written model.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 
+from ..atomic import atomic_directory_write
 from ..errors import CheckpointError
 from ..hub import resolve_model_dir
 from .checkpoint import load_into, load_state_dict_file
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAMES = (WEIGHTS_NAME, "diffusion_pytorch_model.safetensors")
-
-
-def atomic_directory_write(target: Path, write) -> None:
-    """Call write(tmp_dir), then move tmp_dir to `target`, replacing it only once complete."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class PretrainedMixin:
@@ -62,7 +41,7 @@ class PretrainedMixin:
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
 
-        atomic_directory_write(Path(save_directory), write)
+        atomic_directory_write(Path(save_directory), write, kind="model")
 
     @classmethod
     def config_to_init_kwargs(cls, config: dict) -> dict:

@@ -34,9 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_directory_write, atomic_write_json, atomic_write_text
 from ..errors import ArgenError
-from ..models.pretrained import atomic_directory_write
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
