@@ -1,0 +1,29 @@
+"""The shipped pipelines sample exactly what they sampled when `tests/data/reference_tokens.json`
+was recorded (scripts/record_reference_tokens.py): same tokens and same image bytes, for every
+sampler, with a batch size that splits the images unevenly."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from argen.pipeline import ARPipeline
+
+RECORD = json.loads((Path(__file__).parent / "data" / "reference_tokens.json").read_text())
+CASES = [(model, sampler) for model, entry in RECORD.items() for sampler in entry["samplers"]]
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    return {model: ARPipeline.from_pretrained(model) for model in RECORD}
+
+
+@pytest.mark.parametrize("model,sampler", CASES)
+def test_shipped_samples_unchanged(pipelines, model, sampler):
+    expected = RECORD[model]["samplers"][sampler]
+    result = pipelines[model](**RECORD[model]["case"], sampler=sampler, seed=11, batch_size=3, progress=False)
+    assert result.tokens.tolist() == expected["tokens"]
+    pixels = np.stack([np.asarray(im) for im in result.images])
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == expected["images_sha256"]
