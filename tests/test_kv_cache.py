@@ -34,7 +34,7 @@ def teacher_forced(model, cond, tokens, cond_mask=None):
 @torch.no_grad()
 def test_c2i_decode_matches_teacher_forcing(overrides):
     model = tiny_gpt(**overrides)
-    n = model.gpt_config.block_size
+    n = model.num_positions
     cond = torch.tensor([1, 5, 10])  # 10 = null class
     tokens = torch.randint(0, 64, (3, n))
     torch.testing.assert_close(cached_logits_one_by_one(model, cond, tokens), teacher_forced(model, cond, tokens), **TOL)
@@ -118,7 +118,7 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     compiled.compile_decode()
     assert "decode" in vars(compiled) and "decode" not in vars(eager)  # only this instance changed
     cond = torch.tensor([1, 5, 10])
-    tokens = torch.randint(0, 64, (3, eager.gpt_config.block_size))
+    tokens = torch.randint(0, 64, (3, eager.num_positions))
     torch.testing.assert_close(cached_logits_one_by_one(compiled, cond, tokens),
                                cached_logits_one_by_one(eager, cond, tokens), **TOL)
     params = SamplingParams(cfg_scale=2.0, top_k=0)

@@ -9,6 +9,7 @@ Exactness is tested two ways, each with a chi-square test at a fixed seed (deter
   samples (two-sample chi-square, p > 1e-4 per position).
 """
 
+
 from types import SimpleNamespace
 
 import pytest
@@ -40,19 +41,24 @@ class MarkovCache:
 
 class MarkovModel:
     """Image token k ~ softmax(table[class, k, token k-1]) (token 0: first[class]); the class
-    `classes` is the null condition, so CFG, cfg_interval and the filters all apply."""
+    `classes` is the null condition, so CFG, cfg_interval and the filters all apply. It has
+    exactly the members of the generator contract that samplers use (argen.models.base)."""
 
     supports_cfg = True
+    tokens_per_position = 1
+    condition_kind = "class"
 
     def __init__(self, vocab=6, length=9, classes=2, seed=0, scale=1.5):
         g = torch.Generator().manual_seed(seed)
         self.first = torch.randn(classes + 1, vocab, generator=g) * scale
         self.table = torch.randn(classes + 1, length, vocab, vocab, generator=g) * scale
         side = int(length ** 0.5)
-        self.gpt_config = SimpleNamespace(block_size=length, vocab_size=vocab, grid=(side, length // side),
-                                          cls_token_num=1)
-        self.tok_embeddings = torch.nn.Embedding(vocab, 3)
+        self.num_positions, self.vocab_size, self.grid = length, vocab, (side, length // side)
+        self.embeddings = torch.nn.Embedding(vocab, 3)
         self.classes = classes
+
+    def token_embeddings(self):
+        return self.embeddings.weight
 
     def check_condition(self, cond, cond_mask=None):
         pass
@@ -74,7 +80,7 @@ class MarkovModel:
         pos = input_pos.expand_as(tokens)
         assert int(pos.max()) < cache.max_len
         # the token at sequence position p is image token p - 1 and predicts image token p
-        k = pos.clamp(max=self.gpt_config.block_size - 1)
+        k = pos.clamp(max=self.num_positions - 1)
         return self.table[cache.cond[:, None], k, tokens]
 
     def exact_pairs(self, cls, params):
@@ -85,7 +91,7 @@ class MarkovModel:
 
         pi = probs(self.first[cls][None], self.first[self.classes][None], 0)[0]
         pairs = []
-        for k in range(1, self.gpt_config.block_size):
+        for k in range(1, self.num_positions):
             step = probs(self.table[cls, k], self.table[self.classes, k], k)
             pairs.append(pi[:, None] * step)
             pi = pairs[-1].sum(0)
@@ -128,8 +134,8 @@ def test_lossless_on_markov_chain(sampler, setting):
     model, params, n = MarkovModel(), MARKOV_PARAMS[setting], 20000
     cls = 1
     out = sampler(model, torch.full((n,), cls), params=params)
-    tokens, vocab = out.tokens, model.gpt_config.vocab_size
-    assert out.forwards_per_sample.double().mean() < model.gpt_config.block_size - 1  # drafts were accepted
+    tokens, vocab = out.tokens, model.vocab_size
+    assert out.forwards_per_sample.double().mean() < model.num_positions - 1  # drafts were accepted
     for k, exact in enumerate(model.exact_pairs(cls, params), start=1):
         counts = torch.bincount(tokens[:, k - 1] * vocab + tokens[:, k], minlength=vocab * vocab)
         assert goodness_of_fit(counts, exact) > 1e-4, f"pair ({k - 1}, {k})"
@@ -140,7 +146,7 @@ def test_lossless_on_markov_chain(sampler, setting):
 
 def exact_joint_12(model, cond, params):
     """Exact joint distribution of image tokens (1, 2) for one class: [V, V]."""
-    vocab = model.gpt_config.vocab_size
+    vocab = model.vocab_size
     grid = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (x0, x1)
     conds = torch.full((grid.shape[0],), cond)
     logits = model(grid, conds).detach()
@@ -167,7 +173,7 @@ def test_lossless_on_tiny_gpt(name, params):
     vocab = 16
     joint = torch.bincount(spec.tokens[:, 1] * vocab + spec.tokens[:, 2], minlength=vocab * vocab)
     assert goodness_of_fit(joint, exact_joint_12(model, cond, params)) > 1e-3
-    for k in range(model.gpt_config.block_size):
+    for k in range(model.num_positions):
         table = torch.stack([torch.bincount(t[:, k], minlength=vocab) for t in (spec.tokens, ar.tokens)])
         table = table[:, table.sum(0) > 0]
         assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
@@ -323,8 +329,14 @@ def test_gsd_accepts_a_codebook_and_rejects_bad_options():
     assert out.tokens.shape == (2, 16)
     with pytest.raises(ArgenError):
         GSDSampler(group_size=5, embeddings=torch.randn(10, 8))(model, torch.tensor([1]), seeds=[0])
+    # embeddings="codebook": the tokenizer's codebook, handed over by prepare(); without it, one line
+    with pytest.raises(ArgenError, match="no codebook"):
+        GSDSampler(group_size=5, embeddings="codebook")(model, torch.tensor([1]), seeds=[0])
+    tokenizer = SimpleNamespace(codebook_embeddings=lambda: codebook)
+    again = GSDSampler(group_size=5, embeddings="codebook").prepare(tokenizer=tokenizer)
+    assert torch.equal(again(model, torch.tensor([1, 2]), seeds=[0, 1]).tokens, out.tokens)
     for bad in (dict(group_size=0), dict(prob_threshold=0.0), dict(embed_quantile=0.0), dict(embed_quantile=1.5),
-                dict(embeddings="codebook")):
+                dict(embeddings="vectors")):
         with pytest.raises(ArgenError):
             GSDSampler(**bad)
     for bad in (dict(window=0), dict(window=2.5), dict(init="diagonal")):

@@ -1,4 +1,7 @@
+"""Generators behind one contract (`argen.models.base.Generator`)."""
+
+from .base import Generator
 from .cache import KVCache
 from .gpt import GPT, GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["Generator", "GPT", "GPTConfig", "KVCache"]

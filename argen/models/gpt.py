@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 
 from ..errors import ArgenError
+from ..registry import register
+from .base import Generator
 from .cache import KVCache
 from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
@@ -120,9 +122,12 @@ class GPTConfig:
         return self.dim // self.n_head
 
     @property
-    def grid(self) -> tuple:
+    def grid(self) -> Optional[tuple]:
+        """(rows, cols) of the token grid; None for a 1D model (rope_type "1d" without grid_size)."""
         if self.grid_size is not None:
             return self.grid_size
+        if self.rope_type == "1d":
+            return None
         side = math.isqrt(self.block_size)
         return (side, side)
 
@@ -346,8 +351,9 @@ class TransformerBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class GPT(PretrainedMixin, ModelMixin, ConfigMixin):
-    """The LlamaGen generator (c2i or t2i).
+@register
+class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
+    """The LlamaGen generator (c2i or t2i), behind the generator contract (`argen.models.base`).
 
     Build with `GPT(GPTConfig(...))`, `GPT(dim=..., n_layer=..., ...)` or `GPT.from_name("GPT-B", ...)`.
     """
@@ -411,6 +417,31 @@ class GPT(PretrainedMixin, ModelMixin, ConfigMixin):
                 nn.init.normal_(module.weight, std=std)
         # LlamaGen quirk: the output projection starts at zero.
         nn.init.zeros_(self.output.weight)
+
+    # ---- structure (generator contract) ---------------------------------------------------
+
+    @property
+    def num_positions(self) -> int:
+        return self.gpt_config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.gpt_config.vocab_size
+
+    @property
+    def grid(self) -> Optional[tuple]:
+        return self.gpt_config.grid
+
+    @property
+    def condition_kind(self) -> str:
+        return "class" if self.gpt_config.model_type == "c2i" else "text"
+
+    @property
+    def num_classes(self) -> int:
+        return self.gpt_config.num_classes if self.gpt_config.model_type == "c2i" else 0
+
+    def token_embeddings(self) -> torch.Tensor:
+        return self.tok_embeddings.weight
 
     # ---- conditions -----------------------------------------------------------------------
 
@@ -488,6 +519,11 @@ class GPT(PretrainedMixin, ModelMixin, ConfigMixin):
         for layer in self.layers:
             x = layer(x, rope, mask)
         return self.output(self.norm(x)).float()
+
+    def loss(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over every image code (teacher forcing; float32)."""
+        logits = self(codes[:, :-1], cond, cond_mask)[:, self.gpt_config.cls_token_num - 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
     # ---- sampling contract ----------------------------------------------------------------
 

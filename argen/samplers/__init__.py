@@ -1,17 +1,18 @@
 """Samplers: turn a condition into image token ids through the generator's cached forward."""
 
-from .ar import ARSampler
-from .base import Sampler, SamplerOutput
+from .base import REGISTRY, Sampler, SamplerOutput
 from .generate import generate
 from .logits import SamplingParams, logits_to_probs, process_logits
 from .rng import RandomStreams, make_streams
+from .spec import SamplerSpec, make_sampler, parse_spec
 
+# Each sampler file registers its classes when imported.
+from .ar import ARSampler
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
 from .sjd import SJDSampler
-from .spec import SamplerSpec, make_sampler, parse_spec
 
-SAMPLERS = {"ar": ARSampler, "sjd": SJDSampler, "gsd": GSDSampler, "mcsjd": MCSJDSampler}
+SAMPLERS = REGISTRY  # name or alias -> class (read-only view for callers; samplers register themselves)
 
 
 def get_sampler(name: str, **options) -> Sampler:

@@ -17,7 +17,7 @@ from .rng import RandomStreams, sample_from_probs
 
 def next_token(logits: torch.Tensor, params: SamplingParams, guided: bool,
                streams: Optional[RandomStreams], sample: bool = True) -> torch.Tensor:
-    """Model logits [B' , V] (both CFG halves) -> one token per real sample [B]."""
+    """Model logits [B', V] or [B', k, V] (both CFG halves) -> tokens [B] or [B, k]."""
     probs = logits_to_probs(logits, params, guided)
     if not sample:
         return probs.argmax(dim=-1)
@@ -30,8 +30,8 @@ def prefill(model, cond, cond_mask, cache, params, streams, sample=True) -> torc
 
 
 def decode_one_token(model, token, input_pos, cache, params, guided, streams, sample=True) -> torch.Tensor:
-    """token [B] at position input_pos [1] -> the next token [B]."""
-    x = token[:, None]
+    """token [B] (or [B, k] codes) at position input_pos [1] -> the next one, same shape."""
+    x = token.unsqueeze(1)
     if params.uses_cfg:
         x = torch.cat([x, x])
     logits = model.decode(x, input_pos, cache)[:, -1]
@@ -39,8 +39,8 @@ def decode_one_token(model, token, input_pos, cache, params, guided, streams, sa
 
 
 def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, sample=True, progress=False):
-    """Emit tokens 1..num_tokens-1 after `first` [B]; returns [B, num_tokens]."""
-    tokens = torch.empty(first.shape[0], num_tokens, dtype=torch.long, device=first.device)
+    """Emit positions 1..num_tokens-1 after `first` [B] (or [B, k]); returns [B, num_tokens(, k)]."""
+    tokens = torch.empty(first.shape[0], num_tokens, *first.shape[1:], dtype=torch.long, device=first.device)
     tokens[:, 0] = first
     input_pos = torch.tensor([cond_len], device=first.device)
     for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
@@ -51,9 +51,11 @@ def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, 
 
 
 class ARSampler(Sampler):
-    """One token per forward pass, batched, CFG-aware. `sample=False` picks the argmax."""
+    """One position per forward pass (all k codes of it at once), batched, CFG-aware.
+    `sample=False` picks the argmax."""
 
     name = "ar"
+    multi_code = True
 
     def __init__(self, sample: bool = True):
         self.sample = sample
@@ -64,5 +66,5 @@ class ARSampler(Sampler):
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
         first = prefill(model, cond_all, mask_all, cache, params, streams, self.sample)
         tokens = decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, self.sample, progress)
-        return SamplerOutput(tokens=tokens, num_forward_passes=num_tokens,
+        return SamplerOutput(tokens=tokens.flatten(1), num_forward_passes=num_tokens,
                              accepted_per_forward=[1.0] * (num_tokens - 1))

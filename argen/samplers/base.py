@@ -1,15 +1,22 @@
-"""What every sampler shares: the call signature, the result type and CFG batch building.
+"""What every sampler shares: the call signature, the result type, CFG batch building and the
+registry of samplers by name.
 
-A sampler turns a condition into image token ids by calling the generator only through its
-sampling contract (`new_cache`, `prefill`, `decode`; see `argen.models.gpt`). Callers
-(pipelines, evaluation, benchmarks) hold a `Sampler` and never need to know which one it is.
+A sampler turns a condition into generator tokens by calling the generator only through its
+contract (`argen.models.base.Generator`: `new_cache`, `prefill`, `decode`, `num_positions`,
+`tokens_per_position`, `vocab_size`, `grid`, condition helpers). Callers (the pipeline,
+evaluation, benchmarks) hold a `Sampler` and never need to know which one it is.
+
+Adding a sampler is one file: subclass `Sampler` with a `name` (and optional `aliases` and
+`option_aliases` for short spec keys such as `L=8`), implement `_sample`, and import the file
+from `argen/samplers/__init__.py`; it registers itself when defined.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -52,26 +59,62 @@ def cfg_batch(model, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], para
     return both, mask
 
 
-class Sampler(abc.ABC):
-    """Base class. Subclasses implement `_sample` and may take their own options in __init__."""
+REGISTRY: Dict[str, type] = {}  # sampler name or alias -> class
 
-    name: str = "sampler"
+
+class Sampler(abc.ABC):
+    """Base class. Subclasses implement `_sample` and may take their own options in __init__.
+
+    Class attributes: `name` (registered when a concrete subclass is defined), `aliases`,
+    `option_aliases` (short option names for specs), `multi_code` (whether it can sample
+    generators with several codes per position)."""
+
+    name: str = ""
+    aliases: tuple = ()
+    option_aliases: Dict[str, str] = {}
+    multi_code: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name") and not inspect.isabstract(cls):
+            for key in (cls.name, *cls.__dict__.get("aliases", ())):
+                REGISTRY[key] = cls
+
+    def prepare(self, **components) -> "Sampler":
+        """Receive what the sampler needs beyond the generator, before sampling: the pipeline
+        passes `tokenizer=` (and `refiner=`); a draft-model sampler would take `draft=`. Unused
+        components are ignored. Returns self."""
+        return self
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether this sampler (as configured) needs a 2D position grid."""
+        return False
+
+    def check_model(self, model) -> None:
+        """A one-line error when this sampler cannot run on `model`."""
+        if model.tokens_per_position > 1 and not self.multi_code:
+            raise ArgenError(f"sampler {self.name!r} does not support generators with several codes per position "
+                             f"(this one emits {model.tokens_per_position})")
+        if self.needs_grid and model.grid is None:
+            raise ArgenError(f"{self!r} needs a 2D token grid; this generator's positions are 1D")
 
     @torch.no_grad()
     def __call__(self, model, cond: torch.Tensor, *, params: SamplingParams = SamplingParams(),
                  cond_mask: Optional[torch.Tensor] = None, num_tokens: Optional[int] = None,
                  seeds: Optional[Sequence[int]] = None, generator: GeneratorArg = None,
                  progress: bool = False) -> SamplerOutput:
-        """Sample `num_tokens` image tokens (default: the model's block_size) for each condition.
+        """Sample `num_tokens` positions (default: all of the model's) for each condition.
 
-        cond: class ids [B] (c2i) or caption features [B, T, D] (t2i) with `cond_mask` [B, T].
+        cond: class ids [B] or caption features [B, T, D] with `cond_mask` [B, T].
         seeds / generator: per-sample random streams (same sample whatever the batch size);
         neither: the global RNG, drawn exactly as official LlamaGen does.
         """
-        config = model.gpt_config
-        num_tokens = config.block_size if num_tokens is None else int(num_tokens)
-        if not 1 <= num_tokens <= config.block_size:
-            raise ArgenError(f"num_tokens must be in 1..{config.block_size}, got {num_tokens}")
+        limit = model.num_positions
+        num_tokens = limit if num_tokens is None else int(num_tokens)
+        if not 1 <= num_tokens <= limit:
+            raise ArgenError(f"num_tokens must be in 1..{limit}, got {num_tokens}")
+        self.check_model(model)
         if params.uses_cfg and not model.supports_cfg:
             raise ArgenError("cfg_scale > 1 needs a model trained with condition dropout (it has no null condition)")
         model.check_condition(cond, cond_mask)

@@ -8,7 +8,7 @@ distribution q), in `grouped_ratio`:
   size <= G/2 over masked probabilities, never a sort of the vocabulary;
 * filters, both must hold for y in W (x always passes): |p(y) - p(x)| < prob_threshold and
   ||E[y] - E[x]||^2 below the `embed_quantile` quantile of squared distances between random
-  token pairs of E, the generator's `tok_embeddings.weight` or a tokenizer codebook (a
+  token pairs of E, the generator's `token_embeddings()` or the tokenizer's codebook (a
   threshold in units of the table's own distance distribution, so it carries over between
   tables of any scale and dimension);
 * accept x (and emit x itself) iff u < sum_W' p / sum_W' q over the same kept set W'. A draft
@@ -94,13 +94,15 @@ class GSDSampler(SJDSampler):
     """GSDSampler(group_size=10, prob_threshold=0.15, embed_quantile=0.2, embeddings="model",
     window=16, init="random").
 
-    embeddings: "model" (the generator's tok_embeddings), a [V, D] tensor (e.g. a VQ codebook),
-    or "none" / None (probability filter only). embed_quantile q in (0, 1]: a neighbour passes
+    embeddings: "model" (the generator's token embeddings), "codebook" (the tokenizer's
+    `codebook_embeddings()`, handed over by `prepare(tokenizer=...)`), a [V, D] tensor, or
+    "none" / None (probability filter only). embed_quantile q in (0, 1]: a neighbour passes
     when its squared distance to the draft is below the q-quantile of the distances between
     random token pairs of that table (1.0 turns the filter off).
     """
 
     name = "gsd"
+    option_aliases = {"L": "window", "G": "group_size"}
 
     def __init__(self, group_size: int = 10, prob_threshold: float = 0.15, embed_quantile: float = 0.2,
                  embeddings: Union[str, None, torch.Tensor] = "model", window: int = 16, init: str = "random"):
@@ -111,8 +113,8 @@ class GSDSampler(SJDSampler):
             raise ArgenError(f"prob_threshold must be > 0, got {prob_threshold}")
         if not 0 < embed_quantile <= 1:
             raise ArgenError(f"embed_quantile must be in (0, 1], got {embed_quantile}")
-        if isinstance(embeddings, str) and embeddings not in ("model", "none"):
-            raise ArgenError(f"embeddings must be 'model', 'none', None or a [V, D] tensor, got {embeddings!r}")
+        if isinstance(embeddings, str) and embeddings not in ("model", "codebook", "none"):
+            raise ArgenError(f"embeddings must be 'model', 'codebook', 'none', None or a [V, D] tensor, got {embeddings!r}")
         self.group_size, self.prob_threshold, self.embed_quantile = int(group_size), prob_threshold, embed_quantile
         self.embeddings = None if isinstance(embeddings, str) and embeddings == "none" else embeddings
 
@@ -122,14 +124,28 @@ class GSDSampler(SJDSampler):
                 f"embed_quantile={self.embed_quantile}, embeddings={source!r}, window={self.window}, "
                 f"init={self.init!r})")
 
-    def prepare(self, model) -> dict:
-        embed = model.tok_embeddings.weight if isinstance(self.embeddings, str) else self.embeddings
-        if embed is None or self.group_size == 1 or self.embed_quantile >= 1:
+    def prepare(self, tokenizer=None, **components) -> "GSDSampler":
+        """embeddings="codebook": take the tokenizer's code vectors."""
+        if isinstance(self.embeddings, str) and self.embeddings == "codebook" and tokenizer is not None:
+            self.codebook = tokenizer.codebook_embeddings()
+        return self
+
+    def context(self, model) -> dict:
+        if self.group_size == 1 or self.embed_quantile >= 1 or self.embeddings is None:
             return {"embed": None, "threshold": float("inf")}
-        vocab = model.gpt_config.vocab_size
+        if isinstance(self.embeddings, str):
+            embed = model.token_embeddings() if self.embeddings == "model" else getattr(self, "codebook", None)
+            if embed is None:
+                source = "generator has no token embeddings" if self.embeddings == "model" else \
+                    "tokenizer has no codebook (or none was handed over with prepare(tokenizer=...))"
+                raise ArgenError(f"GSD embeddings={self.embeddings!r}: the {source}; use embeddings=none")
+        else:
+            embed = self.embeddings
+        vocab = model.vocab_size
         if embed.dim() != 2 or embed.shape[0] < vocab:
             raise ArgenError(f"GSD embeddings must be [V >= {vocab}, D], got {tuple(embed.shape)}")
-        embed = embed.detach()[:vocab].float().to(model.tok_embeddings.weight.device)
+        own = model.token_embeddings()
+        embed = embed.detach()[:vocab].float().to(own.device if own is not None else embed.device)
         return {"embed": embed, "threshold": embedding_threshold(embed, self.embed_quantile)}
 
     def accept_ratio(self, p, q, drafts, ctx) -> torch.Tensor:

@@ -63,15 +63,15 @@ def make_streams(batch_size: int, seeds: Optional[Sequence[int]] = None,
 
 
 def sample_from_probs(probs: torch.Tensor, streams: Optional[RandomStreams]) -> torch.Tensor:
-    """Draw one token per row of probs [B, V] -> [B].
+    """Draw one token per distribution: probs [B, V] -> [B], or [B, k, V] -> [B, k].
 
-    Global-RNG mode calls `torch.multinomial(probs, 1)` once (the official call). Stream mode
-    inverts the CDF at one uniform per row: right-sided search so zero-probability tokens are
-    never picked.
+    Global-RNG mode calls `torch.multinomial` once (the official call for [B, V]). Stream mode
+    inverts the CDF at one uniform per distribution (row i's from stream i): right-sided search
+    so zero-probability tokens are never picked.
     """
     if streams is None:
-        return torch.multinomial(probs, num_samples=1)[:, 0]
-    return sample_rows(probs, streams.uniform(device=probs.device))
+        return torch.multinomial(probs.flatten(0, -2), num_samples=1).view(probs.shape[:-1])
+    return sample_rows(probs, streams.uniform(*probs.shape[1:-1], device=probs.device))
 
 
 def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 from ..errors import ArgenError
 
-# Short parameter names accepted in specs.
-ALIASES = {"G": "group_size", "L": "window"}
-
 
 @dataclass
 class SamplerSpec:
@@ -36,18 +33,21 @@ def parse_spec(text: str) -> SamplerSpec:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ArgenError(f"bad sampler option {item!r} in {text!r}: use key=value")
-        options[ALIASES.get(key.strip(), key.strip())] = _parse_value(value.strip())
+        options[key.strip()] = _parse_value(value.strip())
     spec = SamplerSpec(name, options, text.strip())
     make_sampler(spec)
     return spec
 
 
 def make_sampler(spec: SamplerSpec):
-    from . import SAMPLERS
+    """Build the sampler a spec names; short option names (`L`, `G`) are the sampler class's own."""
+    from .base import REGISTRY
 
-    if spec.name not in SAMPLERS:
-        raise ArgenError(f"unknown sampler {spec.name!r}; available: {', '.join(sorted(SAMPLERS))}")
+    if spec.name not in REGISTRY:
+        raise ArgenError(f"unknown sampler {spec.name!r}; available: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[spec.name]
+    options = {cls.option_aliases.get(key, key): value for key, value in spec.options.items()}
     try:
-        return SAMPLERS[spec.name](**spec.options)
+        return cls(**options)
     except TypeError as err:
         raise ArgenError(f"sampler {spec.name!r} does not take these options: {err}") from None

@@ -143,7 +143,7 @@ def spatial_drafts(seq, index, need, u, vocab: int, grid, mode: str):
     """Copy the token to the left / above each slot (random where there is none), in slot order
     so a slot can copy an earlier one. Writes the chosen drafts into seq; returns them and
     whether each was copied."""
-    cols = grid[1]
+    cols = grid[1] if grid is not None else seq.shape[1]  # 1D: "left" is the previous token
     tokens, copied = [], []
     for k in range(index.shape[1]):
         idx = index[:, k]
@@ -196,7 +196,7 @@ class SpeculativeSampler(Sampler):
     the image grid: the spatial priors of SJD).
     """
 
-    name = "speculative"
+    option_aliases = {"L": "window"}
 
     def __init__(self, window: int = 16, init: str = "random"):
         init = INIT_ALIASES.get(init, init)
@@ -209,9 +209,13 @@ class SpeculativeSampler(Sampler):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window={self.window}, init={self.init!r})"
 
+    @property
+    def needs_grid(self) -> bool:
+        return self.init == "above"
+
     # ---- hooks ----------------------------------------------------------------------------
 
-    def prepare(self, model) -> dict:
+    def context(self, model) -> dict:
         """Per-call context for `accept_ratio` (GSD: embeddings)."""
         return {}
 
@@ -231,12 +235,12 @@ class SpeculativeSampler(Sampler):
     # ---- loop -----------------------------------------------------------------------------
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
-        ctx = self.prepare(model)
+        ctx = self.context(model)
         cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
         batch, cond_len = cond.shape[0], model.condition_length(cond)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
         probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
-        win = self.start(probs, streams, num_tokens, model.gpt_config.grid)
+        win = self.start(probs, streams, num_tokens, model.grid)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=probs.device)
         accepted = []
         bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
@@ -284,7 +288,7 @@ class SpeculativeSampler(Sampler):
         proposals = self.propose(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh[:, :width])
         m = torch.where(lengths > 0, n_acc + 1, 0)
         from_rows, win.q = commit(win, proposals, m, probs)
-        self.init_drafts(win, ~from_rows, u_init, model.gpt_config.grid, win.q)
+        self.init_drafts(win, ~from_rows, u_init, model.grid, win.q)
         kept = cond_len + win.emitted - 1
         cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
         return m

@@ -1,28 +1,44 @@
-"""The interface every image tokenizer implements, 2D (VQ) or 1D (TiTok, FlexTok)."""
+"""The tokenizer contract: images <-> integer codes, 2D (VQ) or 1D (TiTok, FlexTok).
+
+Everything outside `argen/tokenizers` uses only these members:
+
+    encode(images [B, C, H, W] in [-1, 1]) -> codes [B, n] int64 (2D grids in raster order)
+    decode(codes [B, n], *, seeds=None)     -> images [B, C, H, W] in about [-1, 1]; a tokenizer
+                                               with a random decoder draws image i's noise from
+                                               seeds[i] only, so decoding is deterministic per image
+    num_tokens                              n, the (maximum) number of codes per image
+    vocab_size                              size of the code vocabulary
+    grid                                    (h, w) when codes tile a 2D grid, None for 1D
+    codebook_embeddings()                   [vocab_size, D] code vectors, or None
+    image_size, image_channels              what decode produces
+
+Pixel ranges are converted at this boundary: a tokenizer working on [0, 1] pixels (TiTok)
+converts inside encode/decode, so the rest of argen sees [-1, 1] only. A tokenizer saved with
+`save_pretrained` is found again by its class name (`argen.registry`).
+"""
 
 from __future__ import annotations
 
 import abc
+from typing import Optional, Sequence
 
 import torch
 
+from ..errors import ArgenError
+
 
 class ImageTokenizer(abc.ABC):
-    """images [B, C, H, W] in [-1, 1] <-> integer codes.
-
-    `code_shape` is (h, w) for a 2D grid (codes [B, h, w], raster order when flattened) or (N,)
-    for a 1D sequence (codes [B, N]). Generators see the flattened codes; `vocab_size` is their
-    vocabulary and `codebook_embeddings()` the vectors behind each id (speculative samplers use
-    them to group similar tokens).
-    """
-
     @property
     @abc.abstractmethod
-    def code_shape(self) -> tuple: ...
+    def num_tokens(self) -> int: ...
 
     @property
     @abc.abstractmethod
     def vocab_size(self) -> int: ...
+
+    @property
+    def grid(self) -> Optional[tuple]:
+        return None
 
     @property
     @abc.abstractmethod
@@ -36,18 +52,17 @@ class ImageTokenizer(abc.ABC):
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, codes: torch.Tensor, *, seeds: Optional[Sequence[int]] = None) -> torch.Tensor: ...
 
-    @abc.abstractmethod
-    def codebook_embeddings(self) -> torch.Tensor: ...
+    def codebook_embeddings(self) -> Optional[torch.Tensor]:
+        return None
 
-    @property
-    def num_tokens(self) -> int:
-        n = 1
-        for s in self.code_shape:
-            n *= s
-        return n
-
-    def decode_flat(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decode generator output [B, num_tokens] (flattened codes)."""
-        return self.decode(tokens.reshape(tokens.shape[0], *self.code_shape))
+    def check_codes(self, codes: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
+        """codes as int64 [B, n] with 1 <= n <= max_tokens (default num_tokens) and ids in the
+        vocabulary, or a one-line error."""
+        limit = self.num_tokens if max_tokens is None else max_tokens
+        if codes.dim() != 2 or not 1 <= codes.shape[1] <= limit:
+            raise ArgenError(f"codes must be [B, n <= {limit}], got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
+            raise ArgenError(f"code id out of range: valid ids are 0..{self.vocab_size - 1}")
+        return codes.long()

@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from ..errors import ArgenError
 from ..models.checkpoint import load_checkpoint_into
 from ..models.pretrained import PretrainedMixin
+from ..registry import register
 from .base import ImageTokenizer
 
 
@@ -201,8 +202,10 @@ class VectorQuantizer(nn.Module):
         return indices.view(z.shape[:-1]), z, book[indices].view(z.shape)
 
 
+@register
 class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
-    """2D VQ tokenizer. Codes are [B, h, w] with h = w = image_size / 2**(len(ch_mult) - 1)."""
+    """2D VQ tokenizer (LlamaGen's VQ architecture). Codes are [B, h*w] in raster order over an
+    h x w grid, h = w = image_size / 2**(len(ch_mult) - 1)."""
 
     config_name = "config.json"
 
@@ -238,9 +241,16 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
         return 2 ** (len(self.config.encoder_ch_mult) - 1)
 
     @property
-    def code_shape(self) -> tuple:
+    def grid(self) -> tuple:
         side = self.config.image_size // self.downsample_factor
         return (side, side)
+
+    code_shape = grid  # the name used before the tokenizer contract
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
 
     @property
     def vocab_size(self) -> int:
@@ -268,26 +278,24 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] in [-1, 1] -> codes [B, h, w]."""
+        """images [B, C, H, W] in [-1, 1] -> codes [B, h*w] (raster order)."""
         self._check_images(images)
         images = images.to(self.quant_conv.weight.dtype)
-        return self.quantize.nearest(self.encode_latent(images))[0]
+        return self.quantize.nearest(self.encode_latent(images))[0].flatten(1)
 
     def decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quant))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, h, w] (or [B, h*w] for a square grid) -> images [B, C, H, W], about [-1, 1]."""
-        if codes.dim() == 2:
-            side = int(round(codes.shape[1] ** 0.5))
-            if side * side != codes.shape[1]:
-                raise ArgenError(f"{codes.shape[1]} flat codes are not a square grid: pass [B, h, w]")
-            codes = codes.reshape(codes.shape[0], side, side)
-        if codes.dim() != 3:
-            raise ArgenError(f"codes must be [B, h, w], got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
-            raise ArgenError(f"code id out of range: valid ids are 0..{self.vocab_size - 1}")
-        quant = self.quantize.codebook()[codes.long()].permute(0, 3, 1, 2).contiguous()
+    def decode(self, codes: torch.Tensor, *, seeds=None) -> torch.Tensor:
+        """codes [B, h*w] (or [B, h, w]) -> images [B, C, H, W], about [-1, 1]. The decoder is
+        deterministic: `seeds` is accepted for the contract and unused."""
+        if codes.dim() == 3:
+            codes = codes.flatten(1)
+        codes = self.check_codes(codes)
+        if codes.shape[1] != self.num_tokens:
+            raise ArgenError(f"codes must be [B, {self.num_tokens}] for this {self.grid} grid, got {tuple(codes.shape)}")
+        h, w = self.grid
+        quant = self.quantize.codebook()[codes.view(-1, h, w)].permute(0, 3, 1, 2).contiguous()
         return self.decode_latent(quant)
 
     def forward(self, images: torch.Tensor):

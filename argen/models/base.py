@@ -1,0 +1,137 @@
+"""The generator contract: everything the rest of argen may ask of an image generator.
+
+Samplers, the pipeline, evaluation, benchmarks and training talk to a generator only through
+the members below; nothing outside `argen/models` reads a model's config or its modules. A new
+generator (token-shuffle, a coarse-label GPT, ...) subclasses `Generator`, implements them, and
+registers itself (`argen.registry.register`) so pipelines saved with it load by class name.
+
+Structure
+    num_positions        positions generated after the condition prefix (one forward each in AR)
+    tokens_per_position  k: codes emitted per position (1 for GPT; s*s for token-shuffle)
+    vocab_size           size of each code's vocabulary
+    grid                 (rows, cols) of positions when they tile a 2D image, None for 1D
+    condition_kind       "class" (cond = int ids [B]) or "text" (cond = features [B, T, D] + mask [B, T])
+    num_classes          class-conditional generators: ids 0..num_classes-1
+
+Conditions
+    check_condition(cond, cond_mask)   a one-line ArgenError for a condition it cannot take
+    supports_cfg                       whether a null condition exists (trained with condition dropout)
+    null_condition(cond)               the unconditional counterpart, same shape as cond
+    condition_length(cond)             sequence positions the condition occupies
+
+Cached forward (what samplers call; the cache belongs to the sampling call)
+    cache = new_cache(batch_size, max_len)
+    logits = prefill(cond, cache, cond_mask)   [B, V] (k = 1) or [B, k, V]: the first position
+    logits = decode(tokens, input_pos, cache)  tokens [B, T] (k = 1) or [B, T, k] at sequence
+                                               positions input_pos ([T] or [B, T]) ->
+                                               [B, T, V] or [B, T, k, V]; several positions per
+                                               call verify a speculative window
+    cache.rewind(lengths)                      drop rejected speculative positions
+
+Codes
+    tokens_to_codes(tokens)   sampler output [B, num_positions * k] (position-major) -> the
+                              codes [B, n] a tokenizer or refiner reads (identity for GPT)
+    codes_to_tokens(codes)    the inverse, for training and scoring
+    token_embeddings()        [vocab_size, D] input embeddings (samplers that compare codes), or None
+
+Training
+    loss(codes, cond, cond_mask)   mean cross-entropy over every code (teacher forcing)
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional
+
+import torch
+
+from ..errors import ArgenError
+
+
+class Generator(abc.ABC):
+    """Mixin declaring the generator contract (see the module docstring). Concrete generators
+    are also `torch.nn.Module`s, so `.to()`, `.eval()`, `.parameters()` work as usual."""
+
+    tokens_per_position: int = 1
+
+    # ---- structure ------------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def num_positions(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def grid(self) -> Optional[tuple]: ...
+
+    @property
+    @abc.abstractmethod
+    def condition_kind(self) -> str: ...
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    @property
+    def num_codes(self) -> int:
+        """Codes per image: num_positions * tokens_per_position."""
+        return self.num_positions * self.tokens_per_position
+
+    # ---- conditions -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def check_condition(self, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def supports_cfg(self) -> bool: ...
+
+    @abc.abstractmethod
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def condition_length(self, cond: torch.Tensor) -> int: ...
+
+    # ---- cached forward -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None): ...
+
+    @abc.abstractmethod
+    def prefill(self, cond: torch.Tensor, cache, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor: ...
+
+    # ---- codes ----------------------------------------------------------------------------
+
+    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+    def token_embeddings(self) -> Optional[torch.Tensor]:
+        return None
+
+    # ---- training -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def loss(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    # ---- helpers for callers --------------------------------------------------------------
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.condition_kind == "text"
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """A one-line error for codes of the wrong length or outside the vocabulary."""
+        if codes.dim() != 2 or codes.shape[1] != self.num_codes:
+            raise ArgenError(f"expected codes [B, {self.num_codes}], got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
+            raise ArgenError(f"code out of range: valid codes are 0..{self.vocab_size - 1}")
