@@ -287,6 +287,7 @@ dataset:
     assert (l32["enc_width"], l32["enc_layers"], l32["enc_heads"], l32["num_latent_tokens"]) == (1024, 24, 16, 32)
     # from_pretrained on an official hub config translates it too
     assert TiTokTokenizer.config_to_init_kwargs(meta["config"])["token_size"] == 12
+    assert TiTokTokenizer.config_to_init_kwargs({"config": meta["config"]})["num_latent_tokens"] == 8
 
 
 def test_vae_variant_refused():

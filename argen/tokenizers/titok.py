@@ -528,8 +528,8 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
     def config_to_init_kwargs(cls, config: dict) -> dict:
         # A hub folder written by the official code has its OmegaConf dump as config.json, so
         # `from_pretrained(hub_folder)` works on it too.
-        if _is_official_config(config):
-            return config_from_official(config)
+        if _is_official_config(config) or _is_official_config(config.get("config") or {}):
+            return config_from_official(read_official_config(config))
         return super().config_to_init_kwargs(config)
 
     @classmethod
