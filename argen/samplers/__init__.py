@@ -1,5 +1,6 @@
 """Samplers: turn a condition into image token ids through the generator's cached forward."""
 
+from ..errors import ArgenError
 from .ar import ARSampler
 from .base import Sampler, SamplerOutput
 from .generate import generate
@@ -16,6 +17,8 @@ SAMPLERS = {"ar": ARSampler, "sjd": SJDSampler, "gsd": GSDSampler, "mcsjd": MCSJ
 
 def get_sampler(name: str, **options) -> Sampler:
     """A sampler by name ('ar', 'sjd', ...) or spec ('gsd:G=10,L=8'), with keyword options on top."""
+    if not isinstance(name, str):
+        raise ArgenError(f"a sampler name is a string such as 'ar' or 'gsd:G=10', got {name!r}")
     spec = parse_spec(name) if ":" in name else SamplerSpec(name, {}, name)
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 

@@ -370,8 +370,10 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
                  pixel_channel_mult: Sequence[int] = (1, 1, 2, 2, 4), pixel_num_res_blocks: int = 2):
         super().__init__()
         for name, patch in (("enc_patch_size", enc_patch_size), ("dec_patch_size", dec_patch_size)):
-            if patch < 1 or image_size % patch:
-                raise ArgenError(f"image_size {image_size} is not a multiple of {name}={patch}")
+            # Not required to divide image_size: the official grid is image_size // patch (the conv
+            # drops the remainder), and checkpoints made that way must still load.
+            if not 1 <= patch <= image_size:
+                raise ArgenError(f"{name}={patch} must be between 1 and image_size={image_size}")
         for name, width, heads in (("enc", enc_width, enc_heads), ("dec", dec_width, dec_heads)):
             if heads < 1 or width % heads:
                 raise ArgenError(f"{name}_width {width} is not divisible by {name}_heads={heads}")
@@ -379,11 +381,9 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
             raise ArgenError("finetune_decoder (the MaskGIT-VQGAN pixel path) needs is_legacy=True: "
                              "only the legacy head predicts proxy codes")
         if finetune_decoder:
-            grid = image_size // dec_patch_size
-            out_side = grid * 2 ** (len(pixel_channel_mult) - 1)
-            if out_side != image_size:
-                raise ArgenError(f"pixel decoder turns the {grid}x{grid} proxy grid into {out_side} px, not "
-                                 f"image_size {image_size}: change pixel_channel_mult or dec_patch_size")
+            # No check that the pixel decoder's output side (proxy grid * 2**(levels-1)) equals
+            # image_size: the official code does not check it either, and its hard-coded pixel
+            # decoder on another grid still runs (and is still what a checkpoint computes).
             for m in pixel_channel_mult:
                 if (pixel_hidden_channels * m) % 32:
                     raise ArgenError(f"pixel decoder width {pixel_hidden_channels * m} is not divisible by 32 "
