@@ -13,7 +13,9 @@ from typing import Optional
 
 from .errors import ArgenError
 
-MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; argen keeps them distinct up to here
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: manual_seed(2**32) draws
+# exactly what manual_seed(0) draws. Seeds above this would silently repeat smaller ones.
+MAX_SEED = 2**32 - 1
 
 
 def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None, *,
@@ -45,3 +47,25 @@ def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[floa
 
 def check_seed(name: str, seed) -> int:
     return check_number(name, seed, 0, MAX_SEED, integer=True)
+
+
+def check_device(device):
+    """A `torch.device` this machine can run argen models on, or a one-line error: an unknown
+    name ("tpu9"), a GPU that is not there ("cuda" without CUDA), or "meta" (tensors without data)."""
+    import torch
+
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ArgenError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgenError(f"device {device!r}: no CUDA GPU is available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgenError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return dev
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    raise ArgenError(f"device {device!r} cannot run argen models here; use cpu or cuda")

@@ -5,7 +5,9 @@ Nothing is ever downloaded: a name resolves to a folder inside the installed pac
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArgenError
@@ -34,3 +36,59 @@ def resolve_model_dir(name_or_path) -> Path:
         return path
     names = ", ".join(SHIPPED_MODELS)
     raise ArgenError(f"no model directory {text!r} (give a folder written by save_pretrained, or one of: {names})")
+
+
+PIPELINE_FILE = "pipeline.json"
+CONFIG_FILE = "config.json"
+
+
+def read_json_object(path, what: str = "") -> dict:
+    """A JSON file holding an object, or a one-line error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ArgenError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ArgenError(f"{str(path)!r} is not valid JSON ({str(err).splitlines()[0]}); "
+                         f"restore it or re-save the model") from None
+    if not isinstance(data, dict):
+        raise ArgenError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class ModelFolder:
+    """What a pipeline folder says about itself, read from its JSON files only (no torch)."""
+
+    folder: Path
+    gpt_dir: Path
+    config: dict  # the generator's config.json
+    meta: dict  # pipeline.json ({} when absent)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "c2i"))
+
+    @property
+    def class_names(self) -> list:
+        return list(self.meta.get("class_names") or [])
+
+
+def inspect_model_dir(name_or_path) -> ModelFolder:
+    """Resolve a model and read its config.json and pipeline.json, with one-line errors for a
+    folder that is not a model, or whose JSON files are corrupt."""
+    folder = resolve_model_dir(name_or_path)
+    gpt_dir = folder / "gpt" if (folder / "gpt" / CONFIG_FILE).is_file() else folder
+    if not (gpt_dir / CONFIG_FILE).is_file():
+        raise ArgenError(f"{str(folder)!r} is not a model folder: it has no {CONFIG_FILE} (give a folder "
+                         f"written by save_pretrained or by argen train, or one of: {', '.join(SHIPPED_MODELS)})")
+    config = read_json_object(gpt_dir / CONFIG_FILE)
+    meta = read_json_object(folder / PIPELINE_FILE) if (folder / PIPELINE_FILE).is_file() else {}
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: class_names must be a list of names")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: tokenizer must be a name or a folder, got {tokenizer!r}")
+    return ModelFolder(folder, gpt_dir, config, meta)

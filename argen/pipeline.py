@@ -24,10 +24,12 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from .errors import ArgenError
-from .hub import resolve_model_dir
-from .models import GPT
 from .atomic import atomic_directory_write
+from .checks import MAX_SEED, check_device, check_number, check_seed
+from .errors import ArgenError
+from .hub import inspect_model_dir
+from .models import GPT
+from .progress import progress as progress_bar
 from .samplers import Sampler, SamplingParams, get_sampler
 from .tokenizers import VQTokenizer
 
@@ -56,10 +58,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def to_pil(images: torch.Tensor) -> List[Image.Image]:
     arrays = to_uint8(images)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-
-
-def _norm_name(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 class ARPipeline(DiffusionPipeline):
@@ -103,10 +101,9 @@ class ARPipeline(DiffusionPipeline):
 
         `tokenizer` overrides the recorded tokenizer (a name or a folder); `text_encoder_path`
         points a recorded text encoder at a local folder on this machine."""
-        folder = resolve_model_dir(name_or_path)
-        meta_path = folder / PIPELINE_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        gpt_dir = folder / "gpt" if (folder / "gpt" / "config.json").is_file() else folder
+        device = check_device(device)
+        found = inspect_model_dir(name_or_path)
+        folder, meta, gpt_dir = found.folder, found.meta, found.gpt_dir
         tok_ref = tokenizer or meta.get("tokenizer")
         if tok_ref is None:
             raise ArgenError(f"{folder}: no tokenizer recorded in {PIPELINE_FILE}; pass tokenizer=<name or folder>")
@@ -143,23 +140,9 @@ class ARPipeline(DiffusionPipeline):
 
     def resolve_class(self, value: Union[int, str]) -> int:
         """A class id or name -> id, with a one-line error listing valid names."""
-        num_classes = self.gpt.gpt_config.num_classes
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if isinstance(value, (int, np.integer)):
-            if not 0 <= int(value) < num_classes:
-                raise ArgenError(f"class id {value} out of range: valid ids are 0..{num_classes - 1}")
-            return int(value)
-        from .data.fashion_mnist import CLASS_NAMES, resolve_class
+        from .data.classes import resolve_model_class
 
-        if tuple(self.class_names) == CLASS_NAMES:
-            return resolve_class(value)  # Fashion-MNIST: synonyms such as "sneaker" or "boot" work
-        wanted = _norm_name(value)
-        for i, name in enumerate(self.class_names):
-            if _norm_name(name) == wanted:
-                return i
-        names = ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names)) or f"ids 0..{num_classes - 1}"
-        raise ArgenError(f"unknown class {value!r}; valid classes: {names}")
+        return resolve_model_class(value, self.class_names, self.gpt.gpt_config.num_classes)
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         for prompt in prompts:
@@ -182,25 +165,31 @@ class ARPipeline(DiffusionPipeline):
         Image i (counting over all prompts/classes) is sampled with seed `seed + i`, so it is
         the same whatever `batch_size` is.
         """
-        if num_images < 1:
-            raise ArgenError(f"num_images must be >= 1, got {num_images}")
-        if batch_size < 1:
-            raise ArgenError(f"batch_size must be >= 1, got {batch_size}")
+        num_images = check_number("num_images", num_images, 1, None, integer=True)
+        batch_size = check_number("batch_size", batch_size, 1, None, integer=True)
+        seed = check_seed("seed", seed)
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
+        elif not isinstance(sampler, Sampler):
+            raise ArgenError(f"sampler must be a name such as 'ar' or 'gsd:G=10', or a Sampler, got {sampler!r}")
         params = SamplingParams(cfg_scale=self.defaults.get("cfg_scale", 2.0) if cfg_scale is None else cfg_scale,
                                 cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
         conds, masks, labels = self.prepare_conditions(prompt, class_labels, num_images)
+        if seed + len(labels) - 1 > MAX_SEED:
+            raise ArgenError(f"seed {seed} + {len(labels)} images runs past the largest seed {MAX_SEED} "
+                             f"(image i uses seed + i); use a seed <= {MAX_SEED - len(labels) + 1}")
         seeds = [seed + i for i in range(len(labels))]
         start = time.perf_counter()
         tokens, nfe = [], 0
-        batches = range(0, len(labels), batch_size)
-        for lo in self.progress_bar(batches) if progress else batches:
+        bar = progress_bar(total=len(labels), desc="generating", unit="images", enabled=progress)
+        for lo in range(0, len(labels), batch_size):
             hi = min(lo + batch_size, len(labels))
             out = sampler(self.gpt, conds[lo:hi], params=params, cond_mask=None if masks is None else masks[lo:hi],
                           seeds=seeds[lo:hi])
             tokens.append(out.tokens)
             nfe += out.num_forward_passes
+            bar.update(hi - lo)
+        bar.close()
         tokens = torch.cat(tokens)
         images = self.decode(tokens)
         return ARPipelineOutput(images=to_pil(images), tokens=tokens.cpu(), labels=labels, seeds=seeds,
@@ -232,6 +221,18 @@ class ARPipeline(DiffusionPipeline):
             return feats[index], mask[index], index.tolist()
         if self.is_text_to_image:
             raise ArgenError("this is a text-to-image model: pass a prompt, not class labels")
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):  # a tensor / array of class ids
+            if isinstance(class_labels, torch.Tensor):
+                integral = not (class_labels.is_floating_point() or class_labels.is_complex()
+                                or class_labels.dtype == torch.bool)
+            else:
+                integral = class_labels.dtype.kind in "iu"
+            if not integral or class_labels.ndim > 1:
+                raise ArgenError(f"class_labels must be integer class ids (one, or a 1-D list), got a "
+                                 f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}")
+            class_labels = class_labels.tolist()
+        if isinstance(class_labels, bool):
+            raise ArgenError("class_labels must be a class id or name (or a list of them), got a bool")
         values = [class_labels] if isinstance(class_labels, (int, str, np.integer)) else list(class_labels)
         if not values:
             raise ArgenError("empty class list")

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import SIGNATURE, atomic_write, atomic_write_json, sign_json
 from ..errors import ArgenError
 from ..samplers import SamplingParams, get_sampler
 from ..samplers.spec import SamplerSpec, make_sampler, parse_spec  # noqa: F401  (re-exported)
@@ -280,7 +280,7 @@ def read_json(path) -> List[Record]:
 
 
 def write_json(records: Sequence[Record], path, meta: Optional[dict] = None) -> None:
-    atomic_write_json(path, {"meta": meta or {}, "records": [r.to_json() for r in records]})
+    atomic_write_json(path, sign_json({"meta": meta or {}, "records": [r.to_json() for r in records]}))
 
 
 def plot(records: Sequence[Record], path) -> None:
@@ -311,5 +311,8 @@ def plot(records: Sequence[Record], path) -> None:
         ax.set_title(f"{skipped} setting(s) without FID not shown", fontsize=8)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    from .. import __version__
+
+    # metadata lands as a PNG tEXt chunk "argen": the file is provably argen's, so a re-run may replace it
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120, metadata={SIGNATURE: __version__}))
     plt.close(fig)

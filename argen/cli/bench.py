@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
+from ..checks import MAX_SEED
 from ..errors import ArgenError
+from .checked import SEED, THREADS, number
+
+COUNT = number(1, integer=True)
 
 
 def register(sub):
@@ -12,13 +15,13 @@ def register(sub):
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
     d = kinds.add_parser("decode", help="ms per decode step and tokens/s against the memory roofline")
     d.add_argument("--size", default="GPT-B", help="official GPT size with random weights (default GPT-B)")
-    d.add_argument("--tokens", type=int, default=256, help="image tokens (default 256 = 16x16)")
+    d.add_argument("--tokens", type=COUNT, default=256, help="image tokens (default 256 = 16x16)")
     d.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
-    d.add_argument("--cfg-scale", type=float, default=2.0)
+    d.add_argument("--cfg-scale", type=number(0), default=2.0)
     d.add_argument("--variants", default="fp32,bf16", help="comma-separated dtypes: fp32,bf16")
     d.add_argument("--compile", action="store_true", help="also measure torch.compile'd variants")
-    d.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (default 5)")
-    d.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    d.add_argument("--rounds", type=COUNT, default=5, help="interleaved measurement rounds (default 5)")
+    d.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     d.add_argument("--window-cost", default="", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one (fp32 eager): the cost of "
                         "verifying a speculative window on a model of this size")
@@ -29,14 +32,14 @@ def register(sub):
     s.add_argument("samplers", nargs="+", help="sampler specs, e.g. ar sjd mcsjd gsd:G=3 gsd:G=10")
     s.add_argument("--model", default="default-c2i", help="pipeline name or folder (default default-c2i)")
     s.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
-    s.add_argument("--num-images", type=int, default=32, help="images per setting and round (default 32)")
-    s.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up (default 3)")
-    s.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the model's)")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--fid", type=int, default=0, metavar="N",
+    s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
+    s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
+    s.add_argument("--cfg-scale", type=number(0), default=None, help="guidance (default: the model's)")
+    s.add_argument("--temperature", type=number(0), default=1.0)
+    s.add_argument("--top-k", type=number(0, integer=True), default=0)
+    s.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--fid", type=number(0, integer=True), default=0, metavar="N",
                    help="also sample N images per sampler (untimed, at the largest batch size) and score them "
                         "with argen.eval (FID/IS/class accuracy); NFE is then averaged over these N")
     s.add_argument("--quality-from", metavar="JSON",
@@ -47,10 +50,10 @@ def register(sub):
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
                         "(the cost of verifying a window; empty to skip)")
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=THREADS, default=0)
     s.add_argument("--json", help="write one record per sampler setting and batch size")
-    s.add_argument("--md", help="write the Markdown table here too")
-    s.add_argument("--plot", help="PNG: speed-up vs FID (or vs step compression)")
+    s.add_argument("--md", help="write the Markdown table here too (.md)")
+    s.add_argument("--plot", help="a .png file: speed-up vs FID (or vs step compression)")
     s.set_defaults(func=run_samplers)
 
     f = kinds.add_parser("features", help="feature-extraction throughput (images/s) of an eval extractor")
@@ -60,10 +63,10 @@ def register(sub):
                    help="inception weights file (default $ARGEN_INCEPTION_WEIGHTS)")
     f.add_argument("--random-weights", action="store_true",
                    help="inception: time a randomly initialised network of the same architecture")
-    f.add_argument("--num-images", type=int, default=1000, help="Fashion-MNIST test images per pass")
-    f.add_argument("--batch-size", type=int, default=0, help="images per network call (0 = extractor default)")
-    f.add_argument("--rounds", type=int, default=3)
-    f.add_argument("--threads", type=int, default=0)
+    f.add_argument("--num-images", type=number(2, integer=True), default=1000, help="Fashion-MNIST test images per pass")
+    f.add_argument("--batch-size", type=number(0, integer=True), default=0, help="images per network call (0 = extractor default)")
+    f.add_argument("--rounds", type=COUNT, default=3)
+    f.add_argument("--threads", type=THREADS, default=0)
     f.add_argument("--json", help="write the record to this JSON file")
     f.set_defaults(func=run_features)
     p.set_defaults(func=lambda args: p.print_help())
@@ -79,7 +82,21 @@ def _int_list(text: str, what: str):
     return values
 
 
+def _check_json(args) -> None:
+    if args.json:
+        check_output_file(args.json, (".json",), "--json")
+
+
 def run_decode(args) -> int:
+    side = int(round(args.tokens ** 0.5))
+    if side * side != args.tokens:
+        raise ArgenError(f"--tokens must be a square number (a token grid), got {args.tokens}")
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    if args.window_cost:
+        _int_list(args.window_cost, "--window-cost")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    _check_json(args)
+
     import torch
 
     from ..bench.decode import DTYPES, markdown_table, run, to_records
@@ -87,22 +104,18 @@ def run_decode(args) -> int:
 
     if args.size not in GPTConfig.NAMED_SIZES:
         raise ArgenError(f"unknown size {args.size!r}; choose one of {', '.join(GPTConfig.NAMED_SIZES)}")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in DTYPES]
     if unknown or not (variants or args.window_cost):
         raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(DTYPES)} "
                          "(an empty list is allowed with --window-cost)")
-    side = int(round(args.tokens ** 0.5))
-    if side * side != args.tokens:
-        raise ArgenError(f"--tokens must be a square number (a token grid), got {args.tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results, agreement = [], {}
     if variants:
-        results, agreement = run(args.size, _int_list(args.batch_sizes, "--batch-sizes"), args.tokens,
+        results, agreement = run(args.size, batch_sizes, args.tokens,
                                  args.cfg_scale, variants, rounds=args.rounds)
     if args.compile and variants:
-        more, more_agree = run(args.size, _int_list(args.batch_sizes, "--batch-sizes"), args.tokens, args.cfg_scale,
+        more, more_agree = run(args.size, batch_sizes, args.tokens, args.cfg_scale,
                                variants, compile_model=True, rounds=args.rounds)
         results += more
         agreement.update(more_agree)
@@ -113,7 +126,7 @@ def run_decode(args) -> int:
 
         windows = sorted({1, *_int_list(args.window_cost, "--window-cost")})
         model = random_gpt(args.size, block_size=args.tokens)
-        curves = forward_cost(model, _int_list(args.batch_sizes, "--batch-sizes"), windows, cfg=args.cfg_scale > 1,
+        curves = forward_cost(model, batch_sizes, windows, cfg=args.cfg_scale > 1,
                               repeats=10)
     if results:
         print(markdown_table(results))
@@ -125,25 +138,36 @@ def run_decode(args) -> int:
               + ", ".join(f"{k} {v:.0%}" for k, v in agreement.items()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.json:
-        atomic_write_json(args.json, {"results": to_records(results), "greedy_agreement": agreement,
-                                      "window_cost": curves})
+        atomic_write_json(args.json, sign_json({"results": to_records(results), "greedy_agreement": agreement,
+                                                "window_cost": curves}))
     return 0
 
 
 def run_samplers(args) -> int:
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    if args.forward_cost:
+        _int_list(args.forward_cost, "--forward-cost")
+    if args.fid and args.quality_from:
+        raise ArgenError("give --fid (measure quality) or --quality-from (reuse it), not both")
+    if args.fid == 1:
+        raise ArgenError("--fid must be 0 (off) or at least 2 images (FID needs 2), got 1")
+    if args.seed + max(args.num_images, args.fid, 64) > MAX_SEED:
+        raise ArgenError(f"--seed {args.seed} is too large: image seeds would pass {MAX_SEED}")
+    _check_json(args)
+    if args.md:
+        check_output_file(args.md, (".md",), "--md")
+    if args.plot:
+        check_output_file(args.plot, (".png",), "--plot")
+    from ..samplers.spec import parse_spec
+
+    specs = [parse_spec(text) for text in args.samplers]  # a bad spec is refused before the model loads
+
     import torch
 
-    from ..bench.samplers import (bench_samplers, copy_quality, load_quality, markdown_table, parse_spec, plot,
-                                  write_json)
+    from ..bench.samplers import bench_samplers, copy_quality, load_quality, markdown_table, plot, write_json
     from ..pipeline import ARPipeline
     from ..samplers import SamplingParams
 
-    specs = [parse_spec(text) for text in args.samplers]
-    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
-    if args.num_images < 1 or args.rounds < 1:
-        raise ArgenError("--num-images and --rounds must be >= 1")
-    if args.fid and args.quality_from:
-        raise ArgenError("give --fid (measure quality) or --quality-from (reuse it), not both")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = ARPipeline.from_pretrained(args.model)
@@ -184,19 +208,18 @@ def run_samplers(args) -> int:
     if args.json:
         write_json(records, args.json, meta)
     if args.md:
-        atomic_write_text(args.md, table + "\n")
+        atomic_write_text(args.md, sign_text(table + "\n"))
     if args.plot:
         plot(records, args.plot)
     return 0
 
 
 def run_features(args) -> int:
+    _check_json(args)
     import torch
 
     from ..bench.features import bench_features
 
-    if args.num_images < 2 or args.rounds < 1 or args.batch_size < 0:
-        raise ArgenError("--num-images must be >= 2, --rounds >= 1 and --batch-size >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     record = bench_features(args.extractor, args.num_images, args.batch_size, args.rounds, args.protocol,
@@ -206,5 +229,5 @@ def run_features(args) -> int:
     print(f"{record['extractor']} ({record['protocol']}){weights}: {record['images_per_second']:.1f} images/s "
           f"({record['num_images']} images, batch {record['batch_size']}, {record['threads']} threads)")
     if args.json:
-        atomic_write_json(args.json, record)
+        atomic_write_json(args.json, sign_json(record))
     return 0

@@ -23,8 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, check_output_file, sign_json
+from ..checks import MAX_SEED
 from ..errors import ArgenError
+from .checked import SEED, THREADS, number
+
+COUNT = number(1, integer=True)
 
 
 def _add_extractor_args(p):
@@ -37,11 +41,11 @@ def _add_extractor_args(p):
                    help="inception weights file (default $ARGEN_INCEPTION_WEIGHTS); never downloaded")
     p.add_argument("--ref", default="fashion-mnist:test",
                    help="reference: fashion-mnist:test (default), fashion-mnist:train, an image folder or an .npz")
-    p.add_argument("--ref-num", type=int, default=None, metavar="N", help="use N reference images (default all)")
-    p.add_argument("--feature-batch-size", type=int, default=None, metavar="B",
+    p.add_argument("--ref-num", type=number(2, integer=True), default=None, metavar="N", help="use N reference images (default all)")
+    p.add_argument("--feature-batch-size", type=COUNT, default=None, metavar="B",
                    help="images per feature-network call (default 500 fmnist, 32 inception)")
     p.add_argument("--device", default=None, help="device for the networks (default: accelerate's, else cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch default)")
+    p.add_argument("--threads", type=THREADS, default=0, help="torch threads per process (0 = torch default)")
 
 
 def _add_sampling_args(p, required_out: bool):
@@ -49,14 +53,14 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--sampler", default="ar", help="sampler name or spec with options, e.g. ar, gsd:G=10")
     p.add_argument("--sampler-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="sampler option (repeatable), e.g. --sampler-opt G=10")
-    p.add_argument("--num-samples", type=int, default=10000, help="images to generate (default 10000)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per sampler call and process (default 16)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--cfg-interval", type=int, default=-1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
+    p.add_argument("--num-samples", type=COUNT, default=10000, help="images to generate (default 10000)")
+    p.add_argument("--batch-size", type=COUNT, default=16, help="images per sampler call and process (default 16)")
+    p.add_argument("--cfg-scale", type=number(0), default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--cfg-interval", type=number(-1, integer=True), default=-1)
+    p.add_argument("--temperature", type=number(0), default=1.0)
+    p.add_argument("--top-k", type=number(0, integer=True), default=0)
+    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=SEED, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="t2i: prompt file (.txt one per line, or .jsonl {prompt, label}); image i uses prompt i "
                         "(cycled). Default: argen's held-out Fashion-MNIST prompts, class i %% 10")
@@ -77,7 +81,7 @@ def register(sub):
     f.add_argument("--samples", default=None, metavar="PATH",
                    help="score existing samples instead: a sampling output folder, an image folder or an ADM .npz")
     _add_extractor_args(f)
-    f.add_argument("--subsets", type=int, default=0, metavar="K",
+    f.add_argument("--subsets", type=number(0, integer=True), default=0, metavar="K",
                    help="also report FID over K disjoint subsets (mean ± std): FID noise at N/K samples")
     f.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
                    help="also compute the real-data floor (train vs test at the same N; default on for fmnist)")
@@ -87,7 +91,7 @@ def register(sub):
     s = kinds.add_parser("sample", help="only generate the evaluation samples (PNGs, optionally an ADM npz)")
     _add_sampling_args(s, required_out=True)
     s.add_argument("--device", default=None, help="device (default: accelerate's, else cpu)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch default)")
+    s.add_argument("--threads", type=THREADS, default=0, help="torch threads per process (0 = torch default)")
     s.set_defaults(func=run_sample)
 
     r = kinds.add_parser("ref-stats", help="compute (and cache) reference statistics; optionally the real-data floor")
@@ -96,7 +100,7 @@ def register(sub):
                    help="also write the statistics here (mu, sigma, argen_meta, feats)")
     r.add_argument("--adm", action="store_true",
                    help="with --out: write an ADM reference batch instead (arr_0 = the reference images, RGB)")
-    r.add_argument("--floor", type=int, default=0, metavar="N",
+    r.add_argument("--floor", type=number(0, integer=True), default=0, metavar="N",
                    help="also report the real-data floor: FID of N images of the other Fashion-MNIST split")
     r.add_argument("--refresh", action="store_true", help="recompute even if cached")
     r.add_argument("--json", default=None, metavar="PATH", help="write what was computed (and the floor) here")
@@ -211,7 +215,27 @@ def _write_npz(args, state, samples):
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    atomic_write_json(path, data, default=_json_default)
+    atomic_write_json(path, sign_json(data), default=_json_default)  # signed: a re-run may replace it
+
+
+def _check_before_work(args, sampling: bool) -> None:
+    """Every argument and output that can be checked before torch is imported and any work starts;
+    then the sampler spec (which needs the sampler classes), before any model is loaded."""
+    from ..eval.npz import check_npz_output
+    from ..eval.sampling import check_eval_dir
+
+    if sampling:
+        if args.seed + args.num_samples - 1 > MAX_SEED:
+            raise ArgenError(f"--seed {args.seed} + --num-samples {args.num_samples}: image seeds would pass "
+                             f"{MAX_SEED}")
+    if getattr(args, "out", None) and args.eval_kind != "ref-stats":
+        check_eval_dir(args.out)
+    if getattr(args, "json", None):
+        check_output_file(args.json, (".json",), "--json")
+    if getattr(args, "npz", None) not in (None, True):
+        check_npz_output(args.npz, "--npz")
+    if sampling:
+        _sampler_spec(args)
 
 
 def _json_default(value):
@@ -233,6 +257,7 @@ def _extractor(args, device):
 def run_sample(args) -> int:
     if not args.model:
         raise ArgenError("argen eval sample needs --model")
+    _check_before_work(args, sampling=True)
     state, device = _setup(args)
     summary = _sample(args, state, device)
     _write_npz(args, state, args.out)
@@ -243,18 +268,18 @@ def run_sample(args) -> int:
 
 
 def run_fid(args) -> int:
-    from ..eval.quality import evaluate_samples, format_table
-
     if (args.model is None) == (args.samples is None):
         raise ArgenError("give --model (sample, then score) or --samples (score existing samples), not both or neither")
     if args.model is not None and not args.out:
         raise ArgenError("--model needs --out: the folder for the samples and metrics")
     if args.samples is not None and args.npz and not args.out:
         raise ArgenError("--npz with --samples needs --out")
-    if args.subsets < 0:
-        raise ArgenError(f"--subsets must be >= 0, got {args.subsets}")
-    if args.ref_num is not None and args.ref_num < 2:
-        raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
+    if args.model is not None and args.num_samples < 2:
+        raise ArgenError(f"--num-samples must be at least 2 for FID (a covariance needs 2 samples), "
+                         f"got {args.num_samples}")
+    _check_before_work(args, sampling=args.model is not None)
+    from ..eval.quality import evaluate_samples, format_table
+
     state, device = _setup(args)
     start = time.perf_counter()
     extractor = _extractor(args, device)  # fail on a missing weights file before sampling for hours
@@ -262,6 +287,10 @@ def run_fid(args) -> int:
     samples = args.out if args.model is not None else args.samples
     if args.model is not None:
         sampling = _sample(args, state, device)
+    elif args.out and (state is None or state.is_main_process):
+        from ..eval.sampling import claim_eval_dir
+
+        claim_eval_dir(args.out)  # metrics.json (and the npz) of --samples go there: mark it as argen's
     _write_npz(args, state, samples)
     metrics = evaluate_samples(samples, extractor=extractor,
                                ref=args.ref, ref_num=args.ref_num, floor=args.floor, state=state, log=_log,
@@ -281,13 +310,18 @@ def run_fid(args) -> int:
 
 
 def run_ref_stats(args) -> int:
+    from ..eval.npz import check_npz_output
+
+    if args.adm and not args.out:
+        raise ArgenError("--adm needs --out FILE.npz")
+    if args.floor == 1:
+        raise ArgenError("--floor must be 0 (off) or at least 2 images (FID needs 2), got 1")
+    if args.out:
+        check_npz_output(args.out, "--out")
+    _check_before_work(args, sampling=False)
     from ..eval.npz import write_stats_npz
     from ..eval.reference import load_reference_images, real_data_floor, reference_stats
 
-    if args.ref_num is not None and args.ref_num < 2:
-        raise ArgenError(f"--ref-num must be >= 2, got {args.ref_num}")
-    if args.adm and not args.out:
-        raise ArgenError("--adm needs --out FILE.npz")
     state, device = _setup(args)
     if state is not None and not state.is_main_process:
         return 0

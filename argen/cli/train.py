@@ -10,6 +10,9 @@ import shlex
 import sys
 
 from ..errors import ArgenError
+from .checked import SEED, number
+
+COUNT = number(1, integer=True)  # steps, batch sizes, intervals
 
 
 def _int_tuple(text: str) -> tuple:
@@ -38,21 +41,22 @@ def _command_line() -> str:
 
 def _common(parser, default_lr: float, default_batch: int, default_ckpt: int = 500):
     length = parser.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="epochs over the training set (converted to steps)")
+    length.add_argument("--steps", type=COUNT, help="optimizer steps")
+    length.add_argument("--epochs", type=number(0, lo_open=True), help="epochs over the training set (converted to steps)")
     parser.add_argument("--out", required=True, help="run folder: checkpoints/, log.csv, metrics.json, model/")
-    parser.add_argument("--batch-size", type=int, default=default_batch, help="batch per process")
-    parser.add_argument("--lr", type=float, default=default_lr, help="peak learning rate (warmup + cosine)")
-    parser.add_argument("--warmup-steps", type=int, default=200)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--ckpt-every", type=int, default=default_ckpt, help="checkpoint every N steps (last 2 kept)")
-    parser.add_argument("--log-every", type=int, default=25, help="append a row to log.csv every N steps")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N training images (tests)")
+    parser.add_argument("--batch-size", type=COUNT, default=default_batch, help="batch per process")
+    parser.add_argument("--lr", type=number(0, lo_open=True), default=default_lr, help="peak learning rate (warmup + cosine)")
+    parser.add_argument("--warmup-steps", type=number(0, integer=True), default=200)
+    parser.add_argument("--weight-decay", type=number(0), default=0.05)
+    parser.add_argument("--ema-decay", type=number(0, 1, hi_open=True), default=0.999)
+    parser.add_argument("--grad-clip", type=number(0), default=1.0)
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (refused when --out holds no training run; a run "
+                             "folder with no checkpoint yet starts again at step 0, with a notice)")
+    parser.add_argument("--ckpt-every", type=COUNT, default=default_ckpt, help="checkpoint every N steps (last 2 kept)")
+    parser.add_argument("--log-every", type=COUNT, default=25, help="append a row to log.csv every N steps")
+    parser.add_argument("--threads", type=number(1, 4096, integer=True), default=None, help="CPU threads for torch")
+    parser.add_argument("--limit", type=number(2, integer=True), default=None, help="use only the first N training images (tests)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     parser.add_argument("--export-dtype", choices=["auto", "float16", "float32"], default="auto",
                         help="dtype of the exported EMA weights (auto: float16 unless it costs quality)")
@@ -65,17 +69,17 @@ def register(sub):
 
     tok = kinds.add_parser("tokenizer", help="train a VQ tokenizer")
     _common(tok, default_lr=5e-4, default_batch=32)
-    tok.add_argument("--ch", type=int, default=32, help="base channel width")
+    tok.add_argument("--ch", type=COUNT, default=32, help="base channel width")
     tok.add_argument("--ch-mult", type=_int_tuple, default=(1, 1, 2), help="width multipliers per level, e.g. 1,1,2")
-    tok.add_argument("--num-res-blocks", type=int, default=1)
-    tok.add_argument("--z-channels", type=int, default=64)
-    tok.add_argument("--codebook-size", type=int, default=1024)
-    tok.add_argument("--codebook-dim", type=int, default=8)
-    tok.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: divides every width)")
-    tok.add_argument("--l1-weight", type=float, default=0.0, help="extra L1 reconstruction loss weight")
-    tok.add_argument("--restart-every", type=int, default=100, help="dead-code restart interval (0: off)")
-    tok.add_argument("--restart-until", type=float, default=0.8, help="no restarts after this fraction of the run")
-    tok.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
+    tok.add_argument("--num-res-blocks", type=COUNT, default=1)
+    tok.add_argument("--z-channels", type=COUNT, default=64)
+    tok.add_argument("--codebook-size", type=number(2, integer=True), default=1024)
+    tok.add_argument("--codebook-dim", type=COUNT, default=8)
+    tok.add_argument("--norm-groups", type=COUNT, default=None, help="GroupNorm groups (default: divides every width)")
+    tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
+    tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
+    tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
+    tok.add_argument("--test-limit", type=number(2, integer=True), default=None, help="evaluate on the first N test images only")
     tok.set_defaults(func=_run_tokenizer)
 
     gpt = kinds.add_parser("gpt", help="train a class- (c2i) or text-conditional (t2i) GPT on VQ codes")
@@ -83,18 +87,18 @@ def register(sub):
     gpt.add_argument("--model-type", choices=["c2i", "t2i"], required=True)
     gpt.add_argument("--vq", required=True, help="trained VQ tokenizer folder or shipped name (default-vq)")
     gpt.add_argument("--size", default=None, help="official size name (GPT-B, ...) instead of --dim/--n-layer/--n-head")
-    gpt.add_argument("--dim", type=int, default=320)
-    gpt.add_argument("--n-layer", type=int, default=6)
-    gpt.add_argument("--n-head", type=int, default=5)
-    gpt.add_argument("--dropout", type=float, default=0.0, help="token/residual/FFN dropout (LlamaGen: 0.1)")
-    gpt.add_argument("--class-dropout", type=float, default=0.1, help="condition dropout for CFG")
+    gpt.add_argument("--dim", type=COUNT, default=320)
+    gpt.add_argument("--n-layer", type=COUNT, default=6)
+    gpt.add_argument("--n-head", type=COUNT, default=5)
+    gpt.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0, help="token/residual/FFN dropout (LlamaGen: 0.1)")
+    gpt.add_argument("--class-dropout", type=number(0, 1, hi_open=True), default=0.1, help="condition dropout for CFG")
     gpt.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
     gpt.add_argument("--codes-cache", default=None, help="where to cache the encoded training set "
                                                         "(default <out>/codes_train.safetensors)")
     gpt.add_argument("--text-encoder", default="minilm", help="t2i caption encoder")
     gpt.add_argument("--tokenizer-name", default=None, help="tokenizer name recorded in pipeline.json "
                                                            "(default: --vq)")
-    gpt.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale of the model card's sample grid")
+    gpt.add_argument("--cfg-scale", type=number(0), default=2.0, help="CFG scale of the model card's sample grid")
     gpt.set_defaults(func=_run_gpt)
 
 
@@ -106,7 +110,16 @@ def _common_kwargs(args) -> dict:
                 export_dtype=args.export_dtype, command=_command_line())
 
 
+def _check_outputs(args) -> None:
+    """`--out` (and `--codes-cache`) before the training code is even imported (no torch yet)."""
+    from ..train.rundir import check_codes_cache, check_run_dir
+
+    check_run_dir(args.out, args.resume)
+    check_codes_cache(getattr(args, "codes_cache", None))
+
+
 def _run_tokenizer(args) -> int:
+    _check_outputs(args)
     from ..train.tokenizer import train_tokenizer
 
     metrics = train_tokenizer(**_common_kwargs(args), ch=args.ch, ch_mult=args.ch_mult,
@@ -123,6 +136,7 @@ def _run_tokenizer(args) -> int:
 
 
 def _run_gpt(args) -> int:
+    _check_outputs(args)
     from ..train.gpt import train_gpt
 
     metrics = train_gpt(**_common_kwargs(args), model_type=args.model_type, vq=args.vq, size=args.size,

@@ -13,7 +13,6 @@ import functools
 import gzip
 import os
 import random
-import re
 import zlib
 from pathlib import Path
 
@@ -23,20 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from argen.data import captions
+from argen.data.classes import CLASS_NAMES, resolve_class  # noqa: F401  (re-exported; pure Python)
 from argen.errors import ArgenError, DatasetError
 
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 ENV_VAR = "ARGEN_FASHION_MNIST_DIR"
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -49,13 +37,6 @@ LABELS_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
 # File prefix per split, as in the original release (and the Debian package).
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
-# Extra spellings accepted by resolve_class beyond class names and caption synonyms.
-_EXTRA_ALIASES: dict[int, tuple[str, ...]] = {
-    0: ("tshirt", "t shirt", "tee shirt"),
-    1: ("trouser", "trousers", "pants", "slacks", "jeans"),
-    5: ("flip-flop",),
-    9: ("ankle-boot",),
-}
 
 
 def default_root() -> Path:
@@ -188,55 +169,3 @@ class FashionMNIST(Dataset):
         if self.captions:
             item["caption"] = self.caption(index)
         return item
-
-
-def _normalise(name: str) -> str:
-    """Compare names ignoring case, spaces and punctuation ("T-shirt/top" == "tshirttop")."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-@functools.lru_cache(maxsize=1)
-def _alias_table() -> dict[str, int]:
-    """Map every normalised spelling (class names, synonyms, extra aliases) to its id."""
-    table: dict[str, int] = {}
-    for label, name in enumerate(CLASS_NAMES):
-        spellings = [name, *name.split("/")]
-        spellings += captions.TRAIN_SYNONYMS[label] + captions.HELDOUT_SYNONYMS[label]
-        spellings += _EXTRA_ALIASES.get(label, ())
-        for spelling in spellings:
-            keys = [_normalise(spelling)]
-            if spelling.startswith("pair of "):
-                keys.append(_normalise(spelling[len("pair of "):]))
-            for key in keys:
-                if table.setdefault(key, label) != label:
-                    raise RuntimeError(f"alias {spelling!r} names two classes")  # a bug here, not user input
-    return table
-
-
-def _unknown_class(value) -> ArgenError:
-    names = ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES))
-    return ArgenError(f"unknown Fashion-MNIST class {value!r}; use an id or name ({names}) or a synonym such as 'sneaker' or 'boot'")
-
-
-def resolve_class(name_or_id: str | int) -> int:
-    """Turn a user's class spec (id, numeric string, name or synonym) into a label id.
-
-    Plurals ("sneakers", "dresses") are accepted by dropping a trailing "s"/"es" when the
-    word itself is unknown.
-    """
-    if isinstance(name_or_id, (int, np.integer)) and not isinstance(name_or_id, bool):
-        label = int(name_or_id)
-    elif isinstance(name_or_id, str) and name_or_id.strip().lstrip("+-").isdigit():
-        label = int(name_or_id.strip())
-    elif isinstance(name_or_id, str):
-        table = _alias_table()
-        key = _normalise(name_or_id)
-        candidates = [key, key[:-1] if key.endswith("s") else "", key[:-2] if key.endswith("es") else ""]
-        label = next((table[k] for k in candidates if k in table), None)
-        if label is None:
-            raise _unknown_class(name_or_id)
-    else:
-        raise _unknown_class(name_or_id)
-    if not 0 <= label < len(CLASS_NAMES):
-        raise _unknown_class(name_or_id)
-    return label

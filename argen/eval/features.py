@@ -171,12 +171,17 @@ class FeatureExtractor(abc.ABC):
     def describe(self) -> str:
         return f"{self.name} ({self.protocol}, {self.feature_dim}-d, weights sha256 {self.weights_sha256})"
 
-    def extract(self, images: Any, batch_size: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """``(features float64 [N, D], probs float64 [N, K] or None)`` in one pass over the images."""
+    def extract(self, images: Any, batch_size: Optional[int] = None,
+                desc: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """``(features float64 [N, D], probs float64 [N, K] or None)`` in one pass over the images.
+        ``desc``: show progress under this name (a bar in a terminal, a line every few seconds in a log)."""
+        from ..progress import progress
+
         arr = as_uint8_images(images)
         bs = int(batch_size or self.batch_size)
         feats, probs = [], []
-        for lo in range(0, len(arr), bs):
+        starts = range(0, len(arr), bs)
+        for lo in progress(starts, desc=desc or "", unit="batches", enabled=desc is not None):
             f, p = self._forward(arr[lo:lo + bs])
             feats.append(np.asarray(f, dtype=np.float64))
             if p is not None:

@@ -17,13 +17,15 @@ precision-recall and the reference IS. Everything is written atomically (tempora
 from __future__ import annotations
 
 import json
+import os
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from argen.atomic import atomic_write
+from argen.atomic import SIGNATURE, atomic_write
 from argen.errors import ArgenError
 
 __all__ = ["write_sample_npz", "read_sample_npz", "write_stats_npz", "read_stats_npz", "META_KEY"]
@@ -35,7 +37,43 @@ def _atomic_savez(path, arrays: dict) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ArgenError(f"npz output must end in .npz, got {str(path)!r}")
-    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
+    from argen import __version__
+
+    comment = f"{SIGNATURE} {__version__}".encode()
+
+    def write(handle):
+        np.savez(handle, **arrays)
+        # Sign the file as argen's in the zip comment (the arrays stay exactly what ADM's evaluator
+        # reads): zipfile ends the archive with a 22-byte record whose last 2 bytes are the comment length.
+        handle.seek(-2, os.SEEK_END)
+        handle.write(struct.pack("<H", len(comment)) + comment)
+
+    return atomic_write(path, write)
+
+
+def is_argen_npz(path) -> bool:
+    """True for an .npz argen wrote (its zip comment carries argen's signature)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.comment.startswith(SIGNATURE.encode() + b" ")
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def check_npz_output(path, flag: str) -> Path:
+    """An .npz output checked before the work: right suffix, not a folder, a writable place, and
+    if it exists, written by argen (else it is the user's and is not overwritten)."""
+    from argen.atomic import _check_parent
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".npz":
+        raise ArgenError(f"{flag} must end in .npz, got {str(path)!r}")
+    if path.is_dir():
+        raise ArgenError(f"{flag} {str(path)!r} is a folder; give a file name")
+    if path.exists() and not is_argen_npz(path):
+        raise ArgenError(f"{flag} {str(path)!r} exists and was not written by argen; move it away or choose another name")
+    _check_parent(path, flag)
+    return path
 
 
 def _open(path) -> Any:

@@ -245,7 +245,7 @@ def _extract(extractor: FeatureExtractor, source: SampleSource, state=None):
                 images = read_image_files([source.files[i] for i in share], f"samples in {source.description}")
             else:
                 images = source.images[share]
-            feats, probs = extractor.extract(images)
+            feats, probs = extractor.extract(images, desc=f"{extractor.name} features of {len(images)} samples")
             # float32 is lossless for both networks' outputs (they compute in float32) and halves the traffic
             payload.update(feats=feats.astype(np.float32), probs=probs, shape=tuple(images.shape[1:]),
                            first=str(source.files[share[0]]) if source.files is not None else f"image {share[0]}")

@@ -253,7 +253,7 @@ def reference_stats(extractor: FeatureExtractor, ref: str = "fashion-mnist:test"
         raise ArgenError(f"reference {ref} has {len(images)} image(s); at least 2 are needed for statistics")
     if log:
         log(f"computing {extractor.name} reference statistics of {dataset} ({len(images)} images)")
-    feats, probs = extractor.extract(images)
+    feats, probs = extractor.extract(images, desc=f"{extractor.name} features of {len(images)} reference images")
     mu, sigma = feature_statistics(feats, name=f"reference features of {dataset}")
     stats = RefStats(mu=mu, sigma=sigma, n=len(images), dataset=dataset, identity=extractor.identity(),
                      feats=feats, probs=probs, labels=labels)

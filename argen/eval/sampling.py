@@ -38,7 +38,8 @@ from argen.atomic import atomic_write_text
 from argen.errors import ArgenError
 
 __all__ = ["PlanItem", "make_plan", "read_prompt_file", "default_prompts", "generate_samples", "read_plan",
-           "sample_path", "png_complete", "RUN_FILE", "PLAN_FILE", "SAMPLES_DIR", "model_fingerprint"]
+           "sample_path", "png_complete", "RUN_FILE", "PLAN_FILE", "SAMPLES_DIR", "model_fingerprint",
+           "check_eval_dir", "claim_eval_dir", "EVAL_KIND"]
 
 RUN_FILE = "sampling.json"
 PLAN_FILE = "samples.jsonl"
@@ -194,6 +195,50 @@ def _check_resume(run_path: Path, settings: dict) -> None:
                              f"{settings.get(key)!r} now); use a new --out folder or delete it")
 
 
+EVAL_KIND = "eval-run"
+_EVAL_NAMES = {RUN_FILE, PLAN_FILE, SAMPLES_DIR, "metrics.json", "samples.npz"}
+
+
+def _legacy_eval_dir(out: Path) -> bool:
+    """An output folder of an argen from before output folders carried a marker: its
+    sampling.json is argen's and everything in it is a name a sampling run writes."""
+    try:
+        run = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(run, dict) and {"argen_version", "model_fingerprint"} <= set(run)
+            and {p.name for p in out.iterdir()} <= _EVAL_NAMES)
+
+
+def check_eval_dir(out, flag: str = "--out") -> Path:
+    """An evaluation output folder checked before any work, writing nothing: absent, empty, or
+    argen's own. A folder of someone else's images is refused: its images would otherwise be
+    taken for samples of this run and scored."""
+    from argen.atomic import _check_parent, folder_marker, is_argen_folder
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ArgenError(f"{flag} {str(out)!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (
+            is_argen_folder(out, EVAL_KIND) or (folder_marker(out) is None and _legacy_eval_dir(out))):
+        raise ArgenError(f"{flag} {str(out)!r} holds files that argen's evaluation did not write; "
+                         "choose a new or empty folder")
+    _check_parent(out / "x" if out.is_dir() else out, flag)
+    return out
+
+
+def claim_eval_dir(out) -> Path:
+    """`check_eval_dir`, then mark the folder as argen's (an adopted legacy folder too)."""
+    from argen.atomic import MARKER, SIGNATURE, atomic_write_json, claim_dir, folder_marker
+
+    out = check_eval_dir(out)
+    if out.is_dir() and folder_marker(out) is None and any(out.iterdir()):
+        from argen import __version__
+
+        atomic_write_json(out / MARKER, {SIGNATURE: __version__, "kind": EVAL_KIND})
+    return claim_dir(out, EVAL_KIND)
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -269,6 +314,10 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
     error = None
     if rank == 0:
         try:
+            claim_eval_dir(out_dir)
+            if not (out_dir / RUN_FILE).is_file() and samples_dir.is_dir() and any(samples_dir.iterdir()):
+                raise ArgenError(f"{samples_dir} holds images of no recorded run (no {RUN_FILE}); they are not "
+                                 "counted as samples: use a new --out folder")
             samples_dir.mkdir(parents=True, exist_ok=True)
             _check_resume(out_dir / RUN_FILE, settings)
             atomic_write_text(out_dir / RUN_FILE, json.dumps(settings, indent=2) + "\n")
@@ -297,10 +346,13 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     if log:
         log(f"{prefix}{len(missing)} image(s) to generate, {skipped} already present in {samples_dir}")
+    from argen.progress import progress
+
     conds = _Conditions(pipe)
-    start = last_log = time.perf_counter()
+    bar = progress(total=len(missing), desc=f"{prefix}sampling", unit="images", enabled=log is not None)
+    start = time.perf_counter()
     nfe_total, sampled, done = 0.0, 0, 0
-    for number, batch in enumerate(todo, start=1):
+    for batch in todo:
         cond, mask = conds(batch)
         out = sampler_obj(pipe.gpt, cond, params=params, cond_mask=mask, seeds=[it.seed for it in batch])
         nfe_total += float(out.nfe_per_sample.float().sum())
@@ -311,12 +363,12 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
             image = to_pil(pipe.decode(out.tokens[j:j + 1]))[0]  # one image per decode: batch-independent
             save_png_atomic(image, sample_path(out_dir, it.index))
             done += 1
+            bar.update(1)
             if on_saved is not None:
                 on_saved(it.index)
-        now = time.perf_counter()
-        if log and (now - last_log > 30 or number == len(todo)):
-            log(f"{prefix}{done}/{len(missing)} images ({done / (now - start):.2f} images/s)")
-            last_log = now
+    bar.close()
+    if log and todo:
+        log(f"{prefix}{done}/{len(missing)} images ({done / (time.perf_counter() - start):.2f} images/s)")
     return {"generated": done, "skipped": skipped, "sampled": sampled,
             "nfe_per_image": nfe_total / sampled if sampled else None,
             "seconds": time.perf_counter() - start, "rank": rank, "world_size": world}

@@ -53,11 +53,21 @@ class PretrainedMixin:
         folder = resolve_model_dir(name_or_path)
         if not (folder / cls.config_name).is_file():
             raise CheckpointError(f"{folder}: no {cls.config_name} (not a model folder written by save_pretrained)")
-        config = cls.load_config(folder)
+        config_path = folder / cls.config_name
+        try:
+            config = cls.load_config(folder)
+        except (OSError, ValueError) as err:  # diffusers reports a corrupt JSON file as an EnvironmentError
+            raise CheckpointError(f"{str(config_path)!r} is not a valid config ({str(err).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{str(config_path)!r} must hold a JSON object")
         expected = cls.__name__
         if config.get("_class_name", expected) != expected:
             raise CheckpointError(f"{folder} holds a {config['_class_name']}, not a {expected}")
-        model = cls(**cls.config_to_init_kwargs(config))
+        try:
+            model = cls(**cls.config_to_init_kwargs(config))
+        except (TypeError, ValueError, KeyError, ArithmeticError, RuntimeError) as err:  # a field of the wrong type or value
+            raise CheckpointError(f"{str(config_path)!r} does not describe a {expected}: "
+                                  f"{(str(err).splitlines() or [type(err).__name__])[0]}") from None
         weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{folder}: no weights file ({' or '.join(WEIGHTS_NAMES)})")

@@ -1,5 +1,6 @@
 """Samplers: turn a condition into image token ids through the generator's cached forward."""
 
+from ..errors import ArgenError
 from .base import REGISTRY, Sampler, SamplerOutput
 from .generate import generate
 from .logits import SamplingParams, logits_to_probs, process_logits
@@ -17,6 +18,8 @@ SAMPLERS = REGISTRY  # name or alias -> class (read-only view for callers; sampl
 
 def get_sampler(name: str, **options) -> Sampler:
     """A sampler by name ('ar', 'sjd', ...) or spec ('gsd:G=10,L=8'), with keyword options on top."""
+    if not isinstance(name, str):
+        raise ArgenError(f"a sampler name is a string such as 'ar' or 'gsd:G=10', got {name!r}")
     spec = parse_spec(name) if ":" in name else SamplerSpec(name, {}, name)
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 

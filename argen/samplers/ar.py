@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ArgenError
 from .base import Sampler, SamplerOutput, cfg_batch
 from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_from_probs
@@ -58,6 +59,8 @@ class ARSampler(Sampler):
     multi_code = True
 
     def __init__(self, sample: bool = True):
+        if not isinstance(sample, bool):
+            raise ArgenError(f"sample must be true or false, got {sample!r}")
         self.sample = sample
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:

@@ -34,6 +34,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..checks import check_number
 from ..errors import ArgenError
 from .sjd import SJDSampler
 from .speculative import gather_last
@@ -107,15 +108,13 @@ class GSDSampler(SJDSampler):
     def __init__(self, group_size: int = 10, prob_threshold: float = 0.15, embed_quantile: float = 0.2,
                  embeddings: Union[str, None, torch.Tensor] = "model", window: int = 16, init: str = "random"):
         super().__init__(window=window, init=init)
-        if int(group_size) != group_size or group_size < 1:
-            raise ArgenError(f"group_size must be an integer >= 1, got {group_size!r}")
-        if prob_threshold <= 0:
-            raise ArgenError(f"prob_threshold must be > 0, got {prob_threshold}")
-        if not 0 < embed_quantile <= 1:
-            raise ArgenError(f"embed_quantile must be in (0, 1], got {embed_quantile}")
-        if isinstance(embeddings, str) and embeddings not in ("model", "codebook", "none"):
+        group_size = check_number("group_size (G)", group_size, 1, None, integer=True)
+        prob_threshold = check_number("prob_threshold", prob_threshold, 0, None, lo_open=True)
+        embed_quantile = check_number("embed_quantile", embed_quantile, 0, 1, lo_open=True)
+        if not (embeddings is None or isinstance(embeddings, torch.Tensor)
+                or (isinstance(embeddings, str) and embeddings in ("model", "codebook", "none"))):
             raise ArgenError(f"embeddings must be 'model', 'codebook', 'none', None or a [V, D] tensor, got {embeddings!r}")
-        self.group_size, self.prob_threshold, self.embed_quantile = int(group_size), prob_threshold, embed_quantile
+        self.group_size, self.prob_threshold, self.embed_quantile = group_size, prob_threshold, embed_quantile
         self.embeddings = None if isinstance(embeddings, str) and embeddings == "none" else embeddings
 
     def __repr__(self) -> str:

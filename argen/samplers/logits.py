@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArgenError
+from ..checks import check_number
+
+# Guidance beyond this overflows float32 logits into NaN (LlamaGen uses 1.5 to 10).
+MAX_CFG_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,16 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ArgenError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ArgenError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ArgenError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ArgenError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        # finite and in range (NaN passes every comparison the wrong way); plain Python numbers after
+        checked = {
+            "cfg_scale": check_number("cfg_scale", self.cfg_scale, 0, MAX_CFG_SCALE),
+            "cfg_interval": check_number("cfg_interval", self.cfg_interval, -1, None, integer=True),
+            "temperature": check_number("temperature", self.temperature, 0, None),
+            "top_k": check_number("top_k", self.top_k, 0, None, integer=True),
+            "top_p": check_number("top_p", self.top_p, 0, 1, lo_open=True),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @property
     def uses_cfg(self) -> bool:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..checks import check_seed
 from ..errors import ArgenError
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -51,7 +52,8 @@ def make_streams(batch_size: int, seeds: Optional[Sequence[int]] = None,
     if seeds is not None:
         if len(seeds) != batch_size:
             raise ArgenError(f"got {len(seeds)} seeds for a batch of {batch_size}")
-        return RandomStreams.from_seeds(seeds)
+        # checked: a CPU generator keeps only 32 bits, so a larger seed would repeat a smaller one
+        return RandomStreams.from_seeds([check_seed("seed", s) for s in seeds])
     if generator is None:
         return None
     if isinstance(generator, torch.Generator):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from ..errors import ArgenError
@@ -33,6 +34,8 @@ def parse_spec(text: str) -> SamplerSpec:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ArgenError(f"bad sampler option {item!r} in {text!r}: use key=value")
+        if not value.strip():
+            raise ArgenError(f"sampler option {key.strip()!r} in {text!r} has no value: use key=value")
         options[key.strip()] = _parse_value(value.strip())
     spec = SamplerSpec(name, options, text.strip())
     make_sampler(spec)
@@ -47,7 +50,13 @@ def make_sampler(spec: SamplerSpec):
         raise ArgenError(f"unknown sampler {spec.name!r}; available: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[spec.name]
     options = {cls.option_aliases.get(key, key): value for key, value in spec.options.items()}
+    accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        short = {v: k for k, v in cls.option_aliases.items()}
+        names = ", ".join(f"{name} ({short[name]})" if name in short else name for name in accepted) or "none"
+        raise ArgenError(f"sampler {spec.name!r} has no option {unknown[0]!r}; its options: {names}")
     try:
         return cls(**options)
-    except TypeError as err:
-        raise ArgenError(f"sampler {spec.name!r} does not take these options: {err}") from None
+    except ArgenError as err:
+        raise ArgenError(f"sampler {spec.label!r}: {err}") from None

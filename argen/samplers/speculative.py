@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_number
 from ..errors import ArgenError
 from .base import Sampler, SamplerOutput, cfg_batch
 from .logits import SamplingParams, logits_to_probs
@@ -199,12 +200,11 @@ class SpeculativeSampler(Sampler):
     option_aliases = {"L": "window"}
 
     def __init__(self, window: int = 16, init: str = "random"):
-        init = INIT_ALIASES.get(init, init)
-        if int(window) != window or window < 1:
-            raise ArgenError(f"window must be an integer >= 1, got {window!r}")
+        window = check_number("window (L)", window, 1, None, integer=True)  # capped at the image length when sampling
+        init = INIT_ALIASES.get(init, init) if isinstance(init, str) else init
         if init not in INITS:
             raise ArgenError(f"unknown draft init {init!r}; choose one of {', '.join(INITS)}")
-        self.window, self.init = int(window), init
+        self.window, self.init = window, init
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window={self.window}, init={self.init!r})"
@@ -240,12 +240,13 @@ class SpeculativeSampler(Sampler):
         batch, cond_len = cond.shape[0], model.condition_length(cond)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
         probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
-        win = self.start(probs, streams, num_tokens, model.grid)
+        window = min(self.window, num_tokens)  # a longer window only costs memory: rows past the image never run
+        win = self.start(probs, streams, num_tokens, model.grid, window)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=probs.device)
         accepted = []
         bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
         while True:
-            lengths = window_lengths(win.emitted, self.window, num_tokens)
+            lengths = window_lengths(win.emitted, window, num_tokens)
             width = int(lengths.max())
             if width == 0:
                 break
@@ -260,22 +261,24 @@ class SpeculativeSampler(Sampler):
                              accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
                              forwards_per_sample=rows_nfe.cpu())
 
-    def start(self, probs, streams, num_tokens: int, grid) -> Window:
-        """Sample token 0 from the prefill distribution and draw the first drafts."""
+    def start(self, probs, streams, num_tokens: int, grid, window: Optional[int] = None) -> Window:
+        """Sample token 0 from the prefill distribution and draw the first drafts (`window`:
+        the window length used, default self.window)."""
+        window = self.window if window is None else window
         batch, vocab = probs.shape
-        u = draw_uniforms(streams, batch, self.window, probs.device)
-        seq = torch.zeros(batch, num_tokens + self.window, dtype=torch.long, device=probs.device)
+        u = draw_uniforms(streams, batch, window, probs.device)
+        seq = torch.zeros(batch, num_tokens + window, dtype=torch.long, device=probs.device)
         seq[:, 0] = sample_rows(probs, u[:, 0])
-        q = torch.empty(batch, self.window - 1, vocab, device=probs.device)
+        q = torch.empty(batch, window - 1, vocab, device=probs.device)
         win = Window(seq=seq, emitted=torch.ones(batch, dtype=torch.long, device=probs.device), q=q)
-        need = torch.ones(batch, self.window - 1, dtype=torch.bool, device=probs.device)
+        need = torch.ones(batch, window - 1, dtype=torch.bool, device=probs.device)
         self.init_drafts(win, need, u[:, 1:], grid, q)
         return win
 
     def step(self, model, win: Window, lengths, width: int, cache, cond_len: int, num_tokens: int,
              params: SamplingParams, streams, ctx) -> torch.Tensor:
         """One forward: verify the window, emit, Jacobi-update, rewind. Returns m [B]."""
-        L = self.window
+        L = win.q.shape[1] + 1  # the window length of this call (self.window capped at the image length)
         tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)
         probs = target_probs(model, tokens, pos, cache, params, guidance(params, win.emitted, width))
         # a fixed budget per row and step: acceptance, residual, Jacobi samples, new drafts

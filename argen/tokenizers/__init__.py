@@ -2,6 +2,7 @@
 package: that name belongs to Hugging Face tokenizers, which transformers imports."""
 
 from .base import ImageTokenizer
+from .titok import TiTokTokenizer
 from .vq import VQTokenizer
 
-__all__ = ["ImageTokenizer", "VQTokenizer"]
+__all__ = ["ImageTokenizer", "TiTokTokenizer", "VQTokenizer"]

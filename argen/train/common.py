@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory_write, atomic_write_json, atomic_write_text
 from ..errors import ArgenError
+from ..progress import progress
+from .rundir import read_state
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
@@ -458,7 +460,7 @@ class Trainer:
 
     def _load(self, ckpt: Path) -> None:
         acc = self.accelerator
-        meta = json.loads((ckpt / "state.json").read_text())
+        meta = read_state(ckpt)  # a corrupt state.json is a one-line error
         saved = meta["train_config"]
         for key in TrainConfig.RESUME_KEYS:
             mine = getattr(self.cfg, key)
@@ -531,9 +533,13 @@ class Trainer:
         if self._rng_to_restore is not None:
             restore_rng(self._rng_to_restore)
             self._rng_to_restore = None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc=f"train {self.out.name}", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        show = cfg.progress and self.is_main
+        if sys.stderr.isatty() or not show:
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc=f"train {self.out.name}",
+                       dynamic_ncols=True, mininterval=1.0)
+        else:  # a log file: a plain line every few seconds (steps of this session)
+            bar = progress(total=cfg.steps - self.step, desc=f"train {self.out.name} from step {self.step}",
+                           unit="steps")
         sums = {k: 0.0 for k in self.loss_names}
         count, window_start, grad_norm = 0, time.time(), float("nan")
         session_start = time.time() - self.elapsed
@@ -566,7 +572,8 @@ class Trainer:
                        "tokens_per_s": round(items * self.tokens_per_item / dt, 1)}
                 if self.is_main:
                     log.append(row)
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in self.last_losses.items()}, refresh=False)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in self.last_losses.items()}, refresh=False)
                 sums = {k: 0.0 for k in self.loss_names}
                 count, window_start = 0, time.time()
             if self.step % cfg.ckpt_every == 0 or self.finished:

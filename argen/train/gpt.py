@@ -36,6 +36,7 @@ from ..hub import SHIPPED_MODELS, resolve_model_dir
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizers.vq import VQTokenizer
 from .common import Trainer, TrainConfig, check_run_args, seed_everything, set_threads, write_json
+from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
 
 CODES_NAME = "codes_train.safetensors"
 
@@ -57,10 +58,11 @@ def _weights_hash(folder: Path) -> str:
 def encode_images(vq: VQTokenizer, images_uint8: torch.Tensor, flip: bool = False, batch_size: int = 500,
                   progress: bool = False) -> torch.Tensor:
     """uint8 [N, 28, 28] -> codes [N, h*w] (int16), padded to the VQ's image size first."""
-    from tqdm.auto import tqdm
+    from ..progress import progress as with_progress
 
     out = []
-    for start in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="encode", leave=False):
+    for start in with_progress(range(0, len(images_uint8), batch_size), desc="encode training set", unit="batches",
+                               enabled=progress):
         x = pad_image(to_model_range(images_uint8[start:start + batch_size]).unsqueeze(1), vq.image_size)
         if flip:
             x = x.flip(-1)
@@ -203,11 +205,15 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     if model_type not in ("c2i", "t2i"):
         raise ArgenError(f"model type must be c2i or t2i, got {model_type!r}")
     check_run_args(steps, epochs, export_dtype, limit=limit)
+    # an unknown size or a width the heads do not divide is refused before the codes cache is written
+    GPTConfig.from_name(size) if size else GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head)
+    check_codes_cache(codes_cache)
+    check_run_dir(out, resume)
     vq_dir = resolve_model_dir(vq)
     vq_model = VQTokenizer.from_pretrained(vq_dir).float().eval()
     h, w = vq_model.code_shape
     accelerator = Accelerator()
-    out = Path(out)
+    out = claim_run_dir(out, resume, accelerator.is_main_process)
 
     images, labels = load_fashion_mnist("train", data_root)
     if limit is not None:
@@ -326,6 +332,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         write_json(out / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_gpt_card(folder, metrics, cfg, run_info, pipeline)
+        list_in_marker(folder, ["samples.png", "metrics.json", "MODEL_CARD.md"])
     accelerator.wait_for_everyone()
     return metrics
 

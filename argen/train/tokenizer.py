@@ -29,6 +29,7 @@ from ..data.fashion_mnist import load_fashion_mnist, pad_image, to_model_range
 from ..errors import ArgenError
 from ..tokenizers.vq import VQTokenizer
 from .common import Trainer, TrainConfig, check_run_args, set_threads, seed_everything, write_json
+from .rundir import check_run_dir, claim_run_dir, list_in_marker
 
 DEFAULT_VQ = dict(codebook_size=1024, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=(1, 1, 2),
@@ -171,6 +172,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
 
     set_threads(threads)
     check_run_args(steps, epochs, export_dtype, limit=limit, test_limit=test_limit)
+    check_run_dir(out, resume)
     ch_mult = tuple(int(m) for m in ch_mult)
     if norm_groups is None:
         norm_groups = math.gcd(*[ch * m for m in ch_mult], 32)
@@ -188,6 +190,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         test_images = test_images[:test_limit]
 
     accelerator = Accelerator()
+    out = claim_run_dir(out, resume, accelerator.is_main_process)
     if epochs is not None:
         per_epoch = len(train_images) // (batch_size * accelerator.num_processes)
         steps = max(1, math.ceil(epochs * per_epoch))
@@ -263,6 +266,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         write_json(Path(out) / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_tokenizer_card(folder, metrics, cfg, run_info)
+        list_in_marker(folder, ["reconstructions.png", "metrics.json", "MODEL_CARD.md"])
     accelerator.wait_for_everyone()
     return metrics
 

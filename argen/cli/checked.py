@@ -1,0 +1,31 @@
+"""argparse `type=` functions for train / eval / bench: numbers checked finite and in range
+(`argen.checks.check_number`) while the arguments are parsed, before anything heavy is imported."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checks import MAX_SEED, check_number
+from ..errors import ArgenError
+
+
+def number(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False, hi_open: bool = False):
+    """A `type=` for a number in [lo, hi] (open ends with lo_open / hi_open); integral with `integer`."""
+
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if integer else 'a number'}, got {text!r}") \
+                from None
+        try:
+            return check_number("", value, lo, hi, integer=integer, lo_open=lo_open, hi_open=hi_open)
+        except ArgenError as err:
+            raise argparse.ArgumentTypeError(str(err).strip()) from None
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+SEED = number(0, MAX_SEED, integer=True)
+THREADS = number(0, 4096, integer=True)  # 0 = torch's default
