@@ -62,13 +62,18 @@ class ModelFolder:
     """What a pipeline folder says about itself, read from its JSON files only (no torch)."""
 
     folder: Path
-    gpt_dir: Path
+    gpt_dir: Path  # the generator's folder
     config: dict  # the generator's config.json
     meta: dict  # pipeline.json ({} when absent)
 
     @property
+    def is_text_to_image(self) -> bool:
+        """A pipeline with a text encoder is text-conditional (any generator class)."""
+        return "text_encoder" in self.meta or self.config.get("model_type") == "t2i"
+
+    @property
     def model_type(self) -> str:
-        return str(self.config.get("model_type", "c2i"))
+        return "t2i" if self.is_text_to_image else "c2i"
 
     @property
     def class_names(self) -> list:
@@ -79,12 +84,16 @@ def inspect_model_dir(name_or_path) -> ModelFolder:
     """Resolve a model and read its config.json and pipeline.json, with one-line errors for a
     folder that is not a model, or whose JSON files are corrupt."""
     folder = resolve_model_dir(name_or_path)
-    gpt_dir = folder / "gpt" if (folder / "gpt" / CONFIG_FILE).is_file() else folder
+    meta = read_json_object(folder / PIPELINE_FILE) if (folder / PIPELINE_FILE).is_file() else {}
+    generator = meta.get("generator")
+    if generator is not None and not isinstance(generator, str):
+        raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: generator must be a folder, got {generator!r}")
+    # "gpt": folders saved by ARPipeline before the generator entry existed
+    gpt_dir = folder / (generator or ("gpt" if (folder / "gpt" / CONFIG_FILE).is_file() else "."))
     if not (gpt_dir / CONFIG_FILE).is_file():
         raise ArgenError(f"{str(folder)!r} is not a model folder: it has no {CONFIG_FILE} (give a folder "
                          f"written by save_pretrained or by argen train, or one of: {', '.join(SHIPPED_MODELS)})")
     config = read_json_object(gpt_dir / CONFIG_FILE)
-    meta = read_json_object(folder / PIPELINE_FILE) if (folder / PIPELINE_FILE).is_file() else {}
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: class_names must be a list of names")

@@ -1,13 +1,18 @@
 """Text/class -> images, in the diffusers style: `ARPipeline.from_pretrained(...)(prompt=...)`.
 
-A pipeline is a generator (GPT), an image tokenizer, optionally a text encoder, and the class
-names. On disk it is either
+A pipeline is a generator, optionally a refiner, an image tokenizer, optionally a text encoder,
+and the class names. It holds the one generation path every caller uses (`argen generate`,
+`argen eval`, `argen bench`, training sample grids):
 
-* a generator folder (`config.json` + `model.safetensors`) with a `pipeline.json` beside the
-  weights naming its tokenizer (a shipped name such as "default-vq" or a folder relative to it),
-  the class names and, for text-to-image, the text encoder config — the layout of the shipped
-  models; or
-* a folder written by `ARPipeline.save_pretrained`: `pipeline.json` + `gpt/` + `tokenizer/`.
+    conditions(prompt | class_labels)  -> cond, cond_mask, labels
+    sample_tokens(cond, mask, seeds)   -> generator tokens (sampler + generator, in batches)
+    tokens_to_images(tokens, ...)      -> images in [-1, 1] (refiner, tokenizer.decode, crop)
+
+On disk a pipeline is a folder with `pipeline.json` (written only by `write_pipeline_json`)
+naming its components: each a folder (relative to pipeline.json; "." is the folder itself,
+the layout of the shipped models) or a shipped name such as "default-vq". Components load by the
+class their `config.json` names (`argen.registry`), so a new generator, tokenizer or refiner
+plugs in without an edit here.
 """
 
 from __future__ import annotations
@@ -27,19 +32,19 @@ from PIL import Image
 from .atomic import atomic_directory_write
 from .checks import MAX_SEED, check_device, check_number, check_seed
 from .errors import ArgenError
-from .hub import inspect_model_dir
-from .models import GPT
+from .hub import PIPELINE_FILE, inspect_model_dir, resolve_model_dir
+from .models.base import Generator
 from .progress import progress as progress_bar
-from .samplers import Sampler, SamplingParams, get_sampler
-from .tokenizers import VQTokenizer
-
-PIPELINE_FILE = "pipeline.json"
+from .refiners.base import Refiner
+from .registry import load_component
+from .samplers import Sampler, SamplerOutput, SamplingParams, get_sampler
+from .tokenizers.base import ImageTokenizer
 
 
 @dataclass
 class ARPipelineOutput(BaseOutput):
-    """images: PIL images, in order (all images of prompt/class 0 first). tokens: [N, num_tokens].
-    labels: the class id behind each image (c2i, or the prompt index for t2i)."""
+    """images: PIL images, in order (all images of prompt/class 0 first). tokens: [N, n], the
+    generator's tokens. labels: the class id behind each image (or the prompt index)."""
 
     images: List[Image.Image]
     tokens: torch.Tensor
@@ -60,38 +65,89 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
+def write_pipeline_json(folder, *, tokenizer: str, class_names: Sequence[str] = (), defaults: Optional[dict] = None,
+                        crop: Optional[int] = None, text_encoder: Optional[dict] = None, generator: str = ".",
+                        refiner: Optional[str] = None) -> dict:
+    """The one writer of `pipeline.json`. Component entries are folders relative to it ("." is
+    the folder itself) or shipped names."""
+    meta = {"generator": generator, "refiner": refiner, "tokenizer": tokenizer, "class_names": list(class_names),
+            "defaults": dict(defaults or {}), "crop": crop}
+    if text_encoder is not None:
+        meta["text_encoder"] = dict(text_encoder)
+    Path(folder, PIPELINE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+@dataclass
+class Conditions:
+    """One condition per image: cond [N] class ids or [N, T, D] features, mask [N, T] or None,
+    labels [N] (class id, or prompt index for text)."""
+
+    cond: torch.Tensor
+    mask: Optional[torch.Tensor]
+    labels: List[int]
+
+    def __getitem__(self, rows: slice) -> "Conditions":
+        return Conditions(self.cond[rows], None if self.mask is None else self.mask[rows], self.labels[rows])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 class ARPipeline(DiffusionPipeline):
-    def __init__(self, gpt: GPT, tokenizer: VQTokenizer, text_encoder=None, class_names: Optional[Sequence[str]] = None,
-                 defaults: Optional[dict] = None, crop: Optional[int] = None):
+    def __init__(self, generator: Generator, tokenizer: ImageTokenizer, text_encoder=None,
+                 class_names: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
+                 crop: Optional[int] = None, refiner: Optional[Refiner] = None):
         """`defaults` holds sampling defaults (e.g. {"cfg_scale": 2.0}); `crop` center-crops decoded
         images to that size (a tokenizer trained on padded images, e.g. 28x28 in a 32x32 frame)."""
         super().__init__()
         self.crop = crop
-        self.register_modules(gpt=gpt, tokenizer=tokenizer)
+        self.register_modules(generator=generator, tokenizer=tokenizer, refiner=refiner)
         self.text_encoder = text_encoder  # not a torch module of ours: moved by `to()` below
         self.class_names = list(class_names or [])
         self.defaults = dict(defaults or {})
-        if gpt.gpt_config.vocab_size != tokenizer.vocab_size:
-            raise ArgenError(f"generator vocabulary {gpt.gpt_config.vocab_size} != tokenizer codebook {tokenizer.vocab_size}")
-        if gpt.gpt_config.block_size != tokenizer.num_tokens:
-            raise ArgenError(f"generator makes {gpt.gpt_config.block_size} tokens, tokenizer takes {tokenizer.num_tokens}")
-        if self.is_text_to_image and text_encoder is None:
-            raise ArgenError("a text-to-image generator needs a text encoder")
+        self._check_chain()
+        if generator.is_text_conditional and text_encoder is None:
+            raise ArgenError("a text-conditional generator needs a text encoder")
+        self._prompt_features = {}
+
+    def _check_chain(self) -> None:
+        """Vocabularies and lengths must agree along generator -> refiner -> tokenizer."""
+        gen, ref, tok = self.generator, self.refiner, self.tokenizer
+        stages = [(f"generator ({type(gen).__name__})", gen.vocab_size, gen.num_codes)]
+        if ref is not None:
+            stages.append((f"refiner ({type(ref).__name__}) input", ref.in_vocab_size, ref.num_tokens))
+            stages.append((f"refiner ({type(ref).__name__}) output", ref.vocab_size, ref.num_tokens))
+        stages.append((f"tokenizer ({type(tok).__name__})", tok.vocab_size, tok.num_tokens))
+        pairs = [(stages[0], stages[1])] + ([(stages[2], stages[3])] if ref is not None else [])
+        for (a, vocab_a, n_a), (b, vocab_b, n_b) in pairs:
+            if vocab_a != vocab_b:
+                raise ArgenError(f"{a} has a vocabulary of {vocab_a}, {b} takes {vocab_b}")
+            if n_a > n_b:
+                raise ArgenError(f"{a} makes {n_a} codes per image, {b} takes at most {n_b}")
+
+    @property
+    def gpt(self) -> Generator:
+        """The generator (its name before generators other than GPT existed)."""
+        return self.generator
 
     @property
     def is_text_to_image(self) -> bool:
-        return self.gpt.gpt_config.model_type == "t2i"
+        return self.generator.is_text_conditional
 
     def to(self, device):
-        self.gpt.to(device)
-        self.tokenizer.to(device)
-        if self.text_encoder is not None:
-            self.text_encoder.to(device)
+        for module in (self.generator, self.refiner, self.tokenizer, self.text_encoder):
+            if module is not None:
+                module.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        return self.gpt.tok_embeddings.weight.device
+        return next(self.generator.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
 
     # ---- loading / saving -----------------------------------------------------------------
 
@@ -103,38 +159,44 @@ class ARPipeline(DiffusionPipeline):
         points a recorded text encoder at a local folder on this machine."""
         device = check_device(device)
         found = inspect_model_dir(name_or_path)
-        folder, meta, gpt_dir = found.folder, found.meta, found.gpt_dir
+        folder, meta = found.folder, found.meta
+
+        def component(ref, kind):
+            path = folder / ref if (folder / str(ref)).is_dir() else resolve_model_dir(ref)
+            return load_component(path, kind, device=device)
+
         tok_ref = tokenizer or meta.get("tokenizer")
         if tok_ref is None:
-            raise ArgenError(f"{folder}: no tokenizer recorded in {PIPELINE_FILE}; pass tokenizer=<name or folder>")
-        tok_dir = folder / tok_ref if (folder / str(tok_ref)).is_dir() else tok_ref
-        gpt = GPT.from_pretrained(gpt_dir, device=device)
-        vq = VQTokenizer.from_pretrained(tok_dir, device=device)
+            raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; pass --tokenizer NAME_OR_FOLDER")
+        generator = load_component(found.gpt_dir, Generator, device=device)
+        refiner = component(meta["refiner"], Refiner) if meta.get("refiner") else None
         encoder = None
-        if gpt.gpt_config.model_type == "t2i":
+        if generator.is_text_conditional:
             from .text import text_encoder_from_config
 
             if "text_encoder" not in meta:
-                raise ArgenError(f"{folder}: text-to-image model without a text_encoder entry in {PIPELINE_FILE}")
+                raise ArgenError(f"{folder}: text-conditional model without a text_encoder entry in {PIPELINE_FILE}")
             encoder = text_encoder_from_config(meta["text_encoder"], device, path=text_encoder_path)
         defaults = dict(meta.get("defaults") or {})
-        if "default_cfg_scale" in meta:
+        if "default_cfg_scale" in meta:  # pipeline.json files written before `defaults` existed
             defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
-        return cls(gpt, vq, encoder, meta.get("class_names"), defaults, meta.get("crop"))
+        return cls(generator, component(tok_ref, ImageTokenizer), encoder, meta.get("class_names"), defaults,
+                   meta.get("crop"), refiner)
 
     def save_pretrained(self, save_directory, dtype: Optional[torch.dtype] = None, **_):
-        """Write a self-contained folder: pipeline.json + gpt/ + tokenizer/."""
-        meta = {"tokenizer": "tokenizer", "model_type": self.gpt.gpt_config.model_type,
-                "class_names": self.class_names, "defaults": self.defaults, "crop": self.crop}
-        if self.text_encoder is not None:
-            meta["text_encoder"] = self.text_encoder.config()
+        """Write a self-contained folder: pipeline.json + generator/ + tokenizer/ (+ refiner/)."""
 
         def write(tmp: Path):
-            self.gpt.save_pretrained(tmp / "gpt", dtype=dtype)
+            self.generator.save_pretrained(tmp / "generator", dtype=dtype)
             self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
-            (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
+            if self.refiner is not None:
+                self.refiner.save_pretrained(tmp / "refiner", dtype=dtype)
+            write_pipeline_json(tmp, generator="generator", tokenizer="tokenizer",
+                                refiner="refiner" if self.refiner is not None else None, class_names=self.class_names,
+                                defaults=self.defaults, crop=self.crop,
+                                text_encoder=self.text_encoder.config() if self.text_encoder is not None else None)
 
-        atomic_directory_write(Path(save_directory), write)
+        atomic_directory_write(Path(save_directory), write, kind="pipeline")
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -142,7 +204,7 @@ class ARPipeline(DiffusionPipeline):
         """A class id or name -> id, with a one-line error listing valid names."""
         from .data.classes import resolve_model_class
 
-        return resolve_model_class(value, self.class_names, self.gpt.gpt_config.num_classes)
+        return resolve_model_class(value, self.class_names, self.generator.num_classes)
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         for prompt in prompts:
@@ -152,60 +214,26 @@ class ARPipeline(DiffusionPipeline):
             if n > self.text_encoder.max_length:
                 raise ArgenError(f"prompt too long: {n} tokens, the model reads at most {self.text_encoder.max_length}")
 
-    # ---- generation -----------------------------------------------------------------------
+    def sampling_params(self, cfg_scale: Optional[float] = None, **options) -> SamplingParams:
+        """SamplingParams with this model's default guidance when cfg_scale is None."""
+        default = self.defaults.get("cfg_scale", 2.0)
+        return SamplingParams(cfg_scale=default if cfg_scale is None else cfg_scale, **options)
 
-    @torch.no_grad()
-    def __call__(self, prompt: Union[None, str, Sequence[str]] = None,
-                 class_labels: Union[None, int, str, Sequence[Union[int, str]]] = None,
-                 num_images: int = 1, sampler: Union[str, Sampler] = "ar", cfg_scale: Optional[float] = None,
-                 cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, batch_size: int = 16, progress: bool = True) -> ARPipelineOutput:
-        """Generate `num_images` images per prompt (t2i) or per class (c2i).
+    # ---- the generation path --------------------------------------------------------------
 
-        Image i (counting over all prompts/classes) is sampled with seed `seed + i`, so it is
-        the same whatever `batch_size` is.
-        """
-        num_images = check_number("num_images", num_images, 1, None, integer=True)
-        batch_size = check_number("batch_size", batch_size, 1, None, integer=True)
-        seed = check_seed("seed", seed)
-        if isinstance(sampler, str):
-            sampler = get_sampler(sampler)
-        elif not isinstance(sampler, Sampler):
-            raise ArgenError(f"sampler must be a name such as 'ar' or 'gsd:G=10', or a Sampler, got {sampler!r}")
-        params = SamplingParams(cfg_scale=self.defaults.get("cfg_scale", 2.0) if cfg_scale is None else cfg_scale,
-                                cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
-        conds, masks, labels = self.prepare_conditions(prompt, class_labels, num_images)
-        if seed + len(labels) - 1 > MAX_SEED:
-            raise ArgenError(f"seed {seed} + {len(labels)} images runs past the largest seed {MAX_SEED} "
-                             f"(image i uses seed + i); use a seed <= {MAX_SEED - len(labels) + 1}")
-        seeds = [seed + i for i in range(len(labels))]
-        start = time.perf_counter()
-        tokens, nfe = [], 0
-        bar = progress_bar(total=len(labels), desc="generating", unit="images", enabled=progress)
-        for lo in range(0, len(labels), batch_size):
-            hi = min(lo + batch_size, len(labels))
-            out = sampler(self.gpt, conds[lo:hi], params=params, cond_mask=None if masks is None else masks[lo:hi],
-                          seeds=seeds[lo:hi])
-            tokens.append(out.tokens)
-            nfe += out.num_forward_passes
-            bar.update(hi - lo)
-        bar.close()
-        tokens = torch.cat(tokens)
-        images = self.decode(tokens)
-        return ARPipelineOutput(images=to_pil(images), tokens=tokens.cpu(), labels=labels, seeds=seeds,
-                                num_forward_passes=nfe, seconds=time.perf_counter() - start)
+    def prompt_features(self, prompts: Sequence[str]):
+        """Features [N, T, D] and mask [N, T] for each prompt. Each distinct prompt is encoded on
+        its own and remembered, so its features never depend on which prompts share a call."""
+        self.check_prompts(sorted(set(prompts)))
+        for prompt in prompts:
+            if prompt not in self._prompt_features:
+                feats, mask = self.text_encoder.encode([prompt], device=self.device)
+                self._prompt_features[prompt] = (feats.to(self.dtype), mask)
+        feats, masks = zip(*(self._prompt_features[p] for p in prompts))
+        return torch.cat(feats), torch.cat(masks)
 
-    def decode(self, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        chunks = [self.tokenizer.decode_flat(tokens[i:i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
-        images = torch.cat(chunks).clamp(-1, 1)
-        if self.crop and self.crop < images.shape[-1]:
-            top = (images.shape[-2] - self.crop) // 2
-            left = (images.shape[-1] - self.crop) // 2
-            images = images[..., top:top + self.crop, left:left + self.crop]
-        return images
-
-    def prepare_conditions(self, prompt=None, class_labels=None, num_images: int = 1):
-        """(cond, cond_mask or None, labels) for `num_images` images per prompt or class."""
+    def conditions(self, prompt=None, class_labels=None, num_images: int = 1) -> Conditions:
+        """One condition per image: `num_images` per prompt or per class, in order."""
         if (prompt is None) == (class_labels is None):
             raise ArgenError("give either a prompt (text-to-image) or class labels (class-conditional)")
         if prompt is not None:
@@ -214,11 +242,9 @@ class ARPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts:
                 raise ArgenError("empty prompt list")
-            self.check_prompts(prompts)
-            feats, mask = self.text_encoder.encode(prompts, device=self.device)
-            index = torch.arange(len(prompts)).repeat_interleave(num_images)
-            feats = feats.to(self.gpt.dtype)
-            return feats[index], mask[index], index.tolist()
+            index = [i for i in range(len(prompts)) for _ in range(num_images)]
+            feats, mask = self.prompt_features([prompts[i] for i in index])
+            return Conditions(feats, mask, index)
         if self.is_text_to_image:
             raise ArgenError("this is a text-to-image model: pass a prompt, not class labels")
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):  # a tensor / array of class ids
@@ -238,4 +264,81 @@ class ARPipeline(DiffusionPipeline):
             raise ArgenError("empty class list")
         ids = [self.resolve_class(v) for v in values]
         labels = [i for i in ids for _ in range(num_images)]
-        return torch.tensor(labels, device=self.device), None, labels
+        return Conditions(torch.tensor(labels, device=self.device), None, labels)
+
+    def sample_tokens(self, conds: Conditions, seeds: Sequence[int], sampler: Union[str, Sampler] = "ar",
+                      params: Optional[SamplingParams] = None, batch_size: int = 16,
+                      progress: bool = False) -> SamplerOutput:
+        """Generator tokens [N, n] for every condition, in batches of `batch_size`; image i
+        draws only from seeds[i], so it is the same whatever the batching. The output's counters
+        cover all batches (num_forward_passes summed over batches)."""
+        if isinstance(sampler, str):
+            sampler = get_sampler(sampler)
+        elif not isinstance(sampler, Sampler):
+            raise ArgenError(f"sampler must be a name such as 'ar' or 'gsd:G=10', or a Sampler, got {sampler!r}")
+        sampler.prepare(tokenizer=self.tokenizer, refiner=self.refiner)
+        params = params or self.sampling_params()
+        outs = []
+        bar = progress_bar(total=len(conds), desc="generating", unit="images", enabled=progress)
+        for lo in range(0, len(conds), batch_size):
+            hi = min(lo + batch_size, len(conds))
+            part = conds[lo:hi]
+            outs.append(sampler(self.generator, part.cond, params=params, cond_mask=part.mask,
+                                seeds=list(seeds[lo:hi])))
+            bar.update(hi - lo)
+        bar.close()
+        return SamplerOutput(tokens=torch.cat([o.tokens for o in outs]),
+                             num_forward_passes=sum(o.num_forward_passes for o in outs),
+                             accepted_per_forward=[a for o in outs for a in o.accepted_per_forward],
+                             forwards_per_sample=torch.cat([o.nfe_per_sample for o in outs]))
+
+    def tokens_to_images(self, tokens: torch.Tensor, conds: Optional[Conditions] = None,
+                         seeds: Optional[Sequence[int]] = None, batch_size: int = 64) -> torch.Tensor:
+        """Generator tokens [N, n] -> images [N, C, H, W] in [-1, 1]: refine (when there is a
+        refiner), decode with the tokenizer (image i with seeds[i]), crop."""
+        images = []
+        for lo in range(0, tokens.shape[0], batch_size):
+            hi = min(lo + batch_size, tokens.shape[0])
+            part_seeds = None if seeds is None else list(seeds[lo:hi])
+            codes = self.generator.tokens_to_codes(tokens[lo:hi].to(self.device))
+            if self.refiner is not None:
+                if conds is None:
+                    raise ArgenError("this pipeline has a refiner: pass the conditions the tokens were sampled with")
+                part = conds[lo:hi]
+                codes = self.refiner.refine(codes, part.cond, part.mask, seeds=part_seeds)
+            images.append(self.tokenizer.decode(codes, seeds=part_seeds).float())
+        images = torch.cat(images).clamp(-1, 1)
+        if self.crop and self.crop < images.shape[-1]:
+            top = (images.shape[-2] - self.crop) // 2
+            left = (images.shape[-1] - self.crop) // 2
+            images = images[..., top:top + self.crop, left:left + self.crop]
+        return images
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[None, str, Sequence[str]] = None,
+                 class_labels: Union[None, int, str, Sequence[Union[int, str]]] = None,
+                 num_images: int = 1, sampler: Union[str, Sampler] = "ar", cfg_scale: Optional[float] = None,
+                 cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, batch_size: int = 16, progress: bool = True) -> ARPipelineOutput:
+        """Generate `num_images` images per prompt (t2i) or per class (c2i).
+
+        Image i (counting over all prompts/classes) is sampled with seed `seed + i`, so it is
+        the same whatever `batch_size` is.
+        """
+        num_images = check_number("num_images", num_images, 1, None, integer=True)
+        batch_size = check_number("batch_size", batch_size, 1, None, integer=True)
+        seed = check_seed("seed", seed)
+        if isinstance(sampler, str):
+            sampler = get_sampler(sampler)
+        params = self.sampling_params(cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
+                                      top_p=top_p)
+        conds = self.conditions(prompt, class_labels, num_images)
+        if seed + len(conds) - 1 > MAX_SEED:
+            raise ArgenError(f"seed {seed} + {len(conds)} images runs past the largest seed {MAX_SEED} "
+                             f"(image i uses seed + i); use a seed <= {MAX_SEED - len(conds) + 1}")
+        seeds = [seed + i for i in range(len(conds))]
+        start = time.perf_counter()
+        out = self.sample_tokens(conds, seeds, sampler, params, batch_size, progress)
+        images = self.tokens_to_images(out.tokens, conds, seeds)
+        return ARPipelineOutput(images=to_pil(images), tokens=out.tokens.cpu(), labels=conds.labels, seeds=seeds,
+                                num_forward_passes=out.num_forward_passes, seconds=time.perf_counter() - start)
