@@ -81,7 +81,7 @@ def check_run_dir(out, resume: bool, flag: str = "--out") -> Path:
     _check_parent(out / "x" if out.is_dir() else out, flag)
     found = checkpoints(out)
     if found and not resume:
-        raise ArgenError(f"{out} already holds checkpoints (latest {found[-1][1].name}): pass --resume to "
+        raise ArgenError(f"{flag} {str(out)!r} already holds checkpoints (latest {found[-1][1].name}): pass --resume to "
                          "continue that run, or choose another --out")
     if resume and not found:
         if not out.is_dir() or not any(out.iterdir()):

@@ -118,12 +118,19 @@ def test_an_argen_run_resumes_and_a_finished_run_re_exports(tmp_path, monkeypatc
 
 
 def test_resume_of_an_argen_run_without_checkpoint_starts_at_step_0_with_a_notice(tmp_path, monkeypatch):
+    import functools
+
+    import argen.train.common
+
     monkeypatch.chdir(tmp_path)
+    # stderr is not a terminal here: progress comes as plain lines (every 5 s; every step for the test)
+    monkeypatch.setattr(argen.train.common, "progress", functools.partial(argen.train.common.progress, every=0.0))
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / ".argen-output.json").write_text(json.dumps({"argen": "0.1.0", "kind": "train-run"}))
-    outcome = cli(*TOK, "--out", "r", "--resume", *TINY_TOK)
+    outcome = cli(*TOK, "--out", "r", "--resume", *[a for a in TINY_TOK if a != "--no-progress"])
     assert outcome.code == 0, outcome.err
     assert "holds no checkpoint yet; starting at step 0" in outcome.err
+    assert "train r from step 0: 2/2 steps" in outcome.err
     assert (tmp_path / "r" / "checkpoints" / "step_000002").is_dir()
 
 

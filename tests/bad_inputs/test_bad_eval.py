@@ -142,11 +142,18 @@ def test_unrecorded_images_in_an_argen_folder_are_not_counted(tmp_path, monkeypa
 
 
 def test_eval_into_its_own_output_resumes_and_rewrites_its_json(tmp_path, monkeypatch, tiny_c2i):
+    import functools
+
+    import argen.progress
+
     monkeypatch.chdir(tmp_path)
+    # stderr is not a terminal here: progress comes as plain lines (every 5 s; every update for the test)
+    monkeypatch.setattr(argen.progress, "progress", functools.partial(argen.progress.progress, every=0.0))
     args = ["eval", "fid", "--model", tiny_c2i, "--num-samples", "2", "--batch-size", "2", "--out", "e",
             "--ref-num", "20", "--no-floor", "--threads", "1", "--json", "m.json", "--npz", "s.npz"]
     first = cli(*args)
     assert first.code == 0, first.err
+    assert "sampling: 2/2 images" in first.err and "features of 2 samples: 1/1 batches" in first.err
     again = cli(*args)
     assert again.code == 0, again.err
     assert "0 image(s) to generate, 2 already present" in again.err
