@@ -8,7 +8,7 @@ and the class names. It holds the one generation path every caller uses (`argen 
     sample_tokens(cond, mask, seeds)   -> generator tokens (sampler + generator, in batches)
     tokens_to_images(tokens, ...)      -> images in [-1, 1] (refiner, tokenizer.decode, crop)
 
-On disk a pipeline is a folder with `pipeline.json` (written only by `write_pipeline_json`)
+On disk a pipeline is a folder with `pipeline.json` (written only by `pipeline_json`)
 naming its components: each a folder (relative to pipeline.json; "." is the folder itself,
 the layout of the shipped models) or a shipped name such as "default-vq". Components load by the
 class their `config.json` names (`argen.registry`), so a new generator, tokenizer or refiner
@@ -65,17 +65,16 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
-def write_pipeline_json(folder, *, tokenizer: str, class_names: Sequence[str] = (), defaults: Optional[dict] = None,
-                        crop: Optional[int] = None, text_encoder: Optional[dict] = None, generator: str = ".",
-                        refiner: Optional[str] = None) -> dict:
-    """The one writer of `pipeline.json`. Component entries are folders relative to it ("." is
-    the folder itself) or shipped names."""
+def pipeline_json(*, tokenizer: str, class_names: Sequence[str] = (), defaults: Optional[dict] = None,
+                  crop: Optional[int] = None, text_encoder: Optional[dict] = None, generator: str = ".",
+                  refiner: Optional[str] = None) -> str:
+    """The text of a `pipeline.json`: its one writer (`save_pretrained` and training use it).
+    Component entries are folders relative to the file ("." is its own folder) or shipped names."""
     meta = {"generator": generator, "refiner": refiner, "tokenizer": tokenizer, "class_names": list(class_names),
             "defaults": dict(defaults or {}), "crop": crop}
     if text_encoder is not None:
         meta["text_encoder"] = dict(text_encoder)
-    Path(folder, PIPELINE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
+    return json.dumps(meta, indent=1) + "\n"
 
 
 @dataclass
@@ -191,10 +190,11 @@ class ARPipeline(DiffusionPipeline):
             self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
             if self.refiner is not None:
                 self.refiner.save_pretrained(tmp / "refiner", dtype=dtype)
-            write_pipeline_json(tmp, generator="generator", tokenizer="tokenizer",
-                                refiner="refiner" if self.refiner is not None else None, class_names=self.class_names,
-                                defaults=self.defaults, crop=self.crop,
-                                text_encoder=self.text_encoder.config() if self.text_encoder is not None else None)
+            text = pipeline_json(generator="generator", tokenizer="tokenizer",
+                                 refiner="refiner" if self.refiner is not None else None, class_names=self.class_names,
+                                 defaults=self.defaults, crop=self.crop,
+                                 text_encoder=self.text_encoder.config() if self.text_encoder is not None else None)
+            (tmp / PIPELINE_FILE).write_text(text)
 
         atomic_directory_write(Path(save_directory), write, kind="pipeline")
 

@@ -95,7 +95,7 @@ def test_cli_bench_features_bad_input(capsys):
 def test_forward_cost_curve_tiny():
     from argen.bench.samplers import forward_cost, forward_cost_table
 
-    curves = forward_cost(tiny_gpt(), [1, 2], windows=(1, 4), repeats=3)
+    curves = forward_cost(ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES), [1, 2], windows=(1, 4), repeats=3)
     assert [c["rows"] for c in curves] == [2, 4]
     assert all(c["cost"][1] == 1.0 and c["cost"][4] > 0 and c["ms_t1"] > 0 for c in curves)
     assert forward_cost_table(curves).count("\n") == 3

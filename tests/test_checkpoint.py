@@ -144,4 +144,4 @@ def test_from_pretrained_errors(tmp_path):
     again = VQTokenizer.from_pretrained(tmp_path / "vq")
     images = torch.rand(2, 3, 8, 8) * 2 - 1
     assert torch.equal(again.encode(images), vq.eval().encode(images))
-    assert again.code_shape == (4, 4)
+    assert again.grid == (4, 4)

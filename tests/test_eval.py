@@ -370,12 +370,11 @@ def test_quality_scorer_equals_scoring_the_pngs(tmp_path, c2i_dir, fmnist_availa
     from_disk = evaluate_samples(out, ref_num=1000)  # a class-balanced 1000-image reference keeps it quick
     assert from_disk["class_accuracy"] is not None and from_disk["fid_floor"] is not None
 
-    cond, _, labels = pipe.prepare_conditions(class_labels=list(range(10)), num_images=1)
-    from argen.samplers import get_sampler
-
-    tokens = get_sampler("ar")(pipe.gpt, cond, params=SamplingParams(cfg_scale=2.0), seeds=list(range(10))).tokens
-    images = torch.cat([pipe.decode(tokens[i:i + 1]) for i in range(10)])
-    score = quality_scorer(10, ref_num=1000)(images, labels)
+    conds = pipe.conditions(class_labels=list(range(10)))
+    seeds = list(range(10))
+    tokens = pipe.sample_tokens(conds, seeds, "ar", SamplingParams(cfg_scale=2.0)).tokens
+    images = torch.cat([pipe.tokens_to_images(tokens[i:i + 1], conds[i:i + 1], seeds[i:i + 1]) for i in range(10)])
+    score = quality_scorer(10, ref_num=1000)(images, conds.labels)
     for key in ("fid", "is", "class_accuracy", "precision", "recall", "fid_floor"):
         assert score[key] == pytest.approx(from_disk[key], rel=1e-9, abs=1e-12), key
     assert 1.0 <= score["is"] <= 10.0 and 0.0 <= score["class_accuracy"] <= 1.0

@@ -108,7 +108,7 @@ def test_vq_matches_official(vq_fixture):
     vq, io = vq_fixture
     torch.testing.assert_close(vq.encoder(io["image"]), io["encoder_out"], **TOL)
     codes = vq.encode(io["image"])
-    assert codes.shape == (1, 4, 4) and vq.code_shape == (4, 4)
+    assert codes.shape == (1, 16) and vq.grid == (4, 4) and vq.num_tokens == 16  # raster order
     assert torch.equal(codes.flatten(), io["indices"])
     torch.testing.assert_close(vq.codebook_embeddings(), io["codebook_normalized"], **TOL)
     torch.testing.assert_close(vq.decode(codes), io["decoded_from_codes"], **TOL)
@@ -125,7 +125,7 @@ def test_end_to_end_image(gpt_fixture, vq_fixture, llamagen_fixtures):
     e2e = load_file(llamagen_fixtures / "e2e_tiny.safetensors")
     tokens = generate(model, io["gen.greedy_cfg2.cond"], 16, cfg_scale=2.0, top_k=1)
     assert torch.equal(tokens, e2e["tokens"])
-    torch.testing.assert_close(vq.decode_flat(tokens.long()), e2e["image"], **TOL)
+    torch.testing.assert_close(vq.decode(tokens.long()), e2e["image"], **TOL)
 
 
 def test_converted_official_weights_generate_through_the_cli(llamagen_fixtures, tmp_path):

@@ -106,7 +106,7 @@ def test_tokenizer_tiny_run_learns_and_exports(tmp_path):
     assert {"psnr_db", "codebook_usage"} <= set(metrics["test"])
     assert json.loads((out / "metrics.json").read_text())["test"]["codes_used"] >= 1
     vq = VQTokenizer.from_pretrained(out / "model")
-    assert vq.code_shape == (4, 4)
+    assert vq.grid == (4, 4)
     assert (out / "model" / "MODEL_CARD.md").is_file() and (out / "model" / "reconstructions.png").is_file()
     assert [p.name for p in list_checkpoints(out)] == ["step_000008", "step_000016"]
 
@@ -135,8 +135,11 @@ def test_gpt_c2i_tiny_run_lowers_the_loss(tmp_path, tiny_vq_dir):
     rows = read_log(out / "log.csv")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
     assert (out / "codes_train.safetensors").is_file()
-    pipeline = json.loads((out / "model" / "pipeline.json").read_text())
-    assert pipeline["model_type"] == "c2i" and len(pipeline["class_names"]) == 10
+    from argen.pipeline import ARPipeline
+
+    pipe = ARPipeline.from_pretrained(out / "model")  # the exported folder is a whole pipeline
+    assert not pipe.is_text_to_image and len(pipe.class_names) == 10
+    assert pipe(class_labels="sneaker", num_images=2, progress=False).images[0].size == (28, 28)
     assert (out / "model" / "samples.png").is_file() and (out / "model" / "MODEL_CARD.md").is_file()
     assert metrics["export_dtype"] in ("float16", "float32")
     acc = metrics["class_accuracy"]

@@ -95,8 +95,8 @@ def bench_decode(model, label: str, batch_size: int, params: SamplingParams, tok
     """Alternate decode runs and roofline GEMVs `rounds` times; report medians of each."""
     rows = batch_size * (2 if params.uses_cfg else 1)
     nbytes = weight_bytes_per_step(model)
-    roof = Roofline(nbytes, model.gpt_config.dim, rows, model.dtype)
-    cond = torch.arange(batch_size) % model.gpt_config.num_classes
+    roof = Roofline(nbytes, model.token_embeddings().shape[1], rows, model.dtype)
+    cond = torch.arange(batch_size) % model.num_classes
     _decode_steps(model, cond, params, 8)  # warm-up
     for _ in range(3):
         roof.time_once()
@@ -117,7 +117,7 @@ def bench_decode(model, label: str, batch_size: int, params: SamplingParams, tok
 
 @torch.no_grad()
 def greedy_tokens(model, batch_size: int, params: SamplingParams, tokens: int) -> torch.Tensor:
-    cond = torch.arange(batch_size) % model.gpt_config.num_classes
+    cond = torch.arange(batch_size) % model.num_classes
     return ARSampler(sample=False)(model, cond, params=params, num_tokens=tokens).tokens
 
 

@@ -18,7 +18,8 @@ import torch
 
 from ..atomic import SIGNATURE, atomic_write, atomic_write_json, sign_json
 from ..errors import ArgenError
-from ..samplers import SamplingParams, get_sampler
+from ..samplers import SamplingParams
+from ..samplers.base import cfg_batch
 from ..samplers.spec import SamplerSpec, make_sampler, parse_spec  # noqa: F401  (re-exported)
 
 
@@ -46,36 +47,29 @@ class Record:
         return out
 
 
-def run_sampler(gpt, sampler, cond, mask, params: SamplingParams, batch_size: int, seeds: Sequence[int]):
-    """All images in batches; returns tokens, per-image NFE, accepted-per-forward values, seconds."""
-    tokens, nfe, accepted = [], [], []
+def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, seeds: Sequence[int]):
+    """All images in batches through the pipeline's sampling path; returns tokens, per-image
+    NFE, accepted-per-forward values, seconds."""
     start = time.perf_counter()
-    for lo in range(0, cond.shape[0], batch_size):
-        hi = min(lo + batch_size, cond.shape[0])
-        out = sampler(gpt, cond[lo:hi], params=params, cond_mask=None if mask is None else mask[lo:hi],
-                      seeds=list(seeds[lo:hi]))
-        tokens.append(out.tokens)
-        nfe.append(out.nfe_per_sample.float())
-        accepted += list(out.accepted_per_forward)
+    out = pipe.sample_tokens(conds, seeds, sampler, params, batch_size)
     seconds = time.perf_counter() - start
-    return torch.cat(tokens), torch.cat(nfe), accepted, seconds
+    return out.tokens, out.nfe_per_sample.float(), list(out.accepted_per_forward), seconds
 
 
 def benchmark_conditions(pipe, num_images: int):
-    """Class-balanced labels (c2i) or held-out paraphrase prompts cycled over classes (t2i)."""
+    """Class-balanced labels, or held-out paraphrase prompts cycled over classes (text); the
+    conditions' labels are class ids either way (for class accuracy)."""
     if pipe.is_text_to_image:
         from ..data.captions import HELDOUT_PROMPTS
 
         classes = sorted(HELDOUT_PROMPTS)
         prompts = [HELDOUT_PROMPTS[classes[i % len(classes)]][(i // len(classes)) % len(HELDOUT_PROMPTS[classes[0]])]
                    for i in range(num_images)]
-        cond, mask, _ = pipe.prepare_conditions(prompt=prompts, num_images=1)
-        labels = [classes[i % len(classes)] for i in range(num_images)]
-        return cond, mask, labels
-    num_classes = pipe.gpt.gpt_config.num_classes
-    labels = [i % num_classes for i in range(num_images)]
-    cond, mask, _ = pipe.prepare_conditions(class_labels=labels, num_images=1)
-    return cond, mask, labels
+        conds = pipe.conditions(prompt=prompts, num_images=1)
+        conds.labels = [classes[i % len(classes)] for i in range(num_images)]
+        return conds
+    num_classes = pipe.generator.num_classes
+    return pipe.conditions(class_labels=[i % num_classes for i in range(num_images)], num_images=1)
 
 
 def _nfe_stats(nfe: torch.Tensor, ar_nfe: float) -> dict:
@@ -97,20 +91,19 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
     if not any(s.name == "ar" and not s.options for s in specs):
         specs = [SamplerSpec("ar", {}, "ar")] + list(specs)
     total = max(num_images, quality_images if quality is not None else 0)
-    cond, mask, labels = benchmark_conditions(pipe, total)
+    conds = benchmark_conditions(pipe, total)
     seeds = [seed + i for i in range(total)]
-    mask_n = None if mask is None else mask[:num_images]
     records = []
     for bs in batch_sizes:
         samplers = {s.label: make_sampler(s) for s in specs}
         for label, sampler in samplers.items():  # warm-up round, not timed
-            run_sampler(pipe.gpt, sampler, cond[:bs], None if mask is None else mask[:bs], params, bs, seeds[:bs])
+            run_sampler(pipe, sampler, conds[:bs], params, bs, seeds[:bs])
         times = {label: [] for label in samplers}
         results = {}
         for r in range(rounds):
             for label, sampler in samplers.items():
-                tokens, nfe, accepted, seconds = run_sampler(pipe.gpt, sampler, cond[:num_images], mask_n, params,
-                                                             bs, seeds[:num_images])
+                tokens, nfe, accepted, seconds = run_sampler(pipe, sampler, conds[:num_images], params, bs,
+                                                             seeds[:num_images])
                 times[label].append(seconds)
                 results[label] = (nfe, accepted)
             log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
@@ -125,19 +118,19 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
                 seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
                 wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[spec.label], **_nfe_stats(nfe, ar_nfe)))
     if quality is not None and quality_images:
-        _add_quality(pipe, specs, records, cond[:quality_images], None if mask is None else mask[:quality_images],
-                     labels[:quality_images], seeds[:quality_images], params, max(batch_sizes), quality, log)
+        _add_quality(pipe, specs, records, conds[:quality_images], seeds[:quality_images], params, max(batch_sizes),
+                     quality, log)
     return records
 
 
 @torch.no_grad()
-def _add_quality(pipe, specs, records, cond, mask, labels, seeds, params, batch_size, quality, log) -> None:
+def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality, log) -> None:
     """Sample the quality set once per setting; fill FID/IS/accuracy and the set's NFE into its records."""
     scored, ar_nfe = {}, None
     for spec in specs:
         start = time.perf_counter()
-        tokens, nfe, accepted, _ = run_sampler(pipe.gpt, make_sampler(spec), cond, mask, params, batch_size, seeds)
-        scores = quality(pipe.decode(tokens), labels)
+        tokens, nfe, accepted, _ = run_sampler(pipe, make_sampler(spec), conds, params, batch_size, seeds)
+        scores = quality(pipe.tokens_to_images(tokens, conds, seeds), conds.labels)
         ar_nfe = nfe.mean().item() if spec.name == "ar" and not spec.options else ar_nfe
         scored[spec.label] = (scores, nfe, accepted)
         log(f"quality {spec.label}: {len(seeds)} images in {time.perf_counter() - start:.0f}s, "
@@ -155,32 +148,32 @@ def _add_quality(pipe, specs, records, cond, mask, labels, seeds, params, batch_
 
 
 @torch.no_grad()
-def forward_cost(gpt, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2, 4, 8, 16), cfg: bool = True,
+def forward_cost(pipe, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2, 4, 8, 16), cfg: bool = True,
                  repeats: int = 30) -> List[dict]:
-    """Time one decode forward of T tokens per row against a 1-token forward, interleaved.
+    """Time one decode forward of T positions per row against a 1-position forward, interleaved.
 
     This is the price of verifying a window: speculative sampling pays off in wall-clock only as
     far as a T-token forward costs less than T one-token forwards (memory-bound, on big models or
     accelerators); on a compute-bound CPU it costs nearly T times as much. Returns one record per
     batch size: {batch_size, rows, ms_t1, cost: {T: time(T) / time(1)}}.
     """
-    cfg_len = gpt.gpt_config.cls_token_num
-    n = gpt.gpt_config.block_size
+    gen = pipe.generator
+    n, codes = gen.num_positions, (gen.tokens_per_position,) if gen.tokens_per_position > 1 else ()
     out = []
     for bs in batch_sizes:
-        rows = bs * (2 if cfg else 1)
-        cond = torch.zeros(rows, dtype=torch.long) if gpt.gpt_config.model_type == "c2i" else \
-            torch.zeros(rows, cfg_len, gpt.gpt_config.caption_dim)
-        cache = gpt.new_cache(rows, cfg_len + n)
-        gpt.prefill(cond, cache)
+        conds = benchmark_conditions(pipe, bs)
+        cond, mask = cfg_batch(gen, conds.cond, conds.mask, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
+        rows, cond_len = cond.shape[0], gen.condition_length(cond)
+        cache = gen.new_cache(rows, cond_len + n)
+        gen.prefill(cond, cache, mask)
         times = {t: [] for t in windows}
         for r in range(repeats + 1):
             for t in windows:
-                start_pos = cfg_len + (r * 7) % max(1, n - t)  # vary the attended length like a real run
-                tokens = torch.zeros(rows, t, dtype=torch.long)
+                start_pos = cond_len + (r * 7) % max(1, n - t)  # vary the attended length like a real run
+                tokens = torch.zeros(rows, t, *codes, dtype=torch.long)
                 pos = torch.arange(start_pos, start_pos + t)
                 begin = time.perf_counter()
-                gpt.decode(tokens, pos, cache)
+                gen.decode(tokens, pos, cache)
                 if r:  # the first pass warms up
                     times[t].append(time.perf_counter() - begin)
         base = statistics.median(times[windows[0]])
@@ -197,20 +190,23 @@ def target_entropy(pipe, num_images: int, params: SamplingParams, seed: int = 0)
     rarely matches. The other is how much a row moves when the tokens before it change; sweep
     `--temperature` (down to 0, where SJD is greedy Jacobi iteration) to tell them apart.
     Returns mean/median entropy (nats), mean top-1 probability and the share of positions whose
-    top-1 probability exceeds 0.9, over `num_images` AR samples.
+    top-1 probability exceeds 0.9, over `num_images` AR samples. The distributions come from the
+    generator's cached forward: a prefill, then every sampled position in one decode call.
     """
     from ..samplers.logits import logits_to_probs
 
-    gpt = pipe.gpt
-    cond, mask, _ = benchmark_conditions(pipe, num_images)
-    tokens = get_sampler("ar")(gpt, cond, params=params, cond_mask=mask, seeds=list(range(seed, seed + num_images))).tokens
+    gen = pipe.generator
+    conds = benchmark_conditions(pipe, num_images)
+    tokens = pipe.sample_tokens(conds, list(range(seed, seed + num_images)), "ar", params, num_images).tokens
+    positions = tokens.view(num_images, gen.num_positions, -1).squeeze(-1)
+    cond, mask = cfg_batch(gen, conds.cond, conds.mask, params)
     if params.uses_cfg:
-        both, both_mask = torch.cat([cond, gpt.null_condition(cond)]), None if mask is None else torch.cat([mask, mask])
-        logits = gpt(torch.cat([tokens, tokens])[:, :-1], both, mask=both_mask)
-    else:
-        logits = gpt(tokens[:, :-1], cond, mask=mask)
-    t = gpt.condition_length(cond)
-    probs = logits_to_probs(logits[:, t - 1:], params, params.uses_cfg)  # rows predicting image tokens
+        positions = torch.cat([positions, positions])
+    cache = gen.new_cache(cond.shape[0], gen.condition_length(cond) + gen.num_positions)
+    first = gen.prefill(cond, cache, mask)
+    start = gen.condition_length(cond)
+    rest = gen.decode(positions[:, :-1], torch.arange(start, start + gen.num_positions - 1), cache)
+    probs = logits_to_probs(torch.cat([first[:, None], rest], 1), params, params.uses_cfg)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
     top1 = probs.max(-1).values
     return {"images": num_images, "mean_entropy_nats": entropy.mean().item(),

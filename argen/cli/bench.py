@@ -166,20 +166,21 @@ def run_samplers(args) -> int:
 
     from ..bench.samplers import bench_samplers, copy_quality, load_quality, markdown_table, plot, write_json
     from ..pipeline import ARPipeline
-    from ..samplers import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = ARPipeline.from_pretrained(args.model)
-    cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
-    params = SamplingParams(cfg_scale=cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = pipe.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    cfg = params.cfg_scale
     quality = None
     if args.fid:
         from ..eval.quality import quality_scorer  # FID/IS/class accuracy on the fmnist classifier
 
         quality = quality_scorer(args.fid)
     if args.compile:
-        pipe.gpt.compile_decode()
+        if not hasattr(pipe.generator, "compile_decode"):
+            raise ArgenError(f"--compile: {type(pipe.generator).__name__} has no compile_decode()")
+        pipe.generator.compile_decode()
     earlier_quality = None
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
@@ -193,7 +194,7 @@ def run_samplers(args) -> int:
         from ..bench.samplers import forward_cost, forward_cost_table
 
         windows = sorted({1, *_int_list(args.forward_cost, "--forward-cost")})
-        curves = forward_cost(pipe.gpt, batch_sizes, windows, cfg=params.uses_cfg)
+        curves = forward_cost(pipe, batch_sizes, windows, cfg=params.uses_cfg)
         table += "\n\nCost of one T-token forward relative to a 1-token forward:\n\n" + forward_cost_table(curves)
     from ..bench.samplers import target_entropy
 

@@ -123,7 +123,7 @@ def make_plan(pipe, num_samples: int, seed: int = 0, prompts: Optional[Sequence[
         return items, cond
     if prompts is not None:
         raise ArgenError("this is a class-conditional model: it takes no prompt file")
-    num_classes = pipe.gpt.gpt_config.num_classes
+    num_classes = pipe.generator.num_classes
     items = [PlanItem(i, seed + i, i % num_classes) for i in range(num_samples)]
     space = "fashion-mnist" if tuple(pipe.class_names) == CLASS_NAMES else None
     return items, {"type": "class-balanced", "num_classes": num_classes, "label_space": space}
@@ -136,7 +136,9 @@ def model_fingerprint(pipe) -> str:
     import torch
 
     digest = hashlib.sha256()
-    for module in (pipe.gpt, pipe.tokenizer):
+    for module in (pipe.generator, pipe.refiner, pipe.tokenizer):
+        if module is None:
+            continue
         for key, value in sorted(module.state_dict().items()):
             flat = value.detach().reshape(-1)
             digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
@@ -242,29 +244,14 @@ def claim_eval_dir(out) -> Path:
 # --------------------------------------------------------------------------- generation
 
 
-class _Conditions:
-    """Condition tensors per plan item; prompts are encoded one at a time and cached, so a
-    prompt's features do not depend on which other prompts share its batch."""
+def plan_conditions(pipe, items: Sequence[PlanItem]):
+    """The pipeline's conditions for a block of plan items (class ids, or prompts)."""
+    from argen.pipeline import Conditions
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.cache = {}
-
-    def __call__(self, items: Sequence[PlanItem]):
-        import torch
-
-        pipe = self.pipe
-        if not pipe.is_text_to_image:
-            return torch.tensor([it.label for it in items], device=pipe.device), None
-        feats, masks = [], []
-        for it in items:
-            if it.prompt not in self.cache:
-                f, m = pipe.text_encoder.encode([it.prompt], device=pipe.device)
-                self.cache[it.prompt] = (f.to(pipe.gpt.dtype), m)
-            f, m = self.cache[it.prompt]
-            feats.append(f)
-            masks.append(m)
-        return torch.cat(feats), torch.cat(masks)
+    if pipe.is_text_to_image:
+        feats, mask = pipe.prompt_features([it.prompt for it in items])
+        return Conditions(feats, mask, [it.label for it in items])
+    return pipe.conditions(class_labels=[it.label for it in items])
 
 
 def _rank_world(state) -> tuple[int, int]:
@@ -290,12 +277,12 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
     """
     from argen.imageio import save_png_atomic
     from argen.pipeline import to_pil
-    from argen.samplers import SamplingParams, get_sampler
+    from argen.samplers import get_sampler
 
     if batch_size < 1:
         raise ArgenError(f"--batch-size must be >= 1, got {batch_size}")
     if params is None:
-        params = SamplingParams(cfg_scale=pipe.defaults.get("cfg_scale", 2.0))
+        params = pipe.sampling_params()
     options = dict(sampler_options or {})
     try:
         sampler_obj = get_sampler(sampler, **options)
@@ -348,19 +335,20 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
         log(f"{prefix}{len(missing)} image(s) to generate, {skipped} already present in {samples_dir}")
     from argen.progress import progress
 
-    conds = _Conditions(pipe)
     bar = progress(total=len(missing), desc=f"{prefix}sampling", unit="images", enabled=log is not None)
     start = time.perf_counter()
     nfe_total, sampled, done = 0.0, 0, 0
     for batch in todo:
-        cond, mask = conds(batch)
-        out = sampler_obj(pipe.gpt, cond, params=params, cond_mask=mask, seeds=[it.seed for it in batch])
+        conds = plan_conditions(pipe, batch)
+        seeds = [it.seed for it in batch]
+        out = pipe.sample_tokens(conds, seeds, sampler_obj, params, batch_size=len(batch))
         nfe_total += float(out.nfe_per_sample.float().sum())
         sampled += len(batch)
         for j, it in enumerate(batch):
             if it.index not in missing:
                 continue
-            image = to_pil(pipe.decode(out.tokens[j:j + 1]))[0]  # one image per decode: batch-independent
+            # one image per decode, so an image never depends on what shared its batch
+            image = to_pil(pipe.tokens_to_images(out.tokens[j:j + 1], conds[j:j + 1], seeds[j:j + 1]))[0]
             save_png_atomic(image, sample_path(out_dir, it.index))
             done += 1
             bar.update(1)

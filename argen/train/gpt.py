@@ -32,8 +32,9 @@ from ..data import captions as captions_mod
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, pad_image, to_model_range
 from ..atomic import atomic_write
 from ..errors import ArgenError
-from ..hub import SHIPPED_MODELS, resolve_model_dir
+from ..hub import PIPELINE_FILE, SHIPPED_MODELS, resolve_model_dir
 from ..models.gpt import GPT, GPTConfig
+from ..pipeline import ARPipeline, pipeline_json
 from ..tokenizers.vq import VQTokenizer
 from .common import Trainer, TrainConfig, check_run_args, seed_everything, set_threads, write_json
 from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
@@ -163,15 +164,13 @@ class CodeBatches:
 
 
 @torch.no_grad()
-def sample_grid(gpt: GPT, vq: VQTokenizer, cond, cond_mask=None, cfg_scale: float = 2.0, seeds=None):
-    """AR samples for conditions `cond` -> images [B, 1, H, W] in [-1, 1]."""
-    from ..samplers import ARSampler, SamplingParams
-
-    B = cond.shape[0]
-    out = ARSampler()(gpt, cond, params=SamplingParams(cfg_scale=cfg_scale), cond_mask=cond_mask,
-                      seeds=list(range(B)) if seeds is None else seeds)
-    h, w = vq.code_shape
-    return vq.decode(out.tokens.view(B, h, w)).float().clamp(-1, 1)
+def sample_grid(pipe, labels: torch.Tensor, prompts=None, seeds=None) -> torch.Tensor:
+    """AR samples through the pipeline's generation path, one per class label (text models: one
+    per prompt) -> images [B, 1, H, W] in [-1, 1]."""
+    conds = pipe.conditions(prompt=prompts) if prompts is not None else pipe.conditions(class_labels=labels)
+    seeds = list(range(len(conds))) if seeds is None else list(seeds)
+    tokens = pipe.sample_tokens(conds, seeds, "ar", pipe.sampling_params(), batch_size=len(conds)).tokens
+    return pipe.tokens_to_images(tokens, conds, seeds)
 
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
@@ -285,14 +284,11 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         ema = trainer.ema_model()
         folder = out / "model"
         tok_name = tokenizer_name or (str(vq) if str(vq) in SHIPPED_MODELS else str(vq_dir))
-        pipeline = {"tokenizer": tok_name, "model_type": model_type, "class_names": list(CLASS_NAMES),
-                    "image_size": vq_model.image_size, "crop": 28, "code_shape": [h, w],
-                    "default_cfg_scale": cfg_scale}
-        extra = {}
+        pipeline = {"tokenizer": tok_name, "class_names": list(CLASS_NAMES), "crop": 28,
+                    "defaults": {"cfg_scale": cfg_scale}, "text_encoder": enc_config}
+        extra = {PIPELINE_FILE: pipeline_json(**pipeline)}
         if model_type == "t2i":
-            pipeline["text_encoder"] = enc_config
             extra["text_encoder.json"] = _json(enc_config)
-        extra["pipeline.json"] = _json(pipeline)
         metrics = {"step": trainer.step, "train_wall_s": round(trainer.elapsed, 1), "prep_s": round(prep_s, 1),
                    "final_train_losses": trainer.last_losses, "parameters": model.num_parameters()}
         # Held-out-free sanity metric: teacher-forced loss of the EMA model on the test split.
@@ -312,22 +308,21 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                 dtype = torch.float32
         metrics["export_dtype"] = str(dtype).replace("torch.", "")
         final = GPT.from_pretrained(folder).float().eval()
+        # Sample grids and accuracy go through the pipeline's generation path; uncropped (32 px)
+        # as the tokenizer decodes them.
+        pipe = ARPipeline(final, vq_model, encoder, CLASS_NAMES, {"cfg_scale": cfg_scale})
         # Per-class sample grid: one row per class.
         n = samples_per_class
         grid_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(n)
-        if model_type == "c2i":
-            imgs = sample_grid(final, vq_model, grid_labels, cfg_scale=cfg_scale)
-            prompts = None
-        else:
+        prompts = None
+        if model_type == "t2i":
             prompts = [captions_mod.HELDOUT_PROMPTS[c][0] for c in range(len(CLASS_NAMES))]
-            f, m = encoder.encode([prompts[int(c)] for c in grid_labels])
-            imgs = sample_grid(final, vq_model, f, m, cfg_scale=cfg_scale)
+        imgs = sample_grid(pipe, grid_labels, None if prompts is None else [prompts[int(c)] for c in grid_labels])
         save_grid(imgs, len(CLASS_NAMES), folder / "samples.png")
         metrics["grid_prompts"] = prompts
         metrics["grid_samples"] = int(imgs.shape[0])
         if accuracy_per_class > 0:
-            metrics["class_accuracy"] = class_accuracy(final, vq_model, model_type, encoder, cfg_scale,
-                                                       accuracy_per_class)
+            metrics["class_accuracy"] = class_accuracy(pipe, accuracy_per_class)
         metrics["eval_wall_s"] = round(time.time() - t0, 1)
         write_json(out / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
@@ -349,8 +344,7 @@ def _load_encoder(name: str):
     return _ENCODERS[name]
 
 
-def class_accuracy(gpt: GPT, vq: VQTokenizer, model_type: str, encoder, cfg_scale: float, per_class: int,
-                   batch: int = 100) -> Optional[dict]:
+def class_accuracy(pipe, per_class: int, batch: int = 100) -> Optional[dict]:
     """Fraction of samples the shipped Fashion-MNIST classifier assigns to the requested class
     (t2i: prompts cycle through the held-out `HELDOUT_PROMPTS`). None when no classifier is installed."""
     try:
@@ -364,19 +358,17 @@ def class_accuracy(gpt: GPT, vq: VQTokenizer, model_type: str, encoder, cfg_scal
     seeds = list(range(10_000, 10_000 + len(labels)))
     for s in range(0, len(labels), batch):
         lab = labels[s:s + batch]
-        if model_type == "c2i":
-            imgs = sample_grid(gpt, vq, lab, cfg_scale=cfg_scale, seeds=seeds[s:s + batch])
-        else:
+        prompts = None
+        if pipe.is_text_to_image:
             prompts = [captions_mod.HELDOUT_PROMPTS[int(c)][(s + j) % len(captions_mod.HELDOUT_PROMPTS[int(c)])]
                        for j, c in enumerate(lab)]
-            f, m = encoder.encode(prompts)
-            imgs = sample_grid(gpt, vq, f, m, cfg_scale=cfg_scale, seeds=seeds[s:s + batch])
+        imgs = sample_grid(pipe, lab, prompts, seeds=seeds[s:s + batch])
         with torch.no_grad():
             pred = clf(imgs).argmax(-1)
         correct += torch.bincount(lab[pred == lab], minlength=len(CLASS_NAMES)).float()
     return {"accuracy": float(correct.sum() / len(labels)), "per_class": (correct / per_class).tolist(),
-            "samples": len(labels), "cfg_scale": cfg_scale,
-            "conditions": "class ids" if model_type == "c2i" else "held-out prompts (HELDOUT_PROMPTS)",
+            "samples": len(labels), "cfg_scale": pipe.defaults["cfg_scale"],
+            "conditions": "held-out prompts (HELDOUT_PROMPTS)" if pipe.is_text_to_image else "class ids",
             "classifier": "argen/assets/fmnist-classifier"}
 
 
@@ -396,14 +388,12 @@ def _conditions(model_type, labels, encoder, images, seed):
 @torch.no_grad()
 def _test_loss(model: GPT, codes, cond, mask, batch_size: int = 250) -> float:
     model.eval()
-    cls = model.gpt_config.cls_token_num
     total = 0.0
     for s in range(0, len(codes), batch_size):
         x = codes[s:s + batch_size]
         c = cond[s:s + batch_size]
         mk = None if mask is None else mask[s:s + batch_size]
-        logits = model(x[:, :-1], c, mk)[:, cls - 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum"))
+        total += float(model.loss(x, c, mk)) * x.numel()
     return total / codes.numel()
 
 
@@ -461,11 +451,8 @@ tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vo
 
 ## Use
 ```python
-from argen.models import GPT
-from argen.samplers import ARSampler, SamplingParams
-from argen.tokenizers.vq import VQTokenizer
-gpt = GPT.from_pretrained("default-{kind}").float()
-vq = VQTokenizer.from_pretrained("default-vq")
+from argen.pipeline import ARPipeline
+pipe = ARPipeline.from_pretrained("default-{kind}")   # or this folder's path
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)
@@ -480,4 +467,4 @@ def _accuracy_text(acc: Optional[dict]) -> str:
 
 
 def cfg_scale_text(pipeline: dict) -> str:
-    return f"CFG scale {pipeline['default_cfg_scale']}"
+    return f"CFG scale {pipeline['defaults']['cfg_scale']}"
