@@ -18,6 +18,17 @@ def llamagen_fixtures() -> Path:
     return LLAMAGEN_FIXTURES
 
 
+@pytest.fixture(scope="session")
+def fmnist_available():
+    from argen.data.fashion_mnist import load_fashion_mnist
+    from argen.errors import DatasetError
+
+    try:
+        load_fashion_mnist("test")
+    except DatasetError as exc:
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

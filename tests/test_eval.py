@@ -45,14 +45,6 @@ def _one_thread_and_private_cache(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def fmnist_available():
-    from argen.data.fashion_mnist import load_fashion_mnist
-
-    try:
-        load_fashion_mnist("test")
-    except DatasetError as exc:
-        pytest.skip(f"Fashion-MNIST not available: {exc}")
 
 
 def tiny_vq32():
