@@ -41,6 +41,7 @@ from diffusers.configuration_utils import register_to_config
 from ..errors import ArgenError, CheckpointError
 from ..models.checkpoint import load_into, load_state_dict_file
 from ..models.pretrained import PretrainedMixin
+from ..registry import register
 from .base import ImageTokenizer
 
 # Official ViT size table (identical in TiTokEncoder and TiTokDecoder): name -> (width, layers, heads).
@@ -349,6 +350,7 @@ class PixelQuantizer(nn.Module):
 # ---- the tokenizer ---------------------------------------------------------------------------
 
 
+@register
 class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
     """TiTok: images <-> K 1D codes. Codes are [B, K] int64 (`grid` is None: no spatial layout).
 
@@ -509,9 +511,6 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
                              "or use decode_tokens() for the proxy-code logits")
         pixels = self.decode_tokens(codes).float().clamp(0.0, 1.0)
         return pixels * 2 - 1  # TiTok [0, 1] -> argen [-1, 1]
-
-    def decode_flat(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.decode(tokens)
 
     def forward(self, images: torch.Tensor):
         """Training forward on [-1, 1] images: (reconstruction in [-1, 1], not clamped; codebook loss;
