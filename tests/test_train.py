@@ -146,6 +146,27 @@ def test_gpt_c2i_tiny_run_lowers_the_loss(tmp_path, tiny_vq_dir):
     assert acc is None or (acc["samples"] == 10 and 0 <= acc["accuracy"] <= 1)
 
 
+def test_gpt_trains_on_a_1d_tokenizer(tmp_path):
+    """Any registered tokenizer: a 1D TiTok (no grid) gives a GPT with 1D RoPE whose exported
+    folder is a pipeline that generates images."""
+    from argen.pipeline import ARPipeline
+    from argen.tokenizers import TiTokTokenizer
+
+    torch.manual_seed(0)
+    titok = TiTokTokenizer(image_size=32, in_channels=1, num_latent_tokens=6, codebook_size=16, token_size=4,
+                           enc_patch_size=8, enc_width=16, enc_layers=1, enc_heads=2, dec_patch_size=8, dec_width=16,
+                           dec_layers=1, dec_heads=2, is_legacy=False)
+    titok.save_pretrained(tmp_path / "titok")
+    train_gpt(tmp_path / "run", model_type="c2i", vq=str(tmp_path / "titok"), steps=4, batch_size=8, warmup_steps=1,
+              limit=32, log_every=2, ckpt_every=10, progress=False, samples_per_class=1, eval_items=8,
+              accuracy_per_class=0, **TINY_GPT)
+    pipe = ARPipeline.from_pretrained(tmp_path / "run" / "model")
+    assert pipe.generator.grid is None and pipe.generator.num_positions == 6
+    assert type(pipe.tokenizer) is TiTokTokenizer
+    out = pipe(class_labels="bag", num_images=2, progress=False)
+    assert out.tokens.shape == (2, 6) and out.images[0].size == (28, 28)
+
+
 def test_gpt_t2i_resume_is_bit_exact(tmp_path, tiny_vq_dir):
     kw = dict(model_type="t2i", vq=str(tiny_vq_dir), steps=6, batch_size=8, lr=3e-3, warmup_steps=2, limit=32,
               log_every=1, ckpt_every=3, progress=False, dropout=0.1, samples_per_class=1, eval_items=8, accuracy_per_class=0, **TINY_GPT)

@@ -35,7 +35,8 @@ from ..errors import ArgenError
 from ..hub import PIPELINE_FILE, SHIPPED_MODELS, resolve_model_dir
 from ..models.gpt import GPT, GPTConfig
 from ..pipeline import ARPipeline, pipeline_json
-from ..tokenizers.vq import VQTokenizer
+from ..registry import load_component
+from ..tokenizers.base import ImageTokenizer
 from .common import Trainer, TrainConfig, check_run_args, seed_everything, set_threads, write_json
 from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
 
@@ -56,9 +57,9 @@ def _weights_hash(folder: Path) -> str:
 
 
 @torch.no_grad()
-def encode_images(vq: VQTokenizer, images_uint8: torch.Tensor, flip: bool = False, batch_size: int = 500,
+def encode_images(vq: ImageTokenizer, images_uint8: torch.Tensor, flip: bool = False, batch_size: int = 500,
                   progress: bool = False) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> codes [N, h*w] (int16), padded to the VQ's image size first."""
+    """uint8 [N, 28, 28] -> codes [N, n] (int16), padded to the tokenizer's image size first."""
     from ..progress import progress as with_progress
 
     out = []
@@ -71,7 +72,7 @@ def encode_images(vq: VQTokenizer, images_uint8: torch.Tensor, flip: bool = Fals
     return torch.cat(out)
 
 
-def load_or_encode_codes(vq: VQTokenizer, vq_dir: Path, images: torch.Tensor, cache: Path, flip: bool,
+def load_or_encode_codes(vq: ImageTokenizer, vq_dir: Path, images: torch.Tensor, cache: Path, flip: bool,
                          limit: Optional[int], progress: bool) -> torch.Tensor:
     """Codes of `images` (and their flips, appended) from `cache` if it matches, else encoded and cached."""
     key = {"vq": _weights_hash(vq_dir), "items": str(len(images)), "flip": str(bool(flip)), "limit": str(limit)}
@@ -209,8 +210,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     check_codes_cache(codes_cache)
     check_run_dir(out, resume)
     vq_dir = resolve_model_dir(vq)
-    vq_model = VQTokenizer.from_pretrained(vq_dir).float().eval()
-    h, w = vq_model.code_shape
+    vq_model = load_component(vq_dir, ImageTokenizer).float().eval()  # any registered tokenizer, 2D or 1D
+    num_codes, grid = vq_model.num_tokens, vq_model.grid
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
@@ -241,7 +242,9 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                       weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
                       ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=progress)
 
-    fields = dict(vocab_size=vq_model.vocab_size, block_size=h * w, grid_size=(h, w) if h != w else None,
+    # 2D RoPE over a tokenizer's grid (grid_size only when it is not square), 1D RoPE for 1D codes
+    grid_fields = dict(rope_type="1d") if grid is None else dict(grid_size=tuple(grid) if grid[0] != grid[1] else None)
+    fields = dict(vocab_size=vq_model.vocab_size, block_size=num_codes, **grid_fields,
                   num_classes=len(CLASS_NAMES), model_type=model_type, class_dropout_prob=class_dropout,
                   token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout, multiple_of=64)
     if model_type == "t2i":
@@ -273,7 +276,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                 "text_encoder": enc_config, "command": command, "prep_s": round(prep_s, 1),
                 "threads": torch.get_num_threads()}
     trainer = Trainer(cfg, model, dataset, loss_fn, num_items=num_items, loss_names=["loss"],
-                      accelerator=accelerator, run_info=run_info, tokens_per_item=h * w)
+                      accelerator=accelerator, run_info=run_info, tokens_per_item=num_codes)
     trainer.fit(stop_at=stop_at_step)
     if not trainer.finished:
         return {"stopped_at": trainer.step}
