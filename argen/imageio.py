@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from .atomic import atomic_directory_write, atomic_write
-from .errors import ArgenError
+from . import __version__
+from .atomic import SIGNATURE, atomic_directory_write, atomic_write, check_output_file
 
 
-def check_png_path(path) -> Path:
-    """Validate an output path before any work is done, so a bad one costs nothing."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() != ".png":
-        raise ArgenError(f"output must be a .png file, got {str(path)!r}")
-    if path.is_dir():
-        raise ArgenError(f"output {str(path)!r} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ArgenError(f"output folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ArgenError(f"output folder {str(parent)!r} is not writable")
-    return path
+def check_png_path(path, flag: str = "--out") -> Path:
+    """Validate a PNG output path before any work is done, so a bad one costs nothing: a .png
+    name, not a folder, in a writable place, and not a file argen did not write."""
+    return check_output_file(path, (".png",), flag)
 
 
 def save_png_atomic(image: Image.Image, path) -> None:
-    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+    """Write a PNG atomically, signed as argen's (a text chunk `argen` = version), so a later run
+    may replace it and nothing else."""
+    info = PngInfo()
+    info.add_text(SIGNATURE, __version__)
+    atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
 
 
 def make_grid(images: Sequence[Image.Image], columns: int = 0, scale: int = 1, pad: int = 2) -> Image.Image:
@@ -46,11 +41,14 @@ def make_grid(images: Sequence[Image.Image], columns: int = 0, scale: int = 1, p
     return grid
 
 
-def save_images_folder(images: Sequence[Image.Image], folder, names: Sequence[str]) -> None:
-    """Write every image into `folder` (replaced as a whole, atomically)."""
+def save_images_folder(images: Sequence[Image.Image], folder, names: Sequence[str], kind: str = "images") -> None:
+    """Write every image into `folder` (replaced as a whole, atomically, and only if argen wrote it)."""
+
+    info = PngInfo()
+    info.add_text(SIGNATURE, __version__)
 
     def write(tmp: Path):
         for image, name in zip(images, names):
-            image.save(tmp / name, format="PNG")
+            image.save(tmp / name, format="PNG", pnginfo=info)
 
-    atomic_directory_write(Path(folder), write)
+    atomic_directory_write(Path(folder), write, kind=kind)

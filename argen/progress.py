@@ -23,7 +23,7 @@ class LineProgress:
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.unit, self.every = desc, unit, every
         self.file = file or sys.stderr
-        self.n = 0
+        self.n = self.shown = 0
         self.start = self.last = time.perf_counter()
 
     def __iter__(self):
@@ -46,6 +46,7 @@ class LineProgress:
             self._print(now)
 
     def _print(self, now: float) -> None:
+        self.shown = self.n
         elapsed = now - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
@@ -56,7 +57,7 @@ class LineProgress:
               file=self.file, flush=True)
 
     def close(self) -> None:
-        if self.n and time.perf_counter() - self.start >= self.every:
+        if self.n != self.shown and time.perf_counter() - self.start >= self.every:  # once, if not shown yet
             self._print(time.perf_counter())
             self.every = float("inf")  # print the final line once
 

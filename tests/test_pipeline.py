@@ -93,11 +93,11 @@ def test_cli_generate_writes_grid_and_images(c2i_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--class", "spaceship"], "unknown"),
     (["--class", "12"], "out of range"),
-    (["--class", "1", "--out", "missing_dir/x.png"], "does not exist"),
+    (["--class", "1", "--cfg-scale", "nan"], "finite"),  # (a missing --out folder is now created)
     (["--class", "1", "--out", "x.jpg"], ".png"),
     (["--class", "1", "--num-images", "0"], "num-images"),
     (["--class", "1", "--model", "no/such/model"], "no model directory"),
-    (["--class", "1", "--top-p", "0"], "top_p"),
+    (["--class", "1", "--top-p", "0"], "--top-p"),
 ])
 def test_cli_generate_bad_input(c2i_dir, tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     except ArgenError as err:
         print(f"argen: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: the system's words, and the path
+        where = f" ({err.filename!r})" if err.filename else ""
+        print(f"argen: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("argen: interrupted", file=sys.stderr)
         return 130
