@@ -72,10 +72,6 @@ class ModelFolder:
         return "text_encoder" in self.meta or self.config.get("model_type") == "t2i"
 
     @property
-    def model_type(self) -> str:
-        return "t2i" if self.is_text_to_image else "c2i"
-
-    @property
     def class_names(self) -> list:
         return list(self.meta.get("class_names") or [])
 

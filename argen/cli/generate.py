@@ -92,9 +92,9 @@ def check_model(args) -> tuple:
     if not args.tokenizer and found.meta.get("tokenizer") is None:
         raise ArgenError(f"--model {model}: no tokenizer recorded in {found.folder / 'pipeline.json'}; "
                          f"give one with --tokenizer NAME_OR_FOLDER")
-    if found.model_type == "t2i" and args.classes:
+    if found.is_text_to_image and args.classes:
         raise ArgenError(f"--model {model} is a text-to-image model: give a prompt, not --class")
-    if found.model_type != "t2i" and args.prompt is not None:
+    if not found.is_text_to_image and args.prompt is not None:
         raise ArgenError(f"--model {model} is a class-conditional model: give --class, not a prompt")
     ids = None
     if args.classes:

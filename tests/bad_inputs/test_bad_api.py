@@ -127,7 +127,7 @@ def test_sampler_options_refused(case, userdir):
 def test_sampler_seed_past_32_bits_refused(pipe, userdir):
     """A CPU generator keeps 32 bits of a seed: 2**32 would silently draw what seed 0 draws."""
     cond = torch.tensor([1])
-    refused(lambda: ARSampler()(pipe.gpt, cond, seeds=[2**32]), "seed", "4294967295")
+    refused(lambda: ARSampler()(pipe.generator, cond, seeds=[2**32]), "seed", "4294967295")
 
 
 # ---- loading (items 6, 7) --------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_largest_seed_works_and_numpy_numbers_pass(pipe, userdir):
 def test_mcsjd_window_capped_at_image_length(pipe, userdir):
     """item 7: L=10,000,000 no longer allocates [B, L, V] (82 GB); it runs as L = image length,
     with the same samples."""
-    n = pipe.gpt.gpt_config.block_size
+    n = pipe.generator.num_positions
     ref = pipe(class_labels=[1, 7], sampler=f"mcsjd:L={n}", progress=False)
     start = time.perf_counter()
     big = pipe(class_labels=[1, 7], sampler="mcsjd:L=10000000", progress=False)
