@@ -47,6 +47,8 @@ def run(args) -> int:
     out = check_png_path(args.out)
     model = args.model or ("default-t2i" if args.prompt is not None else "default-c2i")
     pipe = ARPipeline.from_pretrained(model, device=args.device, tokenizer=args.tokenizer)
+    if args.prompt is not None:
+        print_unknown_prompt_note(pipe, args.prompt)
     result = pipe(prompt=args.prompt, class_labels=args.classes, num_images=args.num_images, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
@@ -59,3 +61,14 @@ def run(args) -> int:
     print(f"generated {n} images in {result.seconds:.2f} s ({result.seconds / n:.3f} s/image, "
           f"{result.num_forward_passes} forward passes, sampler {args.sampler}) -> {out} and {folder}/")
     return 0
+
+
+def print_unknown_prompt_note(pipe, prompt: str) -> None:
+    """One line when the prompt names nothing the model was trained on, saying how it was read."""
+    reading = pipe.read_prompt(prompt)
+    if not reading.known:
+        from ..data.fashion_mnist import CLASS_NAMES
+
+        what = "Fashion-MNIST garments" if tuple(pipe.class_names) == CLASS_NAMES else "its training classes"
+        print(f"note: this model only knows {what} ({', '.join(pipe.class_names)}); {prompt!r} names none of them, "
+              f"so it was read as the nearest one, {reading.class_name} (text similarity {reading.similarity:.2f})")
