@@ -270,8 +270,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                                                                          **fields)
     torch.manual_seed(seed)  # identical init on every process
     model = GPT(gpt_cfg)
-    if init_from is not None:
-        init_weights(model, init_from, caption_set)
+    init_info = init_weights(model, init_from, caption_set) if init_from is not None else None
     seed_everything(seed + accelerator.process_index)
 
     dataset = CodeBatches(codes, labels, images, model_type, caption_set)
@@ -292,7 +291,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                 "gpt_config": {k: v for k, v in model.config.items() if not k.startswith("_")},
                 "parameters": model.num_parameters(), "train_items": num_items, "flip": flip,
                 "text_encoder": enc_config, "captions": captions if model_type == "t2i" else None,
-                "init_from": init_from, "command": command, "prep_s": round(prep_s, 1),
+                "init_from": init_from, "init": init_info, "command": command, "prep_s": round(prep_s, 1),
                 "threads": torch.get_num_threads()}
     trainer = Trainer(cfg, model, dataset, loss_fn, num_items=num_items, loss_names=["loss"],
                       accelerator=accelerator, run_info=run_info, tokens_per_item=h * w)
@@ -419,7 +418,7 @@ def _fit_caption_projection(embedder, feats, labels, class_table, steps: int, ba
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(embedder.cap_proj.parameters(), lr=3e-3)
     loss = torch.tensor(float("nan"))
-    for step in range(steps):
+    for step in range(steps):  # a few seconds: a 2-layer MLP on cached features
         pick = torch.randint(len(feats), (batch,), generator=gen)
         x = torch.cat([feats[pick], null.expand(batch // 10, -1)])
         y = torch.cat([class_table[labels[pick]], class_table[-1:].expand(batch // 10, -1)])
@@ -429,7 +428,7 @@ def _fit_caption_projection(embedder, feats, labels, class_table, steps: int, ba
         opt.step()
         for group in opt.param_groups:
             group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-    return float(loss)
+    return round(float(loss.detach()), 6)
 
 
 def class_accuracy(gpt: GPT, vq: VQTokenizer, model_type: str, encoder, cfg_scale: float, per_class: int,
