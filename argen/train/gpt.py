@@ -498,12 +498,7 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
     cond_text = (
         "Condition: Fashion-MNIST class id 0-9 (" + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES)) + "); "
         f"class dropout {g['class_dropout_prob']} during training gives the null class used by CFG."
-        if kind == "c2i" else
-        f"Condition: all-MiniLM-L6-v2 token features ({g['cls_token_num']} left-padded slots x {g['caption_dim']}), "
-        "see `text_encoder.json`. Training captions come from `argen.data.captions.train_caption` (several templates, "
-        "synonyms and a measured dark/light attribute), redrawn every epoch; caption dropout "
-        f"{g['class_dropout_prob']} trains the unconditional embedding used by CFG. Held-out prompts "
-        "(`HELDOUT_PROMPTS`: unseen templates and synonyms) were never trained on."
+        if kind == "c2i" else _t2i_condition_text(g, run_info)
     )
     grid = ("`samples.png`: one row per class (0-9 top to bottom), "
             f"{cfg_scale_text(pipeline)}, seeds 0..{metrics['grid_samples'] - 1} in reading order.")
@@ -511,7 +506,7 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
         grid += " Row prompts (held-out): " + "; ".join(f"{i}: \"{p}\"" for i, p in enumerate(metrics["grid_prompts"]))
     text = f"""# default-{kind}: {title} GPT for Fashion-MNIST
 
-LlamaGen-architecture generator (`argen.models.GPT`) trained from scratch with `argen train gpt` on the
+LlamaGen-architecture generator (`argen.models.GPT`) trained {"from `" + str(run_info["init_from"]) + "`" if run_info.get("init_from") else "from scratch"} with `argen train gpt` on the
 VQ codes of the Fashion-MNIST train split ({run_info['train_items']} items{', incl. horizontal flips' if run_info['flip'] else ''}),
 tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vocabulary {g['vocab_size']}).
 
@@ -551,6 +546,32 @@ vq = VQTokenizer.from_pretrained("default-vq")
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)
+
+
+def _t2i_condition_text(g: dict, run_info: dict) -> str:
+    encoder = run_info.get("text_encoder") or {}
+    if encoder.get("pooling") == "mean":
+        features = (f"all-MiniLM-L6-v2 sentence embedding (mean of the token features over up to "
+                    f"{encoder.get('max_length')} tokens, L2-normalised, scaled to unit RMS): one condition slot x "
+                    f"{g['caption_dim']}")
+    else:
+        features = f"all-MiniLM-L6-v2 token features ({g['cls_token_num']} left-padded slots x {g['caption_dim']})"
+    if run_info.get("captions") == "rich":
+        captions = ("Training captions: a fixed pool of rich captions per class and measured shade "
+                    "(`argen.data.captions.rich_caption_pool`: everyday names in singular and plural, colours, "
+                    "patterns, materials, details, occasions and neutral distractor words in 20 frames)")
+    else:
+        captions = ("Training captions come from `argen.data.captions.train_caption` (several templates, "
+                    "synonyms and a measured dark/light attribute)")
+    text = (f"Condition: {features}, see `text_encoder.json`. {captions}, redrawn every epoch; caption dropout "
+            f"{g['class_dropout_prob']} trains the unconditional embedding used by CFG. Evaluation prompts "
+            "(`HELDOUT_PROMPTS` and `argen/data/prompts_heldout.jsonl`) were never trained on.")
+    if run_info.get("init_from"):
+        text += (f" Started from `{run_info['init_from']}`: its weights were copied"
+                 + (" and the caption projection was first fitted to map each training caption onto its class's "
+                    f"embedding (mean squared error {run_info['init']['caption_fit_mse']:.4f})"
+                    if (run_info.get("init") or {}).get("caption_fit_mse") is not None else "") + ".")
+    return text
 
 
 def _accuracy_text(acc: Optional[dict]) -> str:
