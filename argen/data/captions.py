@@ -11,6 +11,9 @@ by :func:`train_caption`. Evaluating on them measures whether the model follows 
 meaning of a prompt rather than memorising the training strings; :func:`all_train_captions`
 enumerates the whole training space so tests can prove the two are disjoint.
 
+The rich captions at the end of the file (issue 11) describe garments the way people write
+about them; `rich_caption_pool` draws a fixed pool of them for training.
+
 Everything here is pure Python + numpy so captions can be generated without torch.
 """
 
@@ -320,9 +323,10 @@ def _rich_noun_phrase(label: int, rng: random.Random, shade: Optional[str]) -> s
         if rng.random() < 0.25:
             words.append(rng.choice(RICH_MATERIALS[label]))
     adjectives = " ".join(dict.fromkeys(words))  # no "wool wool"
-    noun = " ".join(filter(None, (adjectives, singular if label != 1 or not adjectives else singular)))
-    if label == 1 and adjectives and singular.startswith("pair of "):
+    if adjectives and singular.startswith("pair of "):  # "a pair of black jeans", not "a black pair of jeans"
         noun = "pair of " + adjectives + " " + singular[len("pair of "):]
+    else:
+        noun = " ".join(filter(None, (adjectives, singular)))
     number = rng.random()
     if number < 0.55:
         phrase = "a " + noun

@@ -6,10 +6,14 @@
 2. Teacher forcing as LlamaGen: input idx = codes[:, :-1], logits = model(idx, cond)[:,
    cls_token_num - 1:], cross-entropy against all block_size codes. The model applies class /
    caption dropout itself in train mode (CFG needs it).
-3. t2i: each item gets a caption from `argen.data.captions.train_caption`, drawn with
-   random.Random seeded by (seed, epoch, index): it varies over epochs yet a resumed run sees
-   the same captions. The caption space is small (a few hundred strings), so MiniLM features
-   of every possible training caption are computed once and looked up per batch.
+3. t2i: each item gets a caption drawn with random.Random seeded by (seed, epoch, index): it
+   varies over epochs yet a resumed run sees the same captions. `--captions basic` draws from
+   `argen.data.captions.train_caption` (a few hundred strings); `--captions rich` from a fixed pool
+   of rich captions per class and measured shade (`rich_caption_pool`). Text features of every
+   caption that can occur are computed once and looked up per batch. `--text-pooling mean` makes
+   the condition one slot, MiniLM's sentence embedding, instead of one slot per token.
+   `--init-from MODEL` starts from another generator's weights; from a c2i model, the caption
+   projection is first fitted onto its class embeddings (`init_weights`).
 4. The EMA weights are exported to `<out>/model` with `pipeline.json` (tokenizer, model type,
    class names, text encoder), a sample grid and a model card.
 """
