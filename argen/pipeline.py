@@ -211,9 +211,10 @@ class ARPipeline(DiffusionPipeline):
             raise ArgenError("read_prompt needs a text-to-image pipeline")
         if getattr(self, "_class_descriptions", None) is None:
             texts, labels = _class_descriptions(self.class_names)
-            self._class_descriptions = (self.text_encoder.sentence_embeddings(texts), torch.tensor(labels))
+            # Kept on the CPU: the pipeline may move to another device after the first call.
+            self._class_descriptions = (self.text_encoder.sentence_embeddings(texts).cpu(), torch.tensor(labels))
         embeddings, labels = self._class_descriptions
-        similarity = (self.text_encoder.sentence_embeddings([prompt]) @ embeddings.T)[0]
+        similarity = (self.text_encoder.sentence_embeddings([prompt]).cpu() @ embeddings.T)[0]
         best = int(similarity.argmax())
         label = int(labels[best])
         value = float(similarity[best])

@@ -148,8 +148,8 @@ class TextEncoder(abc.ABC):
 
         Valid tokens sit at the end of the T slots (left padding) and padded rows are exactly
         zero. With `pooling="mean"` the single slot is the sentence embedding scaled to unit
-        RMS per feature (see `sentence_embeddings`). Prompts longer than T tokens are truncated, or rejected with an `ArgenError`
-        when `truncate=False`. The result is on `device` (default: the encoder's device).
+        RMS per feature (see `sentence_embeddings`). Prompts longer than `max_length` tokens are
+        truncated, or rejected with an `ArgenError` when `truncate=False`. The result is on `device` (default: the encoder's device).
         """
         prompts = self._check_prompts(prompts)
         out_device = torch.device(device) if device is not None else self.device

@@ -97,7 +97,7 @@ def load_or_encode_codes(vq: VQTokenizer, vq_dir: Path, images: torch.Tensor, ca
 
 
 #: Rich captions per (class, shade) in the pool: enough variety for a short run, small enough
-#: to encode once (sentence embeddings: 30,000 captions in about 2 minutes on one CPU thread).
+#: to encode once (sentence embeddings: 30,000 captions in a few minutes on one CPU thread).
 #: Token features take 32x the memory, so a token-feature encoder gets a smaller pool.
 RICH_POOL_SIZES = {"mean": 1500, "tokens": 100}
 CAPTION_STYLES = ("basic", "rich")
@@ -294,7 +294,9 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     run_info = {"kind": f"gpt-{model_type}", "vq": str(vq), "vq_hash": _weights_hash(vq_dir),
                 "gpt_config": {k: v for k, v in model.config.items() if not k.startswith("_")},
                 "parameters": model.num_parameters(), "train_items": num_items, "flip": flip,
-                "text_encoder": enc_config, "captions": captions if model_type == "t2i" else None,
+                "text_encoder": enc_config,
+                # None for the basic captions, so checkpoints from before rich captions still resume
+                "captions": captions if model_type == "t2i" and captions != "basic" else None,
                 "init_from": init_from, "init": init_info, "command": command, "prep_s": round(prep_s, 1),
                 "threads": torch.get_num_threads()}
     trainer = Trainer(cfg, model, dataset, loss_fn, num_items=num_items, loss_names=["loss"],
