@@ -34,7 +34,7 @@ def convert_llamagen(gpt_checkpoint, vq_checkpoint, out_dir, *, gpt_size: Option
                      z_channels=256, image_size=image_size)
     vq_fields.update(vq_args or {})
     vq = VQTokenizer.from_llamagen(vq_checkpoint, prefer_ema=prefer_ema, **vq_fields)
-    grid = vq.code_shape
+    grid = vq.grid
     fields = dict(vocab_size=vq.vocab_size, block_size=math.prod(grid))
     if gpt_size is not None:
         sizes = GPTConfig.NAMED_SIZES.get(gpt_size)

@@ -224,3 +224,36 @@ def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq
     assert "gpt_config" in _one_line_error(capsys, bigger + ["--resume"])
     fewer = [("24" if a == "32" and argv[i - 1] == "--limit" else a) for i, a in enumerate(argv)]
     assert "train_items" in _one_line_error(capsys, fewer + ["--resume"])
+
+
+def test_t2i_from_c2i_fits_captions_to_class_embeddings(tmp_path, tiny_vq_dir, monkeypatch):
+    """--init-from a c2i model: the transformer is copied and the caption projection maps each
+    class's captions to that class's embedding, before any training step."""
+    from argen.models import GPT
+    from argen.train import gpt as train_mod
+
+    monkeypatch.setitem(train_mod.RICH_POOL_SIZES, "mean", 20)
+    kw = dict(vq=str(tiny_vq_dir), batch_size=8, lr=3e-3, warmup_steps=2, limit=32, progress=False,
+              samples_per_class=1, eval_items=8, accuracy_per_class=0, **TINY_GPT)
+    train_gpt(tmp_path / "c2i", model_type="c2i", steps=2, **kw)
+    source = GPT.from_pretrained(tmp_path / "c2i" / "model").float()
+
+    encoder = train_mod._load_encoder("minilm", 64, "mean")
+    caption_set = train_mod.caption_table(encoder, "rich", 0)
+    model = GPT(train_mod.GPTConfig(**{**source.gpt_config.__dict__, "model_type": "t2i", "caption_dim": 384,
+                                       "caption_token_num": 1}))
+    info = train_mod.init_weights(model, tmp_path / "c2i" / "model", caption_set)
+    assert info["copied"] == len(model.state_dict()) - 3  # all but the caption MLP (2) and null buffer
+    torch.testing.assert_close(model.layers[0].attention.wqkv.weight, source.layers[0].attention.wqkv.weight)
+    table = source.cls_embedding.embedding_table.weight
+    with torch.no_grad():
+        mapped = model.cls_embedding.cap_proj(caption_set.feats[:, 0])
+    nearest = torch.cdist(mapped, table[:-1]).argmin(1)
+    assert (nearest == caption_set.labels).float().mean() > 0.9
+
+    metrics = train_gpt(tmp_path / "t2i", model_type="t2i", steps=2, text_pooling="mean", text_max_length=64,
+                        captions="rich", init_from=str(tmp_path / "c2i" / "model"), **kw)
+    assert metrics["step"] == 2
+    assert json.loads((tmp_path / "t2i" / "model" / "text_encoder.json").read_text())["pooling"] == "mean"
+    with pytest.raises(Exception, match="one condition slot"):
+        train_gpt(tmp_path / "bad", model_type="t2i", steps=2, init_from=str(tmp_path / "c2i" / "model"), **kw)

@@ -94,6 +94,19 @@ def register(sub):
     s.add_argument("--threads", type=THREADS, default=0, help="torch threads per process (0 = torch default)")
     s.set_defaults(func=run_sample)
 
+    pr = kinds.add_parser("prompts", help="prompt accuracy: per-class and overall, scored by the fmnist classifier")
+    pr.add_argument("--model", default="default-t2i", help="pipeline name or folder (a c2i model samples the labels)")
+    pr.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                    help="labelled prompts {prompt, label} (default: argen/data/prompts_heldout.jsonl)")
+    pr.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
+    pr.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed SEED + i * N + j")
+    pr.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    pr.add_argument("--sampler", default="ar")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    pr.add_argument("--json", default=None, metavar="PATH", help="write the full result (per prompt too) here")
+    pr.set_defaults(func=run_prompts)
+
     r = kinds.add_parser("ref-stats", help="compute (and cache) reference statistics; optionally the real-data floor")
     _add_extractor_args(r)
     r.add_argument("--out", default=None, metavar="FILE.npz",
@@ -349,4 +362,29 @@ def run_ref_stats(args) -> int:
         print(f"real-data floor: FID {floor['fid']:.4f} ({floor['real_set']} N={floor['num']} vs {floor['ref']})")
     if args.json:
         _atomic_json(Path(args.json), record)
+    return 0
+
+
+def run_prompts(args) -> int:
+    import torch
+
+    from ..eval.prompts import format_accuracy, load_labelled_prompts, prompt_accuracy
+    from ..pipeline import ARPipeline
+
+    if args.batch_size < 1:
+        raise ArgenError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_images < 1:  # before loading anything
+        raise ArgenError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = load_labelled_prompts(args.prompts)
+    pipe = ARPipeline.from_pretrained(args.model)
+    result = prompt_accuracy(pipe, prompts, num_images=args.num_images, seed=args.seed, cfg_scale=args.cfg_scale,
+                             batch_size=args.batch_size, sampler=args.sampler, progress=sys.stderr.isatty())
+    result["model"] = str(args.model)
+    result["prompts_file"] = str(args.prompts or "argen/data/prompts_heldout.jsonl")
+    print(format_accuracy(result))
+    if args.json:
+        _atomic_json(Path(args.json), result)
+        print(f"result -> {args.json}")
     return 0

@@ -129,6 +129,8 @@ def run(args) -> int:
     from ..pipeline import ARPipeline
 
     pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer)
+    if args.prompt is not None:
+        print_unknown_prompt_note(pipe, args.prompt)
     side = min(pipe.crop or pipe.tokenizer.image_size, pipe.tokenizer.image_size)
     width, height = grid_size(total, side, args.grid_scale)
     if width * height > MAX_GRID_PIXELS:
@@ -160,3 +162,14 @@ def grid_size(n: int, side: int, scale: int, pad: int = 2) -> tuple:
     columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     return columns * (side * scale + pad) + pad, rows * (side * scale + pad) + pad
+
+
+def print_unknown_prompt_note(pipe, prompt: str) -> None:
+    """One line when the prompt names nothing the model was trained on, saying how it was read."""
+    reading = pipe.read_prompt(prompt)
+    if not reading.known:
+        from ..data.fashion_mnist import CLASS_NAMES
+
+        what = "Fashion-MNIST garments" if tuple(pipe.class_names) == CLASS_NAMES else "its training classes"
+        print(f"note: this model only knows {what} ({', '.join(pipe.class_names)}); {prompt!r} names none of them, "
+              f"so it was read as the nearest one, {reading.class_name} (text similarity {reading.similarity:.2f})")

@@ -96,6 +96,15 @@ def register(sub):
     gpt.add_argument("--codes-cache", default=None, help="where to cache the encoded training set "
                                                         "(default <out>/codes_train.safetensors)")
     gpt.add_argument("--text-encoder", default="minilm", help="t2i caption encoder")
+    gpt.add_argument("--text-pooling", choices=["tokens", "mean"], default="tokens",
+                     help="t2i condition: one slot per token (LlamaGen) or one sentence-embedding slot")
+    gpt.add_argument("--text-max-length", type=int, default=None, help="t2i: tokens the encoder reads "
+                                                                       "(default: the encoder's)")
+    gpt.add_argument("--captions", choices=["basic", "rich"], default="basic",
+                     help="t2i training captions: the basic templates or the rich pool (argen.data.captions)")
+    gpt.add_argument("--init-from", default=None, metavar="MODEL",
+                     help="start from this generator's weights (shipped name or folder); from a c2i model into "
+                          "a --text-pooling mean t2i model the caption projection is fitted to its class embeddings")
     gpt.add_argument("--tokenizer-name", default=None, help="tokenizer name recorded in pipeline.json "
                                                            "(default: --vq)")
     gpt.add_argument("--cfg-scale", type=number(0), default=2.0, help="CFG scale of the model card's sample grid")
@@ -143,6 +152,8 @@ def _run_gpt(args) -> int:
                         dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout,
                         class_dropout=args.class_dropout, flip=args.flip, codes_cache=args.codes_cache,
                         text_encoder=args.text_encoder, tokenizer_name=args.tokenizer_name,
+                        text_pooling=args.text_pooling, text_max_length=args.text_max_length,
+                        captions=args.captions, init_from=args.init_from,
                         cfg_scale=args.cfg_scale)
     if metrics:
         print(f"gpt ({args.model_type}): {args.out}/model  final loss {metrics['final_train_losses'].get('loss', float('nan')):.4f}"

@@ -11,6 +11,9 @@ by :func:`train_caption`. Evaluating on them measures whether the model follows 
 meaning of a prompt rather than memorising the training strings; :func:`all_train_captions`
 enumerates the whole training space so tests can prove the two are disjoint.
 
+The rich captions at the end of the file (issue 11) describe garments the way people write
+about them; `rich_caption_pool` draws a fixed pool of them for training.
+
 Everything here is pure Python + numpy so captions can be generated without torch.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -182,3 +186,211 @@ def _heldout_prompts(label: int) -> list[str]:
 
 # Evaluation prompts, never produced in training (see tests/test_data.py).
 HELDOUT_PROMPTS: dict[int, list[str]] = {label: _heldout_prompts(label) for label in HELDOUT_SYNONYMS}
+
+
+# --------------------------------------------------------------------------------------------
+# Rich captions: how people actually describe clothes.
+#
+# The basic captions above teach one noun per class in eight fixed frames, and a generator
+# conditioned on them follows little else (62% on everyday prompts, issue 11). The rich
+# captions below combine many everyday names (singular and plural), colours, materials,
+# details, occasions and neutral distractor words in many frames, so the model sees the same
+# garment described in many ways. They are drawn into a fixed pool per (class, measured
+# shade) so their text features can be computed once before training.
+
+# (singular, plural) everyday names. Footwear and trousers also come as "a pair of ...".
+RICH_NOUNS: dict[int, tuple[tuple[str, str], ...]] = {
+    0: (("t-shirt", "t-shirts"), ("tee", "tees"), ("tshirt", "tshirts"), ("t shirt", "t shirts"), ("top", "tops"),
+        ("tank top", "tank tops"), ("short-sleeved top", "short-sleeved tops"), ("crop top", "crop tops"),
+        ("vest top", "vest tops"), ("camisole", "camisoles"), ("singlet", "singlets"), ("graphic tee", "graphic tees"),
+        ("short sleeve t-shirt", "short sleeve t-shirts")),
+    1: (("pair of trousers", "trousers"), ("pair of pants", "pants"), ("pair of jeans", "jeans"),
+        ("pair of slacks", "slacks"), ("pair of chinos", "chinos"), ("pair of leggings", "leggings"),
+        ("pair of sweatpants", "sweatpants"), ("pair of joggers", "joggers"), ("pair of khakis", "khakis"),
+        ("pair of track pants", "track pants"), ("pair of cargo pants", "cargo pants"),
+        ("pair of denim jeans", "denim jeans"), ("pair of suit trousers", "suit trousers")),
+    2: (("pullover", "pullovers"), ("sweater", "sweaters"), ("jumper", "jumpers"), ("sweatshirt", "sweatshirts"),
+        ("hoodie", "hoodies"), ("turtleneck", "turtlenecks"), ("knit sweater", "knit sweaters"),
+        ("knitted jumper", "knitted jumpers"), ("fleece top", "fleece tops"), ("crewneck sweater", "crewneck sweaters"),
+        ("long-sleeved knit top", "long-sleeved knit tops"), ("woolly jumper", "woolly jumpers")),
+    3: (("dress", "dresses"), ("frock", "frocks"), ("gown", "gowns"), ("sundress", "sundresses"),
+        ("maxi dress", "maxi dresses"), ("mini dress", "mini dresses"), ("shift dress", "shift dresses"),
+        ("cocktail dress", "cocktail dresses"), ("evening dress", "evening dresses"), ("party dress", "party dresses"),
+        ("summer dress", "summer dresses"), ("slip dress", "slip dresses"), ("ball gown", "ball gowns")),
+    4: (("coat", "coats"), ("jacket", "jackets"), ("overcoat", "overcoats"), ("parka", "parkas"),
+        ("trench coat", "trench coats"), ("raincoat", "raincoats"), ("anorak", "anoraks"),
+        ("puffer jacket", "puffer jackets"), ("windbreaker", "windbreakers"), ("peacoat", "peacoats"),
+        ("bomber jacket", "bomber jackets"), ("down jacket", "down jackets"), ("rain jacket", "rain jackets"),
+        ("zip-up jacket", "zip-up jackets")),
+    5: (("sandal", "sandals"), ("flip-flop", "flip-flops"), ("flip flop", "flip flops"), ("slide", "slides"),
+        ("heeled sandal", "heeled sandals"), ("open-toe shoe", "open-toe shoes"), ("summer sandal", "summer sandals"),
+        ("slingback", "slingbacks"), ("wedge sandal", "wedge sandals"), ("thong sandal", "thong sandals"),
+        ("strappy shoe", "strappy shoes"), ("gladiator sandal", "gladiator sandals"), ("pool slide", "pool slides")),
+    6: (("shirt", "shirts"), ("button-up shirt", "button-up shirts"), ("button-down shirt", "button-down shirts"),
+        ("blouse", "blouses"), ("dress shirt", "dress shirts"), ("flannel shirt", "flannel shirts"),
+        ("oxford shirt", "oxford shirts"), ("check shirt", "check shirts"), ("plaid shirt", "plaid shirts"),
+        ("work shirt", "work shirts"), ("formal shirt", "formal shirts"), ("denim shirt", "denim shirts"),
+        ("linen shirt", "linen shirts")),
+    7: (("sneaker", "sneakers"), ("trainer", "trainers"), ("running shoe", "running shoes"),
+        ("athletic shoe", "athletic shoes"), ("tennis shoe", "tennis shoes"), ("gym shoe", "gym shoes"),
+        ("basketball shoe", "basketball shoes"), ("canvas sneaker", "canvas sneakers"), ("runner", "runners"),
+        ("training shoe", "training shoes"), ("skate shoe", "skate shoes"), ("low-top sneaker", "low-top sneakers"),
+        ("lace-up sneaker", "lace-up sneakers"), ("sports sneaker", "sports sneakers")),
+    8: (("bag", "bags"), ("handbag", "handbags"), ("purse", "purses"), ("tote", "totes"), ("tote bag", "tote bags"),
+        ("backpack", "backpacks"), ("rucksack", "rucksacks"), ("clutch", "clutches"), ("satchel", "satchels"),
+        ("messenger bag", "messenger bags"), ("shopping bag", "shopping bags"), ("briefcase", "briefcases"),
+        ("crossbody bag", "crossbody bags"), ("duffel bag", "duffel bags"), ("pouch", "pouches")),
+    9: (("ankle boot", "ankle boots"), ("boot", "boots"), ("short boot", "short boots"), ("bootie", "booties"),
+        ("combat boot", "combat boots"), ("hiking boot", "hiking boots"), ("work boot", "work boots"),
+        ("heeled boot", "heeled boots"), ("cowboy boot", "cowboy boots"), ("winter boot", "winter boots"),
+        ("desert boot", "desert boots"), ("lace-up boot", "lace-up boots"), ("ankle-high boot", "ankle-high boots")),
+}
+
+_PAIRED = (5, 7, 9)  # footwear: "a pair of sneakers"
+
+RICH_COLOURS = ("black", "white", "grey", "gray", "navy", "blue", "red", "green", "beige", "brown", "pink",
+                "yellow", "cream", "olive", "khaki", "burgundy", "purple", "orange", "charcoal", "pale")
+RICH_PATTERNS = ("striped", "plain", "floral", "checked", "patterned", "polka dot", "two-tone", "printed", "faded")
+RICH_MATERIALS: dict[int, tuple[str, ...]] = {
+    0: ("cotton", "jersey", "linen", "polyester"),
+    1: ("denim", "cotton", "corduroy", "linen", "wool", "stretch"),
+    2: ("wool", "cashmere", "knitted", "fleece", "cotton", "merino"),
+    3: ("silk", "cotton", "satin", "lace", "linen", "velvet", "chiffon"),
+    4: ("wool", "leather", "denim", "quilted", "waterproof", "padded", "suede"),
+    5: ("leather", "rubber", "suede", "plastic", "woven"),
+    6: ("cotton", "linen", "flannel", "denim", "silk", "poplin"),
+    7: ("canvas", "leather", "mesh", "suede", "knit"),
+    8: ("leather", "canvas", "suede", "nylon", "straw", "fabric"),
+    9: ("leather", "suede", "rubber", "waterproof"),
+}
+RICH_DETAILS: dict[int, tuple[str, ...]] = {
+    0: ("short sleeves", "a round neck", "a v-neck", "a logo on the front", "a print", "no sleeves", "a pocket"),
+    1: ("pockets", "a belt", "straight legs", "wide legs", "a zip fly", "turned-up hems", "a drawstring waist"),
+    2: ("long sleeves", "a hood", "ribbed cuffs", "a high neck", "a cable knit pattern", "a round collar"),
+    3: ("thin straps", "a flared skirt", "short sleeves", "a belt", "a high waist", "no sleeves", "a long skirt"),
+    4: ("a hood", "a zip", "buttons", "a belt", "big pockets", "a fur collar", "long sleeves"),
+    5: ("thin straps", "a buckle", "a heel", "a flat sole", "a toe post", "an ankle strap"),
+    6: ("a collar", "buttons", "long sleeves", "a chest pocket", "cuffs", "rolled-up sleeves"),
+    7: ("laces", "a thick sole", "a white sole", "a stripe on the side", "a padded collar", "a rubber toe cap"),
+    8: ("handles", "a long strap", "a zip", "a buckle", "a clasp", "two straps", "a flap"),
+    9: ("a heel", "a zip on the side", "laces", "a block heel", "elastic sides", "a thick sole", "a buckle"),
+}
+RICH_OCCASIONS = ("work", "the office", "the weekend", "a party", "summer", "winter", "autumn", "spring",
+                  "everyday wear", "travel", "school", "the gym", "a night out", "a wedding", "the holidays",
+                  "a walk in the park", "cold weather", "warm days", "a rainy day", "a date")
+# Neutral words that describe the photo, not the item: the model should learn to ignore them.
+RICH_DISTRACTORS = ("on a table", "on the floor", "on a hanger", "in a shop window", "in the morning light",
+                    "photographed from above", "hanging on a rail", "in a wardrobe", "on a bed", "by the door",
+                    "in a suitcase", "at a market stall", "folded neatly", "seen from the side", "in a box",
+                    "next to a window", "in black and white", "in soft light")
+RICH_FRAMES = (
+    "{np}",
+    "{np}",
+    "a photo of {np}",
+    "an image of {np}",
+    "a picture of {np}",
+    "a drawing of {np}",
+    "a grayscale photo of {np}",
+    "a low resolution photo of {np}",
+    "a studio shot of {np}",
+    "a fashion catalogue image of {np}",
+    "show me {np}",
+    "generate {np}",
+    "draw {np}",
+    "i want {np}",
+    "looking for {np}",
+    "{np} for sale",
+    "{np}, studio lighting",
+    "{np} on a white background",
+    "an online shop photo of {np}",
+    "a thumbnail of {np}",
+)
+
+
+def _rich_noun_phrase(label: int, rng: random.Random, shade: Optional[str]) -> str:
+    singular, plural = rng.choice(RICH_NOUNS[label])
+    words = []
+    if rng.random() < 0.5:
+        kind = rng.random()
+        if kind < 0.4:
+            words.append(rng.choice(RICH_COLOURS))
+        elif kind < 0.6:
+            words.append(rng.choice(RICH_PATTERNS))
+        elif kind < 0.8:
+            words.append(rng.choice(RICH_MATERIALS[label]))
+        elif shade is not None:
+            words.append(shade)
+        if rng.random() < 0.25:
+            words.append(rng.choice(RICH_MATERIALS[label]))
+    adjectives = " ".join(dict.fromkeys(words))  # no "wool wool"
+    if adjectives and singular.startswith("pair of "):  # "a pair of black jeans", not "a black pair of jeans"
+        noun = "pair of " + adjectives + " " + singular[len("pair of "):]
+    else:
+        noun = " ".join(filter(None, (adjectives, singular)))
+    number = rng.random()
+    if number < 0.55:
+        phrase = "a " + noun
+    elif number < 0.8:
+        phrase = " ".join(filter(None, (adjectives, plural)))
+    elif number < 0.9:
+        phrase = rng.choice(("two ", "some ", "three ", "a few ")) + " ".join(filter(None, (adjectives, plural)))
+    elif label in _PAIRED:
+        phrase = "a pair of " + " ".join(filter(None, (adjectives, plural)))
+    else:
+        phrase = "the " + noun
+    extra = rng.random()
+    if extra < 0.25:
+        phrase += " with " + rng.choice(RICH_DETAILS[label])
+    elif extra < 0.4:
+        phrase += " for " + rng.choice(RICH_OCCASIONS)
+    elif extra < 0.5:
+        phrase += " " + rng.choice(RICH_DISTRACTORS)
+    elif extra < 0.55:
+        phrase += ", " + rng.choice(RICH_COLOURS)
+    return phrase
+
+
+def rich_caption(label: int, shade: Optional[str], rng: random.Random) -> str:
+    """One rich caption for class `label`; `shade` ("dark"/"light" measured by `attribute_for`,
+    or None) may appear as an adjective."""
+    text = rng.choice(RICH_FRAMES).format(np=_rich_noun_phrase(int(label), rng, shade))
+    if rng.random() < 0.15:
+        text = text.capitalize()
+    return fix_articles(text)
+
+
+def _evaluation_prompts() -> set:
+    """Every evaluation prompt (the held-out file and `HELDOUT_PROMPTS`), lower-cased."""
+    import json
+    from pathlib import Path
+
+    prompts = {p.lower() for ps in HELDOUT_PROMPTS.values() for p in ps}
+    for line in (Path(__file__).with_name("prompts_heldout.jsonl")).read_text().splitlines():
+        if line.strip():
+            prompts.add(json.loads(line)["prompt"].lower())
+    return prompts
+
+
+def rich_caption_pool(per_group: int, seed: int = 0) -> dict:
+    """``{(label, shade): [captions]}``: `per_group` distinct rich captions per class and shade.
+
+    Captions that equal an evaluation prompt, or contain a `HELDOUT_SYNONYMS` phrase, are
+    dropped, so evaluation stays held out whatever the draw produced.
+    """
+    banned = _evaluation_prompts()
+    heldout_words = [s for syns in HELDOUT_SYNONYMS.values() for s in syns]
+    pool = {}
+    for label in RICH_NOUNS:
+        for shade in ATTRIBUTES:
+            rng = random.Random(f"argen-rich:{seed}:{label}:{shade}")
+            found: dict = {}
+            for _ in range(per_group * 50):
+                if len(found) == per_group:
+                    break
+                text = rich_caption(label, shade, rng)
+                low = text.lower()
+                if low in banned or any(word in low for word in heldout_words):
+                    continue
+                found.setdefault(text, None)
+            pool[(label, shade)] = list(found)
+    return pool

@@ -404,6 +404,28 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         model = cls(GPTConfig.from_dict(args))
         return load_checkpoint_into(model, checkpoint, prefer_ema).eval()
 
+    def init_from(self, source: "GPT", caption_feats: Optional[torch.Tensor] = None,
+                  caption_labels: Optional[torch.Tensor] = None, fit_steps: int = 600) -> dict:
+        """Start from the weights of another GPT: every weight of the same name and shape is copied
+        (the condition embedding only between models of the same condition kind).
+
+        From a class-conditional source into a one-slot text-conditional model, pass the training
+        captions' features [N, D] and class labels [N]: the caption projection is first fitted so
+        that each caption lands on its class's embedding and the unconditional caption on the null
+        class, so the model starts from what the class-conditional one already draws. Returns what
+        was copied (and the fit's final error)."""
+        own = self.state_dict()
+        same_kind = source.condition_kind == self.condition_kind
+        copied = {k: v for k, v in source.state_dict().items()
+                  if k in own and own[k].shape == v.shape and (same_kind or not k.startswith("cls_embedding."))}
+        self.load_state_dict(copied, strict=False)
+        info = {"copied": len(copied), "of": len(own)}
+        if source.condition_kind == "class" and self.condition_kind == "text" and caption_feats is not None:
+            table = source.cls_embedding.embedding_table.weight.detach()
+            info["caption_fit_mse"] = _fit_caption_projection(self.cls_embedding, caption_feats, caption_labels,
+                                                              table, fit_steps)
+        return info
+
     def _rope_table(self) -> torch.Tensor:
         cfg = self.gpt_config
         if cfg.rope_type == "2d":
@@ -589,3 +611,23 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _fit_caption_projection(embedder, feats, labels, class_table, steps: int, batch: int = 1024) -> float:
+    """Least-squares fit (Adam) of the caption MLP: caption features -> their class's embedding row;
+    the unconditional caption -> the null row (the last one). Returns the final mean squared error."""
+    null = embedder.uncond_embedding[:1].detach()
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(embedder.cap_proj.parameters(), lr=3e-3)
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):  # a few seconds: a 2-layer MLP on cached features
+        pick = torch.randint(len(feats), (batch,), generator=gen)
+        x = torch.cat([feats[pick], null.expand(batch // 10, -1)])
+        y = torch.cat([class_table[labels[pick]], class_table[-1:].expand(batch // 10, -1)])
+        loss = F.mse_loss(embedder.cap_proj(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+    return round(float(loss.detach()), 6)

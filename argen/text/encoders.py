@@ -106,6 +106,15 @@ class TextEncoder(abc.ABC):
     max_length: int
     feature_dim: int
     device: torch.device
+    #: "tokens": one slot per token (LlamaGen). "mean": a single slot holding the sentence
+    #: embedding (mean of the token features over the prompt, L2-normalised), the vector
+    #: all-MiniLM-L6-v2 was trained to keep close for paraphrases.
+    pooling: str = "tokens"
+
+    @property
+    def num_slots(self) -> int:
+        """Condition slots T the GPT receives: `max_length` tokens, or 1 sentence embedding."""
+        return 1 if self.pooling == "mean" else self.max_length
 
     # -- subclass hooks -------------------------------------------------------------------
 
@@ -135,18 +144,19 @@ class TextEncoder(abc.ABC):
         *,
         truncate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts into `(features float32 [B, T, D], mask bool [B, T])`, T = `max_length`.
+        """Encode prompts into `(features float32 [B, T, D], mask bool [B, T])`, T = `num_slots`.
 
         Valid tokens sit at the end of the T slots (left padding) and padded rows are exactly
-        zero. Prompts longer than T tokens are truncated, or rejected with an `ArgenError`
-        when `truncate=False`. The result is on `device` (default: the encoder's device).
+        zero. With `pooling="mean"` the single slot is the sentence embedding scaled to unit
+        RMS per feature (see `sentence_embeddings`). Prompts longer than `max_length` tokens are
+        truncated, or rejected with an `ArgenError` when `truncate=False`. The result is on `device` (default: the encoder's device).
         """
         prompts = self._check_prompts(prompts)
         out_device = torch.device(device) if device is not None else self.device
         if not prompts:
             return (
-                torch.zeros(0, self.max_length, self.feature_dim, device=out_device),
-                torch.zeros(0, self.max_length, dtype=torch.bool, device=out_device),
+                torch.zeros(0, self.num_slots, self.feature_dim, device=out_device),
+                torch.zeros(0, self.num_slots, dtype=torch.bool, device=out_device),
             )
         if not truncate:
             for i, prompt in enumerate(prompts):
@@ -158,8 +168,22 @@ class TextEncoder(abc.ABC):
                     )
         input_ids, attention_mask = self._tokenize(prompts)
         hidden = self._hidden_states(input_ids.to(self.device), attention_mask.to(self.device))
-        features, mask = left_pad(hidden.float(), attention_mask.to(self.device), self.max_length)
+        if self.pooling == "mean":
+            # Unit RMS per feature: the scale the GPT's caption MLP expects of its inputs.
+            pooled = _mean_pool(hidden.float(), attention_mask.to(self.device)) * self.feature_dim**0.5
+            features, mask = pooled[:, None], torch.ones(len(prompts), 1, dtype=torch.bool, device=self.device)
+        else:
+            features, mask = left_pad(hidden.float(), attention_mask.to(self.device), self.max_length)
         return features.to(out_device), mask.to(out_device)
+
+    @torch.no_grad()
+    def sentence_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-length sentence embeddings `[B, D]` (mean of token features, as sentence-transformers
+        pools all-MiniLM-L6-v2), whatever `pooling` the GPT condition uses; for similarity."""
+        prompts = self._check_prompts(prompts)
+        input_ids, attention_mask = self._tokenize(prompts)
+        hidden = self._hidden_states(input_ids.to(self.device), attention_mask.to(self.device))
+        return _mean_pool(hidden.float(), attention_mask.to(self.device))
 
     def to(self, device: torch.device | str) -> "TextEncoder":
         """Move the encoder to `device`; returns self so it chains like `nn.Module.to`."""
@@ -168,14 +192,18 @@ class TextEncoder(abc.ABC):
 
     def config(self) -> dict:
         """What a saved pipeline records to reload this encoder (see `text_encoder_from_config`)."""
-        return {"name": self.name, "max_length": self.max_length, "feature_dim": self.feature_dim, "path": None}
+        config = {"name": self.name, "max_length": self.max_length, "feature_dim": self.feature_dim, "path": None}
+        if self.pooling != "tokens":  # older pipelines have no key: token features
+            config["pooling"] = self.pooling
+        return config
 
     def describe(self) -> dict:
         """Same as `config()`: the encoder's name, caption slots and feature width."""
         return self.config()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, max_length={self.max_length}, feature_dim={self.feature_dim})"
+        return (f"{type(self).__name__}(name={self.name!r}, max_length={self.max_length}, "
+                f"feature_dim={self.feature_dim}, pooling={self.pooling!r})")
 
     @staticmethod
     def _check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -187,6 +215,22 @@ class TextEncoder(abc.ABC):
             if not isinstance(prompt, str):
                 raise ArgenError(f"prompt {i} is a {type(prompt).__name__}, not a string")
         return prompts
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the valid tokens' features, L2-normalised: [B, L, D] -> [B, D]."""
+    weights = attention_mask.to(hidden.dtype)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+POOLINGS = ("tokens", "mean")
+
+
+def _check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise ArgenError(f"unknown text-encoder pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    return pooling
 
 
 def _check_model_folder(path: Path) -> None:
@@ -234,6 +278,7 @@ class HFTextEncoder(TextEncoder):
         dtype: model weights' dtype (features are always returned as float32). bfloat16
             halves flan-t5-xl's memory on a GPU; keep float32 on CPU.
         name: recorded in `config()`; defaults to the folder path.
+        pooling: "tokens" (one condition slot per token) or "mean" (one slot: the sentence embedding).
     """
 
     def __init__(
@@ -243,8 +288,10 @@ class HFTextEncoder(TextEncoder):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         name: str | None = None,
+        pooling: str = "tokens",
     ):
         path = Path(path).expanduser()
+        self.pooling = _check_pooling(pooling)
         _check_model_folder(path)
         if not isinstance(max_length, int) or max_length < 1:
             raise ArgenError(f"max_length must be a positive integer, got {max_length!r}")
@@ -351,6 +398,7 @@ def load_text_encoder(
     *,
     path: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
+    pooling: str = "tokens",
 ) -> TextEncoder:
     """Load a caption encoder by name or folder.
 
@@ -361,22 +409,24 @@ def load_text_encoder(
     - anything else: a local model folder; 120 slots by default.
 
     A name takes precedence over a folder of the same name in the working directory; write
-    ``./minilm`` to mean the folder.
+    ``./minilm`` to mean the folder. `pooling` is "tokens" (default) or "mean" (see `TextEncoder`).
     """
     key = name_or_path.strip().lower()
     if key == "minilm":
         folder = Path(path) if path is not None else minilm_path()
-        return HFTextEncoder(folder, max_length or DEFAULT_MAX_LENGTHS["minilm"], device, dtype, name="minilm")
+        return HFTextEncoder(folder, max_length or DEFAULT_MAX_LENGTHS["minilm"], device, dtype, name="minilm",
+                            pooling=pooling)
     if key in ("flan-t5", "flan_t5", "flant5"):
         if path is None:
             raise ArgenError(
                 "the flan-t5 text encoder needs a local folder: pass path=... (e.g. a copy of google/flan-t5-xl "
                 "with config.json, weights and tokenizer files); nothing is downloaded at run time"
             )
-        return HFTextEncoder(path, max_length or DEFAULT_MAX_LENGTHS["flan-t5"], device, dtype, name="flan-t5")
+        return HFTextEncoder(path, max_length or DEFAULT_MAX_LENGTHS["flan-t5"], device, dtype, name="flan-t5",
+                            pooling=pooling)
     if path is not None:
         raise ArgenError(f"unknown text encoder name {name_or_path!r}: use 'minilm', 'flan-t5' or a folder path")
-    return HFTextEncoder(name_or_path, max_length or _DEFAULT_PATH_MAX_LENGTH, device, dtype)
+    return HFTextEncoder(name_or_path, max_length or _DEFAULT_PATH_MAX_LENGTH, device, dtype, pooling=pooling)
 
 
 def text_encoder_from_config(
@@ -392,14 +442,15 @@ def text_encoder_from_config(
     encoder must give features of the recorded width, or the GPT trained on them cannot use it.
     """
     name = config["name"]
+    pooling = config.get("pooling", "tokens")
     folder = path if path is not None else config.get("path")
     if name in ("minilm", "flan-t5"):
         # The packaged MiniLM is found again on this machine; a recorded site-packages path is not reused.
         if name == "minilm" and path is None:
             folder = None
-        encoder = load_text_encoder(name, config["max_length"], device, path=folder, dtype=dtype)
+        encoder = load_text_encoder(name, config["max_length"], device, path=folder, dtype=dtype, pooling=pooling)
     else:
-        encoder = load_text_encoder(str(folder or name), config["max_length"], device, dtype=dtype)
+        encoder = load_text_encoder(str(folder or name), config["max_length"], device, dtype=dtype, pooling=pooling)
     expected = config.get("feature_dim")
     if expected is not None and encoder.feature_dim != expected:
         raise ArgenError(

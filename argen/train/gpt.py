@@ -6,10 +6,14 @@
 2. Teacher forcing as LlamaGen: input idx = codes[:, :-1], logits = model(idx, cond)[:,
    cls_token_num - 1:], cross-entropy against all block_size codes. The model applies class /
    caption dropout itself in train mode (CFG needs it).
-3. t2i: each item gets a caption from `argen.data.captions.train_caption`, drawn with
-   random.Random seeded by (seed, epoch, index): it varies over epochs yet a resumed run sees
-   the same captions. The caption space is small (a few hundred strings), so MiniLM features
-   of every possible training caption are computed once and looked up per batch.
+3. t2i: each item gets a caption drawn with random.Random seeded by (seed, epoch, index): it
+   varies over epochs yet a resumed run sees the same captions. `--captions basic` draws from
+   `argen.data.captions.train_caption` (a few hundred strings); `--captions rich` from a fixed pool
+   of rich captions per class and measured shade (`rich_caption_pool`). Text features of every
+   caption that can occur are computed once and looked up per batch. `--text-pooling mean` makes
+   the condition one slot, MiniLM's sentence embedding, instead of one slot per token.
+   `--init-from MODEL` starts from another generator's weights; from a c2i model, the caption
+   projection is first fitted onto its class embeddings (`init_weights`).
 4. The EMA weights are exported to `<out>/model` with `pipeline.json` (tokenizer, model type,
    class names, text encoder), a sample grid and a model card.
 """
@@ -96,32 +100,54 @@ def load_or_encode_codes(vq: ImageTokenizer, vq_dir: Path, images: torch.Tensor,
 # Captions
 
 
-_CAPTION_TABLES: dict = {}
+#: Rich captions per (class, shade) in the pool: enough variety for a short run, small enough
+#: to encode once (sentence embeddings: 30,000 captions in a few minutes on one CPU thread).
+#: Token features take 32x the memory, so a token-feature encoder gets a smaller pool.
+RICH_POOL_SIZES = {"mean": 1500, "tokens": 100}
+CAPTION_STYLES = ("basic", "rich")
 
 
-def caption_table(encoder) -> tuple[list[str], dict, torch.Tensor, torch.Tensor]:
-    """Every possible training caption, its id, and MiniLM features/masks [C, T, D] / [C, T].
+class Captions:
+    """Training captions of one style, and their text features computed once.
 
-    Cached per process and encoder config (the table is a pure function of both)."""
-    key = repr(sorted(encoder.config().items()))
-    if key not in _CAPTION_TABLES:
-        _CAPTION_TABLES[key] = _caption_table(encoder)
-    return _CAPTION_TABLES[key]
+    "basic": `captions.train_caption` (a few hundred strings). "rich": a fixed pool of
+    `captions.rich_caption_pool` per (class, measured shade). Either way the caption of item
+    `index` in `epoch` depends on (seed, epoch, index) only, so a resumed run sees the same ones.
+    """
+
+    def __init__(self, style: str, encoder, seed: int = 0):
+        if style not in CAPTION_STYLES:
+            raise ArgenError(f"unknown caption style {style!r}: use one of {', '.join(CAPTION_STYLES)}")
+        self.style = style
+        self.seed = seed
+        self.pool = captions_mod.rich_caption_pool(RICH_POOL_SIZES[encoder.pooling]) if style == "rich" else None
+        if self.pool is not None:
+            texts = sorted({t for group in self.pool.values() for t in group})
+        else:
+            texts = sorted({c for label in range(len(CLASS_NAMES)) for c in captions_mod.all_train_captions(label)})
+        self.texts = texts
+        self.ids = {t: i for i, t in enumerate(texts)}
+        self.feats, self.masks = _encode_all(encoder, texts)
+        self.labels = None
+        if self.pool is not None:
+            self.labels = torch.empty(len(texts), dtype=torch.long)
+            for (label, _), group in self.pool.items():
+                self.labels[[self.ids[t] for t in group]] = label
+
+    def caption(self, epoch: int, index: int, label: int, image_uint8) -> str:
+        rng = random.Random(f"argen-t2i:{self.seed}:{epoch}:{index}")
+        if self.pool is None:
+            return captions_mod.train_caption(label, image_uint8, rng)
+        return rng.choice(self.pool[(label, captions_mod.attribute_for(image_uint8))])
 
 
-def _caption_table(encoder):
-    texts = sorted({c for label in range(len(CLASS_NAMES)) for c in captions_mod.all_train_captions(label)})
+def _encode_all(encoder, texts: list, batch: int = 256):
     feats, masks = [], []
-    for start in range(0, len(texts), 64):
-        f, m = encoder.encode(texts[start:start + 64])
+    for start in range(0, len(texts), batch):
+        f, m = encoder.encode(texts[start:start + batch])
         feats.append(f.float())
         masks.append(m)
-    return texts, {t: i for i, t in enumerate(texts)}, torch.cat(feats), torch.cat(masks)
-
-
-def item_caption(seed: int, epoch: int, index: int, label: int, image_uint8) -> str:
-    rng = random.Random(f"argen-t2i:{seed}:{epoch}:{index}")
-    return captions_mod.train_caption(label, image_uint8, rng)
+    return torch.cat(feats), torch.cat(masks)
 
 
 class CodeBatches:
@@ -132,13 +158,12 @@ class CodeBatches:
     """
 
     def __init__(self, codes: torch.Tensor, labels: torch.Tensor, images_uint8: torch.Tensor, model_type: str,
-                 seed: int = 0, caption_ids: Optional[dict] = None):
+                 captions: Optional[Captions] = None):
         self.codes = codes
         self.labels = labels
         self.images = images_uint8
         self.model_type = model_type
-        self.seed = seed
-        self.caption_ids = caption_ids
+        self.captions = captions
         self.base = len(labels)
 
     def __len__(self):
@@ -154,8 +179,8 @@ class CodeBatches:
         else:
             ids = []
             for (epoch, i), b in zip(keys, base_index.tolist()):
-                text = item_caption(self.seed, epoch, i, int(self.labels[b]), self.images[b].numpy())
-                ids.append(self.caption_ids[text])
+                text = self.captions.caption(epoch, i, int(self.labels[b]), self.images[b].numpy())
+                ids.append(self.captions.ids[text])
             batch["caption_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
 
@@ -193,6 +218,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
               size: Optional[str] = None, dim: int = 320, n_layer: int = 6, n_head: int = 5,
               dropout: float = 0.0, class_dropout: float = 0.1, flip: bool = False,
               codes_cache=None, text_encoder: str = "minilm", tokenizer_name: Optional[str] = None,
+              text_pooling: str = "tokens", text_max_length: Optional[int] = None, captions: str = "basic",
+              init_from: Optional[str] = None,
               cfg_scale: float = 2.0, limit: Optional[int] = None, ckpt_every: int = 500, log_every: int = 25,
               resume: bool = False, threads: Optional[int] = None, progress: bool = True,
               export_dtype: str = "auto", command: Optional[str] = None, samples_per_class: int = 10,
@@ -227,10 +254,11 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, False)
     num_items = len(codes)
 
-    encoder, caption_ids, cap_feats, cap_masks, enc_config = None, None, None, None, None
+    encoder, caption_set, enc_config = None, None, None
     if model_type == "t2i":
-        encoder = _load_encoder(text_encoder)
-        texts, caption_ids, cap_feats, cap_masks = caption_table(encoder)
+        encoder = _load_encoder(text_encoder, text_max_length, text_pooling)
+        caption_set = caption_table(encoder, captions, seed)
+        cap_feats, cap_masks = caption_set.feats, caption_set.masks
         enc_config = dict(encoder.config())
         if enc_config.get("name") == "minilm":
             enc_config["path"] = None  # found again from the installed package
@@ -248,15 +276,16 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                   num_classes=len(CLASS_NAMES), model_type=model_type, class_dropout_prob=class_dropout,
                   token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout, multiple_of=64)
     if model_type == "t2i":
-        fields.update(cls_token_num=encoder.max_length, caption_dim=encoder.feature_dim,
-                      caption_token_num=encoder.max_length)
+        fields.update(cls_token_num=encoder.num_slots, caption_dim=encoder.feature_dim,
+                      caption_token_num=encoder.num_slots)
     gpt_cfg = GPTConfig.from_name(size, **fields) if size else GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head,
                                                                          **fields)
     torch.manual_seed(seed)  # identical init on every process
     model = GPT(gpt_cfg)
+    init_info = init_weights(model, init_from, caption_set) if init_from is not None else None
     seed_everything(seed + accelerator.process_index)
 
-    dataset = CodeBatches(codes, labels, images, model_type, seed, caption_ids)
+    dataset = CodeBatches(codes, labels, images, model_type, caption_set)
     cls = gpt_cfg.cls_token_num
 
     def loss_fn(m, batch):
@@ -273,7 +302,10 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     run_info = {"kind": f"gpt-{model_type}", "vq": str(vq), "vq_hash": _weights_hash(vq_dir),
                 "gpt_config": {k: v for k, v in model.config.items() if not k.startswith("_")},
                 "parameters": model.num_parameters(), "train_items": num_items, "flip": flip,
-                "text_encoder": enc_config, "command": command, "prep_s": round(prep_s, 1),
+                "text_encoder": enc_config,
+                # None for the basic captions, so checkpoints from before rich captions still resume
+                "captions": captions if model_type == "t2i" and captions != "basic" else None,
+                "init_from": init_from, "init": init_info, "command": command, "prep_s": round(prep_s, 1),
                 "threads": torch.get_num_threads()}
     trainer = Trainer(cfg, model, dataset, loss_fn, num_items=num_items, loss_names=["loss"],
                       accelerator=accelerator, run_info=run_info, tokens_per_item=num_codes)
@@ -298,7 +330,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         test_images, test_labels = load_fashion_mnist("test", data_root)
         n_test = min(eval_items, len(test_labels))
         test_codes = encode_images(vq_model, test_images[:n_test]).long()
-        cond, mask = _conditions(model_type, test_labels[:n_test], encoder, test_images[:n_test], seed)
+        cond, mask = _conditions(model_type, test_labels[:n_test], encoder, test_images[:n_test], caption_set)
         metrics["test_items"] = n_test
         metrics["test_loss_ema_fp32"] = _test_loss(ema, test_codes, cond, mask)
         dtype = torch.float32 if export_dtype == "float32" else torch.float16
@@ -336,15 +368,43 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
 
 
 _ENCODERS: dict = {}
+_CAPTION_TABLES: dict = {}
 
 
-def _load_encoder(name: str):
+def _load_encoder(name: str, max_length: Optional[int] = None, pooling: str = "tokens"):
     """Text encoders are loaded once per process (tests train several t2i models)."""
     from ..text import load_text_encoder
 
-    if name not in _ENCODERS:
-        _ENCODERS[name] = load_text_encoder(name)
-    return _ENCODERS[name]
+    key = (name, max_length, pooling)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_text_encoder(name, max_length, pooling=pooling)
+    return _ENCODERS[key]
+
+
+def caption_table(encoder, style: str = "basic", seed: int = 0) -> Captions:
+    """`Captions` of a style for an encoder; cached per process (a pure function of the arguments)."""
+    key = (repr(sorted(encoder.config().items())), style, seed)
+    if key not in _CAPTION_TABLES:
+        _CAPTION_TABLES[key] = Captions(style, encoder, seed)
+    return _CAPTION_TABLES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Starting from another generator
+
+
+def init_weights(model: GPT, source, caption_set: Optional[Captions] = None, fit_steps: int = 600) -> dict:
+    """Start `model` from the generator `source` (shipped name or folder): see `GPT.init_from`.
+    From a class-conditional source into a text-conditional model, the caption projection is
+    fitted on the training captions' features and class labels first."""
+    src = GPT.from_pretrained(resolve_model_dir(source)).float()
+    feats = labels = None
+    if src.condition_kind == "class" and model.condition_kind == "text":
+        if caption_set is None or caption_set.labels is None or caption_set.feats.shape[1] != 1:
+            raise ArgenError("starting a text-to-image model from a class-conditional one needs one condition "
+                             "slot (--text-pooling mean) and rich captions (--captions rich)")
+        feats, labels = caption_set.feats[:, 0], caption_set.labels
+    return model.init_from(src, feats, labels, fit_steps)
 
 
 def class_accuracy(pipe, per_class: int, batch: int = 100) -> Optional[dict]:
@@ -381,11 +441,11 @@ def _json(data) -> str:
     return json.dumps(data, indent=1) + "\n"
 
 
-def _conditions(model_type, labels, encoder, images, seed):
+def _conditions(model_type, labels, encoder, images, caption_set):
     if model_type == "c2i":
         return labels, None
-    texts = [item_caption(seed, 0, i, int(labels[i]), images[i].numpy()) for i in range(len(labels))]
-    return encoder.encode(texts)
+    texts = [caption_set.caption(0, i, int(labels[i]), images[i].numpy()) for i in range(len(labels))]
+    return _encode_all(encoder, texts)
 
 
 @torch.no_grad()
@@ -409,12 +469,7 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
     cond_text = (
         "Condition: Fashion-MNIST class id 0-9 (" + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES)) + "); "
         f"class dropout {g['class_dropout_prob']} during training gives the null class used by CFG."
-        if kind == "c2i" else
-        f"Condition: all-MiniLM-L6-v2 token features ({g['cls_token_num']} left-padded slots x {g['caption_dim']}), "
-        "see `text_encoder.json`. Training captions come from `argen.data.captions.train_caption` (several templates, "
-        "synonyms and a measured dark/light attribute), redrawn every epoch; caption dropout "
-        f"{g['class_dropout_prob']} trains the unconditional embedding used by CFG. Held-out prompts "
-        "(`HELDOUT_PROMPTS`: unseen templates and synonyms) were never trained on."
+        if kind == "c2i" else _t2i_condition_text(g, run_info)
     )
     grid = ("`samples.png`: one row per class (0-9 top to bottom), "
             f"{cfg_scale_text(pipeline)}, seeds 0..{metrics['grid_samples'] - 1} in reading order.")
@@ -422,7 +477,7 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
         grid += " Row prompts (held-out): " + "; ".join(f"{i}: \"{p}\"" for i, p in enumerate(metrics["grid_prompts"]))
     text = f"""# default-{kind}: {title} GPT for Fashion-MNIST
 
-LlamaGen-architecture generator (`argen.models.GPT`) trained from scratch with `argen train gpt` on the
+LlamaGen-architecture generator (`argen.models.GPT`) trained {"from `" + str(run_info["init_from"]) + "`" if run_info.get("init_from") else "from scratch"} with `argen train gpt` on the
 VQ codes of the Fashion-MNIST train split ({run_info['train_items']} items{', incl. horizontal flips' if run_info['flip'] else ''}),
 tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vocabulary {g['vocab_size']}).
 
@@ -459,6 +514,32 @@ pipe = ARPipeline.from_pretrained("default-{kind}")   # or this folder's path
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)
+
+
+def _t2i_condition_text(g: dict, run_info: dict) -> str:
+    encoder = run_info.get("text_encoder") or {}
+    if encoder.get("pooling") == "mean":
+        features = (f"all-MiniLM-L6-v2 sentence embedding (mean of the token features over up to "
+                    f"{encoder.get('max_length')} tokens, L2-normalised, scaled to unit RMS): one condition slot x "
+                    f"{g['caption_dim']}")
+    else:
+        features = f"all-MiniLM-L6-v2 token features ({g['cls_token_num']} left-padded slots x {g['caption_dim']})"
+    if run_info.get("captions") == "rich":
+        captions = ("Training captions: a fixed pool of rich captions per class and measured shade "
+                    "(`argen.data.captions.rich_caption_pool`: everyday names in singular and plural, colours, "
+                    "patterns, materials, details, occasions and neutral distractor words in 20 frames)")
+    else:
+        captions = ("Training captions come from `argen.data.captions.train_caption` (several templates, "
+                    "synonyms and a measured dark/light attribute)")
+    text = (f"Condition: {features}, see `text_encoder.json`. {captions}, redrawn every epoch; caption dropout "
+            f"{g['class_dropout_prob']} trains the unconditional embedding used by CFG. Evaluation prompts "
+            "(`HELDOUT_PROMPTS` and `argen/data/prompts_heldout.jsonl`) were never trained on.")
+    if run_info.get("init_from"):
+        text += (f" Started from `{run_info['init_from']}`: its weights were copied"
+                 + (" and the caption projection was first fitted to map each training caption onto its class's "
+                    f"embedding (mean squared error {run_info['init']['caption_fit_mse']:.4f})"
+                    if (run_info.get("init") or {}).get("caption_fit_mse") is not None else "") + ".")
+    return text
 
 
 def _accuracy_text(acc: Optional[dict]) -> str:
