@@ -27,7 +27,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.active_len = max_len  # slots a forward attends over (see `attend_upto`)
 
-    def attend_upto(self, input_pos: torch.Tensor) -> None:
+    def attend_upto(self, input_pos: torch.Tensor, top: Optional[int] = None) -> None:
         """Limit the next forward's attention to slots < max(input_pos) + 1.
 
         On the CPU this halves the attention work of an average decode step for the price of
@@ -35,7 +35,10 @@ class KVCache:
         what CUDA graphs / torch.compile want, and reading the position would force a sync.
         """
         static = input_pos.device.type != "cpu" or torch.compiler.is_compiling()
-        self.active_len = self.max_len if static else int(input_pos.max()) + 1
+        if static:
+            self.active_len = self.max_len
+        else:
+            self.active_len = (int(input_pos.max()) if top is None else top) + 1  # top: the caller's read of it
 
     def set_condition_mask(self, cond_len: int, cond_mask: Optional[torch.Tensor]) -> None:
         """Mark which of the first `cond_len` slots hold real condition tokens (t2i padding)."""
@@ -44,6 +47,14 @@ class KVCache:
         self.key_valid.fill_(True)
         if cond_mask is not None:
             self.key_valid[:, :cond_len] = cond_mask.to(device=self.device, dtype=torch.bool)
+
+    def set_visible(self, positions: torch.Tensor, visible: torch.Tensor) -> None:
+        """Mark whether the keys at `positions` [B, S] may be seen by later queries (visible [B, S]).
+
+        For samplers that fill the sequence out of raster order (argen.samplers.spatial): a slot
+        whose token is not generated yet, or holds a stand-in, is hidden from every query but its
+        own. Plain AR and the speculative samplers never call it (every written slot is visible)."""
+        self.key_valid.scatter_(1, positions.to(self.device), visible.to(device=self.device, dtype=torch.bool))
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, T, hd] at `input_pos` ([T] shared, or [B, T] per row); return the full cache."""

@@ -12,6 +12,7 @@ from .ar import ARSampler
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
 from .sjd import SJDSampler
+from .spatial import SpatialSampler
 
 SAMPLERS = REGISTRY  # name or alias -> class (read-only view for callers; samplers register themselves)
 
@@ -24,6 +25,6 @@ def get_sampler(name: str, **options) -> Sampler:
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 
 
-__all__ = ["ARSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
+__all__ = ["ARSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
            "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS",
            "parse_spec"]
