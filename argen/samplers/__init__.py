@@ -9,8 +9,10 @@ from .spec import SamplerSpec, make_sampler, parse_spec
 
 # Each sampler file registers its classes when imported.
 from .ar import ARSampler
+from .auto import AutoSampler
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
+from .pac import PACSampler
 from .sjd import SJDSampler
 from .spatial import SpatialSampler
 
@@ -25,6 +27,6 @@ def get_sampler(name: str, **options) -> Sampler:
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 
 
-__all__ = ["ARSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
+__all__ = ["ARSampler", "AutoSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "PACSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
            "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS",
            "parse_spec"]
