@@ -18,7 +18,8 @@ never reached hold a blind draft, argmax(g_k) (uniform).
 Cost model. A T-token forward is not free on a CPU (docs/benchmarks.md: 1.2x to 12x a 1-token one,
 growing with batch). At the first call for a (model, rows, device, condition length, image length)
 the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (best of a few
-repeats; cached for the process). Then, before each step, it picks the T that maximises
+repeats; cached for the process), stopping at the first T that costs more than T/2 one-token
+steps (a window that needs over half its drafts right on every step never wins here). Then, before each step, it picks the T that maximises
 expected tokens per unit of cost, E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i
 from per-depth acceptance rates a_i observed so far for this model (kept across calls). T = 1 is
 plain AR (one token per forward), so where no window pays, auto runs AR.
@@ -144,6 +145,10 @@ class AutoSampler(Sampler):
                     if r:
                         best = min(best, time.perf_counter() - t0)
                 seconds[w] = best
+                if best > seconds[1] * w / 2:
+                    # it would need more than w/2 right tokens per step to pay, and wider windows
+                    # cost more still (compute-bound): stop timing them
+                    break
             state["costs"][key] = seconds
         return state["costs"][key]
 
