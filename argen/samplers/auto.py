@@ -18,8 +18,8 @@ never reached hold a blind draft, argmax(g_k) (uniform).
 Cost model. A T-token forward is not free on a CPU (docs/benchmarks.md: 1.2x to 12x a 1-token one,
 growing with batch). At the first call for a (model, rows, device, condition length, image length)
 the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (best of a few
-repeats; cached for the process), stopping at the first T that costs more than T/2 one-token
-steps (a window that needs over half its drafts right on every step never wins here). Then, before each step, it picks the T that maximises
+repeats; cached for the process), stopping at the first T that costs more than max(2, T/2)
+one-token steps (it would need that many tokens per step to pay; these models give under 3). Then, before each step, it picks the T that maximises
 expected tokens per unit of cost, E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i
 from per-depth acceptance rates a_i observed so far for this model (kept across calls). T = 1 is
 plain AR (one token per forward), so where no window pays, auto runs AR.
@@ -122,6 +122,23 @@ class AutoSampler(Sampler):
         cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
         return emitted, m, n, lengths
 
+    @staticmethod
+    def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params):
+        """Width 1 (plain AR under the Gumbel rule) without the window machinery: one token per
+        active row, nothing to verify and nothing to rewind (the cache keeps what it wrote)."""
+        rows = torch.arange(seq.shape[0], device=seq.device)
+        active = emitted < num_tokens
+        tokens = seq.gather(1, (emitted - 1)[:, None])
+        pos = (cond_len + emitted - 1).clamp(max=cond_len + num_tokens - 1)[:, None]
+        if params.uses_cfg:
+            tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+        guided = guidance(params, emitted, 1)
+        guided = guided if isinstance(guided, bool) else guided[:, 0]
+        logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
+        y = (logits + noise[rows, emitted]).argmax(-1)
+        seq[rows, emitted] = y  # finished rows write their scratch column N
+        return emitted + active, active.long(), torch.zeros_like(emitted), active.long()
+
     # ---- cost model ----------------------------------------------------------------------
 
     def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> Dict[int, float]:
@@ -141,13 +158,16 @@ class AutoSampler(Sampler):
                 best = float("inf")
                 for r in range(self.repeats + 1):  # the first is a warm-up
                     t0 = time.perf_counter()
-                    self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
+                    if w == 1:
+                        self._ar_step(model, seq, start, noise, cache, cond_len, num_tokens, params)
+                    else:
+                        self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
                     if r:
                         best = min(best, time.perf_counter() - t0)
                 seconds[w] = best
-                if best > seconds[1] * w / 2:
-                    # it would need more than w/2 right tokens per step to pay, and wider windows
-                    # cost more still (compute-bound): stop timing them
+                if best > seconds[1] * max(2.0, w / 2):
+                    # it would need over max(2, w/2) tokens per step to pay (these models give
+                    # under 3), and wider windows cost more still: stop timing them
                     break
             state["costs"][key] = seconds
         return state["costs"][key]
@@ -189,7 +209,8 @@ class AutoSampler(Sampler):
             if left <= 0:
                 break
             width = min(cap, left) if costs is None else min(self._choose(costs, state, emitted, num_tokens), left)
-            emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens, params)
+            step = self._step if width > 1 else (lambda *a: self._ar_step(*a[:4], *a[5:]))
+            emitted, m, n, lengths = step(model, seq, emitted, noise, width, cache, cond_len, num_tokens, params)
             active = lengths > 0
             rows_nfe += active
             accepted.append(m.sum() / active.sum())
