@@ -65,6 +65,23 @@ def test_stream_sampling_follows_probabilities_and_skips_zeros():
     assert chi2 < 13.8  # chi-square, 2 dof, p = 0.001
 
 
+def test_buffered_streams_give_each_generator_its_own_float64_sequence():
+    """Streams draw ahead in blocks; row i must still read generator i's numbers in order,
+    however the calls split them (and across a block boundary, and after subset())."""
+    seeds = [3, 99, 12345]
+    streams = RandomStreams.from_seeds(seeds)
+    sizes = [(1,), (7,), (2, 3), (RandomStreams.BLOCK - 5,), (RandomStreams.BLOCK + 40,), (13,)]
+    got = torch.cat([streams.uniform(*shape).flatten(1) for shape in sizes], dim=1)
+    total = got.shape[1]
+    for row, seed in enumerate(seeds):
+        direct = torch.rand(total, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert torch.equal(got[row], direct)
+    part = streams.subset([2, 0])
+    after = torch.cat([torch.rand(total + 9, generator=torch.Generator().manual_seed(s), dtype=torch.float64)[total:]
+                       for s in (seeds[2], seeds[0])]).view(2, 9)
+    assert torch.equal(part.uniform(9), after)
+
+
 def test_make_streams_validation():
     with pytest.raises(ArgenError):
         make_streams(2, seeds=[1])

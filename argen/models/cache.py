@@ -26,8 +26,9 @@ class KVCache:
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.active_len = max_len  # slots a forward attends over (see `attend_upto`)
+        self.tree = None  # (ancestors [T, T] bool, first scratch slot) while a token tree is fed (`set_tree`)
 
-    def attend_upto(self, input_pos: torch.Tensor) -> None:
+    def attend_upto(self, input_pos: torch.Tensor, top: Optional[int] = None) -> None:
         """Limit the next forward's attention to slots < max(input_pos) + 1.
 
         On the CPU this halves the attention work of an average decode step for the price of
@@ -35,7 +36,12 @@ class KVCache:
         what CUDA graphs / torch.compile want, and reading the position would force a sync.
         """
         static = input_pos.device.type != "cpu" or torch.compiler.is_compiling()
-        self.active_len = self.max_len if static else int(input_pos.max()) + 1
+        if self.tree is not None:  # the tree's keys sit in scratch slots after every position
+            self.active_len = self.tree[1] + self.tree[0].shape[0]
+        elif static:
+            self.active_len = self.max_len
+        else:
+            self.active_len = (int(input_pos.max()) if top is None else top) + 1  # top: the caller's read of it
 
     def set_condition_mask(self, cond_len: int, cond_mask: Optional[torch.Tensor]) -> None:
         """Mark which of the first `cond_len` slots hold real condition tokens (t2i padding)."""
@@ -45,10 +51,54 @@ class KVCache:
         if cond_mask is not None:
             self.key_valid[:, :cond_len] = cond_mask.to(device=self.device, dtype=torch.bool)
 
+    def set_visible(self, positions: torch.Tensor, visible: torch.Tensor) -> None:
+        """Mark whether the keys at `positions` [B, S] may be seen by later queries (visible [B, S]).
+
+        For samplers that fill the sequence out of raster order (argen.samplers.spatial): a slot
+        whose token is not generated yet, or holds a stand-in, is hidden from every query but its
+        own. Plain AR and the speculative samplers never call it (every written slot is visible)."""
+        self.key_valid.scatter_(1, positions.to(self.device), visible.to(device=self.device, dtype=torch.bool))
+
+    def set_tree(self, parents, scratch: int) -> None:
+        """Feed the next forward's T tokens as a tree (speculative drafts with alternatives).
+
+        parents [T]: the index of each token's parent in the window (-1 for the root, token 0).
+        Several tokens may share a sequence position, so their keys/values go to the scratch
+        slots scratch .. scratch+T-1 (the cache must hold them), not to their positions; a token
+        sees the cache before the root's position plus its own ancestors and itself. After the
+        forward, `keep_path` copies the accepted tokens' keys to their positions and ends tree mode."""
+        parents = torch.as_tensor(parents, dtype=torch.long).tolist()
+        size = len(parents)
+        if scratch + size > self.max_len:
+            raise ValueError(f"a tree of {size} tokens at slot {scratch} does not fit a cache of {self.max_len}")
+        ancestors = torch.eye(size, dtype=torch.bool)
+        for i, parent in enumerate(parents):
+            if parent >= i:
+                raise ValueError("a tree token's parent must come before it")
+            if parent >= 0:
+                ancestors[i] |= ancestors[parent]
+        self.tree = (ancestors.to(self.device), scratch)
+
+    def keep_path(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Copy the keys/values of tree tokens `slots` [B, D] (window indices) to sequence
+        `positions` [B, D] (rows may point several unused entries at one spare position) and
+        leave tree mode."""
+        scratch = self.tree[1]
+        rows = torch.arange(self.batch_size, device=self.device)[:, None]
+        src, dst = slots.to(self.device) + scratch, positions.to(self.device)
+        for kc, vc in zip(self.k, self.v):
+            kc[rows, :, dst] = kc[rows, :, src]
+            vc[rows, :, dst] = vc[rows, :, src]
+        self.tree = None
+
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, T, hd] at `input_pos` ([T] shared, or [B, T] per row); return the full cache."""
         kc, vc = self.k[layer], self.v[layer]
-        if input_pos.dim() == 1:
+        if self.tree is not None:
+            slots = torch.arange(self.tree[1], self.tree[1] + k.shape[2], device=kc.device)
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+        elif input_pos.dim() == 1:
             kc.index_copy_(2, input_pos, k)  # one kernel; advanced-index assignment costs several ops
             vc.index_copy_(2, input_pos, v)
         else:
@@ -66,6 +116,14 @@ class KVCache:
         Additive rather than boolean because attention would otherwise convert a boolean mask to
         exactly this in every layer; converting once per forward gives the same numbers.
         """
+        if self.tree is not None:
+            ancestors, scratch = self.tree
+            root = input_pos[..., :1] if input_pos.dim() == 2 else input_pos[None, :1]  # [B or 1, 1]
+            before = (self.positions[:scratch] < root)[:, None, :] & self.key_valid[:, None, :scratch]  # [B, 1, S]
+            visible = torch.cat([before.expand(-1, ancestors.shape[0], -1),
+                                 ancestors.expand(before.shape[0], -1, -1)], dim=-1)
+            hidden = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+            return hidden.masked_fill_(~visible, float("-inf"))[:, None]
         positions = self.positions[: self.active_len]
         qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
         causal = positions <= qpos

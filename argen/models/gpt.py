@@ -560,10 +560,13 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         )
 
     def _run_cached(self, x: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.freqs_cis.shape[0]:
-            raise ArgenError(f"position {int(input_pos.max())} is past the model's {self.freqs_cis.shape[0]} positions")
+        top = None
+        if not torch.compiler.is_compiling():
+            top = int(input_pos.max())  # read once: the range check and the attention span both need it
+            if top >= self.freqs_cis.shape[0]:
+                raise ArgenError(f"position {top} is past the model's {self.freqs_cis.shape[0]} positions")
         rope = rope_factors(self.freqs_cis[input_pos])
-        cache.attend_upto(input_pos)
+        cache.attend_upto(input_pos, top)
         mask = cache.attention_mask(input_pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, input_pos)

@@ -9,9 +9,12 @@ from .spec import SamplerSpec, make_sampler, parse_spec
 
 # Each sampler file registers its classes when imported.
 from .ar import ARSampler
+from .auto import AutoSampler
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
+from .pac import PACSampler
 from .sjd import SJDSampler
+from .spatial import SpatialSampler
 
 SAMPLERS = REGISTRY  # name or alias -> class (read-only view for callers; samplers register themselves)
 
@@ -24,6 +27,6 @@ def get_sampler(name: str, **options) -> Sampler:
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 
 
-__all__ = ["ARSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
+__all__ = ["ARSampler", "AutoSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "PACSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
            "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS",
            "parse_spec"]

@@ -134,10 +134,14 @@ def set_draft_q(q: torch.Tensor, need: torch.Tensor, tokens: torch.Tensor, copie
     uniform for a random draft (what it was drawn from; it accepts at least as often as the
     one-hot q of the reference code), one-hot on the token for a copied (deterministic) draft.
     Only the needed rows are touched: q is [B, L-1, V] and is rewritten every step."""
-    q[need] = 1.0 / q.shape[-1]
+    # masked_fill_ / scatter_ rather than q[need] = ...: a boolean-index write finds the True
+    # entries on the host (nonzero) every step; these write the same values with no host work
+    q.masked_fill_(need[..., None], 1.0 / q.shape[-1])
     if copied is not None:
-        fixed = need & copied
-        q[fixed] = torch.nn.functional.one_hot(tokens[fixed], q.shape[-1]).to(q.dtype)
+        fixed = (need & copied)[..., None]
+        q.masked_fill_(fixed, 0.0)
+        index = tokens[..., None]
+        q.scatter_(-1, index, torch.where(fixed, torch.ones((), dtype=q.dtype), q.gather(-1, index)))
 
 
 def spatial_drafts(seq, index, need, u, vocab: int, grid, mode: str):
@@ -246,10 +250,12 @@ class SpeculativeSampler(Sampler):
         accepted = []
         bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
         while True:
-            lengths = window_lengths(win.emitted, window, num_tokens)
-            width = int(lengths.max())
-            if width == 0:
+            # the one host read per step: the forward's width is max_b min(L, N - e_b), which is
+            # min(L, N - min_b e_b); 0 when every row is done
+            width = min(window, num_tokens - int(win.emitted.min()))
+            if width <= 0:
                 break
+            lengths = window_lengths(win.emitted, window, num_tokens)
             m = self.step(model, win, lengths, width, cache, cond_len, num_tokens, params, streams, ctx)
             active = lengths > 0
             rows_nfe += active

@@ -1,0 +1,246 @@
+"""`auto`: Jacobi decoding with per-position Gumbel noise and a measured cost model. Lossless.
+
+Sampling rule. Each sample draws, once, Gumbel noise g_k [V] for every image position k from
+its own stream; token k is argmax(l_k + g_k), l_k the processed logits of position k (the shared
+`process_logits`: CFG, temperature, top-k/top-p). That is an exact sample of softmax(l_k)
+(Gumbel-max), so the sampler draws AR's distribution. It also makes the image a deterministic
+function of (seed, model): whatever window is used, whatever the drafts and batch, the emitted
+tokens are those of "AR with this noise". So the window can change at every step, chosen from
+timings, without changing a single sample (the determinism contract holds even though timings
+differ from run to run).
+
+Verification. The window [x_{e-1}, d_e, ..., d_{e+T-2}] gives y_j = argmax(l_{e+j} + g_{e+j})
+for every row; draft d_{e+j} is right iff it equals y_j, and the first n right drafts plus y_n
+are emitted (y_n has an all-correct context). The rows after become the next drafts (Jacobi;
+the fixed noise is a coupling of successive drafts, as in MC-SJD's Gumbel variant); positions
+never reached hold a blind draft, argmax(g_k) (uniform).
+
+Cost model. A T-token forward is not free on a CPU (docs/benchmarks.md: 1.2x to 12x a 1-token one,
+growing with batch). At the first call for a (model, rows, device, condition length, image length)
+the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (best of a few
+repeats; cached for the process), stopping at the first T that costs more than max(2, T/2)
+one-token steps (it would need that many tokens per step to pay; these models give under 3). Then, before each step, it picks the T that maximises
+expected tokens per unit of cost, E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i
+from per-depth acceptance rates a_i observed so far for this model (kept across calls). T = 1 is
+plain AR (one token per forward), so where no window pays, auto runs AR.
+
+`window=<int>` fixes the width (no timing): the same samples, for measuring compression.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Dict, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checks import check_number
+from ..errors import ArgenError
+from .base import Sampler, SamplerOutput, cfg_batch
+from .logits import process_logits
+from .speculative import guidance, leading_accepts, window_inputs
+
+# model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..]} (dropped with the model)
+_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 4.0  # per-depth acceptance before any observation (4 pseudo-trials)
+
+
+def gumbel_noise(streams, batch: int, positions: int, vocab: int, device) -> torch.Tensor:
+    """[batch, positions, vocab] float32 Gumbel(0, 1) noise, sample i from stream i, position by
+    position (position k always takes the k-th block of V numbers of its stream)."""
+    if streams is None:
+        u = torch.rand(batch, positions, vocab, dtype=torch.float64)
+    else:
+        u = streams.uniform(positions, vocab)
+    return (-torch.log(-torch.log(u))).float().to(device)
+
+
+def model_state(model) -> dict:
+    try:
+        return _STATE.setdefault(model, {"costs": {}, "hits": [], "tries": []})
+    except TypeError:  # not weak-referenceable: keep nothing across calls
+        return {"costs": {}, "hits": [], "tries": []}
+
+
+def expected_tokens(hits, tries, widest: int) -> list:
+    """E[tokens per step] of a width-T window for T = 1..widest (index T-1), under the per-depth
+    acceptance estimates: 1 + sum_{j<T} prod_{i<=j} a_i."""
+    out, total, run = [1.0], 1.0, 1.0
+    for depth in range(1, widest):
+        h = hits[depth - 1] if depth - 1 < len(hits) else 0.0
+        t = tries[depth - 1] if depth - 1 < len(tries) else 0.0
+        run *= (h + PRIOR_ACCEPT * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+        total += run
+        out.append(total)
+    return out
+
+
+class AutoSampler(Sampler):
+    """AutoSampler(window="auto", max_window=32, repeats=3).
+
+    window: "auto" (cost model, the width chosen per step) or a fixed width (1 = AR).
+    max_window: the widest window the cost model may pick. repeats: timed steps per width."""
+
+    name = "auto"
+    aliases = ("gumbel",)
+    option_aliases = {"L": "window"}
+
+    def __init__(self, window: Union[str, int] = "auto", max_window: int = 32, repeats: int = 3):
+        if not (isinstance(window, str) and window == "auto"):
+            window = check_number("window (L)", window, 1, None, integer=True)
+        self.window = window
+        self.max_window = check_number("max_window", max_window, 1, 1024, integer=True)
+        self.repeats = check_number("repeats", repeats, 1, 100, integer=True)
+        self.last_widths: list = []  # widths of the last call's steps (for benchmarks and tests)
+
+    def __repr__(self) -> str:
+        return f"AutoSampler(window={self.window!r}, max_window={self.max_window})"
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @staticmethod
+    def _step(model, seq, emitted, noise, width: int, cache, cond_len: int, num_tokens: int, params):
+        """Feed a window of `width`, emit the verified tokens, keep the rest as drafts.
+        Returns (m [B] tokens emitted, n [B] drafts accepted, lengths [B])."""
+        lengths = (num_tokens - emitted).clamp(0, width)
+        tokens, pos = window_inputs(seq, emitted, width, cond_len, num_tokens)
+        both_tokens, both_pos = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
+        logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guidance(params, emitted, width))
+        index = emitted[:, None] + torch.arange(width, device=seq.device)
+        rows = torch.arange(seq.shape[0], device=seq.device)[:, None]
+        y = (logits + noise[rows, index.clamp(max=noise.shape[1] - 1)]).argmax(-1)
+        has_draft = torch.arange(width - 1, device=seq.device) < (lengths - 1)[:, None]
+        n = leading_accepts((tokens[:, 1:] == y[:, :-1]) & has_draft)
+        m = torch.where(lengths > 0, n + 1, 0)
+        # y[:, :n+1] are the emitted tokens (y_j == d_j for j < n), y[:, n+1:] the next drafts;
+        # rows past the image (finished rows, the end of a short one) write scratch columns
+        seq.scatter_(1, index, y)
+        emitted = emitted + m
+        kept = cond_len + emitted - 1
+        cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
+        return emitted, m, n, lengths
+
+    @staticmethod
+    def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params):
+        """Width 1 (plain AR under the Gumbel rule) without the window machinery: one token per
+        active row, nothing to verify and nothing to rewind (the cache keeps what it wrote)."""
+        rows = torch.arange(seq.shape[0], device=seq.device)
+        active = emitted < num_tokens
+        tokens = seq.gather(1, (emitted - 1)[:, None])
+        pos = (cond_len + emitted - 1).clamp(max=cond_len + num_tokens - 1)[:, None]
+        if params.uses_cfg:
+            tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+        guided = guidance(params, emitted, 1)
+        guided = guided if isinstance(guided, bool) else guided[:, 0]
+        logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
+        y = (logits + noise[rows, emitted]).argmax(-1)
+        seq[rows, emitted] = y  # finished rows write their scratch column N
+        return emitted + active, active.long(), torch.zeros_like(emitted), active.long()
+
+    # ---- cost model ----------------------------------------------------------------------
+
+    def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> Dict[int, float]:
+        widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w <= min(self.max_window, num_tokens)]
+        device = model_device(model)
+        key = (cond_all.shape[0], str(device), cond_len, num_tokens, params.uses_cfg, tuple(widths))
+        if key not in state["costs"]:
+            cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
+            model.prefill(cond_all, cache, mask_all)
+            extra = max(widths) + 1
+            vocab = model.vocab_size
+            seq = torch.zeros(batch, num_tokens + extra, dtype=torch.long, device=device)
+            noise = torch.zeros(batch, num_tokens + extra, vocab, device=device)
+            start = torch.full((batch,), max(1, (num_tokens - max(widths)) // 2), dtype=torch.long, device=device)
+            seconds = {}
+            for w in widths:
+                best = float("inf")
+                for r in range(self.repeats + 1):  # the first is a warm-up
+                    t0 = time.perf_counter()
+                    if w == 1:
+                        self._ar_step(model, seq, start, noise, cache, cond_len, num_tokens, params)
+                    else:
+                        self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
+                    if r:
+                        best = min(best, time.perf_counter() - t0)
+                seconds[w] = best
+                if best > seconds[1] * max(2.0, w / 2):
+                    # it would need over max(2, w/2) tokens per step to pay (these models give
+                    # under 3), and wider windows cost more still: stop timing them
+                    break
+            state["costs"][key] = seconds
+        return state["costs"][key]
+
+    def _choose(self, costs, state, emitted, num_tokens) -> int:
+        active = [r for r in (num_tokens - emitted).tolist() if r > 0]
+        gains = expected_tokens(state["hits"], state["tries"], max(costs))
+        best, best_value = 1, -1.0
+        for w, cost in costs.items():
+            value = sum(gains[min(w, r) - 1] for r in active) / cost
+            if value > best_value:
+                best, best_value = w, value
+        return best
+
+    # ---- loop ----------------------------------------------------------------------------
+
+    def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
+        cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
+        batch, cond_len = cond.shape[0], model.condition_length(cond)
+        state = model_state(model)
+        costs = None
+        if self.window == "auto":
+            costs = self._costs(model, cond_all, mask_all, cond_len, num_tokens, params, batch, state)
+        cap = self.max_window if self.window == "auto" else self.window
+        cap = min(cap, num_tokens)
+        cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
+        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        device = first.device
+        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device)
+        noise = torch.cat([noise, noise.new_zeros(batch, cap + 1, noise.shape[-1])], dim=1)  # scratch rows
+        seq = noise.argmax(-1)  # blind drafts: one uniform token per position
+        seq[:, 0] = (first + noise[:, 0]).argmax(-1)
+        emitted = torch.ones(batch, dtype=torch.long, device=device)
+        rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
+        accepted, widths = [], []
+        bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+        while True:
+            left = num_tokens - int(emitted.min())
+            if left <= 0:
+                break
+            width = min(cap, left) if costs is None else min(self._choose(costs, state, emitted, num_tokens), left)
+            step = self._step if width > 1 else (lambda *a: self._ar_step(*a[:4], *a[5:]))
+            emitted, m, n, lengths = step(model, seq, emitted, noise, width, cache, cond_len, num_tokens, params)
+            active = lengths > 0
+            rows_nfe += active
+            accepted.append(m.sum() / active.sum())
+            widths.append(width)
+            if width > 1:
+                self._observe(state, n, lengths, width)
+            if progress:
+                bar.update(int(emitted.min()) - bar.n)
+        bar.close()
+        self.last_widths = widths
+        return SamplerOutput(tokens=seq[:, :num_tokens].clone(), num_forward_passes=1 + len(accepted),
+                             accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
+                             forwards_per_sample=rows_nfe.cpu())
+
+    @staticmethod
+    def _observe(state, n, lengths, width: int) -> None:
+        """Depth j's draft was tested when the j-1 before it were right (and the row had it)."""
+        depths = torch.arange(1, width, device=n.device)
+        tested = (n[:, None] >= depths - 1) & (depths <= lengths[:, None] - 1)
+        hit = tested & (n[:, None] >= depths)
+        t, h = tested.sum(0).tolist(), hit.sum(0).tolist()
+        hits, tries = state["hits"], state["tries"]
+        while len(tries) < len(t):
+            tries.append(0.0)
+            hits.append(0.0)
+        for j in range(len(t)):
+            tries[j] += t[j]
+            hits[j] += h[j]
+
+
+def model_device(model) -> torch.device:
+    emb = model.token_embeddings() if hasattr(model, "token_embeddings") else None
+    return emb.device if emb is not None else torch.device("cpu")

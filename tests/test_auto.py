@@ -1,0 +1,116 @@
+"""The `auto` sampler: Gumbel-coupled Jacobi decoding whose samples do not depend on the window,
+exactness (chi-square, as tests/test_speculative.py), and the cost model's choices."""
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from argen.errors import ArgenError
+from argen.samplers import ARSampler, SamplingParams, get_sampler
+from argen.samplers.auto import AutoSampler, expected_tokens, model_state
+
+from helpers import left_padded_captions, tiny_gpt, tiny_t2i
+from test_speculative import MARKOV_PARAMS, MarkovModel, exact_joint_12, goodness_of_fit
+
+PARAMS = [SamplingParams(), SamplingParams(cfg_scale=3.0, top_k=20),
+          SamplingParams(cfg_scale=2.0, cfg_interval=4, top_p=0.8, temperature=0.9)]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["plain", "cfg_topk", "interval_topp"])
+def test_samples_do_not_depend_on_window_or_batch(params):
+    """Every width, the cost-model choice and batch of one give the same tokens per seed."""
+    model = tiny_gpt()
+    cond, seeds = torch.tensor([3, 3, 6, 1, 9]), [21, 22, 23, 24, 25]
+    base = AutoSampler(window=1)(model, cond, params=params, seeds=seeds)
+    assert base.num_forward_passes == 16
+    for sampler in (AutoSampler(window=3), AutoSampler(window=16), AutoSampler()):
+        out = sampler(model, cond, params=params, seeds=seeds)
+        assert torch.equal(out.tokens, base.tokens), repr(sampler)
+    wide = AutoSampler(window=8)(model, cond, params=params, seeds=seeds)
+    assert len(set(wide.forwards_per_sample.tolist())) > 1  # ragged
+    for i in (0, 2, 4):
+        alone = AutoSampler(window=5)(model, cond[i:i + 1], params=params, seeds=seeds[i:i + 1])
+        assert torch.equal(alone.tokens[0], base.tokens[i])
+
+
+def test_t2i_and_global_rng():
+    model = tiny_t2i()
+    feats, mask = left_padded_captions(4, 6, 12, lengths=[6, 2, 4, 1])
+    params = SamplingParams(cfg_scale=2.0, top_k=30)
+    a = AutoSampler(window=1)(model, feats, cond_mask=mask, params=params, seeds=[5, 6, 7, 8])
+    b = AutoSampler(window=7)(model, feats, cond_mask=mask, params=params, seeds=[5, 6, 7, 8])
+    assert torch.equal(a.tokens, b.tokens)
+    torch.manual_seed(3)
+    c = AutoSampler(window=4)(model, feats, cond_mask=mask, params=params)
+    torch.manual_seed(3)
+    d = AutoSampler(window=9)(model, feats, cond_mask=mask, params=params)
+    assert torch.equal(c.tokens, d.tokens)
+
+
+@pytest.mark.parametrize("window", [1, 5, "auto"])
+@pytest.mark.parametrize("setting", list(MARKOV_PARAMS))
+def test_lossless_on_markov_chain(window, setting):
+    torch.manual_seed(1234)
+    model, params, n = MarkovModel(), MARKOV_PARAMS[setting], 20000
+    out = AutoSampler(window=window)(model, torch.full((n,), 1), params=params)
+    if window != 1:
+        assert out.forwards_per_sample.double().mean() < model.num_positions - 1
+    vocab = model.vocab_size
+    for k, exact in enumerate(model.exact_pairs(1, params), start=1):
+        counts = torch.bincount(out.tokens[:, k - 1] * vocab + out.tokens[:, k], minlength=vocab * vocab)
+        assert goodness_of_fit(counts, exact) > 1e-4, f"pair ({k - 1}, {k})"
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=2.5, top_k=8, top_p=0.9)],
+                         ids=["plain", "cfg_filters"])
+def test_lossless_on_tiny_gpt(params):
+    model = tiny_gpt(vocab_size=16, dim=32, n_layer=1, multiple_of=32, block_size=9)
+    n, cond = 4000, 3
+    conds = torch.full((n,), cond)
+    torch.manual_seed(7)
+    spec = AutoSampler(window=6)(model, conds, params=params)
+    ar = ARSampler()(model, conds, params=params)
+    assert spec.forwards_per_sample.double().mean() < ar.num_forward_passes - 1
+    vocab = 16
+    joint = torch.bincount(spec.tokens[:, 1] * vocab + spec.tokens[:, 2], minlength=vocab * vocab)
+    assert goodness_of_fit(joint, exact_joint_12(model, cond, params)) > 1e-3
+    for k in range(model.num_positions):
+        table = torch.stack([torch.bincount(t[:, k], minlength=vocab) for t in (spec.tokens, ar.tokens)])
+        table = table[:, table.sum(0) > 0]
+        assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
+
+
+def test_greedy_is_greedy_ar():
+    model = tiny_gpt()
+    params = SamplingParams(cfg_scale=3.0, top_k=1)
+    cond = torch.tensor([1, 4, 9])
+    greedy = ARSampler(sample=False)(model, cond, params=params).tokens
+    assert torch.equal(AutoSampler(window=5)(model, cond, params=params, seeds=[0, 1, 2]).tokens, greedy)
+
+
+def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
+    model = tiny_gpt()
+    sampler = AutoSampler(max_window=8)
+    cond = torch.tensor([1, 2])
+    state = model_state(model)
+    sampler(model, cond, seeds=[0, 1])  # measures and caches the costs for this shape
+    (key,) = state["costs"]
+    assert 1 in state["costs"][key] and set(state["costs"][key]) <= {1, 2, 4, 8}
+    state["costs"][key] = {1: 1.0, 2: 5.0, 4: 9.0, 8: 20.0}  # windows far dearer than their tokens
+    out = sampler(model, cond, seeds=[0, 1])
+    assert sampler.last_widths == [1] * 15 and out.num_forward_passes == 16
+    state["costs"][key] = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}  # windows free: the widest
+    out = sampler(model, cond, seeds=[0, 1])
+    assert sampler.last_widths[0] == 8 and out.num_forward_passes < 16
+
+
+def test_expected_tokens_follows_acceptance():
+    assert expected_tokens([], [], 3) == pytest.approx([1.0, 1.5, 1.75])  # prior 0.5 per depth
+    assert expected_tokens([1000.0, 0.0], [1000.0, 1000.0], 3) == pytest.approx([1.0, 1.998, 1.998], abs=1e-2)
+
+
+def test_bad_options():
+    for bad in ("auto:L=0", "auto:L=fast", "auto:max_window=0", "auto:repeats=0", "auto:G=3"):
+        with pytest.raises(ArgenError):
+            get_sampler(bad)
+    assert repr(get_sampler("gumbel:L=4")) == "AutoSampler(window=4, max_window=32)"
