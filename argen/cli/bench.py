@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, number
+from .checked import SEED, THREADS, add_weights_arg, number
 
 COUNT = number(1, integer=True)
 
@@ -47,6 +47,7 @@ def register(sub):
                         "settings): samples do not depend on the batch size, so quality need not be re-sampled "
                         "to re-time")
     s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
+    add_weights_arg(s)
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
                         "(the cost of verifying a window; empty to skip)")
@@ -169,7 +170,7 @@ def run_samplers(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = ARPipeline.from_pretrained(args.model)
+    pipe = ARPipeline.from_pretrained(args.model, weights=args.weights)
     params = pipe.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     cfg = params.cfg_scale
     quality = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import ArgenError
+from .checked import add_weights_arg
 
 
 def register(sub):
@@ -29,6 +30,7 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grid-scale", type=int, default=4, help="upscale factor of the grid (nearest, default 4)")
     p.add_argument("--device", default="cpu")
+    add_weights_arg(p)
     p.set_defaults(func=run)
 
 
@@ -46,7 +48,7 @@ def run(args) -> int:
         raise ArgenError("--grid-scale must be >= 1")
     out = check_png_path(args.out)
     model = args.model or ("default-t2i" if args.prompt is not None else "default-c2i")
-    pipe = ARPipeline.from_pretrained(model, device=args.device, tokenizer=args.tokenizer)
+    pipe = ARPipeline.from_pretrained(model, device=args.device, tokenizer=args.tokenizer, weights=args.weights)
     result = pipe(prompt=args.prompt, class_labels=args.classes, num_images=args.num_images, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,

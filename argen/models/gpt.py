@@ -32,6 +32,7 @@ from .base import Generator
 from .cache import KVCache
 from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
+from .quant import WEIGHT_FORMATS, check_weight_format, convert_linears
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -586,6 +587,44 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         options = {"fullgraph": True, "dynamic": False, **compile_options}
         self.decode = torch.compile(type(self).decode.__get__(self), **options)
         return self
+
+    # ---- weight formats (an option of the model; samplers never see it) --------------------
+
+    weight_formats = WEIGHT_FORMATS
+
+    @property
+    def weight_format(self) -> str:
+        return getattr(self, "_weight_format", "fp32")
+
+    def _linear_slots(self):
+        """(parent, name) of every linear a decode step reads: the layers' and the output head."""
+        for layer in self.layers:
+            yield layer.attention, "wqkv"
+            yield layer.attention, "wo"
+            for name in ("w1", "w3", "w2"):
+                yield layer.feed_forward, name
+        yield self, "output"
+
+    def decode_linears(self) -> list:
+        """The linear modules one decode step runs, in order (what the decode benchmark's floor streams)."""
+        return [getattr(parent, name) for parent, name in self._linear_slots()]
+
+    def set_weight_format(self, fmt: str) -> "GPT":
+        """Store the decode-step linears as `fmt` ("fp32", "bf16" or weight-only "int8"; see
+        `argen.models.quant`). In place, once, from fp32 weights, for inference: norms, embeddings,
+        attention, the KV cache and the logits stay float32. The condition embedder (run once per
+        image at prefill) is left alone."""
+        check_weight_format(fmt)
+        if fmt == self.weight_format:
+            return self
+        if self.weight_format != "fp32":
+            raise ArgenError(f"weights are already {self.weight_format}; load the model again to change format")
+        if self.tok_embeddings.weight.dtype != torch.float32:
+            raise ArgenError("weight formats convert a float32 model; this one is "
+                             f"{self.tok_embeddings.weight.dtype}")
+        convert_linears(list(self._linear_slots()), fmt)
+        self._weight_format = fmt
+        return self.eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
