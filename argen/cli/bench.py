@@ -30,6 +30,10 @@ def register(sub):
                    help="a checkout of the official LlamaGen code: also time its generate() against argen's "
                         "sampler end to end, same weights and seed (GPT sizes only)")
     d.add_argument("--e2e-batch-sizes", default="1", help="batch sizes of the --llamagen comparison (default 1)")
+    d.add_argument("--e2e-tokens", type=COUNT, default=None,
+                   help="tokens per image in the --llamagen comparison (default all; fewer = a shorter run)")
+    d.add_argument("--e2e-variants", default=None,
+                   help="argen variants in the --llamagen comparison (default: every eager variant)")
     d.add_argument("--agreement-tokens", type=number(0, integer=True), default=64,
                    help="greedy tokens compared with fp32 per variant (0 = skip; default 64)")
     d.add_argument("--rounds", type=COUNT, default=5, help="interleaved measurement rounds (default 5)")
@@ -160,8 +164,15 @@ def run_decode(args) -> int:
         if args.llamagen and models:
             fp32 = models.get("fp32") or random_gpt(args.size, block_size=args.tokens)
             official, generate = official_twin(fp32, args.size, args.llamagen)
-            e2e = bench_end_to_end(models, official, generate, e2e_batch_sizes, params, tokens, args.rounds)
-            print(f"\nWhole images ({tokens} tokens, sampling, same weights and seed), official LlamaGen "
+            chosen = ([v.strip() for v in args.e2e_variants.split(",") if v.strip()] if args.e2e_variants
+                      else [label for label in models if "+" not in label])
+            missing = [v for v in chosen if v not in models]
+            if missing:
+                raise ArgenError(f"--e2e-variants {missing} are not among the timed variants {list(models)}")
+            e2e_tokens = min(args.e2e_tokens or tokens, tokens)
+            e2e = bench_end_to_end({v: models[v] for v in chosen}, official, generate, e2e_batch_sizes, params,
+                                   e2e_tokens, args.rounds)
+            print(f"\nWhole images (first {e2e_tokens} tokens, sampling, same weights and seed), official LlamaGen "
                   "generate() vs argen ARSampler, interleaved:\n")
             print(end_to_end_table(e2e), flush=True)
         reference = models.get("fp32")

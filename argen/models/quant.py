@@ -59,8 +59,10 @@ class BF16Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The product alone, x already bf16 and 2D (what the bench's floor streams)."""
-        if self._packed is not None and x.device.type == "cpu":
+        if self._packed is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        # Under torch.compile the opaque packed tensor cannot be a graph input (inductor packs
+        # constant weights itself when freezing); the plain bf16 product is traced instead.
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
