@@ -186,11 +186,13 @@ class ARPipeline(DiffusionPipeline):
     # ---- loading / saving -----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device="cpu", tokenizer=None, text_encoder_path=None):
+    def from_pretrained(cls, name_or_path, device="cpu", tokenizer=None, text_encoder_path=None, weights="fp32"):
         """Load a shipped pipeline by name ("default-c2i", "default-t2i") or from a folder.
 
         `tokenizer` overrides the recorded tokenizer (a name or a folder); `text_encoder_path`
-        points a recorded text encoder at a local folder on this machine."""
+        points a recorded text encoder at a local folder on this machine; `weights` stores the
+        generator's decode-step weights as "fp32" (as trained), "bf16" or weight-only "int8"
+        (`Generator.set_weight_format`)."""
         device = check_device(device)
         found = inspect_model_dir(name_or_path)
         folder, meta = found.folder, found.meta
@@ -202,7 +204,7 @@ class ARPipeline(DiffusionPipeline):
         tok_ref = tokenizer or meta.get("tokenizer")
         if tok_ref is None:
             raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; pass --tokenizer NAME_OR_FOLDER")
-        generator = load_component(found.gpt_dir, Generator, device=device)
+        generator = load_component(found.gpt_dir, Generator, device=device).set_weight_format(weights)
         refiner = component(meta["refiner"], Refiner) if meta.get("refiner") else None
         encoder = None
         if generator.is_text_conditional:

@@ -73,8 +73,8 @@ def test_bench_samplers_scores_a_separate_quality_set_once_per_setting():
 @torch.no_grad()
 def test_bench_decode_tiny():
     model = tiny_gpt(vocab_size=64, num_classes=10)
-    result = bench_decode(model, "fp32", 2, SamplingParams(cfg_scale=2.0), tokens=16, rounds=2)
-    assert result.rows == 4 and result.ms_per_step > 0 and result.roofline_ms > 0
+    (result,) = bench_decode({"fp32": model}, [2], SamplingParams(cfg_scale=2.0), tokens=16, rounds=2)
+    assert result.rows == 4 and result.ms_per_step > 0 and result.floor_ms > 0 and result.old_roofline_ms > 0
     assert weight_bytes_per_step(model) == sum(p.numel() * 4 for n, p in model.named_parameters() if "embedding" not in n)
 
 

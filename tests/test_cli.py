@@ -52,3 +52,11 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
         pass
     assert json.loads(target.read_text()) == {"a": 1}  # the old file is untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]  # no temporary left
+
+
+def test_cli_weight_formats_mirror_the_model_ones():
+    """The CLI keeps its own copy (no torch import before argument checks); they must agree."""
+    from argen.cli.checked import WEIGHT_FORMATS
+    from argen.models.quant import WEIGHT_FORMATS as MODEL_FORMATS
+
+    assert WEIGHT_FORMATS == MODEL_FORMATS

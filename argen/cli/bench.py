@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, number
+from .checked import SEED, THREADS, add_weights_arg, number
 
 COUNT = number(1, integer=True)
 
@@ -13,13 +15,27 @@ COUNT = number(1, integer=True)
 def register(sub):
     p = sub.add_parser("bench", help="benchmarks (decode speed vs roofline, ...)")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
-    d = kinds.add_parser("decode", help="ms per decode step and tokens/s against the memory roofline")
+    d = kinds.add_parser("decode", help="ms per decode step and tokens/s against the memory floor "
+                                        "(the model's own matrices streamed at 1 row)")
     d.add_argument("--size", default="GPT-B", help="official GPT size with random weights (default GPT-B)")
-    d.add_argument("--tokens", type=COUNT, default=256, help="image tokens (default 256 = 16x16)")
+    d.add_argument("--model", default=None,
+                   help="time this pipeline's generator instead (a shipped name such as default-c2i, or a folder)")
+    d.add_argument("--tokens", type=COUNT, default=256, help="image tokens (default 256 = 16x16; --model: its own)")
     d.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
     d.add_argument("--cfg-scale", type=number(0), default=2.0)
-    d.add_argument("--variants", default="fp32,bf16", help="comma-separated dtypes: fp32,bf16")
+    d.add_argument("--variants", default="fp32,bf16,int8",
+                   help="comma-separated weight formats: fp32, bf16, int8 (weight-only, per-channel scales)")
     d.add_argument("--compile", action="store_true", help="also measure torch.compile'd variants")
+    d.add_argument("--llamagen", metavar="PATH", default=None,
+                   help="a checkout of the official LlamaGen code: also time its generate() against argen's "
+                        "sampler end to end, same weights and seed (GPT sizes only)")
+    d.add_argument("--e2e-batch-sizes", default="1", help="batch sizes of the --llamagen comparison (default 1)")
+    d.add_argument("--e2e-tokens", type=COUNT, default=None,
+                   help="tokens per image in the --llamagen comparison (default all; fewer = a shorter run)")
+    d.add_argument("--e2e-variants", default=None,
+                   help="argen variants in the --llamagen comparison (default: every eager variant)")
+    d.add_argument("--agreement-tokens", type=number(0, integer=True), default=64,
+                   help="greedy tokens compared with fp32 per variant (0 = skip; default 64)")
     d.add_argument("--rounds", type=COUNT, default=5, help="interleaved measurement rounds (default 5)")
     d.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     d.add_argument("--window-cost", default="", metavar="T,T,...",
@@ -47,6 +63,7 @@ def register(sub):
                         "settings): samples do not depend on the batch size, so quality need not be re-sampled "
                         "to re-time")
     s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
+    add_weights_arg(s)
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
                         "(the cost of verifying a window; empty to skip)")
@@ -89,58 +106,123 @@ def _check_json(args) -> None:
 
 def run_decode(args) -> int:
     side = int(round(args.tokens ** 0.5))
-    if side * side != args.tokens:
+    if args.model is None and side * side != args.tokens:
         raise ArgenError(f"--tokens must be a square number (a token grid), got {args.tokens}")
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    e2e_batch_sizes = _int_list(args.e2e_batch_sizes, "--e2e-batch-sizes")
     if args.window_cost:
         _int_list(args.window_cost, "--window-cost")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     _check_json(args)
+    if args.llamagen and args.model:
+        raise ArgenError("--llamagen compares official GPT sizes with random weights; drop --model")
 
     import torch
 
-    from ..bench.decode import DTYPES, markdown_table, run, to_records
+    from ..bench.decode import (bench_decode, bench_end_to_end, build_variants, end_to_end_table, greedy_agreement,
+                                markdown_table, official_twin, random_gpt, to_records)
+    from ..bench.load import CpuLoad, probe
     from ..models import GPTConfig
+    from ..models.quant import WEIGHT_FORMATS
+    from ..samplers import SamplingParams
 
-    if args.size not in GPTConfig.NAMED_SIZES:
+    if args.model is None and args.size not in GPTConfig.NAMED_SIZES:
         raise ArgenError(f"unknown size {args.size!r}; choose one of {', '.join(GPTConfig.NAMED_SIZES)}")
-    unknown = [v for v in variants if v not in DTYPES]
+    unknown = [v for v in variants if v not in WEIGHT_FORMATS]
     if unknown or not (variants or args.window_cost):
-        raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(DTYPES)} "
+        raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(WEIGHT_FORMATS)} "
                          "(an empty list is allowed with --window-cost)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, agreement = [], {}
-    if variants:
-        results, agreement = run(args.size, batch_sizes, args.tokens,
-                                 args.cfg_scale, variants, rounds=args.rounds)
-    if args.compile and variants:
-        more, more_agree = run(args.size, batch_sizes, args.tokens, args.cfg_scale,
-                               variants, compile_model=True, rounds=args.rounds)
-        results += more
-        agreement.update(more_agree)
+    threads = torch.get_num_threads()
+    before = probe(1.0)  # a busy machine is reported before minutes of timing, and again after
+    if before is not None and before.busy:
+        print(before.warning(threads), file=sys.stderr, flush=True)
+    params = SamplingParams(cfg_scale=args.cfg_scale)
+    if args.model is not None:
+        from ..pipeline import ARPipeline
+
+        def make(fmt):
+            return ARPipeline.from_pretrained(args.model, weights=fmt).generator.eval()
+
+        models = {fmt: make(fmt) for fmt in variants}
+        if args.compile:
+            models.update({f"{fmt}+compile": make(fmt).compile_decode() for fmt in variants})
+        tokens = next(iter(models.values())).num_positions if models else args.tokens
+        what = f"{args.model} ({sum(p.numel() for p in make('fp32').parameters()) / 1e6:.1f}M parameters)"
+    else:
+        models = build_variants(args.size, variants, args.compile, block_size=args.tokens)
+        tokens = args.tokens
+        what = f"{args.size} with random weights"
+    results, e2e, agreement = [], [], {}
+    with CpuLoad() as load:
+        if models:
+            results = bench_decode(models, batch_sizes, params, tokens, args.rounds)
+            print(f"Decode step, {what}, CFG {args.cfg_scale:g}, {threads} threads, medians of {args.rounds} "
+                  "interleaved rounds:\n")
+            print(markdown_table(results), flush=True)
+        if args.llamagen and models:
+            fp32 = models.get("fp32") or random_gpt(args.size, block_size=args.tokens)
+            official, generate = official_twin(fp32, args.size, args.llamagen)
+            chosen = ([v.strip() for v in args.e2e_variants.split(",") if v.strip()] if args.e2e_variants
+                      else [label for label in models if "+" not in label])
+            missing = [v for v in chosen if v not in models]
+            if missing:
+                raise ArgenError(f"--e2e-variants {missing} are not among the timed variants {list(models)}")
+            e2e_tokens = min(args.e2e_tokens or tokens, tokens)
+            e2e = bench_end_to_end({v: models[v] for v in chosen}, official, generate, e2e_batch_sizes, params,
+                                   e2e_tokens, args.rounds)
+            print(f"\nWhole images (first {e2e_tokens} tokens, sampling, same weights and seed), official LlamaGen "
+                  "generate() vs argen ARSampler, interleaved:\n")
+            print(end_to_end_table(e2e), flush=True)
+        reference = models.get("fp32")
+        if args.agreement_tokens and reference is not None:
+            n = min(args.agreement_tokens, tokens)
+            for label, model in models.items():
+                if label != "fp32":
+                    agreement[label] = greedy_agreement(model, reference, 2, params, n)
     curves = []
     if args.window_cost:
-        from ..bench.decode import random_gpt
         from ..bench.samplers import forward_cost, forward_cost_table
 
         windows = sorted({1, *_int_list(args.window_cost, "--window-cost")})
         model = random_gpt(args.size, block_size=args.tokens)
         curves = forward_cost(model, batch_sizes, windows, cfg=args.cfg_scale > 1,
                               repeats=10)
-    if results:
-        print(markdown_table(results))
     if curves:
         print(f"\nCost of one T-token forward relative to a 1-token forward ({args.size}, fp32 eager):\n")
         print(forward_cost_table(curves))
     if agreement:
-        print("greedy-token agreement with fp32 (first 32 tokens, 2 samples): "
-              + ", ".join(f"{k} {v:.0%}" for k, v in agreement.items()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"\nGreedy tokens against fp32 (2 samples, first {min(args.agreement_tokens, tokens)} tokens): "
+              + "; ".join(f"{k}: free-running {v['free_running']:.1%}, teacher-forced {v['teacher_forced']:.1%}"
+                          for k, v in agreement.items()))
+    report = load.report
+    print(f"torch {torch.__version__}, {threads} threads, {_cpu_name()}")
+    if report is not None:
+        print(f"other processes used {report.other_cores:.2f} of {report.cpus} cores on average during the run")
+        if report.busy:
+            print(report.warning(threads), file=sys.stderr)
     if args.json:
-        atomic_write_json(args.json, sign_json({"results": to_records(results), "greedy_agreement": agreement,
-                                                "window_cost": curves}))
+        atomic_write_json(args.json, sign_json({
+            "results": to_records(results), "end_to_end": to_records(e2e), "greedy_agreement": agreement,
+            "window_cost": curves, "model": args.model or args.size, "tokens": tokens, "threads": threads,
+            "rounds": args.rounds, "cpu": _cpu_name(), "torch": torch.__version__,
+            "load_before": None if before is None else before.__dict__,
+            "load": None if report is None else {**report.__dict__, "busy": report.busy}}))
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def run_samplers(args) -> int:
@@ -169,7 +251,7 @@ def run_samplers(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = ARPipeline.from_pretrained(args.model)
+    pipe = ARPipeline.from_pretrained(args.model, weights=args.weights)
     params = pipe.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     cfg = params.cfg_scale
     quality = None

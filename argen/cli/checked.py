@@ -29,3 +29,15 @@ def number(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False, hi
 
 SEED = number(0, MAX_SEED, integer=True)
 THREADS = number(0, 4096, integer=True)  # 0 = torch's default
+
+
+# Mirrors argen.models.quant.WEIGHT_FORMATS (a test checks they agree): importing that module
+# would load torch before the arguments are checked.
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+
+
+def add_weights_arg(p) -> None:
+    """`--weights`: the generator's decode-step weight format (argen.models.quant)."""
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
+                   help="generator weight format: fp32 (as trained, default), bf16, or weight-only int8 "
+                        "(per-channel scales); fewer bytes per decode step")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, number
+from .checked import SEED, add_weights_arg, number
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
 
@@ -53,6 +53,7 @@ def register(sub):
                    help=f"upscale factor of the grid (nearest, default 4); the grid may have at most "
                         f"{MAX_GRID_PIXELS // 1_000_000} megapixels")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    add_weights_arg(p)
     p.set_defaults(func=run)
 
 
@@ -128,7 +129,7 @@ def run(args) -> int:
     sampler = get_sampler(args.sampler)
     from ..pipeline import ARPipeline
 
-    pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer)
+    pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer, weights=args.weights)
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)
     side = min(pipe.crop or pipe.tokenizer.image_size, pipe.tokenizer.image_size)

@@ -36,6 +36,11 @@ Codes
 
 Training
     loss(codes, cond, cond_mask)   mean cross-entropy over every code (teacher forcing)
+
+Weight formats (optional; samplers never see them)
+    weight_formats            formats the generator can store its decode-step weights in
+    weight_format             the current one ("fp32" unless changed)
+    set_weight_format(fmt)    convert in place for inference (GPT: "bf16", weight-only "int8")
 """
 
 from __future__ import annotations
@@ -122,6 +127,20 @@ class Generator(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    # ---- weight formats (optional) ---------------------------------------------------------
+
+    weight_formats: tuple = ("fp32",)
+
+    @property
+    def weight_format(self) -> str:
+        return "fp32"
+
+    def set_weight_format(self, fmt: str):
+        """Store the decode-step weights as `fmt`; a generator without other formats keeps fp32."""
+        if fmt not in self.weight_formats:
+            raise ArgenError(f"{type(self).__name__} supports weight formats {', '.join(self.weight_formats)}, not {fmt!r}")
+        return self
 
     # ---- helpers for callers --------------------------------------------------------------
 

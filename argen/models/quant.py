@@ -1,0 +1,136 @@
+"""Weight formats for a generator's linear layers: fp32 (as trained), bf16, or weight-only int8.
+
+A batch-1 decode step reads every weight matrix once and does two multiply-adds per weight, so
+its time is the bytes of weights divided by memory bandwidth. Storing the matrices in fewer bytes
+is the direct way to a faster step; everything else (norms, RoPE, attention, the KV cache,
+embeddings, logits) stays in the model's dtype, and the samplers never see the difference.
+
+* ``bf16``: the matrix is kept in bfloat16 and prepacked once for oneDNN
+  (`torch.ops.mkldnn._reorder_linear_weight`). On this kind of CPU (AVX512-BF16/AMX) the packed
+  bf16 GEMV streams at fp32's bandwidth, so a step reads half the bytes; the plain bf16
+  `F.linear` path is ~1.5x slower than packed (measured, docs/benchmarks.md).
+* ``int8``: per-output-channel symmetric quantisation, as gpt-fast's ``WeightOnlyInt8Linear``:
+  ``w ≈ int8 * scale[out]`` with ``scale = max|w_row| / 127``. The product runs in
+  `torch._weight_int8pack_mm`, torch's own CPU kernel for weight-only int8 (the one torchao's
+  ``int8_weight_only`` uses); it wants bfloat16 activations and scales (its float32 path is a slow
+  fallback, ~5x slower than the bf16 one here), so inputs are cast to bf16 for the product only.
+
+Both casts back to the input dtype, so a quantised layer is a drop-in `nn.Linear` replacement.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ArgenError
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+
+
+def check_weight_format(fmt: str) -> str:
+    if fmt not in WEIGHT_FORMATS:
+        raise ArgenError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    return fmt
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class BF16Linear(nn.Module):
+    """y = x @ W^T with W stored in bfloat16; x is cast to bf16 for the product, y back to x's dtype."""
+
+    weight_format = "bf16"
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ArgenError("BF16Linear takes bias-free linears (every GPT linear is)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        # The packed copy is an opaque oneDNN tensor: not a buffer (it never enters a state dict).
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight) if _packable(self.weight) else None
+
+    compute_dtype = torch.bfloat16
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The product alone, x already bf16 and 2D (what the bench's floor streams)."""
+        if self._packed is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        # Under torch.compile the opaque packed tensor cannot be a graph input (inductor packs
+        # constant weights itself when freezing); the plain bf16 product is traced instead.
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        return self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with one scale per output channel (gpt-fast's WeightOnlyInt8Linear)."""
+
+    weight_format = "int8"
+    compute_dtype = torch.bfloat16
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ArgenError("Int8Linear takes bias-free linears (every GPT linear is)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scales = quantize_int8(linear.weight.detach())
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The product alone, x already bf16 and 2D."""
+        if x.device.type == "cpu":
+            return torch._weight_int8pack_mm(x, self.weight, self.scales)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        return self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_int8(weight: torch.Tensor):
+    """Symmetric per-output-channel int8: returns (int8 [out, in], bf16 scales [out]).
+
+    The scale is rounded to bf16 first and the weights quantised against the rounded scale, so
+    int8 * scale reproduces the weight to half a quantisation step exactly as stored.
+    """
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+FORMAT_CLASSES = {"bf16": BF16Linear, "int8": Int8Linear}
+
+
+def convert_linears(modules: Iterable[tuple], fmt: str) -> int:
+    """Replace each (parent, attribute name) nn.Linear by its `fmt` counterpart; returns the count."""
+    check_weight_format(fmt)
+    if fmt == "fp32":
+        return 0
+    cls = FORMAT_CLASSES[fmt]
+    count = 0
+    for parent, name in modules:
+        linear = getattr(parent, name)
+        if not isinstance(linear, nn.Linear):
+            raise ArgenError(f"{name} is already converted ({type(linear).__name__}); weight formats apply once, to fp32 weights")
+        setattr(parent, name, cls(linear))
+        count += 1
+    return count

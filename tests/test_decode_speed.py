@@ -1,0 +1,194 @@
+"""Decode speed plumbing (issue 12): weight formats, the 1-row floor, the busy-machine check and
+the end-to-end comparison against an official-style generate(). Tiny models only: speed figures
+come from `argen bench decode` runs, recorded in docs/benchmarks.md, never from timed tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from argen.bench import load as load_mod
+from argen.bench.decode import (Floor, bench_decode, bench_end_to_end, greedy_agreement, load_official,
+                                weight_bytes_per_step)
+from argen.errors import ArgenError
+from argen.models.quant import BF16Linear, Int8Linear, quantize_int8
+from argen.samplers import ARSampler, SamplingParams, get_sampler
+from argen.samplers.generate import generate as argen_generate
+
+from helpers import tiny_gpt
+
+CFG = SamplingParams(cfg_scale=2.0)
+
+
+# ------------------------------------------------------------------ weight formats
+
+
+def test_int8_quantisation_is_per_channel_and_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32) * torch.logspace(-2, 1, 48)[:, None]  # rows of very different scale
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (48,)
+    err = (w - q.float() * scales.float()[:, None]).abs()
+    assert bool((err <= 0.5 * scales.float()[:, None] * 1.01).all())
+    assert int(q.abs().amax(1).min()) >= 126  # each row uses its full range: scales are per channel
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, BF16Linear])
+def test_quantised_linear_is_a_drop_in_replacement(cls):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=False)
+    x = torch.randn(2, 3, 64)
+    q = cls(lin)
+    y = q(x)
+    assert y.shape == (2, 3, 96) and y.dtype == torch.float32
+    if cls is Int8Linear:
+        ref = F.linear(x.bfloat16().float(), q.dequantized())
+    else:
+        ref = F.linear(x.bfloat16().float(), lin.weight.bfloat16().float())
+    assert torch.allclose(y, ref, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(y, F.linear(x, torch.zeros_like(lin.weight)))
+
+
+def test_set_weight_format_converts_the_decode_linears_once():
+    model = tiny_gpt()
+    assert model.weight_format == "fp32" and all(isinstance(m, nn.Linear) for m in model.decode_linears())
+    assert len(model.decode_linears()) == 2 * 5 + 1  # wqkv, wo, w1, w3, w2 per layer + output
+    model.set_weight_format("int8")
+    assert model.weight_format == "int8" and all(isinstance(m, Int8Linear) for m in model.decode_linears())
+    model.set_weight_format("int8")  # same format: nothing to do
+    with pytest.raises(ArgenError, match="already int8"):
+        model.set_weight_format("bf16")
+    with pytest.raises(ArgenError, match="unknown weight format"):
+        tiny_gpt().set_weight_format("int4")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_weight_formats_are_invisible_to_samplers(fmt):
+    """Every sampler runs a converted model unchanged, and its next-token decisions stay close to fp32."""
+    ref = tiny_gpt()
+    model = tiny_gpt().set_weight_format(fmt)
+    cond = torch.tensor([1, 4, 9])
+    for name in ("ar", "mcsjd"):
+        out = get_sampler(name)(model, cond, params=CFG, seeds=[0, 1, 2])
+        assert out.tokens.shape == (3, 16)
+    agree = greedy_agreement(model, ref, 3, CFG, 16)
+    assert agree["teacher_forced"] >= 0.9, agree
+    same = greedy_agreement(tiny_gpt(), ref, 3, CFG, 16)  # the metric itself: fp32 against fp32 is exact
+    assert same["free_running"] == 1.0 and same["teacher_forced"] == 1.0 and same["first_difference"] == [16] * 3
+
+
+def test_fp32_samples_unchanged_by_the_weight_format_machinery():
+    """set_weight_format('fp32') is a no-op: the model draws the same samples."""
+    cond = torch.tensor([2, 5])
+    a = ARSampler()(tiny_gpt(), cond, params=CFG, seeds=[3, 4]).tokens
+    b = ARSampler()(tiny_gpt().set_weight_format("fp32"), cond, params=CFG, seeds=[3, 4]).tokens
+    assert torch.equal(a, b)
+
+
+def test_pipeline_and_cli_take_weights(capsys):
+    from argen.cli.main import main
+    from argen.pipeline import ARPipeline
+
+    pipe = ARPipeline.from_pretrained("default-c2i", weights="int8")
+    assert pipe.generator.weight_format == "int8"
+    assert all(isinstance(m, Int8Linear) for m in pipe.generator.decode_linears())
+    assert main(["generate", "--class", "0", "--weights", "int4"]) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the floor and the bench
+
+
+def test_floor_streams_the_models_own_matrices():
+    fp32, int8 = tiny_gpt(), tiny_gpt().set_weight_format("int8")
+    f32, f8 = Floor(fp32), Floor(int8)
+    assert f32.matrices == f8.matrices == len(fp32.decode_linears())
+    linear_bytes = sum(m.weight.numel() * 4 for m in fp32.decode_linears())
+    assert f32.nbytes == linear_bytes
+    scales = sum(m.scales.numel() * 2 for m in int8.decode_linears())
+    assert f8.nbytes == linear_bytes // 4 + scales
+    norms = sum(p.numel() * 4 for n, p in fp32.named_parameters() if n.endswith("norm.weight"))
+    assert weight_bytes_per_step(fp32) == linear_bytes + norms
+    assert f32.time_once() > 0
+
+
+@torch.no_grad()
+def test_bench_decode_reports_each_format_against_its_floor_and_fp32s():
+    models = {"fp32": tiny_gpt(), "int8": tiny_gpt().set_weight_format("int8")}
+    results = bench_decode(models, [1, 2], CFG, tokens=16, rounds=2)
+    assert [(r.label, r.batch_size, r.rows) for r in results] == [("fp32", 1, 2), ("fp32", 2, 4),
+                                                                 ("int8", 1, 2), ("int8", 2, 4)]
+    for r in results:
+        assert r.ms_per_step > 0 and r.floor_ms > 0 and r.fp32_floor_ms > 0
+        assert r.vs_floor == pytest.approx(r.ms_per_step / r.floor_ms)
+        assert (r.old_roofline_ms is not None) == (r.label == "fp32")
+    fp32_floor = {r.fp32_floor_ms for r in results}
+    assert len(fp32_floor) == 1  # one fp32 floor for every variant
+
+
+def _write_fake_official(root, body: str):
+    pkg = root / "autoregressive" / "models"
+    pkg.mkdir(parents=True)
+    (root / "autoregressive" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "gpt.py").write_text("GPT_models = {}\n")
+    (pkg / "generate.py").write_text(body)
+
+
+@torch.no_grad()
+def test_end_to_end_checks_tokens_against_official(tmp_path):
+    """An official generate() that draws exactly like LlamaGen's (argen's port of it, which the
+    fixture tests hold to the official traces) gives the same tokens; one that does not is caught."""
+    model = tiny_gpt()
+    records = bench_end_to_end({"fp32": model}, model, argen_generate, [1], CFG, tokens=16, rounds=1)
+    assert [r.label for r in records] == ["official generate()", "argen fp32"]
+    assert records[1].same_tokens_as_official is True and records[1].speedup_vs_official > 0
+
+    _write_fake_official(tmp_path, "import torch\n"
+                                   "def generate(model, cond, n, **kw):\n"
+                                   "    return torch.zeros(cond.shape[0], n, dtype=torch.int32)\n")
+    _, fake = load_official(str(tmp_path))
+    records = bench_end_to_end({"fp32": model}, model, fake, [1], CFG, tokens=16, rounds=1)
+    assert records[1].same_tokens_as_official is False
+
+
+def test_load_official_refuses_a_folder_without_llamagen(tmp_path):
+    with pytest.raises(ArgenError, match="no autoregressive/models/gpt.py"):
+        load_official(str(tmp_path))
+
+
+# ------------------------------------------------------------------ busy machine
+
+
+def test_cpu_load_sees_another_process_spinning():
+    spinner = subprocess.Popen([sys.executable, "-c",
+                                "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        time.sleep(0.5)  # let it start
+        report = load_mod.probe(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert report is not None
+    assert report.other_cores >= 0.5 and report.busy
+    assert "busy" in report.warning(threads=2)
+
+
+def test_cpu_load_leaves_out_this_process(monkeypatch):
+    """Machine busy time minus our own CPU time, per wall second."""
+    machine = iter([100.0, 103.0])  # 3 busy seconds machine-wide...
+    own = iter([10.0, 12.0])  # ...2 of them ours
+    wall = iter([0.0, 1.0])
+    monkeypatch.setattr(load_mod, "_machine_busy_seconds", lambda: next(machine))
+    monkeypatch.setattr(load_mod, "_own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(load_mod.time, "perf_counter", lambda: next(wall))
+    report = load_mod.CpuLoad().start().stop()
+    assert report.other_cores == pytest.approx(1.0) and report.busy
+    quiet = load_mod.LoadReport(seconds=10, other_cores=0.05, cpus=2)
+    assert not quiet.busy and quiet.warning(2) is None
