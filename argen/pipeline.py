@@ -204,7 +204,11 @@ class ARPipeline(DiffusionPipeline):
         tok_ref = tokenizer or meta.get("tokenizer")
         if tok_ref is None:
             raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; pass --tokenizer NAME_OR_FOLDER")
-        generator = load_component(found.gpt_dir, Generator, device=device).set_weight_format(weights)
+        generator = load_component(found.gpt_dir, Generator, device=device)
+        if weights != "fp32":  # an option of generators that offer it (GPT); fp32 is every model's own
+            if not hasattr(generator, "set_weight_format"):
+                raise ArgenError(f"--weights {weights}: {type(generator).__name__} has no other weight formats")
+            generator.set_weight_format(weights)
         refiner = component(meta["refiner"], Refiner) if meta.get("refiner") else None
         encoder = None
         if generator.is_text_conditional:
