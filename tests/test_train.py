@@ -299,3 +299,17 @@ def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq
     assert "gpt_config" in _one_line_error(capsys, bigger + ["--resume"])
     fewer = [("24" if a == "32" and argv[i - 1] == "--limit" else a) for i, a in enumerate(argv)]
     assert "train_items" in _one_line_error(capsys, fewer + ["--resume"])
+
+
+def test_cli_eval_tokenizer_reports_reconstruction_fid(tmp_path, capsys):
+    """`argen eval tokenizer`: PSNR, usage, rFID of any tokenizer folder; a missing one is a one-line error."""
+    out = tmp_path / "t"
+    train_tokenizer(out, steps=2, batch_size=4, warmup_steps=1, limit=8, test_limit=4, progress=False, **TINY_TITOK)
+    assert main(["eval", "tokenizer", "--tokenizer", str(out / "model"), "--num-images", "40", "--threads", "1",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "4 tokens/image" in text and "rFID" in text and "(N=40)" in text
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["test_images"] == 40 and m["rfid"] > 0 and 0 <= m["recon_class_accuracy"] <= 1
+    err = _one_line_error(capsys, ["eval", "tokenizer", "--tokenizer", str(tmp_path / "nope")])
+    assert "nope" in err
