@@ -153,7 +153,7 @@ def test_bench_samplers_times_several_models_together_with_decode(tmp_path):
     calls = []
     a = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
     b = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
-    b.tokenizer = SlowDecode(b.tokenizer, 0.05)
+    b.tokenizer = SlowDecode(b.tokenizer, 0.5)
     specs = [parse_spec("ar"), parse_spec("sjd:L=4")]
     records = bench_samplers({"a": a, "b": b}, specs, [2], 2, SamplingParams(cfg_scale=2.0), rounds=1,
                              log=lambda m: None, decode=True)
@@ -161,7 +161,7 @@ def test_bench_samplers_times_several_models_together_with_decode(tmp_path):
     assert all(r.decode_included for r in records)
     rec = {(r.model, r.sampler): r for r in records}
     assert rec[("a", "ar")].speedup_vs_first_ar == pytest.approx(1.0)
-    assert rec[("b", "ar")].seconds_per_image > 0.05  # the decode is timed
+    assert rec[("b", "ar")].seconds_per_image > 0.5  # the decode is timed
     assert calls == [2] * 4  # warm-up + 1 round, for ar and sjd
     assert rec[("b", "ar")].speedup_vs_first_ar < 1.0 and rec[("b", "ar")].wallclock_speedup == pytest.approx(1.0)
     table = markdown_table(records)
