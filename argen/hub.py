@@ -20,6 +20,7 @@ SHIPPED_MODELS = {
     "default-c2i": "default-c2i",
     "default-t2i": "default-t2i",
     "fmnist-classifier": "fmnist-classifier",
+    "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15); CPU-budget baseline, see its card
 }
 
 

@@ -131,3 +131,44 @@ def test_quality_from_an_earlier_run_is_matched_by_sampler_and_settings(tmp_path
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ArgenError, match="not a sampler-benchmark JSON"):
         load_quality(tmp_path / "bad.json", {})
+
+
+def test_bench_samplers_times_several_models_together_with_decode(tmp_path):
+    """`--model a,b`: every (model, sampler) in the same rounds; speed-ups also against the first model's AR;
+    with decode the timed region includes the tokenizer, so a slower decoder shows in the seconds."""
+    import time
+
+    class SlowDecode:
+        def __init__(self, tok, delay):
+            self.tok, self.delay = tok, delay
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+        def decode(self, codes, **kw):
+            calls.append(len(codes))
+            time.sleep(self.delay * len(codes))
+            return self.tok.decode(codes, **kw)
+
+    calls = []
+    a = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
+    b = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
+    b.tokenizer = SlowDecode(b.tokenizer, 0.5)
+    specs = [parse_spec("ar"), parse_spec("sjd:L=4")]
+    records = bench_samplers({"a": a, "b": b}, specs, [2], 2, SamplingParams(cfg_scale=2.0), rounds=1,
+                             log=lambda m: None, decode=True)
+    assert [(r.model, r.sampler) for r in records] == [("a", "ar"), ("a", "sjd"), ("b", "ar"), ("b", "sjd")]
+    assert all(r.decode_included for r in records)
+    rec = {(r.model, r.sampler): r for r in records}
+    assert rec[("a", "ar")].speedup_vs_first_ar == pytest.approx(1.0)
+    assert rec[("b", "ar")].seconds_per_image > 0.5  # the decode is timed
+    assert calls == [2] * 4  # warm-up + 1 round, for ar and sjd
+    assert rec[("b", "ar")].speedup_vs_first_ar < 1.0 and rec[("b", "ar")].wallclock_speedup == pytest.approx(1.0)
+    table = markdown_table(records)
+    assert "| b | sjd:L=4 |" in table and "include decoding" in table
+    plot(records, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    calls.clear()
+    no_decode = bench_samplers({"a": a, "b": b}, specs[:1], [2], 2, SamplingParams(cfg_scale=2.0), rounds=1,
+                               log=lambda m: None)
+    assert calls == [] and not any(r.decode_included for r in no_decode)

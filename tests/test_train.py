@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from argen.cli.main import main
+from argen.errors import ArgenError
 from argen.tokenizers.vq import VQTokenizer
 from argen.train.common import (
     EMA,
@@ -124,6 +125,55 @@ def test_tokenizer_resume_is_bit_exact(tmp_path):
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
 
 
+TINY_TITOK = dict(arch="titok", num_latent_tokens=4, patch_size=8, width=16, enc_layers=1, dec_layers=1, heads=2,
+                  codebook_size=16, codebook_dim=4)
+
+
+def test_titok_tiny_run_learns_and_exports(tmp_path):
+    from argen.tokenizers import TiTokTokenizer
+
+    out = tmp_path / "titok"
+    metrics = train_tokenizer(out, steps=16, batch_size=8, lr=3e-3, warmup_steps=2, limit=64, test_limit=16,
+                              log_every=2, ckpt_every=8, restart_every=4, progress=False, **TINY_TITOK)
+    rows = read_log(out / "log.csv")
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert rows[-1]["rec_mse"] < rows[0]["rec_mse"]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["run"]["kind"] == "titok-tokenizer" and "vq_config" not in record["run"]
+    assert record["run"]["titok_config"]["is_legacy"] is False
+    tok = TiTokTokenizer.from_pretrained(out / "model")
+    assert tok.grid is None and tok.num_tokens == 4 and tok.vocab_size == 16 and tok.image_channels == 1
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert tok.encode(x).shape == (3, 4) and tok.decode(tok.encode(x)).shape == (3, 1, 32, 32)
+    assert 0 < metrics["test"]["codes_used"] <= 16
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    assert "K = 4" in card and "--arch titok" in card
+    assert (out / "model" / "reconstructions.png").is_file()
+
+
+def test_titok_resume_is_bit_exact(tmp_path):
+    kw = dict(steps=8, batch_size=8, lr=3e-3, warmup_steps=2, limit=48, test_limit=8, log_every=2, ckpt_every=4,
+              restart_every=2, progress=False, **TINY_TITOK)
+    train_tokenizer(tmp_path / "a", **kw)
+    assert train_tokenizer(tmp_path / "b", stop_at_step=4, **kw) == {"stopped_at": 4}
+    train_tokenizer(tmp_path / "b", resume=True, **kw)
+    for name in ("model.safetensors", "ema.safetensors", "extra.safetensors"):
+        _assert_same_state(tmp_path / "a/checkpoints/step_000008" / name, tmp_path / "b/checkpoints/step_000008" / name)
+    assert [r["loss"] for r in read_log(tmp_path / "a/log.csv")] == [r["loss"] for r in read_log(tmp_path / "b/log.csv")]
+    # another K is another model: refused in one line
+    with pytest.raises(ArgenError, match="titok_config"):
+        train_tokenizer(tmp_path / "b", resume=True, **{**kw, "num_latent_tokens": 5})
+
+
+def test_titok_restarts_revive_dead_codes(tmp_path):
+    """With restarts every step, dead codes are moved onto encoder outputs: more codes in use than without."""
+    kw = dict(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, limit=48, test_limit=48, log_every=6, ckpt_every=6,
+              progress=False, **{**TINY_TITOK, "codebook_size": 64})
+    off = train_tokenizer(tmp_path / "off", restart_every=0, **kw)
+    on = train_tokenizer(tmp_path / "on", restart_every=1, restart_until=1.0, **kw)
+    assert on["test"]["codes_used"] > off["test"]["codes_used"]
+
+
 # -- GPT ----------------------------------------------------------------------------------
 
 
@@ -209,6 +259,31 @@ def test_cli_bad_arguments(tmp_path, capsys):
                                                  str(tmp_path / "o"), "--steps", "1", "--limit", "0"])
 
 
+def test_cli_tokenizer_arch_options(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert "--ch does not apply to --arch titok" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "titok", "--ch", "8", "--out", out, "--steps", "2"])
+    assert "--num-latent-tokens, --width do not apply to --arch vq" in _one_line_error(
+        capsys, ["train", "tokenizer", "--num-latent-tokens", "8", "--width", "32", "--out", out, "--steps", "2"])
+    assert "--patch-size 5" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "titok", "--patch-size", "5", "--out", out, "--steps", "2"])
+    assert "--heads" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "titok", "--width", "30", "--heads", "4", "--out", out, "--steps", "2"])
+
+
+def test_cli_trains_a_titok(tmp_path, capsys):
+    out = tmp_path / "t"
+    code = main(["train", "tokenizer", "--arch", "titok", "--num-latent-tokens", "3", "--patch-size", "16", "--width",
+                 "8", "--enc-layers", "1", "--dec-layers", "1", "--heads", "2", "--codebook-size", "8",
+                 "--codebook-dim", "4", "--out", str(out), "--steps", "2", "--batch-size", "4", "--limit", "8",
+                 "--test-limit", "4", "--no-progress", "--threads", "1", "--warmup-steps", "1"])
+    assert code == 0
+    assert "tokenizer (titok)" in capsys.readouterr().out
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["_class_name"] == "TiTokTokenizer" and config["num_latent_tokens"] == 3
+    assert config["enc_patch_size"] == 16 and config["dec_width"] == 8
+
+
 def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq_dir):
     out = tmp_path / "run"
     argv = ["train", "gpt", "--model-type", "c2i", "--vq", str(tiny_vq_dir), "--out", str(out), "--steps", "2",
@@ -257,3 +332,17 @@ def test_t2i_from_c2i_fits_captions_to_class_embeddings(tmp_path, tiny_vq_dir, m
     assert json.loads((tmp_path / "t2i" / "model" / "text_encoder.json").read_text())["pooling"] == "mean"
     with pytest.raises(Exception, match="one condition slot"):
         train_gpt(tmp_path / "bad", model_type="t2i", steps=2, init_from=str(tmp_path / "c2i" / "model"), **kw)
+
+
+def test_cli_eval_tokenizer_reports_reconstruction_fid(tmp_path, capsys):
+    """`argen eval tokenizer`: PSNR, usage, rFID of any tokenizer folder; a missing one is a one-line error."""
+    out = tmp_path / "t"
+    train_tokenizer(out, steps=2, batch_size=4, warmup_steps=1, limit=8, test_limit=4, progress=False, **TINY_TITOK)
+    assert main(["eval", "tokenizer", "--tokenizer", str(out / "model"), "--num-images", "40", "--threads", "1",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "4 tokens/image" in text and "rFID" in text and "(N=40)" in text
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["test_images"] == 40 and m["rfid"] > 0 and 0 <= m["recon_class_accuracy"] <= 1
+    err = _one_line_error(capsys, ["eval", "tokenizer", "--tokenizer", str(tmp_path / "nope")])
+    assert "nope" in err

@@ -40,6 +40,11 @@ class Record:
     fid: Optional[float] = None
     inception_score: Optional[float] = None
     class_accuracy: Optional[float] = None
+    # Several models in one run (`--model a,b`): the model, and the speed-up against the first
+    # model's AR (`wallclock_speedup` stays against the record's own model's AR).
+    model: Optional[str] = None
+    speedup_vs_first_ar: Optional[float] = None
+    decode_included: bool = False  # timed region includes tokens -> images (tokenizer decode)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -47,11 +52,17 @@ class Record:
         return out
 
 
-def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, seeds: Sequence[int]):
+def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, seeds: Sequence[int],
+                decode: bool = False):
     """All images in batches through the pipeline's sampling path; returns tokens, per-image
-    NFE, accepted-per-forward values, seconds."""
+    NFE, accepted-per-forward values, seconds (with `decode`: including tokens -> images, in the
+    same batches)."""
     start = time.perf_counter()
     out = pipe.sample_tokens(conds, seeds, sampler, params, batch_size)
+    if decode:
+        with torch.no_grad():
+            for i in range(0, len(seeds), batch_size):
+                pipe.tokens_to_images(out.tokens[i:i + batch_size], conds[i:i + batch_size], seeds[i:i + batch_size])
     seconds = time.perf_counter() - start
     return out.tokens, out.nfe_per_sample.float(), list(out.accepted_per_forward), seconds
 
@@ -79,47 +90,67 @@ def _nfe_stats(nfe: torch.Tensor, ar_nfe: float) -> dict:
 def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int], num_images: int,
                    params: SamplingParams, rounds: int = 3, seed: int = 0,
                    quality: Optional[Callable[[torch.Tensor, List[int]], dict]] = None, quality_images: int = 0,
-                   log: Callable[[str], None] = print) -> List[Record]:
+                   log: Callable[[str], None] = print, decode: bool = False,
+                   model_params: Optional[dict] = None) -> List[Record]:
     """Measure every spec at every batch size.
 
     Speed: `num_images` images per setting, `rounds` interleaved timed rounds after a warm-up.
+    `decode`: the timed region also turns the tokens into images (the tokenizer's decode).
     Quality (when `quality(images, labels) -> {fid, is, class_accuracy}` is given): each setting
     samples `quality_images` images once, untimed, at the largest batch size (a sample does not
     depend on the batch size), and its NFE and step compression are then taken over that larger
     set, which estimates them more precisely than the timing images.
+
+    `pipe` may be a dict {model name: pipeline}: every (model, spec) pair is timed in the same
+    interleaved rounds on the same conditions and seeds; records carry the model's name and the
+    speed-up against the first model's AR; `model_params` {name: SamplingParams} overrides `params`
+    per model (each model's own default CFG).
     """
+    pipes = pipe if isinstance(pipe, dict) else {None: pipe}
     if not any(s.name == "ar" and not s.options for s in specs):
         specs = [SamplerSpec("ar", {}, "ar")] + list(specs)
+    par = {name: (model_params or {}).get(name, params) for name in pipes}
     total = max(num_images, quality_images if quality is not None else 0)
-    conds = benchmark_conditions(pipe, total)
+    conds = {name: benchmark_conditions(p, total) for name, p in pipes.items()}
     seeds = [seed + i for i in range(total)]
     records = []
+    first = next(iter(pipes))
     for bs in batch_sizes:
-        samplers = {s.label: make_sampler(s) for s in specs}
-        for label, sampler in samplers.items():  # warm-up round, not timed
-            run_sampler(pipe, sampler, conds[:bs], params, bs, seeds[:bs])
-        times = {label: [] for label in samplers}
+        runs = {(name, s.label): (p, make_sampler(s)) for name, p in pipes.items() for s in specs}
+
+        def tag(key):
+            return key[1] if key[0] is None else f"{key[0]}/{key[1]}"
+
+        for key, (p, sampler) in runs.items():  # warm-up round, not timed
+            run_sampler(p, sampler, conds[key[0]][:bs], par[key[0]], bs, seeds[:bs], decode)
+        times = {key: [] for key in runs}
         results = {}
         for r in range(rounds):
-            for label, sampler in samplers.items():
-                tokens, nfe, accepted, seconds = run_sampler(pipe, sampler, conds[:num_images], params, bs,
-                                                             seeds[:num_images])
-                times[label].append(seconds)
-                results[label] = (nfe, accepted)
-            log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
-        ar_nfe = results["ar"][0].mean().item()
-        ar_seconds = statistics.median(times["ar"])
-        for spec in specs:
-            nfe, accepted = results[spec.label]
-            seconds = statistics.median(times[spec.label])
-            records.append(Record(
-                sampler=spec.name, params=spec.options, batch_size=bs, num_images=num_images,
-                accepted_per_forward=sum(accepted) / len(accepted) if accepted else 0.0,
-                seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
-                wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[spec.label], **_nfe_stats(nfe, ar_nfe)))
+            for key, (p, sampler) in runs.items():
+                tokens, nfe, accepted, seconds = run_sampler(p, sampler, conds[key[0]][:num_images], par[key[0]], bs,
+                                                             seeds[:num_images], decode)
+                times[key].append(seconds)
+                results[key] = (nfe, accepted)
+            log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{tag(k)} {v[-1]:.2f}s" for k, v in times.items()))
+        first_ar = statistics.median(times[(first, "ar")])
+        for name in pipes:
+            ar_nfe = results[(name, "ar")][0].mean().item()
+            ar_seconds = statistics.median(times[(name, "ar")])
+            for spec in specs:
+                nfe, accepted = results[(name, spec.label)]
+                seconds = statistics.median(times[(name, spec.label)])
+                records.append(Record(
+                    sampler=spec.name, params=spec.options, batch_size=bs, num_images=num_images,
+                    accepted_per_forward=sum(accepted) / len(accepted) if accepted else 0.0,
+                    seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
+                    wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[(name, spec.label)],
+                    model=name, speedup_vs_first_ar=None if name is None else first_ar / seconds,
+                    decode_included=decode, **_nfe_stats(nfe, ar_nfe)))
     if quality is not None and quality_images:
-        _add_quality(pipe, specs, records, conds[:quality_images], seeds[:quality_images], params, max(batch_sizes),
-                     quality, log)
+        for name, p in pipes.items():
+            mine = [r for r in records if r.model == name]
+            _add_quality(p, specs, mine, conds[name][:quality_images], seeds[:quality_images], par[name],
+                         max(batch_sizes), quality, log)
     return records
 
 
@@ -248,19 +279,27 @@ def copy_quality(records: Sequence[Record], quality: dict) -> None:
 
 
 def markdown_table(records: Sequence[Record]) -> str:
+    multi = any(r.model is not None for r in records)
     head = ("| sampler | batch | NFE / image | step compression | accepted / forward | s / image | images / s "
             "| wall-clock speed-up | FID | IS | class acc. |")
-    lines = [head, "|" + "---|" * 11]
+    if multi:
+        head = "| model " + head + " speed-up vs first model's AR |"
+    lines = [head, "|" + "---|" * (13 if multi else 11)]
 
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
     for r in records:
         label = r.sampler + (":" + ",".join(f"{k}={v}" for k, v in r.params.items()) if r.params else "")
-        lines.append(f"| {label} | {r.batch_size} | {r.nfe_per_image:.1f} | {r.step_compression:.2f}x | "
-                     f"{r.accepted_per_forward:.2f} | {r.seconds_per_image:.3f} | {r.images_per_second:.2f} | "
-                     f"{r.wallclock_speedup:.2f}x | {fmt(r.fid, '.2f')} | {fmt(r.inception_score, '.2f')} | "
-                     f"{fmt(r.class_accuracy, '.1%')} |")
+        row = (f"| {label} | {r.batch_size} | {r.nfe_per_image:.1f} | {r.step_compression:.2f}x | "
+               f"{r.accepted_per_forward:.2f} | {r.seconds_per_image:.3f} | {r.images_per_second:.2f} | "
+               f"{r.wallclock_speedup:.2f}x | {fmt(r.fid, '.2f')} | {fmt(r.inception_score, '.2f')} | "
+               f"{fmt(r.class_accuracy, '.1%')} |")
+        if multi:
+            row = f"| {r.model} " + row + f" {fmt(r.speedup_vs_first_ar, '.2f')}x |"
+        lines.append(row)
+    if any(r.decode_included for r in records):
+        lines.append("\nTimes include decoding the tokens to images.")
     return "\n".join(lines)
 
 
@@ -291,17 +330,23 @@ def plot(records: Sequence[Record], path) -> None:
     skipped = sum(r.fid is None for r in records) if have_fid else 0
     if have_fid:
         records = [r for r in records if r.fid is not None]
+    multi = any(r.model is not None for r in records)
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    models = list(dict.fromkeys(r.model for r in records))
+    markers = "osD^v<>"
     for bs in sorted({r.batch_size for r in records}):
-        rows = [r for r in records if r.batch_size == bs]
-        xs = [r.fid if have_fid else r.step_compression for r in rows]
-        ys = [r.wallclock_speedup for r in rows]
-        ax.scatter(xs, ys, label=f"batch {bs}")
-        for r, x, y in zip(rows, xs, ys):
-            tag = r.sampler + ("" if not r.params else ":" + ",".join(f"{k}={v}" for k, v in r.params.items()))
-            ax.annotate(tag, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for mi, model in enumerate(models):
+            rows = [r for r in records if r.batch_size == bs and r.model == model]
+            xs = [r.fid if have_fid else r.step_compression for r in rows]
+            # several models: speed-up against the first model's AR, so the models compare directly
+            ys = [r.speedup_vs_first_ar if multi else r.wallclock_speedup for r in rows]
+            ax.scatter(xs, ys, label=f"{model}, batch {bs}" if multi else f"batch {bs}",
+                       marker=markers[mi % len(markers)])
+            for r, x, y in zip(rows, xs, ys):
+                tag = r.sampler + ("" if not r.params else ":" + ",".join(f"{k}={v}" for k, v in r.params.items()))
+                ax.annotate(tag, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("FID (lower is better)" if have_fid else "step compression (x fewer forwards than AR)")
-    ax.set_ylabel("wall-clock speed-up vs AR")
+    ax.set_ylabel(f"wall-clock speed-up vs {models[0]} AR" if multi else "wall-clock speed-up vs AR")
     ax.axhline(1.0, color="grey", lw=0.5)
     if skipped:
         ax.set_title(f"{skipped} setting(s) without FID not shown", fontsize=8)

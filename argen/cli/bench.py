@@ -46,7 +46,10 @@ def register(sub):
 
     s = kinds.add_parser("samplers", help="NFE, step compression and wall-clock of samplers vs AR (+ FID)")
     s.add_argument("samplers", nargs="+", help="sampler specs, e.g. ar sjd mcsjd gsd:G=3 gsd:G=10")
-    s.add_argument("--model", default="default-c2i", help="pipeline name or folder (default default-c2i)")
+    s.add_argument("--model", default="default-c2i", help="pipeline name or folder (default default-c2i); several "
+                   "comma-separated (default-c2i,titok-c2i) are timed in the same interleaved rounds, each at its own "
+                   "default CFG, speed-ups also against the first one's AR")
+    s.add_argument("--decode", action="store_true", help="time the decode to images too (tokenizer included)")
     s.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
@@ -251,23 +254,33 @@ def run_samplers(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = ARPipeline.from_pretrained(args.model, weights=args.weights)
-    params = pipe.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    cfg = params.cfg_scale
+    names = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ArgenError(f"--model: give one model or distinct comma-separated models, got {args.model!r}")
+    if len(names) > 1 and args.quality_from:
+        raise ArgenError("--quality-from takes one model; measure several models' quality with --fid")
+    pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights) for name in names}
+    model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                                            top_p=args.top_p) for name, p in pipes.items()}
+    pipe = pipes[names[0]]
+    params = model_params[names[0]]
+    cfg = params.cfg_scale if len(names) == 1 else {n: p.cfg_scale for n, p in model_params.items()}
     quality = None
     if args.fid:
         from ..eval.quality import quality_scorer  # FID/IS/class accuracy on the fmnist classifier
 
         quality = quality_scorer(args.fid)
     if args.compile:
-        if not hasattr(pipe.generator, "compile_decode"):
-            raise ArgenError(f"--compile: {type(pipe.generator).__name__} has no compile_decode()")
-        pipe.generator.compile_decode()
+        for p in pipes.values():
+            if not hasattr(p.generator, "compile_decode"):
+                raise ArgenError(f"--compile: {type(p.generator).__name__} has no compile_decode()")
+            p.generator.compile_decode()
     earlier_quality = None
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
-    records = bench_samplers(pipe, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
-                             quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
+    records = bench_samplers(pipe if len(names) == 1 else pipes, specs, batch_sizes, args.num_images, params,
+                             args.rounds, args.seed, quality=quality, quality_images=args.fid,
+                             log=lambda m: print(m, flush=True), decode=args.decode, model_params=model_params)
     if args.quality_from:
         copy_quality(records, earlier_quality)
     table = markdown_table(records)
@@ -276,17 +289,24 @@ def run_samplers(args) -> int:
         from ..bench.samplers import forward_cost, forward_cost_table
 
         windows = sorted({1, *_int_list(args.forward_cost, "--forward-cost")})
-        curves = forward_cost(pipe, batch_sizes, windows, cfg=params.uses_cfg)
-        table += "\n\nCost of one T-token forward relative to a 1-token forward:\n\n" + forward_cost_table(curves)
+        for name, p in pipes.items():
+            curve = forward_cost(p, batch_sizes, windows, cfg=model_params[name].uses_cfg)
+            curves += [dict(c, model=name) for c in curve] if len(names) > 1 else curve
+            table += (f"\n\nCost of one T-token forward relative to a 1-token forward"
+                      f"{' (' + name + ')' if len(names) > 1 else ''}:\n\n" + forward_cost_table(curve))
     from ..bench.samplers import target_entropy
 
-    entropy = target_entropy(pipe, min(args.num_images, 64), params, args.seed)
-    table += (f"\n\nTarget distributions along {entropy['images']} AR samples: mean entropy "
-              f"{entropy['mean_entropy_nats']:.2f} nats, mean top-1 probability {entropy['mean_top1_prob']:.2f}, "
-              f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
+    entropies = {}
+    for name, p in pipes.items():
+        entropy = entropies[name] = target_entropy(p, min(args.num_images, 64), model_params[name], args.seed)
+        table += (f"\n\nTarget distributions along {entropy['images']} AR samples"
+                  f"{' of ' + name if len(names) > 1 else ''}: mean entropy "
+                  f"{entropy['mean_entropy_nats']:.2f} nats, mean top-1 probability {entropy['mean_top1_prob']:.2f}, "
+                  f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
+    entropy = entropies[names[0]] if len(names) == 1 else entropies
     print(table)
     meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
-            "fid_images": args.fid, "compile": args.compile, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
+            "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
         write_json(records, args.json, meta)

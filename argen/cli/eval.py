@@ -119,6 +119,14 @@ def register(sub):
     r.add_argument("--refresh", action="store_true", help="recompute even if cached")
     r.add_argument("--json", default=None, metavar="PATH", help="write what was computed (and the floor) here")
     r.set_defaults(func=run_ref_stats)
+    t = kinds.add_parser("tokenizer", help="reconstruction quality of a tokenizer on the Fashion-MNIST test split: "
+                                           "PSNR, codebook usage, reconstruction FID (fmnist features)")
+    t.add_argument("--tokenizer", required=True, help="tokenizer folder or shipped name (default-vq, titok-fmnist-k16)")
+    t.add_argument("--num-images", type=number(2, 10000, integer=True), default=10000,
+                   help="first N test images (default all 10000)")
+    t.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
+    t.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
+    t.set_defaults(func=run_tokenizer)
     parser.set_defaults(func=lambda args: parser.print_help())
 
 
@@ -388,4 +396,39 @@ def run_prompts(args) -> int:
     if args.json:
         _atomic_json(Path(args.json), result)
         print(f"result -> {args.json}")
+    return 0
+
+
+def run_tokenizer(args) -> int:
+    """Same evaluation as the end of `argen train tokenizer --rfid` (`evaluate_tokenizer`)."""
+    if args.json:
+        check_output_file(args.json, (".json",), "--json")
+    from ..hub import resolve_model_dir
+
+    folder = resolve_model_dir(args.tokenizer)
+    import torch
+
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..registry import load_component
+    from ..tokenizers.base import ImageTokenizer
+    from ..train.tokenizer import IMAGE_SIZE, evaluate_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = load_component(folder, ImageTokenizer).float().eval()
+    if tok.image_size != IMAGE_SIZE or tok.image_channels != 1:
+        raise ArgenError(f"{args.tokenizer}: the Fashion-MNIST evaluation needs a 1-channel {IMAGE_SIZE}x{IMAGE_SIZE} "
+                         f"tokenizer, got {tok.image_channels} x {tok.image_size}x{tok.image_size}")
+    images, labels = load_fashion_mnist("test")
+    t0 = time.time()
+    m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True)
+    m["tokenizer"] = str(args.tokenizer)
+    m["tokens_per_image"] = tok.num_tokens
+    m["seconds"] = round(time.time() - t0, 1)
+    print(f"{args.tokenizer}: {tok.num_tokens} tokens/image, test PSNR {m['psnr_db']:.2f} dB (28x28), "
+          f"codebook usage {100 * m['codebook_usage']:.1f}% ({m['codes_used']}/{m['codebook_size']}), "
+          f"rFID {m['rfid']:.3f}, classifier accuracy on reconstructions {100 * m['recon_class_accuracy']:.1f}% "
+          f"(N={m['test_images']})")
+    if args.json:
+        _atomic_json(Path(args.json), m)
     return 0

@@ -62,24 +62,58 @@ def _common(parser, default_lr: float, default_batch: int, default_ckpt: int = 5
                         help="dtype of the exported EMA weights (auto: float16 unless it costs quality)")
 
 
+# Architecture-specific options: default None so a flag given to the other architecture is refused.
+_VQ_ONLY = {
+    "--ch": dict(type=COUNT, help="base channel width (default 32)"),
+    "--ch-mult": dict(type=_int_tuple, help="width multipliers per level, e.g. 1,1,2 (default)"),
+    "--num-res-blocks": dict(type=COUNT, help="(default 1)"),
+    "--z-channels": dict(type=COUNT, help="(default 64)"),
+    "--norm-groups": dict(type=COUNT, help="GroupNorm groups (default: divides every width)"),
+}
+_TITOK_ONLY = {
+    "--num-latent-tokens": dict(type=COUNT, help="K, 1D tokens per image (default 16)"),
+    "--patch-size": dict(type=COUNT, help="ViT patch size on the 32x32 frame (default 4: an 8x8 grid)"),
+    "--width": dict(type=COUNT, help="encoder and decoder ViT width (default 96)"),
+    "--enc-layers": dict(type=COUNT, help="encoder blocks (default 3)"),
+    "--dec-layers": dict(type=COUNT, help="decoder blocks (default 4)"),
+    "--heads": dict(type=COUNT, help="attention heads (default 4)"),
+}
+
+
+def _arch_options(args) -> dict:
+    """The options given for the chosen architecture (train_tokenizer fills in the rest); a flag of
+    the other architecture is a one-line error."""
+    own, other = (_VQ_ONLY, _TITOK_ONLY) if args.arch == "vq" else (_TITOK_ONLY, _VQ_ONLY)
+    given = [flag for flag in other if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        raise ArgenError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --arch {args.arch}")
+    names = [flag[2:].replace("-", "_") for flag in own]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def register(sub):
-    parser = sub.add_parser("train", help="train a VQ tokenizer or a GPT generator on Fashion-MNIST")
+    parser = sub.add_parser("train", help="train a tokenizer (VQ or TiTok) or a GPT generator on Fashion-MNIST")
     kinds = parser.add_subparsers(dest="train_kind", metavar="KIND", parser_class=type(parser))
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
-    tok = kinds.add_parser("tokenizer", help="train a VQ tokenizer")
+    tok = kinds.add_parser("tokenizer", help="train a tokenizer: LlamaGen VQ (default) or TiTok (--arch titok)")
     _common(tok, default_lr=5e-4, default_batch=32)
-    tok.add_argument("--ch", type=COUNT, default=32, help="base channel width")
-    tok.add_argument("--ch-mult", type=_int_tuple, default=(1, 1, 2), help="width multipliers per level, e.g. 1,1,2")
-    tok.add_argument("--num-res-blocks", type=COUNT, default=1)
-    tok.add_argument("--z-channels", type=COUNT, default=64)
+    tok.add_argument("--arch", choices=["vq", "titok"], default="vq",
+                     help="vq: LlamaGen VQ, 2D grid of codes; titok: TiTok, K 1D tokens (RGB head, single stage)")
+    vq = tok.add_argument_group("--arch vq")
+    for flag, kw in _VQ_ONLY.items():
+        vq.add_argument(flag, default=None, **kw)
+    ti = tok.add_argument_group("--arch titok")
+    for flag, kw in _TITOK_ONLY.items():
+        ti.add_argument(flag, default=None, **kw)
     tok.add_argument("--codebook-size", type=number(2, integer=True), default=1024)
-    tok.add_argument("--codebook-dim", type=COUNT, default=8)
-    tok.add_argument("--norm-groups", type=COUNT, default=None, help="GroupNorm groups (default: divides every width)")
+    tok.add_argument("--codebook-dim", type=COUNT, default=8, help="code vector size (TiTok's token_size)")
     tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
     tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
     tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
     tok.add_argument("--test-limit", type=number(2, integer=True), default=None, help="evaluate on the first N test images only")
+    tok.add_argument("--rfid", action="store_true", help="also measure the reconstruction FID of the exported weights "
+                                                         "(Fashion-MNIST-classifier features, test split)")
     tok.set_defaults(func=_run_tokenizer)
 
     gpt = kinds.add_parser("gpt", help="train a class- (c2i) or text-conditional (t2i) GPT on VQ codes")
@@ -128,19 +162,19 @@ def _check_outputs(args) -> None:
 
 
 def _run_tokenizer(args) -> int:
+    options = _arch_options(args)
     _check_outputs(args)
     from ..train.tokenizer import train_tokenizer
 
-    metrics = train_tokenizer(**_common_kwargs(args), ch=args.ch, ch_mult=args.ch_mult,
-                              num_res_blocks=args.num_res_blocks, z_channels=args.z_channels,
+    metrics = train_tokenizer(**_common_kwargs(args), arch=args.arch, **options,
                               codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
-                              norm_groups=args.norm_groups, l1_weight=args.l1_weight,
-                              restart_every=args.restart_every, restart_until=args.restart_until,
-                              test_limit=args.test_limit)
+                              l1_weight=args.l1_weight, restart_every=args.restart_every,
+                              restart_until=args.restart_until, test_limit=args.test_limit, rfid=args.rfid)
     if metrics:
         test = metrics["test"]
-        print(f"tokenizer: {args.out}/model  test PSNR {test['psnr_db']:.2f} dB  "
-              f"codebook usage {100 * test['codebook_usage']:.1f}%  ({metrics['export_dtype']})")
+        rfid = f"  rFID {test['rfid']:.2f}" if test.get("rfid") is not None else ""
+        print(f"tokenizer ({args.arch}): {args.out}/model  test PSNR {test['psnr_db']:.2f} dB  "
+              f"codebook usage {100 * test['codebook_usage']:.1f}%{rfid}  ({metrics['export_dtype']})")
     return 0
 
 

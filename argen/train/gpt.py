@@ -475,15 +475,21 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
             f"{cfg_scale_text(pipeline)}, seeds 0..{metrics['grid_samples'] - 1} in reading order.")
     if metrics.get("grid_prompts"):
         grid += " Row prompts (held-out): " + "; ".join(f"{i}: \"{p}\"" for i, p in enumerate(metrics["grid_prompts"]))
-    text = f"""# default-{kind}: {title} GPT for Fashion-MNIST
+    one_d = g.get("rope_type") == "1d"
+    side = int(round(g["block_size"] ** 0.5))
+    layout = (f"{g['block_size']} 1D tokens per image (no grid)" if one_d else
+              f"{side}x{side} = {g['block_size']} codes per image" if not g.get("grid_size") else
+              f"{g['grid_size'][0]}x{g['grid_size'][1]} = {g['block_size']} codes per image")
+    name = Path(folder).name if Path(folder).name != "model" else f"{kind} model"
+    text = f"""# {name}: {title} GPT for Fashion-MNIST
 
 LlamaGen-architecture generator (`argen.models.GPT`) trained {"from `" + str(run_info["init_from"]) + "`" if run_info.get("init_from") else "from scratch"} with `argen train gpt` on the
-VQ codes of the Fashion-MNIST train split ({run_info['train_items']} items{', incl. horizontal flips' if run_info['flip'] else ''}),
-tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vocabulary {g['vocab_size']}).
+tokenizer codes of the Fashion-MNIST train split ({run_info['train_items']} items{', incl. horizontal flips' if run_info['flip'] else ''}),
+tokenizer `{pipeline['tokenizer']}` ({layout}, vocabulary {g['vocab_size']}).
 
 ## Model
 - dim {g['dim']}, {g['n_layer']} layers, {g['n_head']} heads, FFN hidden {GPTConfig.from_dict(g).ffn_hidden_dim},
-  2D RoPE, {run_info['parameters'] / 1e6:.2f}M parameters; dropout (token/residual/FFN) {g['resid_dropout_p']}.
+  {'1D' if one_d else '2D'} RoPE, {run_info['parameters'] / 1e6:.2f}M parameters; dropout (token/residual/FFN) {g['resid_dropout_p']}.
 - {cond_text}
 - Weights: EMA (decay {cfg.ema_decay}) of the trained weights, stored as {metrics['export_dtype']}
   (teacher-forced test loss fp32 EMA {metrics['test_loss_ema_fp32']:.4f}"""
@@ -510,7 +516,7 @@ tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vo
 ## Use
 ```python
 from argen.pipeline import ARPipeline
-pipe = ARPipeline.from_pretrained("default-{kind}")   # or this folder's path
+pipe = ARPipeline.from_pretrained("<this folder or its shipped name>")
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)

@@ -1,4 +1,5 @@
-"""VQ tokenizer training on Fashion-MNIST (`argen train tokenizer`).
+"""Tokenizer training on Fashion-MNIST (`argen train tokenizer`): the LlamaGen VQ (`--arch vq`, the
+default) or TiTok (`--arch titok`, K 1D tokens).
 
 Losses as LlamaGen's `vq_train.py` minus the parts that need pretrained networks: L2
 reconstruction (optionally + L1), codebook loss and commitment loss (beta 0.25, from the
@@ -12,7 +13,15 @@ L2-normalised codebook otherwise leaves many entries stranded far from the data,
 code is vocabulary the GPT cannot use. Restarts stop at `restart_until` (fraction of the run) so
 the codebook settles before the end.
 
-At the end the EMA weights are evaluated on the test split (PSNR, codebook usage) and exported.
+TiTok (`--arch titok`): single stage, directly on pixels, the RGB head (`is_legacy=False`), as the
+official single-stage recipe minus its perceptual and GAN losses (same reason as above); the same
+losses, L2-normalised codebook, dead-code restarts, EMA and evaluation as the VQ. Images are the
+28x28 garments padded to 32x32 like the VQ's, so both tokenizers see the same pixels, PSNR and
+rFID are measured on the same frames, and `argen train gpt` / the pipeline's 28-pixel crop work
+unchanged; the patch size (default 4) then gives an 8x8 patch grid.
+
+At the end the EMA weights are evaluated on the test split (PSNR, codebook usage, and with
+`rfid=True` the reconstruction FID in Fashion-MNIST-classifier features) and exported.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 
 from ..data.fashion_mnist import load_fashion_mnist, pad_image, to_model_range
 from ..errors import ArgenError
+from ..tokenizers.titok import TiTokTokenizer
 from ..tokenizers.vq import VQTokenizer
 from .common import Trainer, TrainConfig, check_run_args, set_threads, seed_everything, write_json
 from .rundir import check_run_dir, claim_run_dir, list_in_marker
@@ -35,6 +45,9 @@ DEFAULT_VQ = dict(codebook_size=1024, codebook_embed_dim=8, codebook_l2_norm=Tru
                   commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=(1, 1, 2),
                   decoder_ch_mult=(1, 1, 2), z_channels=64, dropout_p=0.0, ch=32, num_res_blocks=1,
                   in_channels=1, norm_groups=16, image_size=32)
+
+# TiTok defaults for Fashion-MNIST (argen train tokenizer --arch titok); sized for a < 40 min CPU run.
+DEFAULT_TITOK = dict(num_latent_tokens=16, patch_size=4, width=96, enc_layers=3, dec_layers=4, heads=4)
 
 IMAGE_SIZE = 32  # 28x28 Fashion-MNIST padded with background (-1) to 32x32 -> 8x8 codes with ch_mult (1,2,2)
 
@@ -69,13 +82,18 @@ def psnr_per_image(recon: torch.Tensor, target: torch.Tensor, crop: Optional[int
 
 
 @torch.no_grad()
-def evaluate_tokenizer(vq: VQTokenizer, images_uint8: torch.Tensor, batch_size: int = 500) -> dict:
-    """Test-split metrics: PSNR on the 28x28 garment area and on the padded 32x32 frame,
-    codebook usage (fraction of entries used at least once) and code perplexity."""
+def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, labels: Optional[torch.Tensor] = None,
+                       rfid: bool = False) -> dict:
+    """Test-split metrics of any `ImageTokenizer` on 32x32 padded images: PSNR on the 28x28 garment
+    area and on the padded 32x32 frame, codebook usage (fraction of entries used at least once) and
+    code perplexity. With `rfid`: the reconstruction FID, i.e. the FID (Fashion-MNIST-classifier
+    features, as `argen eval fid`) of the reconstructed 28x28 garment areas against the statistics
+    of the real test split, and (with `labels`) the classifier's accuracy on the reconstructions."""
     vq.eval()
     source = ImageBatches(images_uint8)
     psnr28, psnr32, counts = [], [], torch.zeros(vq.vocab_size, dtype=torch.float64)
     mse_sum = 0.0
+    crops = []
     for start in range(0, len(source), batch_size):
         x = source.batch(torch.arange(start, min(start + batch_size, len(source))))
         codes = vq.encode(x)
@@ -84,8 +102,20 @@ def evaluate_tokenizer(vq: VQTokenizer, images_uint8: torch.Tensor, batch_size: 
         psnr32.append(psnr_per_image(recon, x))
         counts += torch.bincount(codes.flatten(), minlength=vq.vocab_size).double()
         mse_sum += float(((recon.clamp(-1, 1) - x) ** 2).mean()) * len(x)
+        if rfid:
+            off = (IMAGE_SIZE - 28) // 2
+            crops.append(recon.clamp(-1, 1)[..., off:off + 28, off:off + 28])
     p = counts / counts.sum()
     nz = p[p > 0]
+    extra = {}
+    if rfid:
+        from ..eval.quality import quality_scorer
+
+        score = quality_scorer(len(source), floor=False)
+        m = score(torch.cat(crops), None if labels is None else [int(v) for v in labels[:len(source)]])
+        extra = {"rfid": m["fid"], "recon_class_accuracy": m["class_accuracy"],
+                 "rfid_protocol": "fmnist-classifier features of the reconstructed 28x28 test images vs "
+                                  "the fashion-mnist:test reference statistics"}
     return {
         "test_images": len(source),
         "psnr_db": float(torch.cat(psnr28).mean()),
@@ -95,6 +125,7 @@ def evaluate_tokenizer(vq: VQTokenizer, images_uint8: torch.Tensor, batch_size: 
         "codes_used": int((counts > 0).sum()),
         "codebook_size": vq.vocab_size,
         "code_perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+        **extra,
     }
 
 
@@ -121,7 +152,7 @@ class CodeRestarter:
             return
         pool = z.reshape(-1, z.shape[-1]).detach()
         pick = torch.randint(0, pool.shape[0], (dead.numel(),))
-        new = F.normalize(pool[pick] + 0.01 * torch.randn(dead.numel(), pool.shape[1]), dim=-1)
+        new = F.normalize(pool[pick] + 0.01 * torch.randn(dead.numel(), pool.shape[1]), dim=-1)  # both codebooks are L2-normalised
         if acc.num_processes > 1:
             from accelerate.utils import broadcast
 
@@ -137,7 +168,7 @@ class CodeRestarter:
         self.restarted += dead.numel()
 
 
-def _save_recon_grid(vq: VQTokenizer, images_uint8: torch.Tensor, path: Path, n: int = 16) -> None:
+def _save_recon_grid(vq, images_uint8: torch.Tensor, path: Path, n: int = 16) -> None:
     """Rows: originals / reconstructions, 2 pairs of rows, for the model card."""
     from PIL import Image
 
@@ -151,6 +182,34 @@ def _save_recon_grid(vq: VQTokenizer, images_uint8: torch.Tensor, path: Path, n:
     Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
+                 heads: int, codebook_size: int, codebook_dim: int) -> dict:
+    """`TiTokTokenizer` arguments for a Fashion-MNIST TiTok (1 channel, 32x32, RGB head, cosine codebook)."""
+    if IMAGE_SIZE % patch_size:
+        raise ArgenError(f"--patch-size {patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} training images")
+    if width % heads:
+        raise ArgenError(f"--width {width} is not divisible by --heads {heads}")
+    return dict(image_size=IMAGE_SIZE, in_channels=1, num_latent_tokens=num_latent_tokens,
+                codebook_size=codebook_size, token_size=codebook_dim, use_l2_norm=True, commitment_cost=0.25,
+                enc_patch_size=patch_size, enc_width=width, enc_layers=enc_layers, enc_heads=heads,
+                dec_patch_size=patch_size, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
+                is_legacy=False, finetune_decoder=False)
+
+
+def _no_decay(name: str) -> bool:
+    """TiTok: no weight decay on the codebook, the learned tokens and the positional embeddings."""
+    return name.startswith("quantize.") or name == "latent_tokens" or name.rsplit(".", 1)[-1] in (
+        "class_embedding", "positional_embedding", "latent_token_positional_embedding", "mask_token")
+
+
+def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
+    """Encoder outputs before quantisation as [..., codebook_dim] rows (restart candidates)."""
+    if isinstance(model, TiTokTokenizer):
+        z = model.encode_latent((x + 1) / 2)  # [B, C, 1, K] on TiTok's [0, 1] pixels
+        return z[:, :, 0].permute(0, 2, 1)  # [B, K, C]
+    return model.encode_latent(x).permute(0, 2, 3, 1)
+
+
 def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float] = None, batch_size: int = 64,
                     lr: float = 5e-4, seed: int = 0, warmup_steps: int = 200, weight_decay: float = 0.05,
                     ema_decay: float = 0.999, grad_clip: float = 1.0, ch: int = DEFAULT_VQ["ch"],
@@ -162,32 +221,50 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     limit: Optional[int] = None, test_limit: Optional[int] = None, ckpt_every: int = 500,
                     log_every: int = 25, resume: bool = False, threads: Optional[int] = None,
                     progress: bool = True, export_dtype: str = "auto", command: Optional[str] = None,
-                    data_root=None, stop_at_step: Optional[int] = None) -> dict:
-    """Train a VQ tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
+                    data_root=None, stop_at_step: Optional[int] = None, arch: str = "vq",
+                    num_latent_tokens: int = DEFAULT_TITOK["num_latent_tokens"],
+                    patch_size: int = DEFAULT_TITOK["patch_size"], width: int = DEFAULT_TITOK["width"],
+                    enc_layers: int = DEFAULT_TITOK["enc_layers"], dec_layers: int = DEFAULT_TITOK["dec_layers"],
+                    heads: int = DEFAULT_TITOK["heads"], rfid: bool = False) -> dict:
+    """Train a tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
 
+    `arch`: "vq" (LlamaGen VQ: `ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `norm_groups`) or
+    "titok" (TiTok, RGB head, single stage: `num_latent_tokens` K, `patch_size`, `width`,
+    `enc_layers`, `dec_layers`, `heads`). Both: `codebook_size`, `codebook_dim` (TiTok's token_size;
+    the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12).
     `export_dtype`: "float16", "float32" or "auto" (float16 unless it costs > 0.05 dB test PSNR
-    or changes codebook usage by more than 1 point).
+    or changes codebook usage by more than 1 point). `rfid`: also measure the reconstruction FID
+    of the exported weights on the test split (Fashion-MNIST-classifier features).
     """
     from accelerate import Accelerator
 
     set_threads(threads)
     check_run_args(steps, epochs, export_dtype, limit=limit, test_limit=test_limit)
     check_run_dir(out, resume)
-    ch_mult = tuple(int(m) for m in ch_mult)
-    if norm_groups is None:
-        norm_groups = math.gcd(*[ch * m for m in ch_mult], 32)
-    vq_kwargs = dict(DEFAULT_VQ, encoder_ch_mult=ch_mult, decoder_ch_mult=ch_mult, ch=ch,
-                     num_res_blocks=num_res_blocks, z_channels=z_channels, codebook_size=codebook_size,
-                     codebook_embed_dim=codebook_dim, norm_groups=norm_groups)
-    if IMAGE_SIZE % 2 ** (len(ch_mult) - 1):
-        raise ArgenError(f"ch_mult {ch_mult} downsamples {IMAGE_SIZE}x{IMAGE_SIZE} to a fractional grid")
+    if arch not in ("vq", "titok"):
+        raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq or titok")
+    if arch == "vq":
+        ch_mult = tuple(int(m) for m in ch_mult)
+        if norm_groups is None:
+            norm_groups = math.gcd(*[ch * m for m in ch_mult], 32)
+        vq_kwargs = dict(DEFAULT_VQ, encoder_ch_mult=ch_mult, decoder_ch_mult=ch_mult, ch=ch,
+                         num_res_blocks=num_res_blocks, z_channels=z_channels, codebook_size=codebook_size,
+                         codebook_embed_dim=codebook_dim, norm_groups=norm_groups)
+        if IMAGE_SIZE % 2 ** (len(ch_mult) - 1):
+            raise ArgenError(f"ch_mult {ch_mult} downsamples {IMAGE_SIZE}x{IMAGE_SIZE} to a fractional grid")
+        model_cls, config_key, kind = VQTokenizer, "vq_config", "vq-tokenizer"
+    else:
+        vq_kwargs = titok_kwargs(num_latent_tokens=num_latent_tokens, patch_size=patch_size, width=width,
+                                 enc_layers=enc_layers, dec_layers=dec_layers, heads=heads,
+                                 codebook_size=codebook_size, codebook_dim=codebook_dim)
+        model_cls, config_key, kind = TiTokTokenizer, "titok_config", "titok-tokenizer"
 
     train_images, _ = load_fashion_mnist("train", data_root)
-    test_images, _ = load_fashion_mnist("test", data_root)
+    test_images, test_labels = load_fashion_mnist("test", data_root)
     if limit is not None:
         train_images = train_images[:limit]
     if test_limit is not None:
-        test_images = test_images[:test_limit]
+        test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
 
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
@@ -200,12 +277,12 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
 
     seed_everything(seed + accelerator.process_index)
     torch.manual_seed(seed)  # identical init on every process
-    vq = VQTokenizer(**vq_kwargs)
+    vq = model_cls(**vq_kwargs)
     torch.manual_seed(seed + accelerator.process_index)
     counts = torch.zeros(codebook_size, dtype=torch.float64)
     restarter = CodeRestarter(restart_every, int(restart_until * steps), counts)
-    run_info = {"kind": "vq-tokenizer", "vq_config": {k: (list(v) if isinstance(v, tuple) else v)
-                                                      for k, v in vq_kwargs.items()},
+    run_info = {"kind": kind, config_key: {k: (list(v) if isinstance(v, tuple) else v)
+                                           for k, v in vq_kwargs.items()},
                 "train_items": len(train_images), "l1_weight": l1_weight, "restart_every": restart_every,
                 "restart_until": restart_until, "command": command, "threads": torch.get_num_threads()}
 
@@ -217,7 +294,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         if l1_weight:
             loss = loss + l1_weight * (recon - x).abs().mean()
         with torch.no_grad():
-            z = F.normalize(trainer.unwrapped.encode_latent(x).permute(0, 2, 3, 1), dim=-1) if (
+            z = F.normalize(_latents_for_restart(trainer.unwrapped, x), dim=-1) if (
                 restart_every and (trainer.step + 1) % restart_every == 0) else None
         used = torch.unique(indices).numel() / codebook_size
         parts = {"loss": loss, "rec_mse": rec, "codebook": codebook_loss, "commit": commit_loss,
@@ -228,7 +305,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                       loss_names=["loss", "rec_mse", "codebook", "commit", "batch_usage"],
                       extra_state={"code_counts": counts}, after_step=restarter, accelerator=accelerator,
                       run_info=run_info, tokens_per_item=0,
-                      no_decay=lambda name: name.startswith("quantize."))
+                      no_decay=_no_decay if arch == "titok" else (lambda name: name.startswith("quantize.")))
     trainer.fit(stop_at=stop_at_step)
     if not trainer.finished:
         return {"stopped_at": trainer.step}
@@ -238,7 +315,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         ema = trainer.ema_model()
         metrics = {"step": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
                    "final_train_losses": trainer.last_losses}
-        ema_metrics = evaluate_tokenizer(ema, test_images)
+        ema_metrics = evaluate_tokenizer(ema, test_images, labels=test_labels, rfid=rfid)
         # The raw (non-EMA) weights, on a subset, only to show what the EMA buys.
         metrics["test_raw_first_2000"] = evaluate_tokenizer(trainer.unwrapped.eval(), test_images[:2000])
         trainer.model.train()
@@ -251,7 +328,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         else:
             ema.save_pretrained(folder, dtype=torch.float16)
             dtype = torch.float16
-            final_metrics = evaluate_tokenizer(VQTokenizer.from_pretrained(folder).float(), test_images)
+            final_metrics = evaluate_tokenizer(model_cls.from_pretrained(folder).float(), test_images,
+                                               labels=test_labels, rfid=rfid)
             metrics["test_fp16_export"] = final_metrics
             if export_dtype == "auto" and (ema_metrics["psnr_db"] - final_metrics["psnr_db"] > 0.05
                                            or abs(ema_metrics["codebook_usage"] - final_metrics["codebook_usage"]) > 0.01):
@@ -259,13 +337,13 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                 dtype, final_metrics = torch.float32, ema_metrics
         metrics["export_dtype"] = str(dtype).replace("torch.", "")
         metrics["test"] = final_metrics
-        final = VQTokenizer.from_pretrained(folder).float()
+        final = model_cls.from_pretrained(folder).float()
         metrics["parameters"] = sum(p.numel() for p in final.parameters())
         metrics["eval_wall_s"] = round(time.time() - t0, 1)
         _save_recon_grid(final, test_images, folder / "reconstructions.png")
         write_json(Path(out) / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
-        write_tokenizer_card(folder, metrics, cfg, run_info)
+        (write_tokenizer_card if arch == "vq" else write_titok_card)(folder, metrics, cfg, run_info)
         list_in_marker(folder, ["reconstructions.png", "metrics.json", "MODEL_CARD.md"])
     accelerator.wait_for_everyone()
     return metrics
@@ -323,6 +401,57 @@ from argen.tokenizers.vq import VQTokenizer
 vq = VQTokenizer.from_pretrained("default-vq")  # fp16 weights load into a float32 model
 codes = vq.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, 8, 8]
 images = vq.decode(codes)
+```
+"""
+    (folder / "MODEL_CARD.md").write_text(text)
+
+
+def write_titok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict) -> None:
+    tc = run_info["titok_config"]
+    test = metrics["test"]
+    losses = metrics["final_train_losses"]
+    k = tc["num_latent_tokens"]
+    grid = IMAGE_SIZE // tc["enc_patch_size"]
+    rfid = (f"- Reconstruction FID (Fashion-MNIST-classifier features of the 10,000 reconstructed 28x28 test images vs "
+            f"the test split's statistics): **{test['rfid']:.2f}**; the classifier's accuracy on the reconstructions "
+            f"{100 * test['recon_class_accuracy']:.1f}%.\n" if test.get("rfid") is not None else "")
+    text = f"""# TiTok tokenizer for Fashion-MNIST, K = {k} 1D tokens
+
+TiTok (`argen.tokenizers.TiTokTokenizer`, the official architecture with the RGB head, `is_legacy=False`)
+trained from scratch on the Fashion-MNIST train split (60,000 images) with `argen train tokenizer --arch titok`.
+
+## Design
+- Input: 28x28 grey images padded with background to {IMAGE_SIZE}x{IMAGE_SIZE} (the same frames as `default-vq`),
+  TiTok's [0, 1] range inside the tokenizer, argen's [-1, 1] outside.
+- Encoder: {tc['enc_patch_size']}x{tc['enc_patch_size']} patches ({grid}x{grid} grid) + class token + {k} latent tokens, ViT width {tc['enc_width']},
+  {tc['enc_layers']} layers, {tc['enc_heads']} heads; decoder: {grid * grid} mask tokens + the {k} projected codes, width {tc['dec_width']}, {tc['dec_layers']} layers,
+  {tc['dec_heads']} heads, RGB head (1x1 conv to p*p pixels, unpatchify, 3x3 conv).
+- Codebook {tc['codebook_size']} x {tc['token_size']}, L2-normalised (cosine lookup, as the original TiTok's 4096 x 12); dead-code
+  restarts every {run_info['restart_every']} steps until {int(run_info['restart_until'] * 100)}% of training.
+- Single stage on pixels: MSE + codebook + commitment ({tc['commitment_cost']}). No perceptual / GAN loss (no pretrained
+  networks offline), no proxy codes.
+- Weights: EMA (decay {cfg.ema_decay}), stored as {metrics['export_dtype']}; {metrics['parameters'] / 1e6:.2f}M parameters.
+
+## Training
+- Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
+- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
+  AdamW lr {cfg.lr}, {cfg.warmup_steps} warmup steps then cosine to {cfg.min_lr_ratio} x lr; weight decay {cfg.weight_decay}
+  (none on the codebook, latent tokens and embeddings); grad clip {cfg.grad_clip}.
+- Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores shared with other jobs;
+  {run_info.get('threads', '?')} torch thread(s)), plus {metrics['eval_wall_s'] / 60:.1f} min of evaluation and export.
+- Final training losses (mean of the last log interval): """ + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"""
+
+## Quality (Fashion-MNIST test split, {test['test_images']} images, exported weights)
+- PSNR {test['psnr_db']:.2f} dB on the 28x28 garment area ({test['psnr_32x32_db']:.2f} dB on the padded 32x32 frame).
+- Codebook usage {100 * test['codebook_usage']:.1f}% ({test['codes_used']} of {test['codebook_size']} codes), code perplexity {test['code_perplexity']:.0f}.
+{rfid}- `reconstructions.png`: rows 1/3 test originals, rows 2/4 their reconstructions.
+
+## Use
+```python
+from argen.tokenizers import TiTokTokenizer
+tok = TiTokTokenizer.from_pretrained(folder)
+codes = tok.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, {k}]
+images = tok.decode(codes)
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)
