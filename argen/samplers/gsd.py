@@ -125,8 +125,13 @@ class GSDSampler(SJDSampler):
 
     def prepare(self, tokenizer=None, **components) -> "GSDSampler":
         """embeddings="codebook": take the tokenizer's code vectors."""
-        if isinstance(self.embeddings, str) and self.embeddings == "codebook" and tokenizer is not None:
-            self.codebook = tokenizer.codebook_embeddings()
+        if isinstance(self.embeddings, str) and self.embeddings == "codebook":
+            refiner = components.get("refiner")
+            if refiner is not None:
+                # the generator's tokens are the refiner's inputs (e.g. CTF coarse labels), not codes
+                self.codebook = refiner.input_embeddings()
+            elif tokenizer is not None:
+                self.codebook = tokenizer.codebook_embeddings()
         return self
 
     def context(self, model) -> dict:
