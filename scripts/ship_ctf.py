@@ -57,10 +57,11 @@ def main(argv=None) -> int:
     ref.save_pretrained(assets / "ctf-refiner", dtype=torch.float16)
     pipe = pipeline_json(tokenizer="default-vq", class_names=CLASS_NAMES, defaults={"cfg_scale": args.cfg_scale},
                          crop=28, refiner="ctf-refiner")
-    gpt.save_pretrained(assets / "ctf-c2i", dtype=torch.float16, extra_files={"pipeline.json": pipe})
     info = {"generator": gpt_src, "refiner": ref_src, "generator_parameters": gpt.num_parameters(),
             "refiner_parameters": ref.num_parameters()}
-    (assets / "ctf-c2i" / "ship.json").write_text(json.dumps(info, indent=1) + "\n")
+    # extra files go through save_pretrained so the folder's marker lists them (a re-ship may replace it)
+    gpt.save_pretrained(assets / "ctf-c2i", dtype=torch.float16,
+                        extra_files={"pipeline.json": pipe, "ship.json": json.dumps(info, indent=1) + "\n"})
     print(json.dumps(info, indent=1))
     return 0
 
