@@ -19,6 +19,9 @@ SHIPPED_MODELS = {
     "default-vq": "default-vq",
     "default-c2i": "default-c2i",
     "default-t2i": "default-t2i",
+    # coarse-to-fine (issue 14): the coarse generator's pipeline names its refiner by name
+    "ctf-c2i": "ctf-c2i",
+    "ctf-refiner": "ctf-refiner",
     "fmnist-classifier": "fmnist-classifier",
     "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15); CPU-budget baseline, see its card
 }

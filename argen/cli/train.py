@@ -92,7 +92,7 @@ def _arch_options(args) -> dict:
 
 
 def register(sub):
-    parser = sub.add_parser("train", help="train a tokenizer (VQ or TiTok) or a GPT generator on Fashion-MNIST")
+    parser = sub.add_parser("train", help="train a tokenizer (VQ or TiTok), a GPT generator or a CTF refiner on Fashion-MNIST")
     kinds = parser.add_subparsers(dest="train_kind", metavar="KIND", parser_class=type(parser))
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
@@ -142,7 +142,31 @@ def register(sub):
     gpt.add_argument("--tokenizer-name", default=None, help="tokenizer name recorded in pipeline.json "
                                                            "(default: --vq)")
     gpt.add_argument("--cfg-scale", type=number(0), default=2.0, help="CFG scale of the model card's sample grid")
+    gpt.add_argument("--refiner", default=None, help="coarse-to-fine stage 1: train on the cluster ids of this CTF "
+                                                    "refiner folder (`argen train refiner`); the export names it")
+    gpt.add_argument("--coarse-clusters", type=number(2, integer=True), default=None,
+                     help="coarse-to-fine stage 1 with K k-means clusters, before the refiner exists (it must exist "
+                          "to export: rerun with --resume)")
+    gpt.add_argument("--kmeans-seed", type=SEED, default=0, help="k-means seed with --coarse-clusters")
     gpt.set_defaults(func=_run_gpt)
+
+    ref = kinds.add_parser("refiner", help="train a coarse-to-fine (CTF) refiner: k-means clusters of a VQ codebook, "
+                                           "fine codes from coarse labels in one pass")
+    _common(ref, default_lr=1e-3, default_batch=64)
+    ref.add_argument("--vq", required=True, help="trained VQ tokenizer folder or shipped name (default-vq)")
+    ref.add_argument("--clusters", type=number(2, integer=True), default=64, help="K, the coarse vocabulary")
+    ref.add_argument("--kmeans-seed", type=SEED, default=0)
+    ref.add_argument("--normalize", action="store_true", help="L2-normalise code vectors before k-means")
+    ref.add_argument("--dim", type=COUNT, default=256)
+    ref.add_argument("--n-layer", type=COUNT, default=4)
+    ref.add_argument("--n-head", type=COUNT, default=4)
+    ref.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0)
+    ref.add_argument("--temperature", type=number(0), default=1.0, help="sampling temperature stored in the refiner")
+    ref.add_argument("--no-restrict", action="store_true", help="sample fine codes from the whole codebook, not "
+                                                                 "only the coarse label's cluster")
+    ref.add_argument("--flip", action="store_true", help="also train on horizontally flipped images")
+    ref.add_argument("--codes-cache", default=None, help="where to cache the encoded training set")
+    ref.set_defaults(func=_run_refiner)
 
 
 def _common_kwargs(args) -> dict:
@@ -188,8 +212,25 @@ def _run_gpt(args) -> int:
                         text_encoder=args.text_encoder, tokenizer_name=args.tokenizer_name,
                         text_pooling=args.text_pooling, text_max_length=args.text_max_length,
                         captions=args.captions, init_from=args.init_from,
-                        cfg_scale=args.cfg_scale)
+                        cfg_scale=args.cfg_scale, refiner=args.refiner, coarse_clusters=args.coarse_clusters,
+                        kmeans_seed=args.kmeans_seed)
     if metrics:
         print(f"gpt ({args.model_type}): {args.out}/model  final loss {metrics['final_train_losses'].get('loss', float('nan')):.4f}"
               f"  ({metrics['export_dtype']})")
+    return 0
+
+
+def _run_refiner(args) -> int:
+    _check_outputs(args)
+    from ..train.refiner import train_refiner
+
+    metrics = train_refiner(**_common_kwargs(args), vq=args.vq, num_clusters=args.clusters,
+                            kmeans_seed=args.kmeans_seed, normalize=args.normalize, dim=args.dim,
+                            n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout,
+                            temperature=args.temperature, restrict=not args.no_restrict, flip=args.flip,
+                            codes_cache=args.codes_cache)
+    if metrics:
+        t = metrics["test_fp32"]
+        print(f"refiner: {args.out}/model  test loss {t['loss']:.4f}  accuracy {100 * t['accuracy']:.1f}% "
+              f"(restricted {100 * t['accuracy_restricted']:.1f}%)  ({metrics['export_dtype']})")
     return 0

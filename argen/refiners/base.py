@@ -33,6 +33,12 @@ class Refiner(abc.ABC):
     def num_tokens(self) -> int:
         """Codes per image, read and written."""
 
+    def input_embeddings(self) -> Optional[torch.Tensor]:
+        """[in_vocab_size, D] vectors of the tokens it reads, or None. Samplers that compare
+        generator tokens (GSD's embeddings="codebook") take these instead of the tokenizer's
+        codebook, which describes the refiner's output vocabulary, not the generator's."""
+        return None
+
     @abc.abstractmethod
     def refine(self, tokens: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None, *,
                seeds: Optional[Sequence[int]] = None) -> torch.Tensor: ...

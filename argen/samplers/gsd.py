@@ -124,9 +124,15 @@ class GSDSampler(SJDSampler):
                 f"init={self.init!r})")
 
     def prepare(self, tokenizer=None, **components) -> "GSDSampler":
-        """embeddings="codebook": take the tokenizer's code vectors."""
-        if isinstance(self.embeddings, str) and self.embeddings == "codebook" and tokenizer is not None:
-            self.codebook = tokenizer.codebook_embeddings()
+        """embeddings="codebook": take the tokenizer's code vectors, or behind a refiner (whose inputs are the
+        generator's tokens, e.g. CTF coarse labels) the refiner's input embeddings."""
+        if isinstance(self.embeddings, str) and self.embeddings == "codebook":
+            refiner = components.get("refiner")
+            if refiner is not None:
+                # the generator's tokens are the refiner's inputs (e.g. CTF coarse labels), not codes
+                self.codebook = refiner.input_embeddings()
+            elif tokenizer is not None:
+                self.codebook = tokenizer.codebook_embeddings()
         return self
 
     def context(self, model) -> dict:
@@ -136,7 +142,8 @@ class GSDSampler(SJDSampler):
             embed = model.token_embeddings() if self.embeddings == "model" else getattr(self, "codebook", None)
             if embed is None:
                 source = "generator has no token embeddings" if self.embeddings == "model" else \
-                    "tokenizer has no codebook (or none was handed over with prepare(tokenizer=...))"
+                    ("tokenizer has no codebook (or none was handed over with prepare(tokenizer=...)), or the "
+                          "refiner that reads the generator's tokens gives no input_embeddings()")
                 raise ArgenError(f"GSD embeddings={self.embeddings!r}: the {source}; use embeddings=none")
         else:
             embed = self.embeddings

@@ -224,8 +224,16 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
               resume: bool = False, threads: Optional[int] = None, progress: bool = True,
               export_dtype: str = "auto", command: Optional[str] = None, samples_per_class: int = 10,
               eval_items: int = 2000, accuracy_per_class: int = 30, data_root=None,
-              stop_at_step: Optional[int] = None) -> dict:
-    """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics."""
+              stop_at_step: Optional[int] = None, refiner=None, coarse_clusters: Optional[int] = None,
+              kmeans_seed: int = 0, kmeans_normalize: bool = False) -> dict:
+    """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics.
+
+    Coarse-to-fine stage 1: with `refiner` (a CTF refiner folder) and/or `coarse_clusters` K, the
+    GPT is trained on the cluster ids of the codes (vocabulary K) instead of the codes. The map
+    is the refiner's when its folder exists, else k-means with `kmeans_seed` (the same function
+    the refiner's training calls, so both agree); the export needs the refiner (it is copied
+    into the exported pipeline), so a run finished before its refiner exports with `--resume`.
+    """
     from accelerate import Accelerator
 
     set_threads(threads)
@@ -239,6 +247,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     vq_dir = resolve_model_dir(vq)
     vq_model = load_component(vq_dir, ImageTokenizer).float().eval()  # any registered tokenizer, 2D or 1D
     num_codes, grid = vq_model.num_tokens, vq_model.grid
+    code_to_cluster = _coarse_map(vq_model, refiner, coarse_clusters, kmeans_seed, kmeans_normalize, model_type)
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
@@ -252,6 +261,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, False)
+    if code_to_cluster is not None:
+        codes = code_to_cluster[codes.long()].to(torch.int16)  # stage 1 learns the coarse labels only
     num_items = len(codes)
 
     encoder, caption_set, enc_config = None, None, None
@@ -272,7 +283,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
 
     # 2D RoPE over a tokenizer's grid (grid_size only when it is not square), 1D RoPE for 1D codes
     grid_fields = dict(rope_type="1d") if grid is None else dict(grid_size=tuple(grid) if grid[0] != grid[1] else None)
-    fields = dict(vocab_size=vq_model.vocab_size, block_size=num_codes, **grid_fields,
+    vocab = vq_model.vocab_size if code_to_cluster is None else int(code_to_cluster.max()) + 1
+    fields = dict(vocab_size=vocab, block_size=num_codes, **grid_fields,
                   num_classes=len(CLASS_NAMES), model_type=model_type, class_dropout_prob=class_dropout,
                   token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout, multiple_of=64)
     if model_type == "t2i":
@@ -307,6 +319,9 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                 "captions": captions if model_type == "t2i" and captions != "basic" else None,
                 "init_from": init_from, "init": init_info, "command": command, "prep_s": round(prep_s, 1),
                 "threads": torch.get_num_threads()}
+    if code_to_cluster is not None:  # a resumed run must use the same clusters
+        run_info["coarse"] = {"clusters": vocab, "map_sha": hashlib.sha256(
+            code_to_cluster.numpy().tobytes()).hexdigest()[:16]}
     trainer = Trainer(cfg, model, dataset, loss_fn, num_items=num_items, loss_names=["loss"],
                       accelerator=accelerator, run_info=run_info, tokens_per_item=num_codes)
     trainer.fit(stop_at=stop_at_step)
@@ -314,6 +329,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         return {"stopped_at": trainer.step}
 
     metrics = {}
+    ctf = _load_coarse_refiner(refiner, code_to_cluster, vq_model) if code_to_cluster is not None else None
     if trainer.is_main:
         t0 = time.time()
         ema = trainer.ema_model()
@@ -321,6 +337,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         tok_name = tokenizer_name or (str(vq) if str(vq) in SHIPPED_MODELS else str(vq_dir))
         pipeline = {"tokenizer": tok_name, "class_names": list(CLASS_NAMES), "crop": 28,
                     "defaults": {"cfg_scale": cfg_scale}, "text_encoder": enc_config}
+        if ctf is not None:
+            pipeline["refiner"] = "refiner"  # copied into the export below: the folder is self-contained
         extra = {PIPELINE_FILE: pipeline_json(**pipeline)}
         if model_type == "t2i":
             extra["text_encoder.json"] = _json(enc_config)
@@ -330,6 +348,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         test_images, test_labels = load_fashion_mnist("test", data_root)
         n_test = min(eval_items, len(test_labels))
         test_codes = encode_images(vq_model, test_images[:n_test]).long()
+        if code_to_cluster is not None:
+            test_codes = code_to_cluster[test_codes]
         cond, mask = _conditions(model_type, test_labels[:n_test], encoder, test_images[:n_test], caption_set)
         metrics["test_items"] = n_test
         metrics["test_loss_ema_fp32"] = _test_loss(ema, test_codes, cond, mask)
@@ -342,10 +362,13 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                 ema.save_pretrained(folder, dtype=torch.float32, extra_files=extra)
                 dtype = torch.float32
         metrics["export_dtype"] = str(dtype).replace("torch.", "")
+        if ctf is not None:
+            ctf.save_pretrained(folder / "refiner", dtype=next(ctf.parameters()).dtype)
         final = GPT.from_pretrained(folder).float().eval()
         # Sample grids and accuracy go through the pipeline's generation path; uncropped (32 px)
         # as the tokenizer decodes them.
-        pipe = ARPipeline(final, vq_model, encoder, CLASS_NAMES, {"cfg_scale": cfg_scale})
+        pipe = ARPipeline(final, vq_model, encoder, CLASS_NAMES, {"cfg_scale": cfg_scale},
+                          refiner=None if ctf is None else ctf.float().eval())
         # Per-class sample grid: one row per class.
         n = samples_per_class
         grid_labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(n)
@@ -362,13 +385,51 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         write_json(out / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_gpt_card(folder, metrics, cfg, run_info, pipeline)
-        list_in_marker(folder, ["samples.png", "metrics.json", "MODEL_CARD.md"])
+        list_in_marker(folder, ["samples.png", "metrics.json", "MODEL_CARD.md", "refiner"])
     accelerator.wait_for_everyone()
     return metrics
 
 
 _ENCODERS: dict = {}
 _CAPTION_TABLES: dict = {}
+
+
+def _coarse_map(vq_model, refiner, clusters, kmeans_seed, normalize, model_type) -> Optional[torch.Tensor]:
+    """code -> cluster id [V] for a coarse (CTF stage-1) run, or None for a run on the codes."""
+    if refiner is None and clusters is None:
+        return None
+    if model_type != "c2i":
+        raise ArgenError("coarse-to-fine training is class-conditional only (the CTF refiner reads class ids)")
+    if refiner is not None and Path(refiner).is_dir():
+        ref = _load_coarse_refiner(refiner, None, vq_model)
+        if clusters is not None and clusters != ref.in_vocab_size:
+            raise ArgenError(f"--coarse-clusters {clusters} but the refiner {refiner} reads {ref.in_vocab_size} clusters")
+        return ref.code_to_cluster.cpu().clone()
+    if clusters is None:
+        raise ArgenError(f"no refiner folder {str(refiner)!r}: train it first, or give --coarse-clusters K "
+                         "(and the same --kmeans-seed) to train this stage meanwhile")
+    from ..refiners.ctf import coarse_labels
+
+    return coarse_labels(vq_model.codebook_embeddings(), clusters, kmeans_seed, normalize)
+
+
+def _load_coarse_refiner(folder, code_to_cluster, vq_model):
+    """The CTF refiner at `folder`, checked against the tokenizer and (if given) the GPT's clusters."""
+    from ..refiners.base import Refiner
+
+    if folder is None or not Path(folder).is_dir():
+        raise ArgenError(f"the coarse GPT is trained but its refiner folder {str(folder)!r} does not exist: train "
+                         "the refiner, then rerun this command with --refiner FOLDER --resume to export")
+    ref = load_component(Path(folder), Refiner)
+    if not hasattr(ref, "code_to_cluster"):
+        raise ArgenError(f"{folder} holds a {type(ref).__name__}, not a coarse-to-fine refiner")
+    if ref.vocab_size != vq_model.vocab_size or ref.num_tokens != vq_model.num_tokens:
+        raise ArgenError(f"the refiner {folder} writes {ref.num_tokens} codes of vocabulary {ref.vocab_size}, the "
+                         f"tokenizer takes {vq_model.num_tokens} of {vq_model.vocab_size}")
+    if code_to_cluster is not None and not torch.equal(ref.code_to_cluster.cpu(), code_to_cluster):
+        raise ArgenError(f"the refiner {folder} was trained on other clusters than this GPT (another K, k-means "
+                         "seed or tokenizer)")
+    return ref
 
 
 def _load_encoder(name: str, max_length: Optional[int] = None, pooling: str = "tokens"):
