@@ -99,6 +99,8 @@ def register(sub):
     gpt.add_argument("--tokenizer-name", default=None, help="tokenizer name recorded in pipeline.json "
                                                            "(default: --vq)")
     gpt.add_argument("--cfg-scale", type=number(0), default=2.0, help="CFG scale of the model card's sample grid")
+    gpt.add_argument("--shuffle", type=COUNT, default=None, metavar="S",
+                     help="Token-Shuffle: one position per SxS window of codes (S must divide the code grid)")
     gpt.set_defaults(func=_run_gpt)
 
 
@@ -143,7 +145,7 @@ def _run_gpt(args) -> int:
                         dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout,
                         class_dropout=args.class_dropout, flip=args.flip, codes_cache=args.codes_cache,
                         text_encoder=args.text_encoder, tokenizer_name=args.tokenizer_name,
-                        cfg_scale=args.cfg_scale)
+                        cfg_scale=args.cfg_scale, shuffle=args.shuffle)
     if metrics:
         print(f"gpt ({args.model_type}): {args.out}/model  final loss {metrics['final_train_losses'].get('loss', float('nan')):.4f}"
               f"  ({metrics['export_dtype']})")
