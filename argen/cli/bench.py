@@ -35,6 +35,8 @@ def register(sub):
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
     s.add_argument("--cfg-scale", type=number(0), default=None, help="guidance (default: the model's)")
+    s.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     s.add_argument("--temperature", type=number(0), default=1.0)
     s.add_argument("--top-k", type=number(0, integer=True), default=0)
     s.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
@@ -170,7 +172,8 @@ def run_samplers(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = ARPipeline.from_pretrained(args.model)
-    params = pipe.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = pipe.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  cfg_schedule=args.cfg_schedule)
     cfg = params.cfg_scale
     quality = None
     if args.fid:
@@ -203,7 +206,7 @@ def run_samplers(args) -> int:
               f"{entropy['mean_entropy_nats']:.2f} nats, mean top-1 probability {entropy['mean_top1_prob']:.2f}, "
               f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
     print(table)
-    meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
+    meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
