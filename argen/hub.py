@@ -19,6 +19,7 @@ SHIPPED_MODELS = {
     "default-vq": "default-vq",
     "default-c2i": "default-c2i",
     "default-t2i": "default-t2i",
+    "shuffle-c2i": "shuffle-c2i",
     "fmnist-classifier": "fmnist-classifier",
 }
 

@@ -131,3 +131,38 @@ def test_quality_from_an_earlier_run_is_matched_by_sampler_and_settings(tmp_path
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ArgenError, match="not a sampler-benchmark JSON"):
         load_quality(tmp_path / "bad.json", {})
+
+
+def test_bench_generators_compares_a_shuffle_generator_side_by_side(tmp_path):
+    """One run, two generators: records per (model, sampler); NFE, step compression and speed-up
+    are relative to AR on the first generator, so the s = 2 generator's AR shows 4x fewer forwards."""
+    from argen.bench.samplers import bench_generators
+    from argen.models import TokenShuffleGPT
+
+    from helpers import randomize
+
+    torch.manual_seed(0)
+    shuffle = randomize(TokenShuffleGPT(shuffle=2, dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10,
+                                        block_size=16), 2)
+    pipes = {"plain": ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES),
+             "shuffle": ARPipeline(shuffle, tiny_vq(), class_names=CLASS_NAMES)}
+    calls = []
+
+    def quality(images, labels):
+        calls.append(images.shape[0])
+        return {"fid": float(len(calls)), "is": 1.0, "class_accuracy": 0.5}
+
+    records = bench_generators(pipes, [parse_spec("ar"), parse_spec("mcsjd:L=4")], [1, 2], 4,
+                               SamplingParams(cfg_scale=2.0), rounds=1, quality=quality, quality_images=6,
+                               log=lambda m: None)
+    assert [(r.model, r.sampler, r.batch_size) for r in records] == [
+        (m, s, b) for b in (1, 2) for m in ("plain", "shuffle") for s in ("ar", "mcsjd")]
+    by = {(r.model, r.sampler, r.batch_size): r for r in records}
+    assert by["plain", "ar", 1].wallclock_speedup == pytest.approx(1.0)
+    assert by["shuffle", "ar", 2].nfe_per_image == 4 and by["shuffle", "ar", 2].step_compression == pytest.approx(4.0)
+    assert by["shuffle", "mcsjd", 1].nfe_per_image <= 4 and calls == [6, 6, 6, 6]
+    assert by["shuffle", "mcsjd", 2].fid == 4.0 and by["plain", "ar", 1].fid == 1.0
+    table = markdown_table(records)
+    assert table.splitlines()[0].startswith("| model | sampler") and "| shuffle | mcsjd:L=4 |" in table
+    plot(records, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000

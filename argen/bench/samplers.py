@@ -40,6 +40,7 @@ class Record:
     fid: Optional[float] = None
     inception_score: Optional[float] = None
     class_accuracy: Optional[float] = None
+    model: Optional[str] = None  # set when several generators are compared in one run (`bench_generators`)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -80,7 +81,21 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
                    params: SamplingParams, rounds: int = 3, seed: int = 0,
                    quality: Optional[Callable[[torch.Tensor, List[int]], dict]] = None, quality_images: int = 0,
                    log: Callable[[str], None] = print) -> List[Record]:
-    """Measure every spec at every batch size.
+    """Measure every spec at every batch size (one generator; see `bench_generators` for several)."""
+    return bench_generators({None: pipe}, specs, batch_sizes, num_images, params, rounds, seed, quality,
+                            quality_images, log)
+
+
+def bench_generators(pipes: dict, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int], num_images: int,
+                     params: SamplingParams, rounds: int = 3, seed: int = 0,
+                     quality: Optional[Callable[[torch.Tensor, List[int]], dict]] = None, quality_images: int = 0,
+                     log: Callable[[str], None] = print) -> List[Record]:
+    """Measure every spec on every generator ({name: pipeline}) at every batch size, side by side.
+
+    The settings are (generator, sampler) pairs, timed in the same interleaved rounds; speed-ups
+    and step compression are relative to AR on the FIRST generator (the baseline), so a faster
+    generator shows up as a speed-up > 1 even with AR. Records carry `model` (None for one
+    generator, as `bench_samplers` gives).
 
     Speed: `num_images` images per setting, `rounds` interleaved timed rounds after a warm-up.
     Quality (when `quality(images, labels) -> {fid, is, class_accuracy}` is given): each setting
@@ -91,54 +106,66 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
     if not any(s.name == "ar" and not s.options for s in specs):
         specs = [SamplerSpec("ar", {}, "ar")] + list(specs)
     total = max(num_images, quality_images if quality is not None else 0)
-    conds = benchmark_conditions(pipe, total)
+    base = next(iter(pipes))
+    conds = {name: benchmark_conditions(pipe, total) for name, pipe in pipes.items()}
     seeds = [seed + i for i in range(total)]
+    settings = [(name, spec) for name in pipes for spec in specs]
+
+    def key(name, spec):
+        return spec.label if name is None else f"{name}/{spec.label}"
+
     records = []
     for bs in batch_sizes:
-        samplers = {s.label: make_sampler(s) for s in specs}
-        for label, sampler in samplers.items():  # warm-up round, not timed
-            run_sampler(pipe, sampler, conds[:bs], params, bs, seeds[:bs])
+        samplers = {key(name, s): (name, make_sampler(s)) for name, s in settings}
+        for label, (name, sampler) in samplers.items():  # warm-up round, not timed
+            run_sampler(pipes[name], sampler, conds[name][:bs], params, bs, seeds[:bs])
         times = {label: [] for label in samplers}
         results = {}
         for r in range(rounds):
-            for label, sampler in samplers.items():
-                tokens, nfe, accepted, seconds = run_sampler(pipe, sampler, conds[:num_images], params, bs,
-                                                             seeds[:num_images])
+            for label, (name, sampler) in samplers.items():
+                tokens, nfe, accepted, seconds = run_sampler(pipes[name], sampler, conds[name][:num_images], params,
+                                                             bs, seeds[:num_images])
                 times[label].append(seconds)
                 results[label] = (nfe, accepted)
             log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
-        ar_nfe = results["ar"][0].mean().item()
-        ar_seconds = statistics.median(times["ar"])
-        for spec in specs:
-            nfe, accepted = results[spec.label]
-            seconds = statistics.median(times[spec.label])
+        ar_label = key(base, SamplerSpec("ar", {}, "ar"))
+        ar_nfe = results[ar_label][0].mean().item()
+        ar_seconds = statistics.median(times[ar_label])
+        for name, spec in settings:
+            nfe, accepted = results[key(name, spec)]
+            seconds = statistics.median(times[key(name, spec)])
             records.append(Record(
                 sampler=spec.name, params=spec.options, batch_size=bs, num_images=num_images,
                 accepted_per_forward=sum(accepted) / len(accepted) if accepted else 0.0,
                 seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
-                wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[spec.label], **_nfe_stats(nfe, ar_nfe)))
+                wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[key(name, spec)], model=name,
+                **_nfe_stats(nfe, ar_nfe)))
     if quality is not None and quality_images:
-        _add_quality(pipe, specs, records, conds[:quality_images], seeds[:quality_images], params, max(batch_sizes),
-                     quality, log)
+        _add_quality(pipes, settings, records, {n: c[:quality_images] for n, c in conds.items()},
+                     seeds[:quality_images], params, max(batch_sizes), quality, log)
     return records
 
 
 @torch.no_grad()
-def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality, log) -> None:
-    """Sample the quality set once per setting; fill FID/IS/accuracy and the set's NFE into its records."""
+def _add_quality(pipes, settings, records, conds, seeds, params, batch_size, quality, log) -> None:
+    """Sample the quality set once per setting; fill FID/IS/accuracy and the set's NFE into its records
+    (step compression relative to AR on the first generator)."""
     scored, ar_nfe = {}, None
-    for spec in specs:
+    base = next(iter(pipes))
+    for name, spec in settings:
         start = time.perf_counter()
-        tokens, nfe, accepted, _ = run_sampler(pipe, make_sampler(spec), conds, params, batch_size, seeds)
-        scores = quality(pipe.tokens_to_images(tokens, conds, seeds), conds.labels)
-        ar_nfe = nfe.mean().item() if spec.name == "ar" and not spec.options else ar_nfe
-        scored[spec.label] = (scores, nfe, accepted)
-        log(f"quality {spec.label}: {len(seeds)} images in {time.perf_counter() - start:.0f}s, "
-            f"FID {scores.get('fid', float('nan')):.3f}")
-    for spec in specs:
-        scores, nfe, accepted = scored[spec.label]
+        pipe = pipes[name]
+        tokens, nfe, accepted, _ = run_sampler(pipe, make_sampler(spec), conds[name], params, batch_size, seeds)
+        scores = quality(pipe.tokens_to_images(tokens, conds[name], seeds), conds[name].labels)
+        if name == base and spec.name == "ar" and not spec.options:
+            ar_nfe = nfe.mean().item()
+        scored[(name, spec.label)] = (scores, nfe, accepted)
+        log(f"quality {'' if name is None else name + ' '}{spec.label}: {len(seeds)} images in "
+            f"{time.perf_counter() - start:.0f}s, FID {scores.get('fid', float('nan')):.3f}")
+    for name, spec in settings:
+        scores, nfe, accepted = scored[(name, spec.label)]
         for record in records:
-            if record.sampler == spec.name and record.params == spec.options:
+            if record.model == name and record.sampler == spec.name and record.params == spec.options:
                 record.fid, record.inception_score = scores.get("fid"), scores.get("is")
                 record.class_accuracy = scores.get("class_accuracy")
                 for key, value in _nfe_stats(nfe, ar_nfe).items():
@@ -248,16 +275,17 @@ def copy_quality(records: Sequence[Record], quality: dict) -> None:
 
 
 def markdown_table(records: Sequence[Record]) -> str:
+    models = any(r.model is not None for r in records)  # a model column when generators are compared
     head = ("| sampler | batch | NFE / image | step compression | accepted / forward | s / image | images / s "
             "| wall-clock speed-up | FID | IS | class acc. |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [("| model " if models else "") + head, "|" + "---|" * (11 + models)]
 
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
     for r in records:
         label = r.sampler + (":" + ",".join(f"{k}={v}" for k, v in r.params.items()) if r.params else "")
-        lines.append(f"| {label} | {r.batch_size} | {r.nfe_per_image:.1f} | {r.step_compression:.2f}x | "
+        lines.append(("| " + str(r.model) + " " if models else "") + f"| {label} | {r.batch_size} | {r.nfe_per_image:.1f} | {r.step_compression:.2f}x | "
                      f"{r.accepted_per_forward:.2f} | {r.seconds_per_image:.3f} | {r.images_per_second:.2f} | "
                      f"{r.wallclock_speedup:.2f}x | {fmt(r.fid, '.2f')} | {fmt(r.inception_score, '.2f')} | "
                      f"{fmt(r.class_accuracy, '.1%')} |")
@@ -299,9 +327,11 @@ def plot(records: Sequence[Record], path) -> None:
         ax.scatter(xs, ys, label=f"batch {bs}")
         for r, x, y in zip(rows, xs, ys):
             tag = r.sampler + ("" if not r.params else ":" + ",".join(f"{k}={v}" for k, v in r.params.items()))
+            tag = tag if r.model is None else f"{r.model}/{tag}"
             ax.annotate(tag, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("FID (lower is better)" if have_fid else "step compression (x fewer forwards than AR)")
-    ax.set_ylabel("wall-clock speed-up vs AR")
+    base = next((r.model for r in records if r.model is not None), None)
+    ax.set_ylabel("wall-clock speed-up vs AR" + ("" if base is None else f" on {base}"))
     ax.axhline(1.0, color="grey", lw=0.5)
     if skipped:
         ax.set_title(f"{skipped} setting(s) without FID not shown", fontsize=8)

@@ -31,6 +31,9 @@ def register(sub):
     s = kinds.add_parser("samplers", help="NFE, step compression and wall-clock of samplers vs AR (+ FID)")
     s.add_argument("samplers", nargs="+", help="sampler specs, e.g. ar sjd mcsjd gsd:G=3 gsd:G=10")
     s.add_argument("--model", default="default-c2i", help="pipeline name or folder (default default-c2i)")
+    s.add_argument("--compare", default="", metavar="MODEL,MODEL",
+                   help="also run these generators (pipeline names or folders) with the same samplers in the same "
+                        "rounds: one table and plot, speed-ups and step compression relative to AR on --model")
     s.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
@@ -151,6 +154,11 @@ def run_samplers(args) -> int:
         _int_list(args.forward_cost, "--forward-cost")
     if args.fid and args.quality_from:
         raise ArgenError("give --fid (measure quality) or --quality-from (reuse it), not both")
+    compare = [m.strip() for m in args.compare.split(",") if m.strip()]
+    if compare and args.quality_from:
+        raise ArgenError("--quality-from works for one model; drop --compare or re-measure with --fid")
+    if len(set([args.model] + compare)) != 1 + len(compare):
+        raise ArgenError("--compare: each model once, and not --model again")
     if args.fid == 1:
         raise ArgenError("--fid must be 0 (off) or at least 2 images (FID needs 2), got 1")
     if args.seed + max(args.num_images, args.fid, 64) > MAX_SEED:
@@ -166,7 +174,8 @@ def run_samplers(args) -> int:
 
     import torch
 
-    from ..bench.samplers import bench_samplers, copy_quality, load_quality, markdown_table, plot, write_json
+    from ..bench.samplers import (bench_generators, bench_samplers, copy_quality, load_quality, markdown_table, plot,
+                                  write_json)
     from ..pipeline import ARPipeline
 
     if args.threads:
@@ -187,8 +196,16 @@ def run_samplers(args) -> int:
     earlier_quality = None
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
-    records = bench_samplers(pipe, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
-                             quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
+    if compare:
+        pipes = {args.model: pipe, **{m: ARPipeline.from_pretrained(m) for m in compare}}
+        for name, other in pipes.items():
+            if args.compile and name != args.model:
+                other.generator.compile_decode()
+        records = bench_generators(pipes, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
+                                   quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
+    else:
+        records = bench_samplers(pipe, specs, batch_sizes, args.num_images, params, args.rounds, args.seed,
+                                 quality=quality, quality_images=args.fid, log=lambda m: print(m, flush=True))
     if args.quality_from:
         copy_quality(records, earlier_quality)
     table = markdown_table(records)
@@ -206,7 +223,7 @@ def run_samplers(args) -> int:
               f"{entropy['mean_entropy_nats']:.2f} nats, mean top-1 probability {entropy['mean_top1_prob']:.2f}, "
               f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
     print(table)
-    meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
+    meta = {"model": args.model, "compare": compare, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
