@@ -485,7 +485,7 @@ tokenizer `{pipeline['tokenizer']}` (8x8 = {g['block_size']} codes per image, vo
 ## Use
 ```python
 from argen.pipeline import ARPipeline
-pipe = ARPipeline.from_pretrained("default-{kind}")   # or this folder's path
+pipe = ARPipeline.from_pretrained("{name}")   # or this folder's path
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)
