@@ -22,6 +22,7 @@ SHIPPED_MODELS = {
     # coarse-to-fine (issue 14): the coarse generator's pipeline names its refiner by name
     "ctf-c2i": "ctf-c2i",
     "ctf-refiner": "ctf-refiner",
+    "shuffle-c2i": "shuffle-c2i",
     "fmnist-classifier": "fmnist-classifier",
     "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15); CPU-budget baseline, see its card
 }

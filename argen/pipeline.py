@@ -377,7 +377,8 @@ class ARPipeline(DiffusionPipeline):
                  class_labels: Union[None, int, str, Sequence[Union[int, str]]] = None,
                  num_images: int = 1, sampler: Union[str, Sampler] = "ar", cfg_scale: Optional[float] = None,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, batch_size: int = 16, progress: bool = True) -> ARPipelineOutput:
+                 seed: int = 0, batch_size: int = 16, progress: bool = True,
+                 cfg_schedule: str = "constant") -> ARPipelineOutput:
         """Generate `num_images` images per prompt (t2i) or per class (c2i).
 
         Image i (counting over all prompts/classes) is sampled with seed `seed + i`, so it is
@@ -389,7 +390,7 @@ class ARPipeline(DiffusionPipeline):
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
         params = self.sampling_params(cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
-                                      top_p=top_p)
+                                      top_p=top_p, cfg_schedule=cfg_schedule)
         conds = self.conditions(prompt, class_labels, num_images)
         if seed + len(conds) - 1 > MAX_SEED:
             raise ArgenError(f"seed {seed} + {len(conds)} images runs past the largest seed {MAX_SEED} "

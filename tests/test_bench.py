@@ -172,3 +172,34 @@ def test_bench_samplers_times_several_models_together_with_decode(tmp_path):
     no_decode = bench_samplers({"a": a, "b": b}, specs[:1], [2], 2, SamplingParams(cfg_scale=2.0), rounds=1,
                                log=lambda m: None)
     assert calls == [] and not any(r.decode_included for r in no_decode)
+
+
+def test_bench_samplers_compares_a_shuffle_generator_side_by_side(tmp_path):
+    """One run, two generators ({name: pipeline}): records per (model, sampler); the s = 2
+    generator's AR needs 4x fewer forwards, and speed-ups are also given against the first model's AR."""
+    from argen.models import TokenShuffleGPT
+
+    from helpers import randomize
+
+    torch.manual_seed(0)
+    shuffle = randomize(TokenShuffleGPT(shuffle=2, dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10,
+                                        block_size=16), 2)
+    pipes = {"plain": ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES),
+             "shuffle": ARPipeline(shuffle, tiny_vq(), class_names=CLASS_NAMES)}
+    calls = []
+
+    def quality(images, labels):
+        calls.append(images.shape[0])
+        return {"fid": float(len(calls)), "is": 1.0, "class_accuracy": 0.5}
+
+    records = bench_samplers(pipes, [parse_spec("ar"), parse_spec("mcsjd:L=4")], [1, 2], 4,
+                             SamplingParams(cfg_scale=2.0), rounds=1, quality=quality, quality_images=6,
+                             log=lambda m: None)
+    by = {(r.model, r.sampler, r.batch_size): r for r in records}
+    assert set(by) == {(m, s, b) for b in (1, 2) for m in ("plain", "shuffle") for s in ("ar", "mcsjd")}
+    assert by["plain", "ar", 1].speedup_vs_first_ar == pytest.approx(1.0)
+    assert by["plain", "ar", 2].nfe_per_image == 16 and by["shuffle", "ar", 2].nfe_per_image == 4
+    assert by["shuffle", "mcsjd", 1].nfe_per_image <= 4 and calls == [6, 6, 6, 6]
+    assert "| shuffle | mcsjd:L=4 |" in markdown_table(records)
+    plot(records, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000

@@ -204,11 +204,12 @@ def test_entry_points_run_the_toy_pipeline(toy_dir, tmp_path, capsys, fmnist_ava
     assert code == 0, capsys.readouterr().err
     assert {r["sampler"] for r in json.loads(record.read_text())["records"]} == {"ar"}
     capsys.readouterr()
-    # speculative samplers do not verify multi-code positions yet: one line, exit 2
-    assert main(["generate", "--model", str(toy_dir), "--class", "1", "--sampler", "sjd", "--out",
+    # speculative samplers verify multi-code positions (argen/samplers/speculative_codes.py), with
+    # random drafts only: a spatial draft init is refused in one line, exit 2
+    assert main(["generate", "--model", str(toy_dir), "--class", "1", "--sampler", "sjd:init=left", "--out",
                  str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "several codes per position" in err
+    assert err.count("\n") == 1 and "not implemented for generators with 2 codes per position" in err
 
 
 def test_refiner_stage_and_vocabulary_chain():

@@ -54,6 +54,8 @@ def register(sub):
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
     s.add_argument("--cfg-scale", type=number(0), default=None, help="guidance (default: the model's)")
+    s.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     s.add_argument("--temperature", type=number(0), default=1.0)
     s.add_argument("--top-k", type=number(0, integer=True), default=0)
     s.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
@@ -251,7 +253,8 @@ def run_samplers(args) -> int:
 
     import torch
 
-    from ..bench.samplers import bench_samplers, copy_quality, load_quality, markdown_table, plot, write_json
+    from ..bench.samplers import (bench_samplers, copy_quality, load_quality, markdown_table, plot,
+                                  write_json)
     from ..pipeline import ARPipeline
 
     if args.threads:
@@ -263,7 +266,8 @@ def run_samplers(args) -> int:
         raise ArgenError("--quality-from takes one model; measure several models' quality with --fid")
     pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights) for name in names}
     model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                            top_p=args.top_p) for name, p in pipes.items()}
+                                            top_p=args.top_p, cfg_schedule=args.cfg_schedule)
+                    for name, p in pipes.items()}
     pipe = pipes[names[0]]
     params = model_params[names[0]]
     cfg = params.cfg_scale if len(names) == 1 else {n: p.cfg_scale for n, p in model_params.items()}
@@ -307,7 +311,7 @@ def run_samplers(args) -> int:
                   f"{entropy['share_top1_above_0.9']:.0%} of positions with top-1 > 0.9")
     entropy = entropies[names[0]] if len(names) == 1 else entropies
     print(table)
-    meta = {"model": args.model, "cfg_scale": cfg, "num_images": args.num_images, "rounds": args.rounds,
+    meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:

@@ -58,6 +58,8 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--batch-size", type=COUNT, default=16, help="images per sampler call and process (default 16)")
     p.add_argument("--cfg-scale", type=number(0), default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--cfg-interval", type=number(-1, integer=True), default=-1)
+    p.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     p.add_argument("--temperature", type=number(0), default=1.0)
     p.add_argument("--top-k", type=number(0, integer=True), default=0)
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
@@ -199,7 +201,8 @@ def _sample(args, state, device):
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights)
     cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
-    params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, temperature=args.temperature,
+    params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
+                            temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
     summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,
                                seed=args.seed, batch_size=args.batch_size, prompts=prompts, model_name=str(args.model),

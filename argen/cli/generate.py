@@ -41,6 +41,8 @@ def register(sub):
     p.add_argument("--cfg-interval", type=number(-1, None, integer=True), default=-1, metavar="N",
                    help="guide only image tokens 0..N+1, then sample unguided (LlamaGen semantics); "
                         "-1 (default) guides every token, 0 only the first two")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     p.add_argument("--temperature", type=number(0, None), default=1.0,
                    help="softmax temperature >= 0 (default 1.0; 0 picks the most likely token)")
     p.add_argument("--top-k", type=number(0, None, integer=True), default=0, metavar="K",
@@ -138,7 +140,8 @@ def run(args) -> int:
         raise ArgenError(f"--grid-scale {args.grid_scale}: the grid of {total} images would be {width}x{height} "
                          f"pixels (over {MAX_GRID_PIXELS // 1_000_000} megapixels); lower --grid-scale or --num-images")
     result = pipe(prompt=args.prompt, class_labels=class_ids, num_images=args.num_images, sampler=sampler,
-                  cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
+                  cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
+                  temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, progress=True)
     names = [f"{i:04d}_seed{s}.png" for i, s in enumerate(result.seeds)]
     grid = make_grid(result.images, scale=args.grid_scale)

@@ -148,6 +148,8 @@ def register(sub):
                      help="coarse-to-fine stage 1 with K k-means clusters, before the refiner exists (it must exist "
                           "to export: rerun with --resume)")
     gpt.add_argument("--kmeans-seed", type=SEED, default=0, help="k-means seed with --coarse-clusters")
+    gpt.add_argument("--shuffle", type=COUNT, default=None, metavar="S",
+                     help="Token-Shuffle: one position per SxS window of codes (S must divide the code grid)")
     gpt.set_defaults(func=_run_gpt)
 
     ref = kinds.add_parser("refiner", help="train a coarse-to-fine (CTF) refiner: k-means clusters of a VQ codebook, "
@@ -213,7 +215,7 @@ def _run_gpt(args) -> int:
                         text_pooling=args.text_pooling, text_max_length=args.text_max_length,
                         captions=args.captions, init_from=args.init_from,
                         cfg_scale=args.cfg_scale, refiner=args.refiner, coarse_clusters=args.coarse_clusters,
-                        kmeans_seed=args.kmeans_seed)
+                        kmeans_seed=args.kmeans_seed, shuffle=args.shuffle)
     if metrics:
         print(f"gpt ({args.model_type}): {args.out}/model  final loss {metrics['final_train_losses'].get('loss', float('nan')):.4f}"
               f"  ({metrics['export_dtype']})")

@@ -16,7 +16,7 @@ from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_from_probs
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, guided: bool,
+def next_token(logits: torch.Tensor, params: SamplingParams, guided,
                streams: Optional[RandomStreams], sample: bool = True) -> torch.Tensor:
     """Model logits [B', V] or [B', k, V] (both CFG halves) -> tokens [B] or [B, k]."""
     probs = logits_to_probs(logits, params, guided)
@@ -25,9 +25,9 @@ def next_token(logits: torch.Tensor, params: SamplingParams, guided: bool,
     return sample_from_probs(probs, streams)
 
 
-def prefill(model, cond, cond_mask, cache, params, streams, sample=True) -> torch.Tensor:
+def prefill(model, cond, cond_mask, cache, params, streams, sample=True, num_tokens=1) -> torch.Tensor:
     logits = model.prefill(cond, cache, cond_mask)
-    return next_token(logits, params, params.guided_at(0), streams, sample)
+    return next_token(logits, params, params.guidance_at(0, num_tokens), streams, sample)
 
 
 def decode_one_token(model, token, input_pos, cache, params, guided, streams, sample=True) -> torch.Tensor:
@@ -46,7 +46,7 @@ def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, 
     input_pos = torch.tensor([cond_len], device=first.device)
     for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
         tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params,
-                                        params.guided_at(n), streams, sample)
+                                        params.guidance_at(n, num_tokens), streams, sample)
         input_pos += 1
     return tokens
 
@@ -67,7 +67,7 @@ class ARSampler(Sampler):
         cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
         cond_len = model.condition_length(cond)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
-        first = prefill(model, cond_all, mask_all, cache, params, streams, self.sample)
+        first = prefill(model, cond_all, mask_all, cache, params, streams, self.sample, num_tokens)
         tokens = decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, self.sample, progress)
         return SamplerOutput(tokens=tokens.flatten(1), num_forward_passes=num_tokens,
                              accepted_per_forward=[1.0] * (num_tokens - 1))

@@ -8,15 +8,25 @@ speculative sampler can process a whole window of positions at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import check_number
+from ..errors import ArgenError
 
 # Guidance beyond this overflows float32 logits into NaN (LlamaGen uses 1.5 to 10).
 MAX_CFG_SCALE = 100.0
+
+# How the guidance scale moves over the image (Token-Shuffle ramps it up: strong guidance on the
+# first tokens causes artifacts). t = position / (positions - 1) in [0, 1]; s = cfg_scale.
+CFG_SCHEDULES = {
+    "constant": lambda s, t: s,
+    "linear": lambda s, t: 1.0 + (s - 1.0) * t,                              # 1 at the first position, s at the last
+    "cosine": lambda s, t: 1.0 + (s - 1.0) * (1.0 - math.cos(math.pi * t)) / 2,  # the same ends, slow start and finish
+}
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,9 @@ class SamplingParams:
 
     cfg_interval: guidance is used for image tokens 0..cfg_interval+1 and not after; -1 means
     always (LlamaGen semantics: the prefill token plus decode steps 0..cfg_interval).
+    cfg_schedule: "constant" (cfg_scale at every position), "linear" or "cosine" (ramps from 1 at
+    the first position to cfg_scale at the last; `CFG_SCHEDULES`). Positions, not codes: the k
+    codes of one position share a scale.
     top_k: 0 disables; top_p: 1.0 disables.
     """
 
@@ -33,8 +46,11 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    cfg_schedule: str = "constant"
 
     def __post_init__(self):
+        if not isinstance(self.cfg_schedule, str) or self.cfg_schedule not in CFG_SCHEDULES:
+            raise ArgenError(f"unknown cfg_schedule {self.cfg_schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
         # finite and in range (NaN passes every comparison the wrong way); plain Python numbers after
         checked = {
             "cfg_scale": check_number("cfg_scale", self.cfg_scale, 0, MAX_CFG_SCALE),
@@ -55,13 +71,40 @@ class SamplingParams:
         """Whether image token `token_index` (0 = first) is sampled with guidance."""
         return self.uses_cfg and (self.cfg_interval < 0 or token_index <= self.cfg_interval + 1)
 
+    def cfg_scale_at(self, index: int, num_positions: int) -> float:
+        """The schedule's guidance scale at image position `index` of `num_positions` (ignores
+        cfg_interval; see `guidance_at`)."""
+        t = min(max(index, 0) / max(num_positions - 1, 1), 1.0)
+        return float(CFG_SCHEDULES[self.cfg_schedule](self.cfg_scale, t))
+
+    def guidance_at(self, index: int, num_positions: int):
+        """What `apply_cfg` takes for image position `index`: the bool of `guided_at` under the
+        constant schedule (the original path, bit for bit), else the scheduled scale (1.0 = the
+        conditional logits, also past cfg_interval)."""
+        if self.cfg_schedule == "constant" or not self.uses_cfg:
+            return self.guided_at(index)
+        return self.cfg_scale_at(index, num_positions) if self.guided_at(index) else 1.0
+
+    def guidance_rows(self, index: torch.Tensor, num_positions: int) -> torch.Tensor:
+        """`guidance_at` for a tensor of positions (a speculative window): float32 scales,
+        the same values as the scalar path."""
+        scales = [self.guidance_at(i, num_positions) for i in range(num_positions)]
+        table = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=index.device)
+        return table[index.clamp(0, num_positions - 1)]
+
 
 def apply_cfg(logits: torch.Tensor, params: SamplingParams, guided) -> torch.Tensor:
-    """[2B, ..., V] (conditional rows first) -> [B, ..., V]; `guided` is a bool or a bool tensor
-    broadcastable to [B, ..., 1] (per position, for windows that straddle `cfg_interval`)."""
+    """[2B, ..., V] (conditional rows first) -> [B, ..., V]. `guided`: a bool or a bool tensor
+    broadcastable to [B, ..., 1] (per position, for windows that straddle `cfg_interval`) to use
+    cfg_scale or not; or, under a guidance schedule, a float or float tensor of scales (a scale of
+    1.0 gives the conditional logits exactly)."""
     if not params.uses_cfg:
         return logits
     cond, uncond = logits.float().chunk(2, dim=0)
+    if isinstance(guided, float):
+        return cond if guided == 1.0 else uncond + (cond - uncond) * guided
+    if isinstance(guided, torch.Tensor) and guided.is_floating_point():
+        return torch.where(guided == 1.0, cond, uncond + (cond - uncond) * guided)
     mixed = uncond + (cond - uncond) * params.cfg_scale
     if isinstance(guided, bool):
         return mixed if guided else cond

@@ -29,6 +29,8 @@ class MCSJDSampler(SpeculativeSampler):
     """MCSJDSampler(window=32, init="random")."""
 
     name = "mcsjd"
+    multi_code = True
+    coupled_drafts = True
 
     def __init__(self, window: int = 32, init: str = "random"):
         super().__init__(window=window, init=init)

@@ -22,6 +22,7 @@ class SJDSampler(SpeculativeSampler):
     """SJDSampler(window=16, init="random"): L tokens per forward; init "random", "left" or "above"."""
 
     name = "sjd"
+    multi_code = True  # k codes per position: `speculative_codes` (each code tested on its own)
 
     def accept_ratio(self, p, q, drafts, ctx) -> torch.Tensor:
         return token_ratio(p, q, drafts)

@@ -87,8 +87,12 @@ def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
     return seq.gather(1, index), pos
 
 
-def guidance(params: SamplingParams, emitted: torch.Tensor, width: int):
-    """Whether each window row is guided: a bool, or [B, width, 1] when cfg_interval applies."""
+def guidance(params: SamplingParams, emitted: torch.Tensor, width: int, num_tokens: int = 0):
+    """Whether each window row is guided: a bool, or [B, width, 1] when cfg_interval applies;
+    under a guidance schedule, each row's scale [B, width, 1]."""
+    if params.uses_cfg and params.cfg_schedule != "constant":
+        index = emitted[:, None] + torch.arange(width, device=emitted.device)
+        return params.guidance_rows(index, num_tokens)[..., None]
     if not params.uses_cfg or params.cfg_interval < 0:
         return params.uses_cfg
     index = emitted[:, None] + torch.arange(width, device=emitted.device)
@@ -202,6 +206,9 @@ class SpeculativeSampler(Sampler):
     """
 
     option_aliases = {"L": "window"}
+    # k > 1 codes per position go to `speculative_codes.sample_codes`, which knows two Jacobi
+    # updates: SJD's (residual + fresh rows) and, when True, MC-SJD's maximal coupling.
+    coupled_drafts = False
 
     def __init__(self, window: int = 16, init: str = "random"):
         window = check_number("window (L)", window, 1, None, integer=True)  # capped at the image length when sampling
@@ -239,11 +246,16 @@ class SpeculativeSampler(Sampler):
     # ---- loop -----------------------------------------------------------------------------
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
+        if model.tokens_per_position > 1:
+            from .speculative_codes import sample_codes
+
+            return sample_codes(self, model, cond, cond_mask, num_tokens, params, streams, progress,
+                                coupled=self.coupled_drafts)
         ctx = self.context(model)
         cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
         batch, cond_len = cond.shape[0], model.condition_length(cond)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
-        probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         window = min(self.window, num_tokens)  # a longer window only costs memory: rows past the image never run
         win = self.start(probs, streams, num_tokens, model.grid, window)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=probs.device)
@@ -286,7 +298,7 @@ class SpeculativeSampler(Sampler):
         """One forward: verify the window, emit, Jacobi-update, rewind. Returns m [B]."""
         L = win.q.shape[1] + 1  # the window length of this call (self.window capped at the image length)
         tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)
-        probs = target_probs(model, tokens, pos, cache, params, guidance(params, win.emitted, width))
+        probs = target_probs(model, tokens, pos, cache, params, guidance(params, win.emitted, width, num_tokens))
         # a fixed budget per row and step: acceptance, residual, Jacobi samples, new drafts
         u = draw_uniforms(streams, tokens.shape[0], 4 * L - 3, probs.device)
         u_acc, u_res, u_fresh, u_init = u.split([L - 1, L - 1, L, L - 1], dim=1)

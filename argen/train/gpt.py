@@ -4,7 +4,9 @@
    (`<out>/codes_train.safetensors`, keyed by a hash of the VQ weights, the item limit and the
    flip option); `--flip` adds horizontally flipped copies as augmentation.
 2. Teacher forcing as LlamaGen: input idx = codes[:, :-1], logits = model(idx, cond)[:,
-   cls_token_num - 1:], cross-entropy against all block_size codes. The model applies class /
+   cls_token_num - 1:], cross-entropy against all block_size codes. With `shuffle=s` the model is
+   a `TokenShuffleGPT`: codes are put in its window order (`codes_to_tokens`), the input drops
+   the last window (s² codes), and the cross-entropy still covers every original code. The model applies class /
    caption dropout itself in train mode (CFG needs it).
 3. t2i: each item gets a caption drawn with random.Random seeded by (seed, epoch, index): it
    varies over epochs yet a resumed run sees the same captions. `--captions basic` draws from
@@ -38,6 +40,7 @@ from ..atomic import atomic_write
 from ..errors import ArgenError
 from ..hub import PIPELINE_FILE, SHIPPED_MODELS, resolve_model_dir
 from ..models.gpt import GPT, GPTConfig
+from ..models.token_shuffle import TokenShuffleConfig, TokenShuffleGPT
 from ..pipeline import ARPipeline, pipeline_json
 from ..registry import load_component
 from ..tokenizers.base import ImageTokenizer
@@ -225,7 +228,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
               export_dtype: str = "auto", command: Optional[str] = None, samples_per_class: int = 10,
               eval_items: int = 2000, accuracy_per_class: int = 30, data_root=None,
               stop_at_step: Optional[int] = None, refiner=None, coarse_clusters: Optional[int] = None,
-              kmeans_seed: int = 0, kmeans_normalize: bool = False) -> dict:
+              kmeans_seed: int = 0, kmeans_normalize: bool = False,
+              shuffle: Optional[int] = None) -> dict:
     """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics.
 
     Coarse-to-fine stage 1: with `refiner` (a CTF refiner folder) and/or `coarse_clusters` K, the
@@ -233,6 +237,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     is the refiner's when its folder exists, else k-means with `kmeans_seed` (the same function
     the refiner's training calls, so both agree); the export needs the refiner (it is copied
     into the exported pipeline), so a run finished before its refiner exports with `--resume`.
+    `shuffle=s` trains a `TokenShuffleGPT` (s x s windows of codes per position) instead.
     """
     from accelerate import Accelerator
 
@@ -248,6 +253,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     vq_model = load_component(vq_dir, ImageTokenizer).float().eval()  # any registered tokenizer, 2D or 1D
     num_codes, grid = vq_model.num_tokens, vq_model.grid
     code_to_cluster = _coarse_map(vq_model, refiner, coarse_clusters, kmeans_seed, kmeans_normalize, model_type)
+    if shuffle is not None:  # refused before any data is encoded
+        _check_shuffle(shuffle, grid)
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
@@ -290,10 +297,14 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     if model_type == "t2i":
         fields.update(cls_token_num=encoder.num_slots, caption_dim=encoder.feature_dim,
                       caption_token_num=encoder.num_slots)
-    gpt_cfg = GPTConfig.from_name(size, **fields) if size else GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head,
-                                                                         **fields)
+    config_cls, model_cls = (GPTConfig, GPT) if shuffle is None else (TokenShuffleConfig, TokenShuffleGPT)
+    if shuffle is not None:
+        fields["shuffle"] = shuffle
+    gpt_cfg = config_cls.from_name(size, **fields) if size else config_cls(dim=dim, n_layer=n_layer, n_head=n_head,
+                                                                           **fields)
     torch.manual_seed(seed)  # identical init on every process
-    model = GPT(gpt_cfg)
+    model = model_cls(gpt_cfg)
+    k = model.tokens_per_position
     init_info = init_weights(model, init_from, caption_set) if init_from is not None else None
     seed_everything(seed + accelerator.process_index)
 
@@ -301,12 +312,13 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     cls = gpt_cfg.cls_token_num
 
     def loss_fn(m, batch):
-        x = batch["codes"]
+        # generator order (identity for GPT); the last position's k codes are only targets
+        x = model.codes_to_tokens(batch["codes"])
         if model_type == "c2i":
-            logits = m(x[:, :-1], batch["labels"])
+            logits = m(x[:, :-k], batch["labels"])
         else:
             ids = batch["caption_ids"]
-            logits = m(x[:, :-1], cap_feats[ids], cap_masks[ids])
+            logits = m(x[:, :-k], cap_feats[ids], cap_masks[ids])
         logits = logits[:, cls - 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
         return loss, {"loss": loss}
@@ -356,7 +368,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         dtype = torch.float32 if export_dtype == "float32" else torch.float16
         ema.save_pretrained(folder, dtype=dtype, extra_files=extra)
         if export_dtype != "float32":
-            half = GPT.from_pretrained(folder).float()
+            half = model_cls.from_pretrained(folder).float()
             metrics["test_loss_fp16_export"] = _test_loss(half, test_codes, cond, mask)
             if export_dtype == "auto" and metrics["test_loss_fp16_export"] - metrics["test_loss_ema_fp32"] > 0.002:
                 ema.save_pretrained(folder, dtype=torch.float32, extra_files=extra)
@@ -364,7 +376,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         metrics["export_dtype"] = str(dtype).replace("torch.", "")
         if ctf is not None:
             ctf.save_pretrained(folder / "refiner", dtype=next(ctf.parameters()).dtype)
-        final = GPT.from_pretrained(folder).float().eval()
+        final = model_cls.from_pretrained(folder).float().eval()
         # Sample grids and accuracy go through the pipeline's generation path; uncropped (32 px)
         # as the tokenizer decodes them.
         pipe = ARPipeline(final, vq_model, encoder, CLASS_NAMES, {"cfg_scale": cfg_scale},
@@ -509,6 +521,17 @@ def _conditions(model_type, labels, encoder, images, caption_set):
     return _encode_all(encoder, texts)
 
 
+def _check_shuffle(shuffle, grid) -> None:
+    """One line for a window side the tokenizer's grid cannot take (before the codes are encoded)."""
+    from ..checks import check_number
+
+    s = check_number("shuffle", shuffle, 1, None, integer=True)
+    if grid is None:
+        raise ArgenError("--shuffle needs a tokenizer with a 2D code grid; this one makes 1D codes")
+    if grid[0] % s or grid[1] % s:
+        raise ArgenError(f"--shuffle {s} does not divide the tokenizer's {grid[0]}x{grid[1]} code grid")
+
+
 @torch.no_grad()
 def _test_loss(model: GPT, codes, cond, mask, batch_size: int = 250) -> float:
     model.eval()
@@ -541,16 +564,22 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
     layout = (f"{g['block_size']} 1D tokens per image (no grid)" if one_d else
               f"{side}x{side} = {g['block_size']} codes per image" if not g.get("grid_size") else
               f"{g['grid_size'][0]}x{g['grid_size'][1]} = {g['block_size']} codes per image")
+    s = g.get("shuffle")
+    cfg_cls = GPTConfig if s is None else TokenShuffleConfig
+    arch = ("" if s is None else
+            f"\n- Token-Shuffle: s = {s}, each {s}x{s} window of codes is one transformer position "
+            f"({g['block_size'] // (s * s)} positions, {s * s} codes each), {g['shuffle_mlp_blocks']} residual MLP "
+            "block(s) on each side (`argen.models.TokenShuffleGPT`).")
     name = Path(folder).name if Path(folder).name != "model" else f"{kind} model"
     text = f"""# {name}: {title} GPT for Fashion-MNIST
 
-LlamaGen-architecture generator (`argen.models.GPT`) trained {"from `" + str(run_info["init_from"]) + "`" if run_info.get("init_from") else "from scratch"} with `argen train gpt` on the
+LlamaGen-architecture generator (`argen.models.{'GPT' if s is None else 'TokenShuffleGPT'}`) trained {"from `" + str(run_info["init_from"]) + "`" if run_info.get("init_from") else "from scratch"} with `argen train gpt` on the
 tokenizer codes of the Fashion-MNIST train split ({run_info['train_items']} items{', incl. horizontal flips' if run_info['flip'] else ''}),
 tokenizer `{pipeline['tokenizer']}` ({layout}, vocabulary {g['vocab_size']}).
 
 ## Model
-- dim {g['dim']}, {g['n_layer']} layers, {g['n_head']} heads, FFN hidden {GPTConfig.from_dict(g).ffn_hidden_dim},
-  {'1D' if one_d else '2D'} RoPE, {run_info['parameters'] / 1e6:.2f}M parameters; dropout (token/residual/FFN) {g['resid_dropout_p']}.
+- dim {g['dim']}, {g['n_layer']} layers, {g['n_head']} heads, FFN hidden {cfg_cls.from_dict(g).ffn_hidden_dim},
+  {'1D' if one_d else '2D'} RoPE, {run_info['parameters'] / 1e6:.2f}M parameters; dropout (token/residual/FFN) {g['resid_dropout_p']}.{arch}
 - {cond_text}
 - Weights: EMA (decay {cfg.ema_decay}) of the trained weights, stored as {metrics['export_dtype']}
   (teacher-forced test loss fp32 EMA {metrics['test_loss_ema_fp32']:.4f}"""

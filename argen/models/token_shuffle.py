@@ -1,0 +1,222 @@
+"""Token-Shuffle generator (Ma et al., arXiv 2504.17789): one transformer position per s x s window.
+
+No official code exists; this follows the paper's description (`shared/docs/tokenizers_ctf_shuffle.md`
+§5). For a code grid of R x C and window side s:
+
+* token-shuffle: each code of a window is embedded (`tok_embeddings`, d), compressed d -> d/s²
+  by one shared linear layer, the s² parts are concatenated (window raster order) to d, and
+  `shuffle_mlp_blocks` residual MLP blocks mix them;
+* the LlamaGen transformer (`argen.models.gpt` blocks, reused) runs over the (R/s) x (C/s) grid of
+  windows with 2D RoPE over that grid, after the condition prefix exactly as in `GPT`;
+* token-unshuffle: `shuffle_mlp_blocks` residual MLP blocks, a split into s² parts of d/s²,
+  one shared linear expansion of each part to d, the final norm and the shared output head,
+  giving s² logits per position.
+
+The s² codes of a window are predicted from the same hidden state, so they are conditionally
+independent given the prefix (what the speculative samplers rely on at k = s²). Training is
+cross-entropy over every original code.
+
+With s = 1 there is nothing to shuffle: no compress/expand/MLP modules exist, the state dict is
+the plain GPT's, and logits and sampled tokens are GPT's (tested).
+
+Orders. A sampler emits tokens position-major: window (i, j) of the window grid in raster order,
+then its s² codes in raster order inside the window. The tokenizer reads codes in raster order over
+the full R x C grid; `tokens_to_codes` / `codes_to_tokens` map between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ArgenError
+from ..registry import register
+from .cache import KVCache
+from .gpt import GPT, FeedForward, GPTConfig, RMSNorm, rope_factors, rope_table_2d
+
+
+@dataclass
+class TokenShuffleConfig(GPTConfig):
+    """A `GPTConfig` whose `block_size` / `grid_size` describe the tokenizer's code grid, plus the
+    window side `shuffle` (s) and the number of residual MLP blocks on each side."""
+
+    shuffle: int = 2
+    shuffle_mlp_blocks: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        s = self.shuffle
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ArgenError(f"shuffle must be an integer >= 1, got {s!r}")
+        if isinstance(self.shuffle_mlp_blocks, bool) or not isinstance(self.shuffle_mlp_blocks, int) \
+                or self.shuffle_mlp_blocks < 0:
+            raise ArgenError(f"shuffle_mlp_blocks must be an integer >= 0, got {self.shuffle_mlp_blocks!r}")
+        grid = self.grid
+        if grid is None:
+            raise ArgenError("token-shuffle needs a 2D code grid (rope_type '2d'); 1D tokenizers have no windows")
+        if grid[0] % s or grid[1] % s:
+            raise ArgenError(f"shuffle s={s} does not divide the {grid[0]}x{grid[1]} code grid")
+        if self.dim % (s * s):
+            raise ArgenError(f"dim={self.dim} is not divisible by s²={s * s} (each code gets dim/s² channels)")
+
+    @property
+    def window_grid(self) -> tuple:
+        """(rows, cols) of transformer positions: the code grid divided by s."""
+        return (self.grid[0] // self.shuffle, self.grid[1] // self.shuffle)
+
+    @property
+    def num_windows(self) -> int:
+        return self.block_size // (self.shuffle * self.shuffle)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cls_token_num + self.num_windows
+
+
+class ResidualMLP(nn.Module):
+    """x + SwiGLU(RMSNorm(x)): the LlamaGen feed-forward block (reused) with its own pre-norm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x):
+        return x + self.feed_forward(self.norm(x))
+
+
+@register
+class TokenShuffleGPT(GPT):
+    """LlamaGen GPT over s x s windows of codes: k = s² codes per position (see the module docstring).
+
+    Build with `TokenShuffleGPT(TokenShuffleConfig(...))` or `TokenShuffleGPT(shuffle=2, dim=..., ...)`.
+    """
+
+    def __init__(self, config: Optional[TokenShuffleConfig] = None, **config_fields):
+        cfg = config if config is not None else TokenShuffleConfig.from_dict(config_fields)
+        if not isinstance(cfg, TokenShuffleConfig):
+            raise ArgenError("TokenShuffleGPT takes a TokenShuffleConfig")
+        super().__init__(cfg)  # the GPT modules, with the RoPE table over the window grid
+        s2 = cfg.shuffle * cfg.shuffle
+        self.tokens_per_position = s2  # instance attribute: the contract's k
+        if s2 > 1:
+            part = cfg.dim // s2
+            self.shuffle_compress = nn.Linear(cfg.dim, part)
+            self.shuffle_mlp = nn.ModuleList(ResidualMLP(cfg) for _ in range(cfg.shuffle_mlp_blocks))
+            self.unshuffle_mlp = nn.ModuleList(ResidualMLP(cfg) for _ in range(cfg.shuffle_mlp_blocks))
+            self.unshuffle_expand = nn.Linear(part, cfg.dim)
+            for module in (self.shuffle_compress, self.unshuffle_expand, self.shuffle_mlp, self.unshuffle_mlp):
+                for m in module.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, std=cfg.initializer_range)
+                        if m.bias is not None:
+                            nn.init.zeros_(m.bias)
+
+    def _rope_table(self) -> torch.Tensor:
+        cfg = self.gpt_config
+        return rope_table_2d(cfg.window_grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+    # ---- structure ------------------------------------------------------------------------
+
+    @property
+    def shuffle(self) -> int:
+        return self.gpt_config.shuffle
+
+    @property
+    def num_positions(self) -> int:
+        return self.gpt_config.num_windows
+
+    @property
+    def grid(self) -> tuple:
+        return self.gpt_config.window_grid
+
+    # ---- orders ---------------------------------------------------------------------------
+
+    def tokens_to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, positions * s²] window-major -> [B, R * C] raster order of the code grid."""
+        s = self.shuffle
+        (rows, cols), b = self.gpt_config.grid, tokens.shape[0]
+        return tokens.reshape(b, rows // s, cols // s, s, s).permute(0, 1, 3, 2, 4).reshape(b, rows * cols)
+
+    def codes_to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """[B, R * C] raster order -> [B, positions * s²] window-major (the inverse of tokens_to_codes)."""
+        s = self.shuffle
+        (rows, cols), b = self.gpt_config.grid, codes.shape[0]
+        return codes.reshape(b, rows // s, s, cols // s, s).permute(0, 1, 3, 2, 4).reshape(b, rows * cols)
+
+    # ---- shuffle / unshuffle --------------------------------------------------------------
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T, k] (or [B, T] when k = 1) -> position inputs [B, T, d]."""
+        k = self.tokens_per_position
+        if k == 1:
+            return self.tok_embeddings(tokens if tokens.dim() == 2 else tokens[..., 0])
+        if tokens.dim() != 3 or tokens.shape[-1] != k:
+            raise ArgenError(f"expected tokens [B, T, {k}], got {tuple(tokens.shape)}")
+        x = self.shuffle_compress(self.tok_embeddings(tokens)).flatten(-2)  # [B, T, k * d/k]
+        for block in self.shuffle_mlp:
+            x = block(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., d] -> float32 logits [..., k, V] (or [..., V] when k = 1)."""
+        k = self.tokens_per_position
+        if k == 1:
+            return self.output(self.norm(x)).float()
+        for block in self.unshuffle_mlp:
+            x = block(x)
+        x = self.unshuffle_expand(x.unflatten(-1, (k, -1)))  # [..., k, d]
+        return self.output(self.norm(x)).float()
+
+    # ---- teacher forcing ------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for every position of ``[condition prefix ; windows]``: [B, cls + L, k, V]
+        ([B, cls + L, V] when k = 1). `idx`: generator tokens [B, L * k] or [B, L, k];
+        logits[:, cls_token_num - 1 + j] predicts the codes of window j."""
+        k = self.tokens_per_position
+        self._check_tokens(idx)
+        self.check_condition(cond)
+        tokens = idx.reshape(idx.shape[0], -1, k)
+        x = torch.cat([self.embed_condition(cond), self.embed_tokens(tokens)], dim=1)
+        x = self.tok_dropout(x)
+        length = x.shape[1]
+        if length > self.freqs_cis.shape[0]:
+            raise ArgenError(f"sequence of {length} positions exceeds the model's {self.freqs_cis.shape[0]}")
+        if mask is not None and mask.dim() == 2:
+            mask = self.training_mask(mask, length)
+        rope = rope_factors(self.freqs_cis[:length])
+        for layer in self.layers:
+            x = layer(x, rope, mask)
+        return self.head(x)
+
+    def loss(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean cross-entropy over every original code (codes in the tokenizer's raster order)."""
+        k = self.tokens_per_position
+        tokens = self.codes_to_tokens(codes)
+        logits = self(tokens[:, :-k], cond, cond_mask)[:, self.gpt_config.cls_token_num - 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    # ---- sampling contract ----------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
+        return super().new_cache(batch_size, max_len or self.gpt_config.seq_len, device, dtype)
+
+    def prefill(self, cond: torch.Tensor, cache: KVCache, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the condition prefix; logits [B, k, V] of the first window ([B, V] when k = 1)."""
+        self.check_condition(cond, cond_mask)
+        t = self.condition_length(cond)
+        cache.set_condition_mask(t, cond_mask)
+        pos = torch.arange(t, device=cache.device)
+        x = self._run_cached(self.embed_condition(cond), pos, cache)
+        return self.head(x[:, -1])
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Tokens [B, T, k] (or [B, T] when k = 1) of windows at sequence positions `input_pos` ->
+        logits [B, T, k, V] ([B, T, V]); row j predicts the window after input_pos[j]."""
+        x = self._run_cached(self.embed_tokens(tokens), input_pos, cache)
+        return self.head(x)
