@@ -6,13 +6,15 @@ Writes `argen/assets/ctf-refiner/` (the refiner, fp16) and `argen/assets/ctf-c2i
 fp16, and a `pipeline.json` naming `ctf-refiner` and `default-vq` by their shipped names). Each
 model is the EMA weights of its run's latest checkpoint: for a finished run that is the final
 checkpoint, the weights `model/` exports; for a run still going, its latest step (recorded in
-`ship.json`, so the model card says which step shipped).
+`ship.json`, so the model card says which step shipped). Both folders are replaced: copy their
+MODEL_CARD.md / metrics.json / samples.png away first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     gpt, gpt_src = _from_run(Path(args.gpt_run), lambda info: GPT(GPTConfig.from_dict(info["gpt_config"])))
     if gpt.vocab_size != ref.in_vocab_size:
         raise SystemExit(f"GPT vocabulary {gpt.vocab_size} != refiner clusters {ref.in_vocab_size}")
+    for name in ("ctf-refiner", "ctf-c2i"):  # this script's own output (cards and figures are added by hand)
+        shutil.rmtree(assets / name, ignore_errors=True)
     ref.save_pretrained(assets / "ctf-refiner", dtype=torch.float16)
     pipe = pipeline_json(tokenizer="default-vq", class_names=CLASS_NAMES, defaults={"cfg_scale": args.cfg_scale},
                          crop=28, refiner="ctf-refiner")
