@@ -123,15 +123,19 @@ class AutoSampler(Sampler):
         return emitted, m, n, lengths
 
     @staticmethod
-    def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params):
+    def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params, shared=None):
         """Width 1 (plain AR under the Gumbel rule) without the window machinery: one token per
         active row, nothing to verify and nothing to rewind (the cache keeps what it wrote)."""
         rows = torch.arange(seq.shape[0], device=seq.device)
         active = emitted < num_tokens
         tokens = seq.gather(1, (emitted - 1)[:, None])
-        pos = (cond_len + emitted - 1).clamp(max=cond_len + num_tokens - 1)[:, None]
+        if shared is not None:  # every row at the same token: one position for all, as the AR sampler
+            pos = torch.tensor([cond_len + shared - 1], device=seq.device)  # (the cache's one-kernel write)
+        else:
+            pos = (cond_len + emitted - 1).clamp(max=cond_len + num_tokens - 1)[:, None]
         if params.uses_cfg:
-            tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+            tokens = torch.cat([tokens, tokens])
+            pos = pos if shared is not None else torch.cat([pos, pos])
         guided = guidance(params, emitted, 1)
         guided = guided if isinstance(guided, bool) else guided[:, 0]
         logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
@@ -159,7 +163,7 @@ class AutoSampler(Sampler):
                 for r in range(self.repeats + 1):  # the first is a warm-up
                     t0 = time.perf_counter()
                     if w == 1:
-                        self._ar_step(model, seq, start, noise, cache, cond_len, num_tokens, params)
+                        self._ar_step(model, seq, start, noise, cache, cond_len, num_tokens, params, int(start[0]))
                     else:
                         self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
                     if r:
@@ -205,12 +209,18 @@ class AutoSampler(Sampler):
         accepted, widths = [], []
         bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
         while True:
-            left = num_tokens - int(emitted.min())
+            low, high = emitted.aminmax()
+            left = num_tokens - int(low)
             if left <= 0:
                 break
             width = min(cap, left) if costs is None else min(self._choose(costs, state, emitted, num_tokens), left)
-            step = self._step if width > 1 else (lambda *a: self._ar_step(*a[:4], *a[5:]))
-            emitted, m, n, lengths = step(model, seq, emitted, noise, width, cache, cond_len, num_tokens, params)
+            if width == 1:
+                shared = int(low) if int(high) == int(low) else None
+                emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
+                                                       params, shared)
+            else:
+                emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
+                                                    params)
             active = lengths > 0
             rows_nfe += active
             accepted.append(m.sum() / active.sum())
