@@ -20,8 +20,8 @@ its samples independent of batch, tree shape and timing. SJD-PAC verifies a tree
 recursive rejection sampling instead; the Gumbel coupling turns that into a comparison.
 
 What is not here: SJD-PAC's adaptive continuation (verifying drafts after a rejection against
-stale distributions) is only exact under an independence argument that does not hold for these
-models' strongly context-dependent tokens; this sampler keeps only the exact part.
+stale distributions). Its exactness rests on the paper's argument that image tokens forget
+distant context; it is not implemented, so this sampler keeps only the part that is exact.
 """
 
 from __future__ import annotations
