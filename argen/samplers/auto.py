@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_number
-from ..errors import ArgenError
 from .base import Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .speculative import guidance, leading_accepts, window_inputs

@@ -188,6 +188,22 @@ class CodeBatches:
         return batch
 
 
+def training_codes(vq_model, vq_dir, out: Path, accelerator, codes_cache, flip: bool, limit: Optional[int],
+                   progress: bool, data_root=None):
+    """(images, labels, codes) of the Fashion-MNIST train split for a run in `out`: the main
+    process encodes (or reads the cache), the others wait and then read what it wrote."""
+    images, labels = load_fashion_mnist("train", data_root)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    cache = Path(codes_cache) if codes_cache else out / CODES_NAME
+    if accelerator.is_main_process:
+        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, progress)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, False)
+    return images, labels, codes
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling for the model card
 
@@ -258,16 +274,9 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
-    images, labels = load_fashion_mnist("train", data_root)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    cache = Path(codes_cache) if codes_cache else out / CODES_NAME
     t_prep = time.time()
-    if accelerator.is_main_process:
-        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, progress)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, False)
+    images, labels, codes = training_codes(vq_model, vq_dir, out, accelerator, codes_cache, flip, limit, progress,
+                                           data_root)
     if code_to_cluster is not None:
         codes = code_to_cluster[codes.long()].to(torch.int16)  # stage 1 learns the coarse labels only
     num_items = len(codes)

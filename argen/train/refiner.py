@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ from ..refiners.ctf import CTFRefiner, coarse_labels
 from ..registry import load_component
 from ..tokenizers.base import ImageTokenizer
 from .common import Trainer, TrainConfig, check_run_args, seed_everything, set_threads, write_json
-from .gpt import CODES_NAME, CodeBatches, _weights_hash, encode_images, load_or_encode_codes
+from .gpt import CodeBatches, _weights_hash, encode_images, training_codes
 from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
 
 
@@ -59,16 +58,9 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
-    images, labels = load_fashion_mnist("train", data_root)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    cache = Path(codes_cache) if codes_cache else out / CODES_NAME
     t_prep = time.time()
-    if accelerator.is_main_process:
-        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, progress)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        codes = load_or_encode_codes(vq_model, vq_dir, images, cache, flip, limit, False)
+    images, labels, codes = training_codes(vq_model, vq_dir, out, accelerator, codes_cache, flip, limit, progress,
+                                           data_root)
     prep_s = time.time() - t_prep
     num_items = len(codes)
     if epochs is not None:
