@@ -311,6 +311,8 @@ class HFTextEncoder(TextEncoder):
             )
 
         model_cls = getattr(transformers, _T5_ENCODER_CLASSES.get(config.model_type, "AutoModel"))
+        # A local load of a few MB: transformers' "Loading weights" bar is only noise on every command.
+        transformers.utils.logging.disable_progress_bar()
         try:
             model = model_cls.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype))
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
