@@ -222,8 +222,9 @@ def atomic_directory_write(target, write: Callable[[Path], None], kind: str = "f
         write(tmp)
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / MARKER).write_text(json.dumps({SIGNATURE: _version(), "kind": kind, "files": files}) + "\n")
-        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            os.chmod(sub, 0o777 & ~UMASK)
+        # Writers inside (safetensors among them) may create 0600 files; outputs get the user's umask.
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
         if target.exists():
             old = target.parent / f"{_temp_prefix(target.name)}old"
             target.rename(old)

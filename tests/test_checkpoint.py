@@ -115,6 +115,10 @@ def test_save_pretrained_round_trip_fp16_and_atomic(model, tmp_path):
     assert half.dtype == torch.float32
     torch.testing.assert_close(half.output.weight, model.output.weight.half().float())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt"]  # no temp folders left behind
+    from argen.atomic import UMASK
+
+    for path in [target, *target.iterdir()]:  # the user's umask, not tempfile's 0600/0700 or safetensors' 0600
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~UMASK, path
     (target / "MY_NOTES.md").write_text("mine")  # a user's file inside: the folder is no longer argen's alone
     with pytest.raises(ArgenError, match="not written by argen"):
         model.save_pretrained(target)
