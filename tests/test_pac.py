@@ -3,7 +3,6 @@ Gumbel-max rule, any tree), keep exactly the AR cache, and be lossless by chi-sq
 
 import pytest
 import torch
-from scipy.stats import chi2_contingency
 
 from argen.errors import ArgenError
 from argen.samplers import ARSampler, SamplingParams, get_sampler
@@ -11,7 +10,7 @@ from argen.samplers.auto import AutoSampler
 from argen.samplers.pac import PACSampler
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
-from test_speculative import MARKOV_PARAMS, MarkovCache, MarkovModel, exact_joint_12, goodness_of_fit
+from test_speculative import MARKOV_PARAMS, MarkovCache, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
 
 PARAMS = [SamplingParams(), SamplingParams(cfg_scale=3.0, top_k=20),
           SamplingParams(cfg_scale=2.0, cfg_interval=4, top_p=0.8, temperature=0.9)]
@@ -87,10 +86,7 @@ def test_lossless_on_markov_chain(setting):
     model, params, n = TreeMarkovModel(), MARKOV_PARAMS[setting], 20000
     out = PACSampler(window=5, branches=3, depth=2)(model, torch.full((n,), 1), params=params)
     assert out.forwards_per_sample.double().mean() < model.num_positions - 1
-    vocab = model.vocab_size
-    for k, exact in enumerate(model.exact_pairs(1, params), start=1):
-        counts = torch.bincount(out.tokens[:, k - 1] * vocab + out.tokens[:, k], minlength=vocab * vocab)
-        assert goodness_of_fit(counts, exact) > 1e-4, f"pair ({k - 1}, {k})"
+    assert_pairs_exact(model, out.tokens, 1, params)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=2.5, top_k=8, top_p=0.9)],
@@ -103,13 +99,7 @@ def test_lossless_on_tiny_gpt(params):
     spec = PACSampler(window=6, branches=3, depth=2)(model, conds, params=params)
     ar = ARSampler()(model, conds, params=params)
     assert spec.forwards_per_sample.double().mean() < ar.num_forward_passes - 1
-    vocab = 16
-    joint = torch.bincount(spec.tokens[:, 1] * vocab + spec.tokens[:, 2], minlength=vocab * vocab)
-    assert goodness_of_fit(joint, exact_joint_12(model, cond, params)) > 1e-3
-    for k in range(model.num_positions):
-        table = torch.stack([torch.bincount(t[:, k], minlength=vocab) for t in (spec.tokens, ar.tokens)])
-        table = table[:, table.sum(0) > 0]
-        assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
+    assert_matches_exact_and_ar(model, spec.tokens, ar.tokens, cond, params)
 
 
 def test_options_and_tree_checks():

@@ -134,8 +134,13 @@ def test_lossless_on_markov_chain(sampler, setting):
     model, params, n = MarkovModel(), MARKOV_PARAMS[setting], 20000
     cls = 1
     out = sampler(model, torch.full((n,), cls), params=params)
-    tokens, vocab = out.tokens, model.vocab_size
     assert out.forwards_per_sample.double().mean() < model.num_positions - 1  # drafts were accepted
+    assert_pairs_exact(model, out.tokens, cls, params)
+
+
+def assert_pairs_exact(model, tokens, cls, params):
+    """Every consecutive pair (x_{k-1}, x_k) of Markov-chain samples fits its exact joint (p > 1e-4)."""
+    vocab = model.vocab_size
     for k, exact in enumerate(model.exact_pairs(cls, params), start=1):
         counts = torch.bincount(tokens[:, k - 1] * vocab + tokens[:, k], minlength=vocab * vocab)
         assert goodness_of_fit(counts, exact) > 1e-4, f"pair ({k - 1}, {k})"
@@ -159,6 +164,18 @@ def exact_joint_12(model, cond, params):
     return (p0[:, None, None] * p1[:, :, None] * p2).sum(0)
 
 
+def assert_matches_exact_and_ar(model, tokens, ar_tokens, cond, params):
+    """The joint of image tokens (1, 2) fits its exact value (p > 1e-3) and every position's
+    marginal matches AR samples (two-sample chi-square, p > 1e-4)."""
+    vocab = model.vocab_size
+    joint = torch.bincount(tokens[:, 1] * vocab + tokens[:, 2], minlength=vocab * vocab)
+    assert goodness_of_fit(joint, exact_joint_12(model, cond, params)) > 1e-3
+    for k in range(model.num_positions):
+        table = torch.stack([torch.bincount(t[:, k], minlength=vocab) for t in (tokens, ar_tokens)])
+        table = table[:, table.sum(0) > 0]
+        assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
+
+
 @pytest.mark.parametrize("name", ["sjd", "mcsjd"])
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=2.5, top_k=8, top_p=0.9)],
                          ids=["plain", "cfg_filters"])
@@ -170,13 +187,7 @@ def test_lossless_on_tiny_gpt(name, params):
     spec = SPECULATIVE_SAMPLERS[name](window=6)(model, conds, params=params)
     ar = ARSampler()(model, conds, params=params)
     assert spec.forwards_per_sample.double().mean() < ar.num_forward_passes - 1
-    vocab = 16
-    joint = torch.bincount(spec.tokens[:, 1] * vocab + spec.tokens[:, 2], minlength=vocab * vocab)
-    assert goodness_of_fit(joint, exact_joint_12(model, cond, params)) > 1e-3
-    for k in range(model.num_positions):
-        table = torch.stack([torch.bincount(t[:, k], minlength=vocab) for t in (spec.tokens, ar.tokens)])
-        table = table[:, table.sum(0) > 0]
-        assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
+    assert_matches_exact_and_ar(model, spec.tokens, ar.tokens, cond, params)
 
 
 class OracleSJD(SJDSampler):
