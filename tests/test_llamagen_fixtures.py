@@ -14,12 +14,14 @@ from argen.tokenizers import VQTokenizer
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def gpt_fixture(llamagen_fixtures):
+# Every check runs on the exact fp32 model and again with its decode-step linears oneDNN-packed
+# (`--weights fp32-packed`): a faster kernel must still reproduce the official outputs.
+@pytest.fixture(scope="module", params=["fp32", "fp32-packed"])
+def gpt_fixture(llamagen_fixtures, request):
     meta = json.loads((llamagen_fixtures / "gpt_c2i_tiny.json").read_text())
     io = load_file(llamagen_fixtures / "gpt_c2i_tiny_io.safetensors")
     model = GPT.from_llamagen(llamagen_fixtures / "gpt_c2i_tiny.safetensors", **meta["model_args"])
-    return model, meta, io
+    return model.set_weight_format(request.param), meta, io
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgenError
 from ..models import GPT
-from ..models.quant import WEIGHT_FORMATS
+from ..models.quant import WEIGHT_FORMATS, onednn_packable
 from ..samplers import ARSampler, SamplingParams
 
 
@@ -94,6 +94,43 @@ class Floor:
         return time.perf_counter() - start
 
 
+class FastestFloor:
+    """The same pass over the model's fp32 matrices at 1 row, through every fp32 kernel this CPU
+    offers; the fastest is the honest floor of any fp32 implementation, whatever kernel the
+    model itself uses: MKL `F.linear`, oneDNN-packed (1 row, and zero-padded to 4 rows, which
+    oneDNN streams faster on some CPUs), and `mm(x, W^T)` on a pre-transposed copy."""
+
+    def __init__(self, model):
+        weights = [m.weight.detach() for m in model.decode_linears()]
+        if any(w.dtype != torch.float32 for w in weights):
+            raise ArgenError("FastestFloor needs a model with fp32 decode-step weights")
+        inputs = {k: torch.randn(1, k) for k in {w.shape[1] for w in weights}}
+        self.kernels = {"F.linear (MKL)": [(lambda x, w=w: F.linear(x, w), inputs[w.shape[1]]) for w in weights]}
+        if all(onednn_packable(w) for w in weights):
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+            padded = {k: F.pad(x, (0, 0, 0, 3)) for k, x in inputs.items()}
+            self.kernels["oneDNN packed"] = [(lambda x, p=p: _onednn(x, p), inputs[w.shape[1]])
+                                             for w, p in zip(weights, packed)]
+            self.kernels["oneDNN packed, padded to 4 rows"] = [(lambda x, p=p: _onednn(x, p), padded[w.shape[1]])
+                                                               for w, p in zip(weights, packed)]
+        transposed = [w.t().contiguous() for w in weights]
+        self.kernels["mm(x, W^T copy)"] = [(lambda x, t=t: torch.mm(x, t), inputs[t.shape[0]]) for t in transposed]
+
+    def timer(self, kernel: str) -> Callable:
+        steps = self.kernels[kernel]
+
+        def time_once() -> float:
+            start = time.perf_counter()
+            for matmul, x in steps:
+                matmul(x)
+            return time.perf_counter() - start
+        return time_once
+
+
+def _onednn(x, packed):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 class OneMatrix:
     """Session 2's reference: `rows` activations times one [out, dim] fp32 matrix of `nbytes` bytes."""
 
@@ -130,6 +167,12 @@ class DecodeResult:
     p10_ms_per_step: Optional[float] = None
     min_floor_ms: Optional[float] = None
     p10_vs_min_floor: Optional[float] = None
+    # The fastest fp32 kernel's 1-row pass over the same matrices (`FastestFloor`): the floor of
+    # any fp32 implementation, whichever kernel this variant runs.
+    fastest_floor_ms: Optional[float] = None
+    fastest_floor_kernel: Optional[str] = None
+    vs_fastest_floor: Optional[float] = None
+    fp32_kernel_floors_ms: Optional[dict] = None  # every kernel's 1-row pass (FastestFloor), ms
 
 
 @dataclass
@@ -188,6 +231,8 @@ def bench_decode(models: dict, batch_sizes, params: SamplingParams, tokens: int 
     for model in models.values():
         floors.setdefault(model.weight_format, Floor(model))
     reference = [m for m in models.values() if m.weight_format == "fp32"]
+    fp32_family = [m for m in models.values() if m.weight_format.startswith("fp32")]
+    fastest = FastestFloor(fp32_family[0]) if fp32_family else None
     dim = first.token_embeddings().shape[1]
     per_round = max(8, (tokens - 1) // rounds)
     tasks = {}
@@ -199,6 +244,11 @@ def bench_decode(models: dict, batch_sizes, params: SamplingParams, tokens: int 
     for fmt, floor in floors.items():
         floor.time_once()
         tasks[("floor", fmt)] = (lambda f=floor: [f.time_once() for _ in range(3)])
+    if fastest is not None:
+        for kernel in fastest.kernels:
+            timer = fastest.timer(kernel)
+            timer()
+            tasks[("fastest", kernel)] = (lambda t=timer: [t() for _ in range(3)])
     old = {}
     if old_roofline and reference:
         for bs in batch_sizes:
@@ -209,6 +259,8 @@ def bench_decode(models: dict, batch_sizes, params: SamplingParams, tokens: int 
     med = {k: statistics.median(v) for k, v in samples.items()}
     p10 = {k: sorted(v)[len(v) // 10] for k, v in samples.items()}
     fp32_floor_t = med.get(("floor", "fp32"))
+    kernel_t = {k[1]: t for k, t in med.items() if k[0] == "fastest"}
+    best = min(kernel_t, key=kernel_t.get) if kernel_t else None
     results = []
     for label, model in models.items():
         fmt = model.weight_format
@@ -224,6 +276,10 @@ def bench_decode(models: dict, batch_sizes, params: SamplingParams, tokens: int 
                 floor_gb_per_s=floors[fmt].nbytes / floor_t / 1e9, weight_mb=weight_bytes_per_step(model) / 1e6,
                 p10_ms_per_step=p10[(label, bs)] * 1e3, min_floor_ms=min(samples[("floor", fmt)]) * 1e3,
                 p10_vs_min_floor=p10[(label, bs)] / min(samples[("floor", fmt)]))
+            if best is not None:
+                r.fastest_floor_ms, r.fastest_floor_kernel = kernel_t[best] * 1e3, best
+                r.vs_fastest_floor = step / kernel_t[best]
+                r.fp32_kernel_floors_ms = {k: t * 1e3 for k, t in kernel_t.items()}
             if bs in old and fmt == "fp32":
                 o = old[bs]
                 roof = weight_bytes_per_step(model) / (o.nbytes / med[("old", bs)])
@@ -356,14 +412,20 @@ def _forced_greedy(model, cond, ref_tokens, params):
 def markdown_table(results) -> str:
     lines = ["| variant | batch | ms / step | tokens/s | floor ms (own format, 1 row) | step / floor | "
              "step / fp32 floor | floor GB/s | old: one-matrix ms | step / old | fastest 10% step ms | "
-             "/ fastest floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "/ fastest floor | fastest fp32 1-row kernel ms | step / it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         old = (f"{r.old_roofline_ms:.2f} | {r.vs_old_roofline:.3f}" if r.old_roofline_ms is not None else "– | –")
         vs32 = f"{r.vs_fp32_floor:.3f}" if r.vs_fp32_floor is not None else "–"
+        fastest = (f"{r.fastest_floor_ms:.2f} ({r.fastest_floor_kernel}) | {r.vs_fastest_floor:.3f}"
+                   if r.fastest_floor_ms is not None else "– | –")
         lines.append(f"| {r.label} | {r.batch_size} | {r.ms_per_step:.2f} | {r.tokens_per_s:.1f} | "
                      f"{r.floor_ms:.2f} | {r.vs_floor:.3f} | {vs32} | {r.floor_gb_per_s:.1f} | {old} | "
-                     f"{r.p10_ms_per_step:.2f} | {r.p10_vs_min_floor:.3f} |")
+                     f"{r.p10_ms_per_step:.2f} | {r.p10_vs_min_floor:.3f} | {fastest} |")
+    kernels = next((r.fp32_kernel_floors_ms for r in results if r.fp32_kernel_floors_ms), None)
+    if kernels:
+        lines.append("\nfp32 1-row pass over the same matrices, per kernel: "
+                     + "; ".join(f"{k} {t:.2f} ms" for k, t in sorted(kernels.items(), key=lambda kv: kv[1])))
     return "\n".join(lines)
 
 

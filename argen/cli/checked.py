@@ -33,7 +33,7 @@ THREADS = number(0, 4096, integer=True)  # 0 = torch's default
 
 # Mirrors argen.models.quant.WEIGHT_FORMATS (a test checks they agree): importing that module
 # would load torch before the arguments are checked.
-WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 
 
 def add_weights_arg(p) -> None:

@@ -1,10 +1,17 @@
-"""Weight formats for a generator's linear layers: fp32 (as trained), bf16, or weight-only int8.
+"""Weight formats for a generator's linear layers: fp32 (as trained), fp32-packed, bf16, or
+weight-only int8.
 
 A batch-1 decode step reads every weight matrix once and does two multiply-adds per weight, so
 its time is the bytes of weights divided by memory bandwidth. Storing the matrices in fewer bytes
 is the direct way to a faster step; everything else (norms, RoPE, attention, the KV cache,
 embeddings, logits) stays in the model's dtype, and the samplers never see the difference.
 
+* ``fp32-packed``: the same fp32 matrix, prepacked once for oneDNN (as ``bf16`` below) and run
+  with at least 4 rows (fewer are zero-padded). On CPUs whose MKL 1- and 2-row kernels stream the
+  weights slowly (the AMD EPYC measured in docs/benchmarks.md) this reads a large model's weights
+  much faster; the results equal MKL's to float32 rounding (another summation order), not bit for
+  bit, so plain ``fp32`` (MKL ``F.linear``) stays the exact reference. For small matrices oneDNN's
+  per-call cost outweighs the gain.
 * ``bf16``: the matrix is kept in bfloat16 and prepacked once for oneDNN
   (`torch.ops.mkldnn._reorder_linear_weight`). On this kind of CPU (AVX512-BF16/AMX) the packed
   bf16 GEMV streams at fp32's bandwidth, so a step reads half the bytes; the plain bf16
@@ -15,7 +22,7 @@ embeddings, logits) stays in the model's dtype, and the samplers never see the d
   ``int8_weight_only`` uses); it wants bfloat16 activations and scales (its float32 path is a slow
   fallback, ~5x slower than the bf16 one here), so inputs are cast to bf16 for the product only.
 
-Both casts back to the input dtype, so a quantised layer is a drop-in `nn.Linear` replacement.
+Each returns the input dtype, so a converted layer is a drop-in `nn.Linear` replacement.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgenError
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 
 
 def check_weight_format(fmt: str) -> str:
@@ -37,40 +44,67 @@ def check_weight_format(fmt: str) -> str:
     return fmt
 
 
-def _packable(weight: torch.Tensor) -> bool:
+def onednn_packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-class BF16Linear(nn.Module):
-    """y = x @ W^T with W stored in bfloat16; x is cast to bf16 for the product, y back to x's dtype."""
+class PackedLinear(nn.Module):
+    """y = x @ W^T with W prepacked once for oneDNN (`mkldnn._reorder_linear_weight`) in
+    `compute_dtype`; x is cast to that dtype for the product, y back to x's dtype.
 
-    weight_format = "bf16"
+    Products of fewer than `min_rows` rows are zero-padded to `min_rows` (the padding rows are
+    computed and dropped): oneDNN's packed kernel for a handful of rows streams the weights faster
+    than its 1- and 2-row kernels (measured, docs/benchmarks.md), and each row's result is then
+    the same whatever the batch size, 1 row included. A subclass fixes the dtype and the format
+    name; 0 or 1 `min_rows` turns padding off."""
+
+    weight_format = ""
+    compute_dtype = torch.float32
+    min_rows = 0
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:
-            raise ArgenError("BF16Linear takes bias-free linears (every GPT linear is)")
+            raise ArgenError(f"{type(self).__name__} takes bias-free linears (every GPT linear is)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("weight", linear.weight.detach().to(self.compute_dtype).contiguous())
         # The packed copy is an opaque oneDNN tensor: not a buffer (it never enters a state dict).
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight) if _packable(self.weight) else None
-
-    compute_dtype = torch.bfloat16
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight) if onednn_packable(self.weight) else None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """The product alone, x already bf16 and 2D (what the bench's floor streams)."""
+        """The product alone, x already in `compute_dtype` and 2D (what the bench's floor streams)."""
         if self._packed is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+            rows = x.shape[0]
+            if rows < self.min_rows:
+                x = F.pad(x, (0, 0, 0, self.min_rows - rows))
+            y = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+            return y if rows >= self.min_rows else y[:rows]
         # Under torch.compile the opaque packed tensor cannot be a graph input (inductor packs
-        # constant weights itself when freezing); the plain bf16 product is traced instead.
+        # constant weights itself when freezing); the plain product is traced instead.
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
         return self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight_format}"
+
+
+class BF16Linear(PackedLinear):
+    """W stored in bfloat16, oneDNN-packed; x cast to bf16 for the product."""
+
+    weight_format = "bf16"
+    compute_dtype = torch.bfloat16
+
+
+class FP32PackedLinear(PackedLinear):
+    """The fp32 weights themselves, oneDNN-packed: the same numbers as `nn.Linear` to float32
+    rounding (oneDNN sums in another order than MKL, so the last bits differ), read faster."""
+
+    weight_format = "fp32-packed"
+    compute_dtype = torch.float32
+    min_rows = 4
 
 
 class Int8Linear(nn.Module):
@@ -117,7 +151,7 @@ def quantize_int8(weight: torch.Tensor):
     return q.contiguous(), scales
 
 
-FORMAT_CLASSES = {"bf16": BF16Linear, "int8": Int8Linear}
+FORMAT_CLASSES = {"fp32-packed": FP32PackedLinear, "bf16": BF16Linear, "int8": Int8Linear}
 
 
 def convert_linears(modules: Iterable[tuple], fmt: str) -> int:
