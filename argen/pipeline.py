@@ -191,8 +191,10 @@ class ARPipeline(DiffusionPipeline):
 
         `tokenizer` overrides the recorded tokenizer (a name or a folder); `text_encoder_path`
         points a recorded text encoder at a local folder on this machine; `weights` stores the
-        generator's decode-step weights as "fp32" (as trained), "bf16" or weight-only "int8"
-        (`Generator.set_weight_format`)."""
+        generator's decode-step weights as "fp32" (as trained, the exact reference), "fp32-packed"
+        (the same numbers to rounding, oneDNN's kernel), "bf16" or weight-only "int8", or "auto"
+        (fp32-packed for a generator large enough to gain from it on CPU, else fp32;
+        `Generator.set_weight_format`)."""
         device = check_device(device)
         found = inspect_model_dir(name_or_path)
         folder, meta = found.folder, found.meta
@@ -206,9 +208,10 @@ class ARPipeline(DiffusionPipeline):
             raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; pass --tokenizer NAME_OR_FOLDER")
         generator = load_component(found.gpt_dir, Generator, device=device)
         if weights != "fp32":  # an option of generators that offer it (GPT); fp32 is every model's own
-            if not hasattr(generator, "set_weight_format"):
+            if hasattr(generator, "set_weight_format"):
+                generator.set_weight_format(weights)
+            elif weights != "auto":
                 raise ArgenError(f"--weights {weights}: {type(generator).__name__} has no other weight formats")
-            generator.set_weight_format(weights)
         refiner = component(meta["refiner"], Refiner) if meta.get("refiner") else None
         encoder = None
         if generator.is_text_conditional:

@@ -56,7 +56,10 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
 
 def test_cli_weight_formats_mirror_the_model_ones():
     """The CLI keeps its own copy (no torch import before argument checks); they must agree."""
-    from argen.cli.checked import WEIGHT_FORMATS
+    from argen.cli.checked import AUTO_PACK_MB, WEIGHT_CHOICES, WEIGHT_FORMATS
+    from argen.models.quant import AUTO_PACK_BYTES
+    from argen.models.quant import WEIGHT_CHOICES as MODEL_CHOICES
     from argen.models.quant import WEIGHT_FORMATS as MODEL_FORMATS
 
-    assert WEIGHT_FORMATS == MODEL_FORMATS
+    assert WEIGHT_FORMATS == MODEL_FORMATS and WEIGHT_CHOICES == MODEL_CHOICES
+    assert AUTO_PACK_MB * 2**20 == AUTO_PACK_BYTES

@@ -134,6 +134,19 @@ def test_fp32_packed_errors_are_one_line():
         convert_linears(list(model._linear_slots()), "bf16")
 
 
+def test_auto_weight_format_packs_only_large_fp32_models(monkeypatch):
+    from argen.models import quant
+
+    model = tiny_gpt().set_weight_format("auto")  # a few hundred KB: stays MKL fp32
+    assert model.weight_format == "fp32" and all(isinstance(m, nn.Linear) for m in model.decode_linears())
+    nbytes = sum(m.weight.numel() * 4 for m in model.decode_linears())
+    monkeypatch.setattr(quant, "AUTO_PACK_BYTES", nbytes)
+    assert tiny_gpt().set_weight_format("auto").weight_format == "fp32-packed"
+    assert tiny_gpt().set_weight_format("int8").set_weight_format("auto").weight_format == "int8"
+    monkeypatch.setattr(quant, "AUTO_PACK_BYTES", nbytes + 1)
+    assert tiny_gpt().set_weight_format("auto").weight_format == "fp32"
+
+
 def test_fp32_samples_unchanged_by_the_weight_format_machinery():
     """set_weight_format('fp32') is a no-op: the model draws the same samples."""
     cond = torch.tensor([2, 5])

@@ -1,6 +1,7 @@
 """The shipped pipelines sample exactly what they sampled when `tests/data/reference_tokens.json`
 was recorded (scripts/record_reference_tokens.py): same tokens and same image bytes, for every
-sampler, with a batch size that splits the images unevenly."""
+sampler, with a batch size that splits the images unevenly; and so do they with their decode-step
+weights oneDNN-packed (`--weights fp32-packed`, fp32 to rounding)."""
 
 import hashlib
 import json
@@ -15,9 +16,9 @@ RECORD = json.loads((Path(__file__).parent / "data" / "reference_tokens.json").r
 CASES = [(model, sampler) for model, entry in RECORD.items() for sampler in entry["samplers"]]
 
 
-@pytest.fixture(scope="module")
-def pipelines():
-    return {model: ARPipeline.from_pretrained(model) for model in RECORD}
+@pytest.fixture(scope="module", params=["fp32", "fp32-packed"])
+def pipelines(request):
+    return {model: ARPipeline.from_pretrained(model, weights=request.param) for model in RECORD}
 
 
 @pytest.mark.parametrize("model,sampler", CASES)

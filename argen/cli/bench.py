@@ -24,7 +24,8 @@ def register(sub):
     d.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
     d.add_argument("--cfg-scale", type=number(0), default=2.0)
     d.add_argument("--variants", default="fp32,bf16,int8",
-                   help="comma-separated weight formats: fp32, bf16, int8 (weight-only, per-channel scales)")
+                   help="comma-separated weight formats: fp32 (MKL, the exact reference), fp32-packed (oneDNN), "
+                        "bf16, int8 (weight-only, per-channel scales)")
     d.add_argument("--compile", action="store_true", help="also measure torch.compile'd variants")
     d.add_argument("--llamagen", metavar="PATH", default=None,
                    help="a checkout of the official LlamaGen code: also time its generate() against argen's "

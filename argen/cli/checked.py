@@ -31,13 +31,18 @@ SEED = number(0, MAX_SEED, integer=True)
 THREADS = number(0, 4096, integer=True)  # 0 = torch's default
 
 
-# Mirrors argen.models.quant.WEIGHT_FORMATS (a test checks they agree): importing that module
-# would load torch before the arguments are checked.
+# Mirror argen.models.quant.WEIGHT_FORMATS / WEIGHT_CHOICES (a test checks they agree): importing
+# that module would load torch before the arguments are checked.
 WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
+WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
+AUTO_PACK_MB = 64  # argen.models.quant.AUTO_PACK_BYTES in MiB
 
 
-def add_weights_arg(p) -> None:
+def add_weights_arg(p, default: str = "fp32") -> None:
     """`--weights`: the generator's decode-step weight format (argen.models.quant)."""
-    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
-                   help="generator weight format: fp32 (as trained, default), bf16, or weight-only int8 "
-                        "(per-channel scales); fewer bytes per decode step")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=default,
+                   help="generator weight format: fp32 (as trained, the exact reference), fp32-packed (the "
+                        "same numbers to float32 rounding through oneDNN's packed kernel: faster for large "
+                        "models on CPU), bf16, int8 (weight-only, per-channel scales; fewer bytes per decode "
+                        f"step), or auto (fp32-packed for a generator of {AUTO_PACK_MB} MiB or more of decode-step "
+                        f"weights on CPU, else fp32); default {default}")

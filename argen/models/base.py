@@ -40,7 +40,9 @@ Training
 Weight formats (optional; samplers never see them)
     weight_formats            formats the generator can store its decode-step weights in
     weight_format             the current one ("fp32" unless changed)
-    set_weight_format(fmt)    convert in place for inference (GPT: "bf16", weight-only "int8")
+    set_weight_format(fmt)    convert in place for inference (GPT: "fp32-packed", "bf16", weight-only
+                              "int8"); every generator takes "auto" (its fastest format that keeps
+                              the fp32 numbers to rounding; fp32 when it has no other)
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class Generator(abc.ABC):
 
     def set_weight_format(self, fmt: str):
         """Store the decode-step weights as `fmt`; a generator without other formats keeps fp32."""
-        if fmt not in self.weight_formats:
+        if fmt not in self.weight_formats and fmt != "auto":
             raise ArgenError(f"{type(self).__name__} supports weight formats {', '.join(self.weight_formats)}, not {fmt!r}")
         return self
 

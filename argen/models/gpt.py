@@ -32,7 +32,7 @@ from .base import Generator
 from .cache import KVCache
 from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
-from .quant import WEIGHT_FORMATS, check_weight_format, convert_linears
+from .quant import WEIGHT_FORMATS, auto_weight_format, check_weight_format, convert_linears
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -646,11 +646,16 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         return [getattr(parent, name) for parent, name in self._linear_slots()]
 
     def set_weight_format(self, fmt: str) -> "GPT":
-        """Store the decode-step linears as `fmt` ("fp32", "bf16" or weight-only "int8"; see
-        `argen.models.quant`). In place, once, from fp32 weights, for inference: norms, embeddings,
-        attention, the KV cache and the logits stay float32. The condition embedder (run once per
-        image at prefill) is left alone."""
-        check_weight_format(fmt)
+        """Store the decode-step linears as `fmt` ("fp32", "fp32-packed", "bf16" or weight-only
+        "int8"; see `argen.models.quant`). In place, once, from fp32 weights, for inference: norms,
+        embeddings, attention, the KV cache and the logits stay float32. The condition embedder
+        (run once per image at prefill) is left alone. "auto" picks fp32-packed for a model large
+        enough to gain from it on CPU (`auto_weight_format`), fp32 otherwise."""
+        check_weight_format(fmt, allow_auto=True)
+        if fmt == "auto":
+            if self.weight_format != "fp32":
+                return self
+            fmt = auto_weight_format(self.decode_linears())
         if fmt == self.weight_format:
             return self
         if self.weight_format != "fp32":

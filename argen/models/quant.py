@@ -36,12 +36,31 @@ import torch.nn.functional as F
 from ..errors import ArgenError
 
 WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
+# "auto" picks fp32 or fp32-packed from the weights' size and device (`auto_weight_format`).
+WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
+
+# Decode-step fp32 weights of at least this many bytes are streamed from memory at every step,
+# where oneDNN's packed kernel reads them much faster than MKL's 2-row product (GPT-B, 390 MB: a
+# 2.1x faster step at batch 1 with CFG on the EPYC of docs/benchmarks.md); a small model's weights
+# stay in cache and oneDNN's per-call cost makes it slower (default-c2i, 15 MB: 0.9x).
+AUTO_PACK_BYTES = 64 * 2**20
 
 
-def check_weight_format(fmt: str) -> str:
-    if fmt not in WEIGHT_FORMATS:
-        raise ArgenError(f"unknown weight format {fmt!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+def check_weight_format(fmt: str, allow_auto: bool = False) -> str:
+    choices = WEIGHT_CHOICES if allow_auto else WEIGHT_FORMATS
+    if fmt not in choices:
+        raise ArgenError(f"unknown weight format {fmt!r}; choose one of {', '.join(choices)}")
     return fmt
+
+
+def auto_weight_format(linears) -> str:
+    """"fp32-packed" for fp32 CPU linears holding at least AUTO_PACK_BYTES, else "fp32": the
+    faster of the two formats that keep the trained fp32 numbers (to rounding)."""
+    weights = [m.weight for m in linears]
+    fp32_cpu = all(w.dtype == torch.float32 and onednn_packable(w) for w in weights)
+    if fp32_cpu and sum(w.numel() * 4 for w in weights) >= AUTO_PACK_BYTES:
+        return "fp32-packed"
+    return "fp32"
 
 
 def onednn_packable(weight: torch.Tensor) -> bool:
