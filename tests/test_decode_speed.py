@@ -169,15 +169,18 @@ def test_pipeline_and_cli_take_weights(capsys):
 
 
 def test_cli_generates_with_fp32_packed_weights(tmp_path, capsys):
-    """`argen generate --weights fp32-packed` runs and writes the same image as fp32."""
+    """`argen generate --weights fp32-packed` runs and writes the same image as fp32; the default
+    (auto) keeps a model as small as default-c2i in MKL fp32, and says so."""
     from argen.cli.main import main
 
     out = {}
-    for fmt in ("fp32", "fp32-packed"):
+    for fmt in ("fp32", "fp32-packed", None):
         path = tmp_path / f"{fmt}.png"
-        assert main(["generate", "--class", "3", "--num-images", "1", "--weights", fmt, "--out", str(path)]) == 0
+        weights = ["--weights", fmt] if fmt else []
+        assert main(["generate", "--class", "3", "--num-images", "1", *weights, "--out", str(path)]) == 0
+        assert f"weights {fmt or 'fp32'})" in capsys.readouterr().out
         out[fmt] = path.read_bytes()
-    assert out["fp32"] == out["fp32-packed"]
+    assert out["fp32"] == out["fp32-packed"] == out[None]
 
 
 # ------------------------------------------------------------------ the floor and the bench
@@ -208,6 +211,19 @@ def test_bench_decode_reports_each_format_against_its_floor_and_fp32s():
         assert (r.old_roofline_ms is not None) == (r.label == "fp32")
     fp32_floor = {r.fp32_floor_ms for r in results}
     assert len(fp32_floor) == 1  # one fp32 floor for every variant
+    kernels = results[0].fp32_kernel_floors_ms
+    assert set(kernels) == {"F.linear (MKL)", "oneDNN packed", "oneDNN packed, padded to 4 rows", "mm(x, W^T copy)"}
+    for r in results:  # the fastest fp32 1-row kernel, reported beside each variant's own floor
+        assert r.fp32_kernel_floors_ms == kernels and r.fastest_floor_ms == min(kernels.values())
+        assert kernels[r.fastest_floor_kernel] == r.fastest_floor_ms
+        assert r.vs_fastest_floor == pytest.approx(r.ms_per_step / r.fastest_floor_ms)
+
+
+def test_fp32_packed_floor_streams_its_own_kernel():
+    packed = tiny_gpt().set_weight_format("fp32-packed")
+    floor = Floor(packed)
+    assert [step.__self__ for step, _ in floor.steps] == packed.decode_linears()  # FP32PackedLinear.matmul
+    assert all(x.shape[0] == 1 and x.dtype == torch.float32 for _, x in floor.steps)  # 1 row (padded inside)
 
 
 def _write_fake_official(root, body: str):

@@ -55,7 +55,7 @@ def register(sub):
                    help=f"upscale factor of the grid (nearest, default 4); the grid may have at most "
                         f"{MAX_GRID_PIXELS // 1_000_000} megapixels")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    add_weights_arg(p)
+    add_weights_arg(p, default="auto")
     p.set_defaults(func=run)
 
 
@@ -155,7 +155,8 @@ def run(args) -> int:
             raise ArgenError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
     n = len(result.images)
     print(f"generated {n} images in {result.seconds:.2f} s ({result.seconds / n:.3f} s/image, "
-          f"{result.num_forward_passes} forward passes, sampler {args.sampler}) -> {out} and {folder}/")
+          f"{result.num_forward_passes} forward passes, sampler {args.sampler}, weights "
+          f"{getattr(pipe.generator, 'weight_format', 'fp32')}) -> {out} and {folder}/")
     return 0
 
 
