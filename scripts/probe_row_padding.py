@@ -4,6 +4,7 @@ process; medians and fastest tenths.
 
     python scripts/probe_row_padding.py --model GPT-B --batch-sizes 1 --pads 0,2,4
     python scripts/probe_row_padding.py --model default-c2i --batch-sizes 1,16 --pads 0,4 --steps 30
+    python scripts/probe_row_padding.py --model dim=512,n_layer=4,n_head=8,vocab_size=4096 --pads 4
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="GPT-B", help="an official GPT size (random weights) or a pipeline name/folder")
+    p.add_argument("--model", default="GPT-B", help="an official GPT size or GPTConfig fields k=v,k=v (random "
+                   "weights), or a pipeline name/folder")
     p.add_argument("--batch-sizes", default="1")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="decode steps per variant and round")
@@ -28,16 +30,23 @@ def main() -> None:
 
     from argen.bench.decode import _decode_steps, interleave, random_gpt
     from argen.bench.load import CpuLoad
-    from argen.models import GPTConfig
+    from argen.models import GPT, GPTConfig
     from argen.pipeline import ARPipeline
     from argen.samplers import SamplingParams
 
     def make(fmt):
         if args.model in GPTConfig.NAMED_SIZES:
             return random_gpt(args.model, weights=fmt)
+        if "=" in args.model:  # a GPT of any shape, random weights drawn as random_gpt draws them
+            fields = {k: int(v) for k, v in (item.split("=") for item in args.model.split(","))}
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**{"num_classes": 1000, "block_size": 256, **fields}))
+            torch.nn.init.normal_(model.output.weight, std=0.02)
+            return model.eval().set_weight_format(fmt)
         return ARPipeline.from_pretrained(args.model, weights=fmt).generator.eval()
 
     models = {"fp32": make("fp32")}
+    nbytes = sum(m.weight.numel() * 4 for m in models["fp32"].decode_linears())
     for pad in [int(x) for x in args.pads.split(",")]:
         model = make(args.format)
         for linear in model.decode_linears():
@@ -53,7 +62,7 @@ def main() -> None:
                 tasks[(label, bs)] = (lambda m=model, c=cond: _decode_steps(m, c, params, args.steps))
         with CpuLoad() as load:
             samples = interleave(tasks, args.rounds)
-    print(f"{args.model}, CFG 2, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, interleaved")
+    print(f"{args.model} ({nbytes / 2**20:.0f} MiB of fp32 decode-step weights), CFG 2, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, interleaved")
     print("| variant | batch (rows) | median ms/step | fastest 10% ms | vs fp32 (median) | vs fp32 (fastest 10%) |")
     print("|---|---|---|---|---|---|")
     for (label, bs), times in samples.items():

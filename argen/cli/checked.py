@@ -35,7 +35,7 @@ THREADS = number(0, 4096, integer=True)  # 0 = torch's default
 # that module would load torch before the arguments are checked.
 WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
-AUTO_PACK_MB = 64  # argen.models.quant.AUTO_PACK_BYTES in MiB
+AUTO_PACK_MB = 32  # argen.models.quant.AUTO_PACK_BYTES in MiB
 
 
 def add_weights_arg(p, default: str = "fp32") -> None:

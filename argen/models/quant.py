@@ -6,8 +6,8 @@ its time is the bytes of weights divided by memory bandwidth. Storing the matric
 is the direct way to a faster step; everything else (norms, RoPE, attention, the KV cache,
 embeddings, logits) stays in the model's dtype, and the samplers never see the difference.
 
-* ``fp32-packed``: the same fp32 matrix, prepacked once for oneDNN (as ``bf16`` below) and run
-  with at least 4 rows (fewer are zero-padded). On CPUs whose MKL 1- and 2-row kernels stream the
+* ``fp32-packed``: the same fp32 matrix, prepacked once for oneDNN (as ``bf16`` below; both run
+  products of fewer than 4 rows zero-padded to 4, `PackedLinear`). On CPUs whose MKL 1- and 2-row kernels stream the
   weights slowly (the AMD EPYC measured in docs/benchmarks.md) this reads a large model's weights
   much faster; the results equal MKL's to float32 rounding (another summation order), not bit for
   bit, so plain ``fp32`` (MKL ``F.linear``) stays the exact reference. For small matrices oneDNN's
@@ -39,11 +39,12 @@ WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 # "auto" picks fp32 or fp32-packed from the weights' size and device (`auto_weight_format`).
 WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
 
-# Decode-step fp32 weights of at least this many bytes are streamed from memory at every step,
-# where oneDNN's packed kernel reads them much faster than MKL's 2-row product (GPT-B, 390 MB: a
-# 2.1x faster step at batch 1 with CFG on the EPYC of docs/benchmarks.md); a small model's weights
-# stay in cache and oneDNN's per-call cost makes it slower (default-c2i, 15 MB: 0.9x).
-AUTO_PACK_BYTES = 64 * 2**20
+# Decode-step fp32 weights of at least this many bytes (the last-level cache of the EPYC of
+# docs/benchmarks.md) are streamed from memory at every step, where oneDNN's packed kernel reads
+# them faster than MKL's 2-row product: a step at batch 1 with CFG was 1.3-1.4x faster packed at 34
+# and 60 MiB, 1.8-2.1x for GPT-B (372 MiB); a smaller model's weights stay in cache and oneDNN's
+# per-call cost makes it slower (default-c2i, 13 MiB: 0.8-0.95x).
+AUTO_PACK_BYTES = 32 * 2**20
 
 
 def check_weight_format(fmt: str, allow_auto: bool = False) -> str:
@@ -74,12 +75,13 @@ class PackedLinear(nn.Module):
     Products of fewer than `min_rows` rows are zero-padded to `min_rows` (the padding rows are
     computed and dropped): oneDNN's packed kernel for a handful of rows streams the weights faster
     than its 1- and 2-row kernels (measured, docs/benchmarks.md), and each row's result is then
-    the same whatever the batch size, 1 row included. A subclass fixes the dtype and the format
-    name; 0 or 1 `min_rows` turns padding off."""
+    the same whatever the batch size, 1 row included (oneDNN's 1-row kernel sums differently from
+    its many-row ones for some shapes; tested). A subclass fixes the dtype and the format name;
+    0 or 1 `min_rows` turns padding off."""
 
     weight_format = ""
     compute_dtype = torch.float32
-    min_rows = 0
+    min_rows = 4
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -123,7 +125,6 @@ class FP32PackedLinear(PackedLinear):
 
     weight_format = "fp32-packed"
     compute_dtype = torch.float32
-    min_rows = 4
 
 
 class Int8Linear(nn.Module):
