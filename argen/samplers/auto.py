@@ -106,7 +106,8 @@ class AutoSampler(Sampler):
         lengths = (num_tokens - emitted).clamp(0, width)
         tokens, pos = window_inputs(seq, emitted, width, cond_len, num_tokens)
         both_tokens, both_pos = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
-        logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guidance(params, emitted, width))
+        guided = guidance(params, emitted, width, num_tokens)
+        logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guided)
         index = emitted[:, None] + torch.arange(width, device=seq.device)
         rows = torch.arange(seq.shape[0], device=seq.device)[:, None]
         y = (logits + noise[rows, index.clamp(max=noise.shape[1] - 1)]).argmax(-1)
@@ -122,6 +123,25 @@ class AutoSampler(Sampler):
         return emitted, m, n, lengths
 
     @staticmethod
+    def _ar_rest(model, seq, start: int, noise, cache, cond_len: int, num_tokens: int, params) -> None:
+        """Image indices start..N-1 for every row, one forward each: the AR sampler's step
+        (argen.samplers.ar.decode_one_token: one shared position, advanced in place) with the
+        Gumbel rule in place of its draw. The same tokens as `_ar_step`."""
+        input_pos = torch.tensor([cond_len + start - 1], device=seq.device)
+        scheduled = params.uses_cfg and params.cfg_schedule != "constant"
+        for k in range(start, num_tokens):
+            x = seq[:, k - 1:k]
+            if params.uses_cfg:
+                x = torch.cat([x, x])
+            if scheduled:  # the window path's float32 scale table, so the numbers are the same
+                guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
+            else:
+                guided = params.guided_at(k)
+            logits = process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided)
+            seq[:, k] = (logits + noise[:, k]).argmax(-1)
+            input_pos += 1
+
+    @staticmethod
     def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params, shared=None):
         """Width 1 (plain AR under the Gumbel rule) without the window machinery: one token per
         active row, nothing to verify and nothing to rewind (the cache keeps what it wrote)."""
@@ -135,7 +155,7 @@ class AutoSampler(Sampler):
         if params.uses_cfg:
             tokens = torch.cat([tokens, tokens])
             pos = pos if shared is not None else torch.cat([pos, pos])
-        guided = guidance(params, emitted, 1)
+        guided = guidance(params, emitted, 1, num_tokens)
         guided = guided if isinstance(guided, bool) else guided[:, 0]
         logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
         y = (logits + noise[rows, emitted]).argmax(-1)
@@ -197,7 +217,7 @@ class AutoSampler(Sampler):
         cap = self.max_window if self.window == "auto" else self.window
         cap = min(cap, num_tokens)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
-        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
         noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device)
         noise = torch.cat([noise, noise.new_zeros(batch, cap + 1, noise.shape[-1])], dim=1)  # scratch rows
@@ -213,6 +233,19 @@ class AutoSampler(Sampler):
             if left <= 0:
                 break
             width = min(cap, left) if costs is None else min(self._choose(costs, state, emitted, num_tokens), left)
+            if width == 1 and int(high) == int(low):
+                # every row at the same token and AR chosen: AR stays the choice to the end (the
+                # rows stay in step, and a window's expected tokens only fall as the image
+                # runs out, while no window step adds acceptance data), so finish with the AR
+                # sampler's loop: one shared position, no per-step choice or bookkeeping
+                start = int(low)
+                self._ar_rest(model, seq, start, noise, cache, cond_len, num_tokens, params)
+                steps = num_tokens - start
+                rows_nfe += steps
+                accepted.extend([torch.ones(())] * steps)
+                widths.extend([1] * steps)
+                emitted = torch.full_like(emitted, num_tokens)
+                continue
             if width == 1:
                 shared = int(low) if int(high) == int(low) else None
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
