@@ -46,14 +46,18 @@ _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 4.0  # per-depth acceptance before any observation (4 pseudo-trials)
 
 
-def gumbel_noise(streams, batch: int, positions: int, vocab: int, device) -> torch.Tensor:
-    """[batch, positions, vocab] float32 Gumbel(0, 1) noise, sample i from stream i, position by
-    position (position k always takes the k-th block of V numbers of its stream)."""
+def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratch: int = 0) -> torch.Tensor:
+    """[batch, positions + scratch, vocab] float32: Gumbel(0, 1) noise for the positions, sample i
+    from stream i, position by position (position k always takes the k-th block of V numbers of
+    its stream), then `scratch` rows of zeros. -log(-log(u)) in float64, computed in place and
+    written once into the preallocated result (this is most of what auto adds to an AR run)."""
     if streams is None:
-        u = torch.rand(batch, positions, vocab, dtype=torch.float64)
+        g = torch.rand(batch, positions, vocab, dtype=torch.float64).log_()
     else:
-        u = streams.uniform(positions, vocab)
-    return (-torch.log(-torch.log(u))).float().to(device)
+        g = torch.log(streams.uniform(positions, vocab))  # a new tensor: the streams' buffer is left alone
+    out = torch.zeros(batch, positions + scratch, vocab, device=device)
+    out[:, :positions].copy_(g.neg_().log_().neg_())
+    return out
 
 
 def model_state(model) -> dict:
@@ -219,10 +223,10 @@ class AutoSampler(Sampler):
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
         first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
-        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device)
-        noise = torch.cat([noise, noise.new_zeros(batch, cap + 1, noise.shape[-1])], dim=1)  # scratch rows
-        seq = noise.argmax(-1)  # blind drafts: one uniform token per position
+        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=cap + 1)
+        seq = torch.zeros(noise.shape[:2], dtype=torch.long, device=device)
         seq[:, 0] = (first + noise[:, 0]).argmax(-1)
+        drafted = False  # blind drafts are written before the first window step (an AR run needs none)
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
         accepted, widths = [], []
@@ -251,6 +255,9 @@ class AutoSampler(Sampler):
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
                                                        params, shared)
             else:
+                if not drafted:  # no window step yet, so no row has a token at or past `high`
+                    seq[:, int(high):] = noise[:, int(high):].argmax(-1)  # one uniform token per position
+                    drafted = True
                 emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
                                                     params)
             active = lengths > 0

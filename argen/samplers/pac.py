@@ -134,8 +134,7 @@ class PACSampler(Sampler):
             raise ArgenError(f"{self!r} needs a cache with set_tree(); this generator's cache has none")
         first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
-        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device)
-        noise = torch.cat([noise, noise.new_zeros(batch, L + 1, noise.shape[-1])], dim=1)  # scratch rows
+        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=L + 1)
         vocab = noise.shape[-1]
         # stale[b, k]: the latest scores (logits + noise) computed for image index k, whatever
         # context they had; before any forward, the noise alone. Its argmax is the Jacobi draft
