@@ -7,9 +7,11 @@ the same forward with a tree attention mask (each token sees the cache, its ance
 itself); whichever candidate is right carries its own chain of later drafts.
 
 Here the tree is: the root (the newest committed token), the main chain of L-1 Jacobi drafts,
-and K-1 branches hanging off the root, each an alternative first draft followed by the main
-chain's next D-1 drafts. The alternatives are the next-best tokens of the row that predicted
-that position in the previous forward (its stale scores), the main draft being the best.
+and branches: with F = 1 (`levels`), K-1 alternative first drafts hanging off the root, each
+followed by the main chain's next D-1 drafts; with F > 1, every combination of K candidates for
+each of the first F draft positions (SJD-PAC's K-ary tree), each path then continued to depth D.
+The candidates for a position are the best K tokens of the latest scores computed for it (its
+stale scores, kept per image index); the best is the Jacobi draft.
 
 Verification uses `auto`'s sampling rule (argen.samplers.auto): every position k has Gumbel noise
 g_k drawn once from the sample's stream, and its token is argmax(l_k + g_k) under its true
@@ -19,9 +21,17 @@ with `pac`, `auto` and any window or tree), which makes this sampler lossless (G
 its samples independent of batch, tree shape and timing. SJD-PAC verifies a tree with
 recursive rejection sampling instead; the Gumbel coupling turns that into a comparison.
 
-What is not here: SJD-PAC's adaptive continuation (verifying drafts after a rejection against
-stale distributions). Its exactness rests on the paper's argument that image tokens forget
-distant context; it is not implemented, so this sampler keeps only the part that is exact.
+Adaptive continuation (SJD-PAC's second part). In the authors' released scheduler it does not
+emit anything past the first rejection: the drafts after it are tested against their cached
+(stale) distributions, a draft that passes is kept as the next iteration's draft at its
+position, one that fails is redrawn from the residual, and the stale distribution becomes its
+draft distribution. That is a coupling of successive drafts (the new draft is an exact sample of
+the stale distribution that repeats the old one when it can: MC-SJD's maximal coupling), which
+is why it is lossless with no assumption on how fast image tokens forget their context. Here the
+fixed per-position Gumbel noise does the same: the next draft at k is argmax(stale l_k + g_k),
+which repeats the old draft whenever the stale scores still rank it first, and it is re-verified
+in the next forward against its true context. So every draft past a rejection is kept and
+re-verified; nothing else is needed for it.
 """
 
 from __future__ import annotations
