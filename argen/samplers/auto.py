@@ -22,7 +22,10 @@ repeats; cached for the process), stopping at the first T that costs more than m
 one-token steps (it would need that many tokens per step to pay; these models give under 3). Then, before each step, it picks the T that maximises
 expected tokens per unit of cost, E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i
 from per-depth acceptance rates a_i observed so far for this model (kept across calls). T = 1 is
-plain AR (one token per forward), so where no window pays, auto runs AR.
+plain AR (one token per forward), so where no window pays, auto runs AR. Width 1 is timed on
+the loop AR runs on (`_ar_rest`). Each window step's measured time, bookkeeping included, is
+folded into its width's estimate (weight COST_UPDATE), so a start-up probe that flattered a
+window (best of a few bare steps, at a quiet moment) is corrected within a few steps.
 
 `window=<int>` fixes the width (no timing): the same samples, for measuring compression.
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +47,7 @@ from .speculative import guidance, leading_accepts, window_inputs
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..]} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 4.0  # per-depth acceptance before any observation (4 pseudo-trials)
+COST_UPDATE = 0.3  # weight of each measured window step in its width's cost estimate
 
 
 def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratch: int = 0) -> torch.Tensor:
@@ -127,13 +131,14 @@ class AutoSampler(Sampler):
         return emitted, m, n, lengths
 
     @staticmethod
-    def _ar_rest(model, seq, start: int, noise, cache, cond_len: int, num_tokens: int, params) -> None:
-        """Image indices start..N-1 for every row, one forward each: the AR sampler's step
+    def _ar_rest(model, seq, start: int, noise, cache, cond_len: int, num_tokens: int, params,
+                 stop: Optional[int] = None) -> None:
+        """Image indices start..stop-1 (default N-1) for every row, one forward each: the AR sampler's step
         (argen.samplers.ar.decode_one_token: one shared position, advanced in place) with the
         Gumbel rule in place of its draw. The same tokens as `_ar_step`."""
         input_pos = torch.tensor([cond_len + start - 1], device=seq.device)
         scheduled = params.uses_cfg and params.cfg_schedule != "constant"
-        for k in range(start, num_tokens):
+        for k in range(start, num_tokens if stop is None else stop):
             x = seq[:, k - 1:k]
             if params.uses_cfg:
                 x = torch.cat([x, x])
@@ -185,8 +190,9 @@ class AutoSampler(Sampler):
                 best = float("inf")
                 for r in range(self.repeats + 1):  # the first is a warm-up
                     t0 = time.perf_counter()
-                    if w == 1:
-                        self._ar_step(model, seq, start, noise, cache, cond_len, num_tokens, params, int(start[0]))
+                    if w == 1:  # the path AR runs on (`_ar_rest`), one step
+                        at = int(start[0])
+                        self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
                     else:
                         self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
                     if r:
@@ -255,6 +261,7 @@ class AutoSampler(Sampler):
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
                                                        params, shared)
             else:
+                began = time.perf_counter()
                 if not drafted:  # no window step yet, so no row has a token at or past `high`
                     seq[:, int(high):] = noise[:, int(high):].argmax(-1)  # one uniform token per position
                     drafted = True
@@ -266,6 +273,11 @@ class AutoSampler(Sampler):
             widths.append(width)
             if width > 1:
                 self._observe(state, n, lengths, width)
+                if costs is not None and width in costs:  # (a width cut short at the image end is not a probed one)
+                    # the start-up probe times the bare step at its best; a real step also pays
+                    # the bookkeeping around it (and the load of the moment): fold what it
+                    # really cost into the estimate, so a window that does not pay loses to AR
+                    costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * (time.perf_counter() - began)
             if progress:
                 bar.update(int(emitted.min()) - bar.n)
         bar.close()
