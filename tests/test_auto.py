@@ -12,10 +12,11 @@ from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 from test_speculative import MARKOV_PARAMS, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
 
 PARAMS = [SamplingParams(), SamplingParams(cfg_scale=3.0, top_k=20),
-          SamplingParams(cfg_scale=2.0, cfg_interval=4, top_p=0.8, temperature=0.9)]
+          SamplingParams(cfg_scale=2.0, cfg_interval=4, top_p=0.8, temperature=0.9),
+          SamplingParams(cfg_scale=3.0, cfg_schedule="linear")]
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=["plain", "cfg_topk", "interval_topp"])
+@pytest.mark.parametrize("params", PARAMS, ids=["plain", "cfg_topk", "interval_topp", "schedule"])
 def test_samples_do_not_depend_on_window_or_batch(params):
     """Every width, the cost-model choice and batch of one give the same tokens per seed."""
     model = tiny_gpt()
@@ -70,12 +71,16 @@ def test_lossless_on_tiny_gpt(params):
     assert_matches_exact_and_ar(model, spec.tokens, ar.tokens, cond, params)
 
 
-def test_greedy_is_greedy_ar():
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_greedy_is_greedy_ar(schedule):
+    """top_k=1 leaves one token: every width, the AR loop included, must give greedy AR's tokens
+    (under a guidance schedule too: each position's own scale)."""
     model = tiny_gpt()
-    params = SamplingParams(cfg_scale=3.0, top_k=1)
+    params = SamplingParams(cfg_scale=3.0, top_k=1, cfg_schedule=schedule)
     cond = torch.tensor([1, 4, 9])
     greedy = ARSampler(sample=False)(model, cond, params=params).tokens
-    assert torch.equal(AutoSampler(window=5)(model, cond, params=params, seeds=[0, 1, 2]).tokens, greedy)
+    for window in (1, 5):
+        assert torch.equal(AutoSampler(window=window)(model, cond, params=params, seeds=[0, 1, 2]).tokens, greedy)
 
 
 def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
@@ -92,6 +97,8 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
     state["costs"][key] = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}  # windows free: the widest
     out = sampler(model, cond, seeds=[0, 1])
     assert sampler.last_widths[0] == 8 and out.num_forward_passes < 16
+    # a used width's estimate moves toward what its steps really took (here ~ms, not 1 s)
+    assert state["costs"][key][8] < 0.75 and state["costs"][key][1] == 1.0
 
 
 def test_expected_tokens_follows_acceptance():

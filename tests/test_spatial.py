@@ -10,12 +10,13 @@ from argen.samplers.spatial import SpatialSampler
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_window_of_a_full_row_is_greedy_ar(cfg):
+@pytest.mark.parametrize("cfg,schedule", [(1.0, "constant"), (3.0, "constant"), (3.0, "linear")])
+def test_window_of_a_full_row_is_greedy_ar(cfg, schedule):
     """w >= W decodes one row after the other: with one-hot targets it must reproduce greedy AR
-    token for token (any off-by-one in positions, stand-ins or visibility would show)."""
+    token for token (any off-by-one in positions, stand-ins, visibility or guidance scale per
+    position would show)."""
     model = tiny_gpt()  # 4 x 4 grid
-    params = SamplingParams(cfg_scale=cfg, top_k=1)
+    params = SamplingParams(cfg_scale=cfg, top_k=1, cfg_schedule=schedule)
     cond = torch.tensor([1, 4, 9])
     greedy = ARSampler(sample=False)(model, cond, params=params).tokens
     for w in (4, 9):

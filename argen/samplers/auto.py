@@ -22,7 +22,10 @@ repeats; cached for the process), stopping at the first T that costs more than m
 one-token steps (it would need that many tokens per step to pay; these models give under 3). Then, before each step, it picks the T that maximises
 expected tokens per unit of cost, E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i
 from per-depth acceptance rates a_i observed so far for this model (kept across calls). T = 1 is
-plain AR (one token per forward), so where no window pays, auto runs AR.
+plain AR (one token per forward), so where no window pays, auto runs AR. Width 1 is timed on
+the loop AR runs on (`_ar_rest`). Each window step's measured time, bookkeeping included, is
+folded into its width's estimate (weight COST_UPDATE), so a start-up probe that flattered a
+window (best of a few bare steps, at a quiet moment) is corrected within a few steps.
 
 `window=<int>` fixes the width (no timing): the same samples, for measuring compression.
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -44,16 +47,21 @@ from .speculative import guidance, leading_accepts, window_inputs
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..]} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 4.0  # per-depth acceptance before any observation (4 pseudo-trials)
+COST_UPDATE = 0.3  # weight of each measured window step in its width's cost estimate
 
 
-def gumbel_noise(streams, batch: int, positions: int, vocab: int, device) -> torch.Tensor:
-    """[batch, positions, vocab] float32 Gumbel(0, 1) noise, sample i from stream i, position by
-    position (position k always takes the k-th block of V numbers of its stream)."""
+def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratch: int = 0) -> torch.Tensor:
+    """[batch, positions + scratch, vocab] float32: Gumbel(0, 1) noise for the positions, sample i
+    from stream i, position by position (position k always takes the k-th block of V numbers of
+    its stream), then `scratch` rows of zeros. -log(-log(u)) in float64, computed in place and
+    written once into the preallocated result (this is most of what auto adds to an AR run)."""
     if streams is None:
-        u = torch.rand(batch, positions, vocab, dtype=torch.float64)
+        g = torch.rand(batch, positions, vocab, dtype=torch.float64).log_()
     else:
-        u = streams.uniform(positions, vocab)
-    return (-torch.log(-torch.log(u))).float().to(device)
+        g = torch.log(streams.uniform(positions, vocab))  # a new tensor: the streams' buffer is left alone
+    out = torch.zeros(batch, positions + scratch, vocab, device=device)
+    out[:, :positions].copy_(g.neg_().log_().neg_())
+    return out
 
 
 def model_state(model) -> dict:
@@ -106,7 +114,8 @@ class AutoSampler(Sampler):
         lengths = (num_tokens - emitted).clamp(0, width)
         tokens, pos = window_inputs(seq, emitted, width, cond_len, num_tokens)
         both_tokens, both_pos = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
-        logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guidance(params, emitted, width))
+        guided = guidance(params, emitted, width, num_tokens)
+        logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guided)
         index = emitted[:, None] + torch.arange(width, device=seq.device)
         rows = torch.arange(seq.shape[0], device=seq.device)[:, None]
         y = (logits + noise[rows, index.clamp(max=noise.shape[1] - 1)]).argmax(-1)
@@ -122,6 +131,26 @@ class AutoSampler(Sampler):
         return emitted, m, n, lengths
 
     @staticmethod
+    def _ar_rest(model, seq, start: int, noise, cache, cond_len: int, num_tokens: int, params,
+                 stop: Optional[int] = None) -> None:
+        """Image indices start..stop-1 (default N-1) for every row, one forward each: the AR sampler's step
+        (argen.samplers.ar.decode_one_token: one shared position, advanced in place) with the
+        Gumbel rule in place of its draw. The same tokens as `_ar_step`."""
+        input_pos = torch.tensor([cond_len + start - 1], device=seq.device)
+        scheduled = params.uses_cfg and params.cfg_schedule != "constant"
+        for k in range(start, num_tokens if stop is None else stop):
+            x = seq[:, k - 1:k]
+            if params.uses_cfg:
+                x = torch.cat([x, x])
+            if scheduled:  # the window path's float32 scale table, so the numbers are the same
+                guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
+            else:
+                guided = params.guided_at(k)
+            logits = process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided)
+            seq[:, k] = (logits + noise[:, k]).argmax(-1)
+            input_pos += 1
+
+    @staticmethod
     def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params, shared=None):
         """Width 1 (plain AR under the Gumbel rule) without the window machinery: one token per
         active row, nothing to verify and nothing to rewind (the cache keeps what it wrote)."""
@@ -135,7 +164,7 @@ class AutoSampler(Sampler):
         if params.uses_cfg:
             tokens = torch.cat([tokens, tokens])
             pos = pos if shared is not None else torch.cat([pos, pos])
-        guided = guidance(params, emitted, 1)
+        guided = guidance(params, emitted, 1, num_tokens)
         guided = guided if isinstance(guided, bool) else guided[:, 0]
         logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
         y = (logits + noise[rows, emitted]).argmax(-1)
@@ -161,8 +190,9 @@ class AutoSampler(Sampler):
                 best = float("inf")
                 for r in range(self.repeats + 1):  # the first is a warm-up
                     t0 = time.perf_counter()
-                    if w == 1:
-                        self._ar_step(model, seq, start, noise, cache, cond_len, num_tokens, params, int(start[0]))
+                    if w == 1:  # the path AR runs on (`_ar_rest`), one step
+                        at = int(start[0])
+                        self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
                     else:
                         self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
                     if r:
@@ -197,12 +227,12 @@ class AutoSampler(Sampler):
         cap = self.max_window if self.window == "auto" else self.window
         cap = min(cap, num_tokens)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
-        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
-        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device)
-        noise = torch.cat([noise, noise.new_zeros(batch, cap + 1, noise.shape[-1])], dim=1)  # scratch rows
-        seq = noise.argmax(-1)  # blind drafts: one uniform token per position
+        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=cap + 1)
+        seq = torch.zeros(noise.shape[:2], dtype=torch.long, device=device)
         seq[:, 0] = (first + noise[:, 0]).argmax(-1)
+        drafted = False  # blind drafts are written before the first window step (an AR run needs none)
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
         accepted, widths = [], []
@@ -213,11 +243,28 @@ class AutoSampler(Sampler):
             if left <= 0:
                 break
             width = min(cap, left) if costs is None else min(self._choose(costs, state, emitted, num_tokens), left)
+            if width == 1 and int(high) == int(low):
+                # every row at the same token and AR chosen: AR stays the choice to the end (the
+                # rows stay in step, and a window's expected tokens only fall as the image
+                # runs out, while no window step adds acceptance data), so finish with the AR
+                # sampler's loop: one shared position, no per-step choice or bookkeeping
+                start = int(low)
+                self._ar_rest(model, seq, start, noise, cache, cond_len, num_tokens, params)
+                steps = num_tokens - start
+                rows_nfe += steps
+                accepted.extend([torch.ones(())] * steps)
+                widths.extend([1] * steps)
+                emitted = torch.full_like(emitted, num_tokens)
+                continue
             if width == 1:
                 shared = int(low) if int(high) == int(low) else None
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
                                                        params, shared)
             else:
+                began = time.perf_counter()
+                if not drafted:  # no window step yet, so no row has a token at or past `high`
+                    seq[:, int(high):] = noise[:, int(high):].argmax(-1)  # one uniform token per position
+                    drafted = True
                 emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
                                                     params)
             active = lengths > 0
@@ -226,6 +273,11 @@ class AutoSampler(Sampler):
             widths.append(width)
             if width > 1:
                 self._observe(state, n, lengths, width)
+                if costs is not None and width in costs:  # (a width cut short at the image end is not a probed one)
+                    # the start-up probe times the bare step at its best; a real step also pays
+                    # the bookkeeping around it (and the load of the moment): fold what it
+                    # really cost into the estimate, so a window that does not pay loses to AR
+                    costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * (time.perf_counter() - began)
             if progress:
                 bar.update(int(emitted.min()) - bar.n)
         bar.close()

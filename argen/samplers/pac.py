@@ -7,9 +7,11 @@ the same forward with a tree attention mask (each token sees the cache, its ance
 itself); whichever candidate is right carries its own chain of later drafts.
 
 Here the tree is: the root (the newest committed token), the main chain of L-1 Jacobi drafts,
-and K-1 branches hanging off the root, each an alternative first draft followed by the main
-chain's next D-1 drafts. The alternatives are the next-best tokens of the row that predicted
-that position in the previous forward (its stale scores), the main draft being the best.
+and branches: with F = 1 (`levels`), K-1 alternative first drafts hanging off the root, each
+followed by the main chain's next D-1 drafts; with F > 1, every combination of K candidates for
+each of the first F draft positions (SJD-PAC's K-ary tree), each path then continued to depth D.
+The candidates for a position are the best K tokens of the latest scores computed for it (its
+stale scores, kept per image index); the best is the Jacobi draft.
 
 Verification uses `auto`'s sampling rule (argen.samplers.auto): every position k has Gumbel noise
 g_k drawn once from the sample's stream, and its token is argmax(l_k + g_k) under its true
@@ -19,12 +21,22 @@ with `pac`, `auto` and any window or tree), which makes this sampler lossless (G
 its samples independent of batch, tree shape and timing. SJD-PAC verifies a tree with
 recursive rejection sampling instead; the Gumbel coupling turns that into a comparison.
 
-What is not here: SJD-PAC's adaptive continuation (verifying drafts after a rejection against
-stale distributions). Its exactness rests on the paper's argument that image tokens forget
-distant context; it is not implemented, so this sampler keeps only the part that is exact.
+Adaptive continuation (SJD-PAC's second part). In the authors' released scheduler it does not
+emit anything past the first rejection: the drafts after it are tested against their cached
+(stale) distributions, a draft that passes is kept as the next iteration's draft at its
+position, one that fails is redrawn from the residual, and the stale distribution becomes its
+draft distribution. That is a coupling of successive drafts (the new draft is an exact sample of
+the stale distribution that repeats the old one when it can: MC-SJD's maximal coupling), which
+is why it is lossless with no assumption on how fast image tokens forget their context. Here the
+fixed per-position Gumbel noise does the same: the next draft at k is argmax(stale l_k + g_k),
+which repeats the old draft whenever the stale scores still rank it first, and it is re-verified
+in the next forward against its true context. So every draft past a rejection is kept and
+re-verified; nothing else is needed for it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -34,36 +46,87 @@ from ..errors import ArgenError
 from .auto import gumbel_noise
 from .base import Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
-from .speculative import guidance, leading_accepts
+from .speculative import guidance
+
+
+MAX_TREE = 2048  # tokens per forward: a guard against K**F trees that could not run anyway
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A draft tree. Token i has parent parents[i] (-1: the root, token 0), sits depths[i]
+    positions after the root and is candidate ranks[i] of its depth (0: the Jacobi draft, r: the
+    r-th runner-up of the stale scores). paths[i][j] is the token at depth j on the path through
+    token i: its ancestors, then its rank-0 descendants, then the main chain (the path's later
+    drafts once token i is the deepest accepted one)."""
+
+    parents: tuple
+    depths: tuple
+    ranks: tuple
+    paths: tuple
+
+
+def build_tree(window: int, branches: int, depth: int, levels: int) -> Tree:
+    """Main chain of `window` tokens (root included), then every rank tuple (r_1, .., r_t) with
+    t <= depth, r_s < branches for s <= levels and r_s = 0 after, in depth-first order (so a
+    parent precedes its children, and the main chain wins ties)."""
+    nodes = [(0,) * t for t in range(window)]
+
+    def grow(prefix):
+        if len(prefix) == depth:
+            return
+        for r in range(branches if len(prefix) < levels else 1):
+            node = prefix + (r,)
+            if any(node):
+                nodes.append(node)
+            grow(node)
+
+    grow(())
+    index = {node: i for i, node in enumerate(nodes)}
+    paths = []
+    for node in nodes:
+        path = []
+        for j in range(window):
+            longer = node[:j] if j <= len(node) else node + (0,) * (j - len(node))
+            path.append(index.get(longer, j))  # past the subtree: the main chain's token at depth j
+        paths.append(tuple(path))
+    return Tree(parents=tuple(index[n[:-1]] if n else -1 for n in nodes), depths=tuple(len(n) for n in nodes),
+                ranks=tuple(n[-1] if n else 0 for n in nodes), paths=tuple(paths))
 
 
 class PACSampler(Sampler):
-    """PACSampler(window=16, branches=4, depth=3): main chain of `window` tokens (root included)
-    plus branches-1 alternative first drafts, each followed by depth-1 drafts (tree of
-    window + (branches-1)*depth tokens per forward)."""
+    """PACSampler(window=16, branches=4, depth=3, levels=1): main chain of `window` tokens (root
+    included); the first `levels` draft positions branch into `branches` candidates each (every
+    combination), and each alternative path is followed by drafts down to `depth`. levels=1 is
+    the main chain plus branches-1 alternative first drafts of depth-1 drafts each
+    (window + (branches-1)*depth tokens per forward); levels=2, depth=2 is SJD-PAC's default
+    tree (K-ary over two positions, then the chain)."""
 
     name = "pac"
-    option_aliases = {"L": "window", "K": "branches", "D": "depth"}
+    option_aliases = {"L": "window", "K": "branches", "D": "depth", "F": "levels"}
 
-    def __init__(self, window: int = 16, branches: int = 4, depth: int = 3):
+    def __init__(self, window: int = 16, branches: int = 4, depth: int = 3, levels: int = 1):
         self.window = check_number("window (L)", window, 2, None, integer=True)
         self.branches = check_number("branches (K)", branches, 1, None, integer=True)
         self.depth = check_number("depth (D)", depth, 1, None, integer=True)
+        self.levels = check_number("levels (F)", levels, 1, None, integer=True)
         if self.depth > self.window - 1:
             raise ArgenError(f"depth (D) must be at most window - 1 = {self.window - 1}, got {self.depth}")
+        if self.levels > self.depth:
+            raise ArgenError(f"levels (F) must be at most depth (D) = {self.depth}, got {self.levels}")
+        size = self.window + sum(self.branches ** min(t, self.levels) - 1 for t in range(1, self.depth + 1))
+        if size > MAX_TREE:
+            raise ArgenError(f"a tree of {size} tokens per forward is too large (at most {MAX_TREE}); "
+                             "lower branches (K), levels (F) or depth (D)")
 
     def __repr__(self) -> str:
-        return f"PACSampler(window={self.window}, branches={self.branches}, depth={self.depth})"
+        levels = f", levels={self.levels}" if self.levels != 1 else ""
+        return f"PACSampler(window={self.window}, branches={self.branches}, depth={self.depth}{levels})"
 
     def layout(self, window: int, depth: int):
-        """parents [T], depth of each token [T], and per branch its token index at each depth."""
-        parents, depths = [-1] + list(range(window - 1)), list(range(window))
-        for a in range(self.branches - 1):
-            start = len(parents)
-            for t in range(depth):
-                parents.append(0 if t == 0 else start + t - 1)
-                depths.append(t + 1)
-        return parents, depths
+        """parents [T] and depth of each token [T] of this sampler's tree."""
+        tree = build_tree(window, self.branches, depth, min(self.levels, depth))
+        return list(tree.parents), list(tree.depths)
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
         if num_tokens < 2:
@@ -72,83 +135,87 @@ class PACSampler(Sampler):
         batch, cond_len = cond.shape[0], model.condition_length(cond)
         L = min(self.window, num_tokens)
         D = min(self.depth, L - 1)
-        K = self.branches
-        parents, depths = self.layout(L, D)
-        T = len(parents)
+        F, K = min(self.levels, D), self.branches
+        tree = build_tree(L, K, D, F)
+        T = len(tree.parents)
         scratch = cond_len + num_tokens
         cache = model.new_cache(cond_all.shape[0], scratch + T)
         if not hasattr(cache, "set_tree"):
             raise ArgenError(f"{self!r} needs a cache with set_tree(); this generator's cache has none")
-        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
-        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device)
-        noise = torch.cat([noise, noise.new_zeros(batch, L + 1, noise.shape[-1])], dim=1)  # scratch rows
+        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=L + 1)
+        vocab = noise.shape[-1]
+        # stale[b, k]: the latest scores (logits + noise) computed for image index k, whatever
+        # context they had; before any forward, the noise alone. Its argmax is the Jacobi draft
+        # in seq, its runner-ups the alternatives (SJD-PAC drafts them from the stale distribution).
+        stale = noise.clone()
         seq = noise.argmax(-1)  # blind drafts
         seq[:, 0] = (first + noise[:, 0]).argmax(-1)
-        vocab = noise.shape[-1]
-        alts = noise[:, 1].topk(min(K, vocab), dim=-1).indices[:, 1:]  # no stale row yet: random alternatives
-        if alts.shape[1] < K - 1:
-            alts = torch.cat([alts, alts[:, :1].expand(-1, K - 1 - alts.shape[1])], 1)
 
-        depth_t = torch.tensor(depths, device=device)
+        depth_t = torch.tensor(tree.depths, device=device)
+        parent_t = torch.tensor(tree.parents, device=device).clamp(min=0)
+        paths = torch.tensor(tree.paths, device=device)  # [T, L]
+        ancestors = torch.zeros(T, T)
+        for i, path in enumerate(tree.paths):  # token i's ancestors (and itself) are paths[i][:depth_i + 1]
+            ancestors[i, list(path[: tree.depths[i] + 1])] = 1.0
+        ancestors = ancestors.to(device)
+        # each token's source: its depth's Jacobi draft (rank 0) or one of the F*(K-1) alternatives
+        source = torch.tensor([d if r == 0 else L + (d - 1) * (K - 1) + r - 1
+                               for d, r in zip(tree.depths, tree.ranks)], device=device)
+        order = depth_t * T + (T - 1 - torch.arange(T, device=device))  # deepest first, then the earliest token
         rows = torch.arange(batch, device=device)[:, None]
         main = torch.arange(L, device=device)
-        # branch a, depth t (1..D): window index L + a*D + t - 1
-        branch_idx = L + torch.arange(K - 1, device=device)[:, None] * D + torch.arange(D, device=device)  # [K-1, D]
         spare = cond_len + num_tokens - 1  # never a real tree position (the last token is never fed)
+        cfg2 = (lambda x: torch.cat([x, x])) if params.uses_cfg else (lambda x: x)
+
+        def alternatives(emitted):  # [B, F, K-1]: runner-ups of the stale scores of the next F indices
+            if K == 1:
+                return torch.zeros(batch, F, 0, dtype=torch.long, device=device)
+            at = emitted[:, None] + torch.arange(F, device=device)
+            picks = stale[rows, at].topk(min(K, vocab), dim=-1).indices[..., 1:]
+            if picks.shape[-1] < K - 1:  # a vocabulary smaller than K: repeat (a duplicate never wins)
+                picks = torch.cat([picks, picks[..., :1].expand(-1, -1, K - 1 - picks.shape[-1])], -1)
+            return picks
+
         emitted = torch.ones(batch, dtype=torch.long, device=device)
+        alts = alternatives(emitted)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
         accepted = []
         bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
         while int(emitted.min()) < num_tokens:
             lengths = (num_tokens - emitted).clamp(0, L)
             index = emitted[:, None] + main  # image index each main-chain token predicts
-            # tokens: root, main drafts, then per branch its alternative and the main drafts after it
             chain = seq.gather(1, index - 1)  # [B, L]: x_{e-1}, d_e, ..., d_{e+L-2}
-            branch_tokens = torch.cat([alts[:, :, None], chain[:, None, 2:D + 1].expand(-1, K - 1, -1)], 2)
-            tokens = torch.cat([chain, branch_tokens.flatten(1)], 1)
+            tokens = torch.cat([chain, alts.flatten(1)], 1)[:, source]
             valid = depth_t[None, :] <= (lengths - 1).clamp(min=0)[:, None]  # a draft for an index < N
             valid[:, 0] = lengths > 0
             pos = torch.where(valid, cond_len + emitted[:, None] - 1 + depth_t, spare)
-            guided = guidance(params, emitted, L)
+            guided = guidance(params, emitted, L, num_tokens)
             if not isinstance(guided, bool):
-                guided = guided.gather(1, depth_t.clamp(max=L - 1)[None, :, None].expand(batch, -1, 1))
-            cache.set_tree(parents, scratch)
-            both_t, both_p = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
-            logits = process_logits(model.decode(both_t, both_p, cache), params, guided)
-            noise_at = (emitted[:, None] + depth_t).clamp(max=noise.shape[1] - 1)
-            scores = logits + noise[rows, noise_at]
+                guided = guided.gather(1, depth_t[None, :, None].expand(batch, -1, 1))
+            cache.set_tree(tree.parents, scratch)
+            logits = process_logits(model.decode(cfg2(tokens), cfg2(pos), cache), params, guided)
+            scores = logits + noise[rows, (emitted[:, None] + depth_t).clamp(max=noise.shape[1] - 1)]
             y = scores.argmax(-1)  # [B, T]: the true next token of each tree token's path
-            # main chain: leading right drafts; branch a: its alternative vs the root's y, then its chain
-            n_main = leading_accepts((tokens[:, 1:L] == y[:, :L - 1]) & valid[:, 1:L])
-            b_tok, b_y = tokens[:, branch_idx], y[:, branch_idx]  # [B, K-1, D]
-            b_prev = torch.cat([y[:, :1, None].expand(-1, K - 1, 1), b_y[:, :, :-1]], 2)
-            n_branch = leading_accepts((b_tok == b_prev) & valid[:, branch_idx])  # [B, K-1]
-            n_all = torch.cat([n_main[:, None], n_branch], 1)
-            n, winner = n_all.max(1)  # ties: the main chain (first)
+            # a token is right iff it is its parent's y (at most one sibling can be); a path is
+            # accepted while all its tokens are right; the deepest accepted token wins
+            right = (tokens == y[:, parent_t]) & valid
+            right[:, 0] = True
+            accepted_path = (~right).float() @ ancestors.T == 0
+            winner = torch.where(accepted_path, order, -1).argmax(1)
+            n = depth_t[winner]
             m = torch.where(lengths > 0, n + 1, 0)
-            # the winning path's y at depths 0..L-1: y of the root, then of the path tokens; past a
-            # branch's end, the main chain's (stale) y as drafts
-            in_branch = (winner > 0)[:, None] & (main[None, :] >= 1) & (main[None, :] <= D)
-            a = (winner - 1).clamp(min=0)
-            path_idx = torch.where(in_branch, branch_idx[a].gather(1, (main - 1).clamp(0, D - 1)[None].expand(batch, -1))
-                                   if K > 1 else main[None].expand(batch, -1), main[None].expand(batch, -1))
-            path_y = y.gather(1, path_idx)
-            seq.scatter_(1, index, path_y)  # emitted tokens (depth <= n), then the next drafts
-            # keys of the root and the accepted tokens go to their positions
-            keep = main[None, :] <= n[:, None]
-            keep_pos = torch.where(keep & (lengths > 0)[:, None], cond_len + emitted[:, None] - 1 + main, spare)
-            cfg2 = (lambda x: torch.cat([x, x])) if params.uses_cfg else (lambda x: x)
-            cache.keep_path(cfg2(path_idx), cfg2(keep_pos))
-            # alternatives for the next first draft: the runner-up tokens of the row that predicted
-            # it (the path token at depth n+1), whose context held a wrong token
-            stale = path_idx.gather(1, (n + 1).clamp(max=L - 1)[:, None])
-            alts = scores[rows[:, 0], stale[:, 0]].topk(min(K, vocab), dim=-1).indices[:, 1:]
-            if alts.shape[1] < K - 1:
-                alts = torch.cat([alts, alts[:, :1].expand(-1, K - 1 - alts.shape[1])], 1)
+            path_idx = paths[winner]  # [B, L]
+            # y along the path: the emitted tokens (depth <= n), then the next Jacobi drafts; the
+            # path's scores become the stale scores of those indices
+            seq.scatter_(1, index, y.gather(1, path_idx))
+            stale[rows, index] = scores[rows, path_idx]
+            keep = (main[None, :] <= n[:, None]) & (lengths > 0)[:, None]
+            cache.keep_path(cfg2(path_idx), cfg2(torch.where(keep, cond_len + emitted[:, None] - 1 + main, spare)))
             emitted = emitted + m
-            kept = cond_len + emitted - 1
-            cache.rewind(cfg2(kept))
+            alts = alternatives(emitted)
+            cache.rewind(cfg2(cond_len + emitted - 1))
             active = lengths > 0
             rows_nfe += active
             accepted.append(m.sum() / active.sum())

@@ -55,10 +55,14 @@ class RandomStreams:
             n *= int(size)
         if self._offset + n > self._buffer.shape[1]:
             fresh = max(self.BLOCK, n)
-            rows = [torch.rand(fresh, generator=g, dtype=torch.float64) for g in self.generators]
-            self._buffer = torch.cat([self._buffer[:, self._offset:], torch.stack(rows)], dim=1) \
-                if rows else torch.empty(0, fresh, dtype=torch.float64)
-            self._offset = 0
+            left = self._buffer.shape[1] - self._offset
+            # each generator writes its numbers straight into its row after the unused ones (no
+            # stack + cat: a Gumbel sampler draws N*V numbers per row at once, megabytes)
+            buffer = torch.empty(len(self.generators), left + fresh, dtype=torch.float64)
+            buffer[:, :left] = self._buffer[:, self._offset:]
+            for row, g in zip(buffer, self.generators):
+                torch.rand(fresh, generator=g, dtype=torch.float64, out=row[left:])
+            self._buffer, self._offset = buffer, 0
         out = self._buffer[:, self._offset:self._offset + n]
         self._offset += n
         return out.reshape(len(self.generators), *shape).to(device)

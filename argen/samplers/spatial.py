@@ -65,7 +65,7 @@ class SpatialSampler(Sampler):
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
         if not hasattr(cache, "set_visible"):
             raise ArgenError(f"{self!r} needs a cache with set_visible(); this generator's cache has none")
-        probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guided_at(0))
+        probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = probs.device
 
         def both(x):  # CFG: both halves get the same tokens, positions and visibility
@@ -124,7 +124,9 @@ class SpatialSampler(Sampler):
             tail_fed |= tail
             guided = params.uses_cfg
             target = (slot_pos.gather(1, order) + 1).clamp(max=num_tokens - 1)  # image index each query predicts
-            if params.uses_cfg and params.cfg_interval >= 0:
+            if params.uses_cfg and params.cfg_schedule != "constant":  # each target's scale (and interval)
+                guided = params.guidance_rows(target, num_tokens)[..., None]
+            elif params.uses_cfg and params.cfg_interval >= 0:
                 guided = (target <= params.cfg_interval + 1)[..., None]
             probs = logits_to_probs(model.decode(both(tokens), both(positions), cache), params, guided)
             row_of = order.clamp(max=2 * rows - 1) % rows  # grid row of each slot (tail slots: discarded)
