@@ -108,8 +108,20 @@ def test_tokenizer_tiny_run_learns_and_exports(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["test"]["codes_used"] >= 1
     vq = VQTokenizer.from_pretrained(out / "model")
     assert vq.grid == (4, 4)
-    assert (out / "model" / "MODEL_CARD.md").is_file() and (out / "model" / "reconstructions.png").is_file()
+    assert (out / "model" / "reconstructions.png").is_file()
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    # the card describes this run's grid (TINY_VQ downsamples 8x), not default-vq's 8x8
+    assert "4x4 codes" in card and "downsample 8" in card and "[B, 4, 4]" in card and "Why 8x8" not in card
+    assert "Reconstruction FID" not in card  # only with rfid=True
     assert [p.name for p in list_checkpoints(out)] == ["step_000008", "step_000016"]
+
+
+def test_tokenizer_card_reports_the_reconstruction_fid(tmp_path):
+    out = tmp_path / "vq"
+    metrics = train_tokenizer(out, steps=2, batch_size=4, warmup_steps=1, limit=8, test_limit=12, progress=False,
+                              rfid=True, **TINY_VQ)
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    assert f"12 reconstructed 28x28 test images vs the test split's statistics): **{metrics['test']['rfid']:.2f}**" in card
 
 
 def test_tokenizer_resume_is_bit_exact(tmp_path):

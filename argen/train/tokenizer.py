@@ -349,24 +349,37 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     return metrics
 
 
+def _rfid_line(test: dict) -> str:
+    """The model card's reconstruction-FID line (runs with `--rfid`), or nothing."""
+    if test.get("rfid") is None:
+        return ""
+    return (f"- Reconstruction FID (Fashion-MNIST-classifier features of the {test['test_images']:,} reconstructed 28x28 "
+            f"test images vs the test split's statistics): **{test['rfid']:.2f}**; the classifier's accuracy on the "
+            f"reconstructions {100 * test['recon_class_accuracy']:.1f}%.\n")
+
+
 def write_tokenizer_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict) -> None:
     vqc = run_info["vq_config"]
     test = metrics["test"]
     losses = metrics["final_train_losses"]
-    side = IMAGE_SIZE // 2 ** (len(vqc["encoder_ch_mult"]) - 1)
-    text = f"""# default-vq: VQ tokenizer for Fashion-MNIST
+    factor = 2 ** (len(vqc["encoder_ch_mult"]) - 1)
+    side = IMAGE_SIZE // factor
+    # The grid is a design choice of each run; the reasoning below is the one behind default-vq's 8x8.
+    why = ("""
+  Why 8x8: the GPT's cost grows with the sequence length, and 64 tokens already means ~26 min per
+  epoch for a 7M-parameter GPT on this CPU; 16x16 (256 tokens) would make every GPT epoch ~4x longer.
+  Going down to 4x4 (16 tokens) would leave 16 codes of 10 bits for a whole garment, too few for
+  textures and logos.""" if side == 8 else "")
+    text = f"""# VQ tokenizer for Fashion-MNIST, {side}x{side} codes
 
 LlamaGen-architecture VQ tokenizer (`argen.tokenizers.VQTokenizer`) trained from scratch on the
 Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
 
 ## Design
 - Input: 28x28 grey images padded with background (-1) to {IMAGE_SIZE}x{IMAGE_SIZE}, values in [-1, 1]
-  (32 is the nearest size the 4x downsampling divides; the 2-pixel border is plain background).
-- ch_mult {tuple(vqc['encoder_ch_mult'])} (downsample {2 ** (len(vqc['encoder_ch_mult']) - 1)}) -> {side}x{side} = {side * side} tokens per image.
-  Why 8x8: the GPT's cost grows with the sequence length, and 64 tokens already means ~26 min per
-  epoch for a 7M-parameter GPT on this CPU; 16x16 (256 tokens) would make every GPT epoch ~4x longer.
-  Going down to 4x4 (16 tokens) would leave 16 codes of 10 bits for a whole garment, too few for
-  textures and logos. 8x8 gives one code per 4x4 pixel patch.
+  (the 2-pixel border is plain background; {IMAGE_SIZE} is divisible by the downsampling factor {factor}).
+- ch_mult {tuple(vqc['encoder_ch_mult'])} (downsample {factor}) -> {side}x{side} = {side * side} tokens per image,
+  one code per {factor}x{factor} pixel patch.{why}
 - ch {vqc['ch']}, {vqc['num_res_blocks']} res block(s) per level, z_channels {vqc['z_channels']}, GroupNorm groups {vqc['norm_groups']}.
   Sized so one training run fits the time budget on a 2-core CPU.
 - Codebook {vqc['codebook_size']} x {vqc['codebook_embed_dim']}, L2-normalised (as LlamaGen); dead-code restarts every
@@ -390,7 +403,7 @@ Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
   the reference to beat was 19.2 dB.
 - Codebook usage {100 * test['codebook_usage']:.1f}% ({test['codes_used']} of {test['codebook_size']} codes used on the test split),
   code perplexity {test['code_perplexity']:.0f}.
-- Export check: EMA fp32 {metrics['test_ema_fp32']['psnr_db']:.3f} dB / usage {100 * metrics['test_ema_fp32']['codebook_usage']:.1f}%""" + (
+{_rfid_line(test)}- Export check: EMA fp32 {metrics['test_ema_fp32']['psnr_db']:.3f} dB / usage {100 * metrics['test_ema_fp32']['codebook_usage']:.1f}%""" + (
         f"; fp16 export {metrics['test_fp16_export']['psnr_db']:.3f} dB / {100 * metrics['test_fp16_export']['codebook_usage']:.1f}%"
         if 'test_fp16_export' in metrics else "") + f""" (raw non-EMA weights on the first 2000 test images: {metrics['test_raw_first_2000']['psnr_db']:.2f} dB).
 - `reconstructions.png`: rows 1/3 test originals, rows 2/4 their reconstructions.
@@ -398,8 +411,8 @@ Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
 ## Use
 ```python
 from argen.tokenizers.vq import VQTokenizer
-vq = VQTokenizer.from_pretrained("default-vq")  # fp16 weights load into a float32 model
-codes = vq.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, 8, 8]
+vq = VQTokenizer.from_pretrained(folder)  # fp16 weights load into a float32 model
+codes = vq.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, {side}, {side}]
 images = vq.decode(codes)
 ```
 """
@@ -412,9 +425,6 @@ def write_titok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: di
     losses = metrics["final_train_losses"]
     k = tc["num_latent_tokens"]
     grid = IMAGE_SIZE // tc["enc_patch_size"]
-    rfid = (f"- Reconstruction FID (Fashion-MNIST-classifier features of the 10,000 reconstructed 28x28 test images vs "
-            f"the test split's statistics): **{test['rfid']:.2f}**; the classifier's accuracy on the reconstructions "
-            f"{100 * test['recon_class_accuracy']:.1f}%.\n" if test.get("rfid") is not None else "")
     text = f"""# TiTok tokenizer for Fashion-MNIST, K = {k} 1D tokens
 
 TiTok (`argen.tokenizers.TiTokTokenizer`, the official architecture with the RGB head, `is_legacy=False`)
@@ -444,7 +454,7 @@ trained from scratch on the Fashion-MNIST train split (60,000 images) with `arge
 ## Quality (Fashion-MNIST test split, {test['test_images']} images, exported weights)
 - PSNR {test['psnr_db']:.2f} dB on the 28x28 garment area ({test['psnr_32x32_db']:.2f} dB on the padded 32x32 frame).
 - Codebook usage {100 * test['codebook_usage']:.1f}% ({test['codes_used']} of {test['codebook_size']} codes), code perplexity {test['code_perplexity']:.0f}.
-{rfid}- `reconstructions.png`: rows 1/3 test originals, rows 2/4 their reconstructions.
+{_rfid_line(test)}- `reconstructions.png`: rows 1/3 test originals, rows 2/4 their reconstructions.
 
 ## Use
 ```python
