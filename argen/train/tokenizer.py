@@ -23,7 +23,7 @@ unchanged; the patch size (default 4) then gives an 8x8 patch grid.
 FlexTok (`--arch flextok`): the model's own objective (`FlexTokTokenizer.forward`): FSQ codes (no
 codebook or commitment loss, no dead codes to restart), nested dropout over the registers, and the
 rectified-flow velocity loss of the decoder. Same 32x32 frames, EMA, evaluation (decoded with the
-model's stored flow steps, every image from seed 0) and export; the model card adds a grid of
+model's stored flow steps, test image i from seed i) and export; the model card adds a grid of
 prefix decodes (k = 1, 2, 4, ..., K).
 
 At the end the EMA weights are evaluated on the test split (PSNR, codebook usage, and with
@@ -94,13 +94,20 @@ def psnr_per_image(recon: torch.Tensor, target: torch.Tensor, crop: Optional[int
 
 @torch.no_grad()
 def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, labels: Optional[torch.Tensor] = None,
-                       rfid: bool = False) -> dict:
+                       rfid: bool = False, num_tokens: Optional[int] = None) -> dict:
     """Test-split metrics of any `ImageTokenizer` on 32x32 padded images: PSNR on the 28x28 garment
     area and on the padded 32x32 frame, codebook usage (fraction of entries used at least once) and
     code perplexity. With `rfid`: the reconstruction FID, i.e. the FID (Fashion-MNIST-classifier
     features, as `argen eval fid`) of the reconstructed 28x28 garment areas against the statistics
-    of the real test split, and (with `labels`) the classifier's accuracy on the reconstructions."""
+    of the real test split, and (with `labels`) the classifier's accuracy on the reconstructions.
+    `num_tokens` k: decode only the first k codes of each image (tokenizers with `accepts_prefixes`);
+    usage then counts those. Test image i decodes with seed i (random decoders such as FlexTok's)."""
     vq.eval()
+    if num_tokens is not None and num_tokens != vq.num_tokens:
+        if not getattr(vq, "accepts_prefixes", False):
+            raise ArgenError(f"{type(vq).__name__} decodes only complete sequences of {vq.num_tokens} codes")
+        if not 1 <= num_tokens <= vq.num_tokens:
+            raise ArgenError(f"num_tokens must be in 1..{vq.num_tokens}, got {num_tokens}")
     source = ImageBatches(images_uint8)
     psnr28, psnr32, counts = [], [], torch.zeros(vq.vocab_size, dtype=torch.float64)
     mse_sum = 0.0
@@ -108,7 +115,9 @@ def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, la
     for start in range(0, len(source), batch_size):
         x = source.batch(torch.arange(start, min(start + batch_size, len(source))))
         codes = vq.encode(x)
-        recon = vq.decode(codes).float()
+        if num_tokens is not None:
+            codes = codes.flatten(1)[:, :num_tokens]
+        recon = vq.decode(codes, seeds=list(range(start, start + len(x)))).float()
         psnr28.append(psnr_per_image(recon, x, crop=28))
         psnr32.append(psnr_per_image(recon, x))
         counts += torch.bincount(codes.flatten(), minlength=vq.vocab_size).double()
@@ -129,6 +138,7 @@ def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, la
                                   "the fashion-mnist:test reference statistics"}
     return {
         "test_images": len(source),
+        **({} if num_tokens is None else {"num_tokens": num_tokens}),
         "psnr_db": float(torch.cat(psnr28).mean()),
         "psnr_32x32_db": float(torch.cat(psnr32).mean()),
         "mse_32x32_in_[-1,1]": mse_sum / len(source),
