@@ -241,6 +241,9 @@ def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_l
         raise ArgenError(f"--patch-size {patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} training images")
     if width % heads:
         raise ArgenError(f"--width {width} is not divisible by --heads {heads}")
+    if not fsq_levels or min(fsq_levels) < 3:
+        raise ArgenError(f"--fsq-levels {','.join(map(str, fsq_levels))}: every FSQ level must be >= 3 "
+                         "(fsq_levels; vector-quantize-pytorch's FSQ needs its symmetric variant for 2)")
     return dict(image_size=IMAGE_SIZE, in_channels=1, patch_size=patch_size, num_registers=num_latent_tokens,
                 fsq_levels=tuple(int(v) for v in fsq_levels), enc_width=width, enc_layers=enc_layers,
                 enc_heads=heads, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
