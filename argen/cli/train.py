@@ -85,6 +85,8 @@ _FLEXTOK_ONLY = {
                                                                   "register masked, for guidance (default 0.1)"),
     "--nested-dropout": dict(choices=["pow2", "uniform"], help="how many registers to keep: a power of two "
                                                                 "(default) or uniform in 1..K"),
+    "--time-mean": dict(type=number(-5, 5), help="flow training times sigma = sigmoid(N(mean, 1)); > 0 trains more "
+                                                  "at high noise, where only the tokens inform (default 0, FlexTok's)"),
 }
 # The options each architecture takes; the TiTok sizes also size FlexTok.
 _ARCH_OPTIONS = {"vq": _VQ_ONLY, "titok": _TITOK_ONLY, "flextok": {**_TITOK_ONLY, **_FLEXTOK_ONLY}}

@@ -13,7 +13,7 @@ built from the mechanics documented there (registers, FSQ, nested dropout, recti
 
 Training (`forward`): nested dropout keeps the first k registers, k drawn from the powers of two
 1..K, and with probability `cfg_dropout` none (the null condition used by classifier-free guidance);
-the time is sigma = sigmoid(n), n ~ N(0, 1), x_sigma = sigma * noise + (1 - sigma) * image, and the
+the time is sigma = sigmoid(n), n ~ N(time_mean, 1) (FlexTok: mean 0), x_sigma = sigma * noise + (1 - sigma) * image, and the
 loss is the mean squared error of the predicted velocity. The first tokens must then carry what
 matters most, since they are the only ones the decoder sees at k = 1, 2, 4, ...
 
@@ -116,7 +116,7 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer)
                  fsq_levels: Sequence[int] = (8, 5, 5, 5), enc_width: int = 128, enc_layers: int = 4,
                  enc_heads: int = 4, dec_width: int = 128, dec_layers: int = 4, dec_heads: int = 4,
                  mlp_ratio: float = 4.0, nested_dropout: str = "pow2", cfg_dropout: float = 0.1,
-                 flow_steps: int = 8, guidance_scale: float = 1.0):
+                 flow_steps: int = 8, guidance_scale: float = 1.0, time_mean: float = 0.0):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
             raise ArgenError(f"patch_size {patch_size} must divide image_size {image_size}")
@@ -337,7 +337,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer)
         slots = self.register_slots(values, keep, b)
         x0 = self.patchify(images)
         noise = torch.randn_like(x0)
-        sigma = torch.sigmoid(torch.randn(b, device=images.device))  # logit-normal times
+        # logit-normal times; time_mean > 0 trains more at high noise, where only the registers inform
+        sigma = torch.sigmoid(torch.randn(b, device=images.device) + self.config.time_mean)
         s = sigma[:, None, None]
         v = self.velocity(s * noise + (1 - s) * x0, sigma, slots)
         loss = F.mse_loss(v, noise - x0)

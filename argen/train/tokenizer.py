@@ -58,7 +58,7 @@ DEFAULT_TITOK = dict(num_latent_tokens=16, patch_size=4, width=96, enc_layers=3,
 
 # FlexTok defaults (argen train tokenizer --arch flextok); sized for a ~45 min run on one CPU thread.
 DEFAULT_FLEXTOK = dict(num_latent_tokens=32, patch_size=4, width=128, enc_layers=4, dec_layers=4, heads=4,
-                       fsq_levels=(8, 5, 5, 5), flow_steps=8, cfg_dropout=0.1, nested_dropout="pow2")
+                       fsq_levels=(8, 5, 5, 5), flow_steps=8, cfg_dropout=0.1, nested_dropout="pow2", time_mean=0.0)
 
 IMAGE_SIZE = 32  # 28x28 Fashion-MNIST padded with background (-1) to 32x32 -> 8x8 codes with ch_mult (1,2,2)
 
@@ -235,7 +235,7 @@ def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_lay
 
 def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
                    heads: int, fsq_levels: Sequence[int], flow_steps: int, cfg_dropout: float,
-                   nested_dropout: str) -> dict:
+                   nested_dropout: str, time_mean: float) -> dict:
     """`FlexTokTokenizer` arguments for Fashion-MNIST (1 channel, 32x32 frames, same width both sides)."""
     if IMAGE_SIZE % patch_size:
         raise ArgenError(f"--patch-size {patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} training images")
@@ -247,7 +247,8 @@ def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_l
     return dict(image_size=IMAGE_SIZE, in_channels=1, patch_size=patch_size, num_registers=num_latent_tokens,
                 fsq_levels=tuple(int(v) for v in fsq_levels), enc_width=width, enc_layers=enc_layers,
                 enc_heads=heads, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
-                nested_dropout=nested_dropout, cfg_dropout=cfg_dropout, flow_steps=flow_steps, guidance_scale=1.0)
+                nested_dropout=nested_dropout, cfg_dropout=cfg_dropout, flow_steps=flow_steps, guidance_scale=1.0,
+                time_mean=float(time_mean))
 
 
 def _no_decay(name: str) -> bool:
@@ -281,7 +282,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     width: Optional[int] = None, enc_layers: Optional[int] = None, dec_layers: Optional[int] = None,
                     heads: Optional[int] = None, fsq_levels: Optional[Sequence[int]] = None,
                     flow_steps: Optional[int] = None, cfg_dropout: Optional[float] = None,
-                    nested_dropout: Optional[str] = None, rfid: bool = False) -> dict:
+                    nested_dropout: Optional[str] = None, time_mean: Optional[float] = None,
+                    rfid: bool = False) -> dict:
     """Train a tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
 
     `arch`: "vq" (LlamaGen VQ: `ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `norm_groups`) or
@@ -302,8 +304,9 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     check_run_dir(out, resume)
     if arch not in ("vq", "titok", "flextok"):
         raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq, titok or flextok")
-    if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, cfg_dropout, nested_dropout)):
-        raise ArgenError("fsq_levels, flow_steps, cfg_dropout and nested_dropout apply to arch flextok only")
+    if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, cfg_dropout, nested_dropout,
+                                                         time_mean)):
+        raise ArgenError("fsq_levels, flow_steps, cfg_dropout, nested_dropout and time_mean apply to arch flextok only")
     sizes = dict(num_latent_tokens=num_latent_tokens, patch_size=patch_size, width=width, enc_layers=enc_layers,
                  dec_layers=dec_layers, heads=heads)
     if arch != "vq":
@@ -324,7 +327,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         model_cls, config_key, kind = TiTokTokenizer, "titok_config", "titok-tokenizer"
     else:
         given = dict(fsq_levels=fsq_levels, flow_steps=flow_steps, cfg_dropout=cfg_dropout,
-                     nested_dropout=nested_dropout)
+                     nested_dropout=nested_dropout, time_mean=time_mean)
         vq_kwargs = flextok_kwargs(**sizes, **{k: DEFAULT_FLEXTOK[k] if v is None else v for k, v in given.items()})
         model_cls, config_key, kind = FlexTokTokenizer, "flextok_config", "flextok-tokenizer"
         codebook_size = math.prod(vq_kwargs["fsq_levels"])
@@ -565,6 +568,7 @@ with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/f
 - Bottleneck: linear to {len(levels)} dims, FSQ levels {levels} ({math.prod(levels)} codes; `vector_quantize_pytorch.FSQ`).
 - Decoder: rectified flow over the {grid * grid} noised patches + {k} register slots (width {fc['dec_width']}, {fc['dec_layers']} layers,
   {fc['dec_heads']} heads, adaLN-Zero time conditioning), velocity target noise - image.
+- Flow times sigma = sigmoid(n), n ~ N({fc.get('time_mean', 0.0)}, 1) (FlexTok: mean 0).
 - Nested dropout ({fc['nested_dropout']}): keep the first k registers, the rest become a learned mask token; with
   probability {fc['cfg_dropout']} none is kept (the null condition for register guidance).
 - Decoding defaults stored with the model: {fc['flow_steps']} Euler steps (diffusers `FlowMatchEulerDiscreteScheduler`,
