@@ -310,12 +310,27 @@ class ARPipeline(DiffusionPipeline):
         labels = [i for i in ids for _ in range(num_images)]
         return Conditions(torch.tensor(labels, device=self.device), None, labels)
 
+    def check_num_tokens(self, num_tokens: Optional[int]) -> Optional[int]:
+        """`num_tokens` (sample only the first n positions) checked against the chain: the tokenizer
+        must decode prefixes (`accepts_prefixes`, e.g. FlexTok), and 1 <= n <= the generator's positions."""
+        if num_tokens is None:
+            return None
+        if not getattr(self.tokenizer, "accepts_prefixes", False):
+            raise ArgenError(f"--num-tokens: this model's tokenizer ({type(self.tokenizer).__name__}) decodes only "
+                             f"complete sequences of {self.tokenizer.num_tokens} codes, not prefixes")
+        if self.refiner is not None:
+            raise ArgenError("--num-tokens: a pipeline with a refiner needs every position")
+        limit = self.generator.num_positions
+        return check_number("num_tokens", num_tokens, 1, limit, integer=True)
+
     def sample_tokens(self, conds: Conditions, seeds: Sequence[int], sampler: Union[str, Sampler] = "ar",
                       params: Optional[SamplingParams] = None, batch_size: int = 16,
-                      progress: bool = False) -> SamplerOutput:
+                      progress: bool = False, num_tokens: Optional[int] = None) -> SamplerOutput:
         """Generator tokens [N, n] for every condition, in batches of `batch_size`; image i
         draws only from seeds[i], so it is the same whatever the batching. The output's counters
-        cover all batches (num_forward_passes summed over batches)."""
+        cover all batches (num_forward_passes summed over batches). `num_tokens` samples only the
+        first n positions (a tokenizer that decodes prefixes, `check_num_tokens`); default all."""
+        num_tokens = self.check_num_tokens(num_tokens)
         if isinstance(sampler, str):
             sampler = get_sampler(sampler)
         elif not isinstance(sampler, Sampler):
@@ -328,7 +343,7 @@ class ARPipeline(DiffusionPipeline):
             hi = min(lo + batch_size, len(conds))
             part = conds[lo:hi]
             outs.append(sampler(self.generator, part.cond, params=params, cond_mask=part.mask,
-                                seeds=list(seeds[lo:hi])))
+                                num_tokens=num_tokens, seeds=list(seeds[lo:hi])))
             bar.update(hi - lo)
         bar.close()
         return SamplerOutput(tokens=torch.cat([o.tokens for o in outs]),
@@ -381,11 +396,12 @@ class ARPipeline(DiffusionPipeline):
                  num_images: int = 1, sampler: Union[str, Sampler] = "ar", cfg_scale: Optional[float] = None,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, batch_size: int = 16, progress: bool = True,
-                 cfg_schedule: str = "constant") -> ARPipelineOutput:
+                 cfg_schedule: str = "constant", num_tokens: Optional[int] = None) -> ARPipelineOutput:
         """Generate `num_images` images per prompt (t2i) or per class (c2i).
 
         Image i (counting over all prompts/classes) is sampled with seed `seed + i`, so it is
-        the same whatever `batch_size` is.
+        the same whatever `batch_size` is. `num_tokens` generates only the first n tokens and
+        decodes that prefix (tokenizers with `accepts_prefixes`, such as FlexTok).
         """
         num_images = check_number("num_images", num_images, 1, None, integer=True)
         batch_size = check_number("batch_size", batch_size, 1, None, integer=True)
@@ -394,13 +410,14 @@ class ARPipeline(DiffusionPipeline):
             sampler = get_sampler(sampler)
         params = self.sampling_params(cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
                                       top_p=top_p, cfg_schedule=cfg_schedule)
+        num_tokens = self.check_num_tokens(num_tokens)
         conds = self.conditions(prompt, class_labels, num_images)
         if seed + len(conds) - 1 > MAX_SEED:
             raise ArgenError(f"seed {seed} + {len(conds)} images runs past the largest seed {MAX_SEED} "
                              f"(image i uses seed + i); use a seed <= {MAX_SEED - len(conds) + 1}")
         seeds = [seed + i for i in range(len(conds))]
         start = time.perf_counter()
-        out = self.sample_tokens(conds, seeds, sampler, params, batch_size, progress)
+        out = self.sample_tokens(conds, seeds, sampler, params, batch_size, progress, num_tokens)
         images = self.tokens_to_images(out.tokens, conds, seeds)
         return ARPipelineOutput(images=to_pil(images), tokens=out.tokens.cpu(), labels=conds.labels, seeds=seeds,
                                 num_forward_passes=out.num_forward_passes, seconds=time.perf_counter() - start)

@@ -177,6 +177,37 @@ def test_titok_resume_is_bit_exact(tmp_path):
         train_tokenizer(tmp_path / "b", resume=True, **{**kw, "num_latent_tokens": 5})
 
 
+TINY_FLEXTOK = dict(arch="flextok", num_latent_tokens=4, patch_size=8, width=16, enc_layers=1, dec_layers=1, heads=2,
+                    fsq_levels=(5, 5, 3))
+
+
+def test_flextok_tiny_run_learns_exports_and_resumes(tmp_path):
+    from argen.tokenizers import FlexTokTokenizer
+
+    kw = dict(steps=12, batch_size=8, lr=3e-3, warmup_steps=2, limit=64, test_limit=8, log_every=2, ckpt_every=6,
+              progress=False, **TINY_FLEXTOK)
+    out = tmp_path / "a"
+    metrics = train_tokenizer(out, **kw)
+    rows = read_log(out / "log.csv")
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the flow loss falls
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["run"]["kind"] == "flextok-tokenizer" and record["run"]["restart_every"] == 0
+    assert record["run"]["flextok_config"]["num_registers"] == 4
+    tok = FlexTokTokenizer.from_pretrained(out / "model")
+    assert tok.num_tokens == 4 and tok.vocab_size == 75 and tok.accepts_prefixes
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert tok.decode(tok.encode(x)[:, :1], seeds=[0, 1]).shape == (2, 1, 32, 32)
+    assert metrics["test"]["codebook_size"] == 75 and 0 < metrics["test"]["codes_used"] <= 75
+    assert (out / "model" / "prefixes.png").is_file()
+    assert "1 to 4 ordered 1D tokens" in (out / "model/MODEL_CARD.md").read_text()
+    # stopped and resumed: the same weights and losses as the uninterrupted run
+    assert train_tokenizer(tmp_path / "b", stop_at_step=6, **kw) == {"stopped_at": 6}
+    train_tokenizer(tmp_path / "b", resume=True, **kw)
+    for name in ("model.safetensors", "ema.safetensors"):
+        _assert_same_state(out / "checkpoints/step_000012" / name, tmp_path / "b/checkpoints/step_000012" / name)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_log(tmp_path / "b/log.csv")]
+
+
 def test_titok_restarts_revive_dead_codes(tmp_path):
     """With restarts every step, dead codes are moved onto encoder outputs: more codes in use than without."""
     kw = dict(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, limit=48, test_limit=48, log_every=6, ckpt_every=6,
@@ -281,6 +312,12 @@ def test_cli_tokenizer_arch_options(tmp_path, capsys):
         capsys, ["train", "tokenizer", "--arch", "titok", "--patch-size", "5", "--out", out, "--steps", "2"])
     assert "--heads" in _one_line_error(
         capsys, ["train", "tokenizer", "--arch", "titok", "--width", "30", "--heads", "4", "--out", out, "--steps", "2"])
+    assert "--fsq-levels does not apply to --arch titok" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "titok", "--fsq-levels", "8,5,5", "--out", out, "--steps", "2"])
+    assert "--codebook-size does not apply to --arch flextok" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "flextok", "--codebook-size", "64", "--out", out, "--steps", "2"])
+    assert "fsq_levels" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "flextok", "--fsq-levels", "2,5", "--out", out, "--steps", "2"])
 
 
 def test_cli_trains_a_titok(tmp_path, capsys):

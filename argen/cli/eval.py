@@ -126,6 +126,8 @@ def register(sub):
     t.add_argument("--tokenizer", required=True, help="tokenizer folder or shipped name (default-vq, titok-fmnist-k16)")
     t.add_argument("--num-images", type=number(2, 10000, integer=True), default=10000,
                    help="first N test images (default all 10000)")
+    t.add_argument("--num-tokens", type=number(1, integer=True), default=None, metavar="K",
+                   help="decode only the first K codes (tokenizers that decode prefixes, such as FlexTok)")
     t.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
     t.set_defaults(func=run_tokenizer)
@@ -424,11 +426,12 @@ def run_tokenizer(args) -> int:
                          f"tokenizer, got {tok.image_channels} x {tok.image_size}x{tok.image_size}")
     images, labels = load_fashion_mnist("test")
     t0 = time.time()
-    m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True)
+    m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True,
+                           num_tokens=args.num_tokens)
     m["tokenizer"] = str(args.tokenizer)
-    m["tokens_per_image"] = tok.num_tokens
+    m["tokens_per_image"] = args.num_tokens or tok.num_tokens
     m["seconds"] = round(time.time() - t0, 1)
-    print(f"{args.tokenizer}: {tok.num_tokens} tokens/image, test PSNR {m['psnr_db']:.2f} dB (28x28), "
+    print(f"{args.tokenizer}: {m['tokens_per_image']} tokens/image, test PSNR {m['psnr_db']:.2f} dB (28x28), "
           f"codebook usage {100 * m['codebook_usage']:.1f}% ({m['codes_used']}/{m['codebook_size']}), "
           f"rFID {m['rfid']:.3f}, classifier accuracy on reconstructions {100 * m['recon_class_accuracy']:.1f}% "
           f"(N={m['test_images']})")

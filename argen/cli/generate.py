@@ -50,6 +50,9 @@ def register(sub):
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, metavar="P",
                    help="sample from the smallest set of tokens holding probability P, in (0, 1]; "
                         "1.0 (default) keeps all")
+    p.add_argument("--num-tokens", type=number(1, None, integer=True), default=None, metavar="K",
+                   help="generate only the first K tokens and decode that prefix (models whose tokenizer "
+                        "decodes prefixes, such as flextok-c2i); default: every token")
     p.add_argument("--batch-size", type=number(1, 4096, integer=True), default=16)
     p.add_argument("--grid-scale", type=number(1, 64, integer=True), default=4,
                    help=f"upscale factor of the grid (nearest, default 4); the grid may have at most "
@@ -132,6 +135,7 @@ def run(args) -> int:
     from ..pipeline import ARPipeline
 
     pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer, weights=args.weights)
+    pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)
     side = min(pipe.crop or pipe.tokenizer.image_size, pipe.tokenizer.image_size)
@@ -142,7 +146,8 @@ def run(args) -> int:
     result = pipe(prompt=args.prompt, class_labels=class_ids, num_images=args.num_images, sampler=sampler,
                   cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
                   temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, progress=True)
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, progress=True,
+                  num_tokens=args.num_tokens)
     names = [f"{i:04d}_seed{s}.png" for i, s in enumerate(result.seeds)]
     grid = make_grid(result.images, scale=args.grid_scale)
     if out.exists() and not is_argen_file(out):  # appeared while sampling

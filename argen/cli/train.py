@@ -71,20 +71,36 @@ _VQ_ONLY = {
     "--norm-groups": dict(type=COUNT, help="GroupNorm groups (default: divides every width)"),
 }
 _TITOK_ONLY = {
-    "--num-latent-tokens": dict(type=COUNT, help="K, 1D tokens per image (default 16)"),
+    "--num-latent-tokens": dict(type=COUNT, help="K, 1D tokens per image (default 16; flextok: registers, 32)"),
     "--patch-size": dict(type=COUNT, help="ViT patch size on the 32x32 frame (default 4: an 8x8 grid)"),
-    "--width": dict(type=COUNT, help="encoder and decoder ViT width (default 96)"),
-    "--enc-layers": dict(type=COUNT, help="encoder blocks (default 3)"),
+    "--width": dict(type=COUNT, help="encoder and decoder ViT width (default 96; flextok 128)"),
+    "--enc-layers": dict(type=COUNT, help="encoder blocks (default 3; flextok 4)"),
     "--dec-layers": dict(type=COUNT, help="decoder blocks (default 4)"),
     "--heads": dict(type=COUNT, help="attention heads (default 4)"),
 }
+_FLEXTOK_ONLY = {
+    "--fsq-levels": dict(type=_int_tuple, help="FSQ levels per dimension, each >= 3 (default 8,5,5,5: 1000 codes)"),
+    "--flow-steps": dict(type=COUNT, help="decoding default: Euler steps of the flow decoder (default 8)"),
+    "--cfg-dropout": dict(type=number(0, 1, hi_open=True), help="fraction of training images decoded with every "
+                                                                  "register masked, for guidance (default 0.1)"),
+    "--nested-dropout": dict(choices=["pow2", "uniform"], help="how many registers to keep: a power of two "
+                                                                "(default) or uniform in 1..K"),
+    "--time-mean": dict(type=number(-5, 5), help="flow training times sigma = sigmoid(N(mean, 1)); > 0 trains more "
+                                                  "at high noise, where only the tokens inform (default 0, FlexTok's)"),
+}
+# The options each architecture takes; the TiTok sizes also size FlexTok.
+_ARCH_OPTIONS = {"vq": _VQ_ONLY, "titok": _TITOK_ONLY, "flextok": {**_TITOK_ONLY, **_FLEXTOK_ONLY}}
 
 
 def _arch_options(args) -> dict:
     """The options given for the chosen architecture (train_tokenizer fills in the rest); a flag of
-    the other architecture is a one-line error."""
-    own, other = (_VQ_ONLY, _TITOK_ONLY) if args.arch == "vq" else (_TITOK_ONLY, _VQ_ONLY)
-    given = [flag for flag in other if getattr(args, flag[2:].replace("-", "_")) is not None]
+    another architecture is a one-line error."""
+    own = _ARCH_OPTIONS[args.arch]
+    every = {**_VQ_ONLY, **_TITOK_ONLY, **_FLEXTOK_ONLY}
+    given = [flag for flag in every if flag not in own and getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.arch == "flextok":
+        given += [flag for flag in ("--codebook-size", "--codebook-dim")
+                  if getattr(args, flag[2:].replace("-", "_")) is not None]
     if given:
         raise ArgenError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --arch {args.arch}")
     names = [flag[2:].replace("-", "_") for flag in own]
@@ -92,22 +108,29 @@ def _arch_options(args) -> dict:
 
 
 def register(sub):
-    parser = sub.add_parser("train", help="train a tokenizer (VQ or TiTok), a GPT generator or a CTF refiner on Fashion-MNIST")
+    parser = sub.add_parser("train", help="train a tokenizer (VQ, TiTok or FlexTok), a GPT generator or a CTF refiner "
+                                          "on Fashion-MNIST")
     kinds = parser.add_subparsers(dest="train_kind", metavar="KIND", parser_class=type(parser))
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
-    tok = kinds.add_parser("tokenizer", help="train a tokenizer: LlamaGen VQ (default) or TiTok (--arch titok)")
+    tok = kinds.add_parser("tokenizer", help="train a tokenizer: LlamaGen VQ (default), TiTok (--arch titok) or "
+                                             "FlexTok (--arch flextok)")
     _common(tok, default_lr=5e-4, default_batch=32)
-    tok.add_argument("--arch", choices=["vq", "titok"], default="vq",
-                     help="vq: LlamaGen VQ, 2D grid of codes; titok: TiTok, K 1D tokens (RGB head, single stage)")
+    tok.add_argument("--arch", choices=["vq", "titok", "flextok"], default="vq",
+                     help="vq: LlamaGen VQ, 2D grid of codes; titok: TiTok, K 1D tokens (RGB head, single stage); "
+                          "flextok: 1..K ordered 1D tokens, FSQ, rectified-flow decoder")
     vq = tok.add_argument_group("--arch vq")
     for flag, kw in _VQ_ONLY.items():
         vq.add_argument(flag, default=None, **kw)
-    ti = tok.add_argument_group("--arch titok")
+    ti = tok.add_argument_group("--arch titok and flextok")
     for flag, kw in _TITOK_ONLY.items():
         ti.add_argument(flag, default=None, **kw)
-    tok.add_argument("--codebook-size", type=number(2, integer=True), default=1024)
-    tok.add_argument("--codebook-dim", type=COUNT, default=8, help="code vector size (TiTok's token_size)")
+    fl = tok.add_argument_group("--arch flextok")
+    for flag, kw in _FLEXTOK_ONLY.items():
+        fl.add_argument(flag, default=None, **kw)
+    tok.add_argument("--codebook-size", type=number(2, integer=True), default=None, help="vq/titok (default 1024)")
+    tok.add_argument("--codebook-dim", type=COUNT, default=None, help="vq/titok code vector size (TiTok's "
+                                                                        "token_size; default 8)")
     tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
     tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
     tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
@@ -192,8 +215,9 @@ def _run_tokenizer(args) -> int:
     _check_outputs(args)
     from ..train.tokenizer import train_tokenizer
 
-    metrics = train_tokenizer(**_common_kwargs(args), arch=args.arch, **options,
-                              codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
+    books = {k: v for k, v in (("codebook_size", args.codebook_size), ("codebook_dim", args.codebook_dim))
+             if v is not None}
+    metrics = train_tokenizer(**_common_kwargs(args), arch=args.arch, **options, **books,
                               l1_weight=args.l1_weight, restart_every=args.restart_every,
                               restart_until=args.restart_until, test_limit=args.test_limit, rfid=args.rfid)
     if metrics:

@@ -2,7 +2,8 @@
 package: that name belongs to Hugging Face tokenizers, which transformers imports."""
 
 from .base import ImageTokenizer
+from .flextok import FlexTokTokenizer
 from .titok import TiTokTokenizer
 from .vq import VQTokenizer
 
-__all__ = ["ImageTokenizer", "TiTokTokenizer", "VQTokenizer"]
+__all__ = ["FlexTokTokenizer", "ImageTokenizer", "TiTokTokenizer", "VQTokenizer"]

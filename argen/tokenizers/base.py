@@ -11,6 +11,9 @@ Everything outside `argen/tokenizers` uses only these members:
     grid                                    (h, w) when codes tile a 2D grid, None for 1D
     codebook_embeddings()                   [vocab_size, D] code vectors, or None
     image_size, image_channels              what decode produces
+    accepts_prefixes                        True when decode takes any prefix codes[:, :k], 1 <= k <= n,
+                                            and makes a whole image of it (FlexTok); then the pipeline
+                                            may sample only the first k positions (`--num-tokens`)
 
 Pixel ranges are converted at this boundary: a tokenizer working on [0, 1] pixels (TiTok)
 converts inside encode/decode, so the rest of argen sees [-1, 1] only. A tokenizer saved with
@@ -28,6 +31,9 @@ from ..errors import ArgenError
 
 
 class ImageTokenizer(abc.ABC):
+    #: whether `decode` takes a prefix codes[:, :k] of the sequence (ordered 1D tokens such as FlexTok's)
+    accepts_prefixes: bool = False
+
     @property
     @abc.abstractmethod
     def num_tokens(self) -> int: ...

@@ -1,5 +1,5 @@
 """Tokenizer training on Fashion-MNIST (`argen train tokenizer`): the LlamaGen VQ (`--arch vq`, the
-default) or TiTok (`--arch titok`, K 1D tokens).
+default), TiTok (`--arch titok`, K 1D tokens) or FlexTok (`--arch flextok`, 1..K ordered 1D tokens).
 
 Losses as LlamaGen's `vq_train.py` minus the parts that need pretrained networks: L2
 reconstruction (optionally + L1), codebook loss and commitment loss (beta 0.25, from the
@@ -20,6 +20,12 @@ losses, L2-normalised codebook, dead-code restarts, EMA and evaluation as the VQ
 rFID are measured on the same frames, and `argen train gpt` / the pipeline's 28-pixel crop work
 unchanged; the patch size (default 4) then gives an 8x8 patch grid.
 
+FlexTok (`--arch flextok`): the model's own objective (`FlexTokTokenizer.forward`): FSQ codes (no
+codebook or commitment loss, no dead codes to restart), nested dropout over the registers, and the
+rectified-flow velocity loss of the decoder. Same 32x32 frames, EMA, evaluation (decoded with the
+model's stored flow steps, test image i from seed i) and export; the model card adds a grid of
+prefix decodes (k = 1, 2, 4, ..., K).
+
 At the end the EMA weights are evaluated on the test split (PSNR, codebook usage, and with
 `rfid=True` the reconstruction FID in Fashion-MNIST-classifier features) and exported.
 """
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 
 from ..data.fashion_mnist import load_fashion_mnist, pad_image, to_model_range
 from ..errors import ArgenError
+from ..tokenizers.flextok import FlexTokTokenizer, powers_of_two
 from ..tokenizers.titok import TiTokTokenizer
 from ..tokenizers.vq import VQTokenizer
 from .common import Trainer, TrainConfig, check_run_args, set_threads, seed_everything, write_json
@@ -48,6 +55,10 @@ DEFAULT_VQ = dict(codebook_size=1024, codebook_embed_dim=8, codebook_l2_norm=Tru
 
 # TiTok defaults for Fashion-MNIST (argen train tokenizer --arch titok); sized for a < 40 min CPU run.
 DEFAULT_TITOK = dict(num_latent_tokens=16, patch_size=4, width=96, enc_layers=3, dec_layers=4, heads=4)
+
+# FlexTok defaults (argen train tokenizer --arch flextok); sized for a ~45 min run on one CPU thread.
+DEFAULT_FLEXTOK = dict(num_latent_tokens=32, patch_size=4, width=128, enc_layers=4, dec_layers=4, heads=4,
+                       fsq_levels=(8, 5, 5, 5), flow_steps=8, cfg_dropout=0.1, nested_dropout="pow2", time_mean=0.0)
 
 IMAGE_SIZE = 32  # 28x28 Fashion-MNIST padded with background (-1) to 32x32 -> 8x8 codes with ch_mult (1,2,2)
 
@@ -83,13 +94,20 @@ def psnr_per_image(recon: torch.Tensor, target: torch.Tensor, crop: Optional[int
 
 @torch.no_grad()
 def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, labels: Optional[torch.Tensor] = None,
-                       rfid: bool = False) -> dict:
+                       rfid: bool = False, num_tokens: Optional[int] = None) -> dict:
     """Test-split metrics of any `ImageTokenizer` on 32x32 padded images: PSNR on the 28x28 garment
     area and on the padded 32x32 frame, codebook usage (fraction of entries used at least once) and
     code perplexity. With `rfid`: the reconstruction FID, i.e. the FID (Fashion-MNIST-classifier
     features, as `argen eval fid`) of the reconstructed 28x28 garment areas against the statistics
-    of the real test split, and (with `labels`) the classifier's accuracy on the reconstructions."""
+    of the real test split, and (with `labels`) the classifier's accuracy on the reconstructions.
+    `num_tokens` k: decode only the first k codes of each image (tokenizers with `accepts_prefixes`);
+    usage then counts those. Test image i decodes with seed i (random decoders such as FlexTok's)."""
     vq.eval()
+    if num_tokens is not None and num_tokens != vq.num_tokens:
+        if not getattr(vq, "accepts_prefixes", False):
+            raise ArgenError(f"{type(vq).__name__} decodes only complete sequences of {vq.num_tokens} codes")
+        if not 1 <= num_tokens <= vq.num_tokens:
+            raise ArgenError(f"num_tokens must be in 1..{vq.num_tokens}, got {num_tokens}")
     source = ImageBatches(images_uint8)
     psnr28, psnr32, counts = [], [], torch.zeros(vq.vocab_size, dtype=torch.float64)
     mse_sum = 0.0
@@ -97,7 +115,9 @@ def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, la
     for start in range(0, len(source), batch_size):
         x = source.batch(torch.arange(start, min(start + batch_size, len(source))))
         codes = vq.encode(x)
-        recon = vq.decode(codes).float()
+        if num_tokens is not None:
+            codes = codes.flatten(1)[:, :num_tokens]
+        recon = vq.decode(codes, seeds=list(range(start, start + len(x)))).float()
         psnr28.append(psnr_per_image(recon, x, crop=28))
         psnr32.append(psnr_per_image(recon, x))
         counts += torch.bincount(codes.flatten(), minlength=vq.vocab_size).double()
@@ -118,6 +138,7 @@ def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, la
                                   "the fashion-mnist:test reference statistics"}
     return {
         "test_images": len(source),
+        **({} if num_tokens is None else {"num_tokens": num_tokens}),
         "psnr_db": float(torch.cat(psnr28).mean()),
         "psnr_32x32_db": float(torch.cat(psnr32).mean()),
         "mse_32x32_in_[-1,1]": mse_sum / len(source),
@@ -182,6 +203,22 @@ def _save_recon_grid(vq, images_uint8: torch.Tensor, path: Path, n: int = 16) ->
     Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def save_prefix_grid(tok, images_uint8: torch.Tensor, path: Path, n: int = 12) -> None:
+    """FlexTok card figure: row 0 the originals, then one row per prefix length k = 1, 2, 4, ..., K."""
+    from PIL import Image
+
+    n = max(1, min(n, len(images_uint8)))
+    x = ImageBatches(images_uint8).batch(torch.arange(n))
+    rows = [x]
+    with torch.no_grad():
+        codes = tok.encode(x)
+        for k in powers_of_two(tok.num_tokens):
+            rows.append(tok.decode(codes[:, :k], seeds=list(range(n))).float().clamp(-1, 1))
+    grid = torch.cat([torch.cat(list(r[:, 0]), dim=1) for r in rows], dim=0)
+    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
+
+
 def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
                  heads: int, codebook_size: int, codebook_dim: int) -> dict:
     """`TiTokTokenizer` arguments for a Fashion-MNIST TiTok (1 channel, 32x32, RGB head, cosine codebook)."""
@@ -196,10 +233,29 @@ def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_lay
                 is_legacy=False, finetune_decoder=False)
 
 
+def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
+                   heads: int, fsq_levels: Sequence[int], flow_steps: int, cfg_dropout: float,
+                   nested_dropout: str, time_mean: float) -> dict:
+    """`FlexTokTokenizer` arguments for Fashion-MNIST (1 channel, 32x32 frames, same width both sides)."""
+    if IMAGE_SIZE % patch_size:
+        raise ArgenError(f"--patch-size {patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} training images")
+    if width % heads:
+        raise ArgenError(f"--width {width} is not divisible by --heads {heads}")
+    if not fsq_levels or min(fsq_levels) < 3:
+        raise ArgenError(f"--fsq-levels {','.join(map(str, fsq_levels))}: every FSQ level must be >= 3 "
+                         "(fsq_levels; vector-quantize-pytorch's FSQ needs its symmetric variant for 2)")
+    return dict(image_size=IMAGE_SIZE, in_channels=1, patch_size=patch_size, num_registers=num_latent_tokens,
+                fsq_levels=tuple(int(v) for v in fsq_levels), enc_width=width, enc_layers=enc_layers,
+                enc_heads=heads, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
+                nested_dropout=nested_dropout, cfg_dropout=cfg_dropout, flow_steps=flow_steps, guidance_scale=1.0,
+                time_mean=float(time_mean))
+
+
 def _no_decay(name: str) -> bool:
-    """TiTok: no weight decay on the codebook, the learned tokens and the positional embeddings."""
-    return name.startswith("quantize.") or name == "latent_tokens" or name.rsplit(".", 1)[-1] in (
-        "class_embedding", "positional_embedding", "latent_token_positional_embedding", "mask_token")
+    """TiTok / FlexTok: no weight decay on the codebook, the learned tokens and the positional embeddings."""
+    return name.startswith("quantize.") or name in ("latent_tokens", "registers") or name.rsplit(".", 1)[-1] in (
+        "class_embedding", "positional_embedding", "latent_token_positional_embedding", "mask_token",
+        "enc_pos", "dec_patch_pos", "dec_register_pos")
 
 
 def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
@@ -222,16 +278,21 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     log_every: int = 25, resume: bool = False, threads: Optional[int] = None,
                     progress: bool = True, export_dtype: str = "auto", command: Optional[str] = None,
                     data_root=None, stop_at_step: Optional[int] = None, arch: str = "vq",
-                    num_latent_tokens: int = DEFAULT_TITOK["num_latent_tokens"],
-                    patch_size: int = DEFAULT_TITOK["patch_size"], width: int = DEFAULT_TITOK["width"],
-                    enc_layers: int = DEFAULT_TITOK["enc_layers"], dec_layers: int = DEFAULT_TITOK["dec_layers"],
-                    heads: int = DEFAULT_TITOK["heads"], rfid: bool = False) -> dict:
+                    num_latent_tokens: Optional[int] = None, patch_size: Optional[int] = None,
+                    width: Optional[int] = None, enc_layers: Optional[int] = None, dec_layers: Optional[int] = None,
+                    heads: Optional[int] = None, fsq_levels: Optional[Sequence[int]] = None,
+                    flow_steps: Optional[int] = None, cfg_dropout: Optional[float] = None,
+                    nested_dropout: Optional[str] = None, time_mean: Optional[float] = None,
+                    rfid: bool = False) -> dict:
     """Train a tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
 
     `arch`: "vq" (LlamaGen VQ: `ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `norm_groups`) or
     "titok" (TiTok, RGB head, single stage: `num_latent_tokens` K, `patch_size`, `width`,
-    `enc_layers`, `dec_layers`, `heads`). Both: `codebook_size`, `codebook_dim` (TiTok's token_size;
-    the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12).
+    `enc_layers`, `dec_layers`, `heads`; defaults `DEFAULT_TITOK`) or "flextok" (the same six, K being
+    the register count, plus `fsq_levels`, `flow_steps` (decoding default), `cfg_dropout`,
+    `nested_dropout`; defaults `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
+    (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
+    FlexTok's vocabulary is the product of its FSQ levels.
     `export_dtype`: "float16", "float32" or "auto" (float16 unless it costs > 0.05 dB test PSNR
     or changes codebook usage by more than 1 point). `rfid`: also measure the reconstruction FID
     of the exported weights on the test split (Fashion-MNIST-classifier features).
@@ -241,8 +302,16 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     set_threads(threads)
     check_run_args(steps, epochs, export_dtype, limit=limit, test_limit=test_limit)
     check_run_dir(out, resume)
-    if arch not in ("vq", "titok"):
-        raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq or titok")
+    if arch not in ("vq", "titok", "flextok"):
+        raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq, titok or flextok")
+    if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, cfg_dropout, nested_dropout,
+                                                         time_mean)):
+        raise ArgenError("fsq_levels, flow_steps, cfg_dropout, nested_dropout and time_mean apply to arch flextok only")
+    sizes = dict(num_latent_tokens=num_latent_tokens, patch_size=patch_size, width=width, enc_layers=enc_layers,
+                 dec_layers=dec_layers, heads=heads)
+    if arch != "vq":
+        defaults = DEFAULT_TITOK if arch == "titok" else DEFAULT_FLEXTOK
+        sizes = {k: defaults[k] if v is None else v for k, v in sizes.items()}
     if arch == "vq":
         ch_mult = tuple(int(m) for m in ch_mult)
         if norm_groups is None:
@@ -253,11 +322,16 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         if IMAGE_SIZE % 2 ** (len(ch_mult) - 1):
             raise ArgenError(f"ch_mult {ch_mult} downsamples {IMAGE_SIZE}x{IMAGE_SIZE} to a fractional grid")
         model_cls, config_key, kind = VQTokenizer, "vq_config", "vq-tokenizer"
-    else:
-        vq_kwargs = titok_kwargs(num_latent_tokens=num_latent_tokens, patch_size=patch_size, width=width,
-                                 enc_layers=enc_layers, dec_layers=dec_layers, heads=heads,
-                                 codebook_size=codebook_size, codebook_dim=codebook_dim)
+    elif arch == "titok":
+        vq_kwargs = titok_kwargs(**sizes, codebook_size=codebook_size, codebook_dim=codebook_dim)
         model_cls, config_key, kind = TiTokTokenizer, "titok_config", "titok-tokenizer"
+    else:
+        given = dict(fsq_levels=fsq_levels, flow_steps=flow_steps, cfg_dropout=cfg_dropout,
+                     nested_dropout=nested_dropout, time_mean=time_mean)
+        vq_kwargs = flextok_kwargs(**sizes, **{k: DEFAULT_FLEXTOK[k] if v is None else v for k, v in given.items()})
+        model_cls, config_key, kind = FlexTokTokenizer, "flextok_config", "flextok-tokenizer"
+        codebook_size = math.prod(vq_kwargs["fsq_levels"])
+        restart_every = 0  # FSQ has no codebook entries to move: every grid point is a code
 
     train_images, _ = load_fashion_mnist("train", data_root)
     test_images, test_labels = load_fashion_mnist("test", data_root)
@@ -286,6 +360,13 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                 "train_items": len(train_images), "l1_weight": l1_weight, "restart_every": restart_every,
                 "restart_until": restart_until, "command": command, "threads": torch.get_num_threads()}
 
+    def flextok_loss(model, batch):
+        loss, codes, keep, _ = model(batch["image"])
+        used = torch.unique(codes).numel() / codebook_size
+        parts = {"loss": loss, "batch_usage": torch.tensor(float(used)),
+                 "null_fraction": (keep == 0).float().mean()}
+        return loss, parts, (codes, None)
+
     def loss_fn(model, batch):
         x = batch["image"]
         recon, codebook_loss, commit_loss, indices = model(x)
@@ -301,11 +382,13 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                  "batch_usage": torch.tensor(float(used))}
         return loss, parts, (indices, z)
 
-    trainer = Trainer(cfg, vq, ImageBatches(train_images), loss_fn, num_items=len(train_images),
-                      loss_names=["loss", "rec_mse", "codebook", "commit", "batch_usage"],
+    names = ["loss", "batch_usage", "null_fraction"] if arch == "flextok" else [
+        "loss", "rec_mse", "codebook", "commit", "batch_usage"]
+    trainer = Trainer(cfg, vq, ImageBatches(train_images), flextok_loss if arch == "flextok" else loss_fn,
+                      num_items=len(train_images), loss_names=names,
                       extra_state={"code_counts": counts}, after_step=restarter, accelerator=accelerator,
                       run_info=run_info, tokens_per_item=0,
-                      no_decay=_no_decay if arch == "titok" else (lambda name: name.startswith("quantize.")))
+                      no_decay=_no_decay if arch != "vq" else (lambda name: name.startswith("quantize.")))
     trainer.fit(stop_at=stop_at_step)
     if not trainer.finished:
         return {"stopped_at": trainer.step}
@@ -341,10 +424,15 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         metrics["parameters"] = sum(p.numel() for p in final.parameters())
         metrics["eval_wall_s"] = round(time.time() - t0, 1)
         _save_recon_grid(final, test_images, folder / "reconstructions.png")
+        shown = ["reconstructions.png"]
+        if arch == "flextok":
+            save_prefix_grid(final, test_images, folder / "prefixes.png")
+            shown.append("prefixes.png")
         write_json(Path(out) / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
-        (write_tokenizer_card if arch == "vq" else write_titok_card)(folder, metrics, cfg, run_info)
-        list_in_marker(folder, ["reconstructions.png", "metrics.json", "MODEL_CARD.md"])
+        {"vq": write_tokenizer_card, "titok": write_titok_card, "flextok": write_flextok_card}[arch](
+            folder, metrics, cfg, run_info)
+        list_in_marker(folder, shown + ["metrics.json", "MODEL_CARD.md"])
     accelerator.wait_for_everyone()
     return metrics
 
@@ -462,6 +550,62 @@ from argen.tokenizers import TiTokTokenizer
 tok = TiTokTokenizer.from_pretrained(folder)
 codes = tok.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, {k}]
 images = tok.decode(codes)
+```
+"""
+    (folder / "MODEL_CARD.md").write_text(text)
+
+
+def write_flextok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict) -> None:
+    fc = run_info["flextok_config"]
+    test = metrics["test"]
+    losses = metrics["final_train_losses"]
+    k = fc["num_registers"]
+    grid = IMAGE_SIZE // fc["patch_size"]
+    levels = fc["fsq_levels"]
+    rfid = (f"- Reconstruction FID at k = {k} (Fashion-MNIST-classifier features of the {test['test_images']} reconstructed "
+            f"28x28 test images vs the test split's statistics): **{test['rfid']:.2f}**; the classifier's accuracy on the "
+            f"reconstructions {100 * test['recon_class_accuracy']:.1f}%.\n" if test.get("rfid") is not None else "")
+    text = f"""# FlexTok tokenizer for Fashion-MNIST: 1 to {k} ordered 1D tokens
+
+`argen.tokenizers.FlexTokTokenizer`, argen's own pixel-space FlexTok (the official apple/ml-flextok
+releases inference code only), trained from scratch on the Fashion-MNIST train split (60,000 images)
+with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/flextok.md`.
+
+## Design
+- Input: 28x28 grey images padded with background to {IMAGE_SIZE}x{IMAGE_SIZE} (the frames of `default-vq`), [-1, 1].
+- Encoder: {fc['patch_size']}x{fc['patch_size']} patches ({grid}x{grid}) + {k} learned registers, width {fc['enc_width']}, {fc['enc_layers']} layers,
+  {fc['enc_heads']} heads; patches attend to patches, register i to every patch and registers 0..i.
+- Bottleneck: linear to {len(levels)} dims, FSQ levels {levels} ({math.prod(levels)} codes; `vector_quantize_pytorch.FSQ`).
+- Decoder: rectified flow over the {grid * grid} noised patches + {k} register slots (width {fc['dec_width']}, {fc['dec_layers']} layers,
+  {fc['dec_heads']} heads, adaLN-Zero time conditioning), velocity target noise - image.
+- Flow times sigma = sigmoid(n), n ~ N({fc.get('time_mean', 0.0)}, 1) (FlexTok: mean 0).
+- Nested dropout ({fc['nested_dropout']}): keep the first k registers, the rest become a learned mask token; with
+  probability {fc['cfg_dropout']} none is kept (the null condition for register guidance).
+- Decoding defaults stored with the model: {fc['flow_steps']} Euler steps (diffusers `FlowMatchEulerDiscreteScheduler`,
+  uniform sigmas), guidance scale {fc['guidance_scale']} (off); image i's noise from seed i only.
+- Weights: EMA (decay {cfg.ema_decay}), stored as {metrics['export_dtype']}; {metrics['parameters'] / 1e6:.2f}M parameters.
+
+## Training
+- Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
+- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
+  AdamW lr {cfg.lr}, {cfg.warmup_steps} warmup steps then cosine to {cfg.min_lr_ratio} x lr; weight decay {cfg.weight_decay}
+  (none on registers, mask token and positional embeddings); grad clip {cfg.grad_clip}.
+- Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores shared with other jobs;
+  {run_info.get('threads', '?')} torch thread(s)), plus {metrics['eval_wall_s'] / 60:.1f} min of evaluation and export.
+- Final training losses (mean of the last log interval): """ + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"""
+
+## Quality at k = {k} (Fashion-MNIST test split, first {test['test_images']} images, exported weights, {fc['flow_steps']} flow steps)
+- PSNR {test['psnr_db']:.2f} dB on the 28x28 garment area ({test['psnr_32x32_db']:.2f} dB on the padded 32x32 frame).
+- Code usage {100 * test['codebook_usage']:.1f}% ({test['codes_used']} of {test['codebook_size']} codes), code perplexity {test['code_perplexity']:.0f}.
+{rfid}- `reconstructions.png`: rows 1/3 test originals, rows 2/4 their reconstructions (k = {k});
+  `prefixes.png`: originals, then decodes of the first k = 1, 2, 4, ..., {k} tokens.
+
+## Use
+```python
+from argen.tokenizers import FlexTokTokenizer
+tok = FlexTokTokenizer.from_pretrained(folder)
+codes = tok.encode(images)                     # [B, 1, 32, 32] in [-1, 1] -> [B, {k}], coarse to fine
+images = tok.decode(codes[:, :4], seeds=[0, 1, ...])   # any prefix; num_steps=, guidance_scale= optional
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)

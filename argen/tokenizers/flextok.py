@@ -1,0 +1,345 @@
+"""FlexTok: an image as an ordered 1D sequence of 1..K tokens, any prefix decodable (apple/ml-flextok).
+
+The official repository ships inference code only; this is argen's own small pixel-space version,
+built from the mechanics documented there (registers, FSQ, nested dropout, rectified flow):
+
+    pixels [-1, 1] -> p x p patches -> encoder transformer over [patches, K registers]
+        (patches attend to patches; register i attends to every patch and to registers <= i,
+        so a prefix of registers never depends on the ones after it)
+    -> the K register outputs -> a linear map to len(levels) dims -> FSQ -> codes [B, K]
+    decoder: a rectified-flow transformer over [noised patches, K register slots]; slot j holds
+        code j's projection when j < k and a learned mask token otherwise; time enters through
+        adaLN-Zero; the patch outputs are the velocity v = noise - image.
+
+Training (`forward`): nested dropout keeps the first k registers, k drawn from the powers of two
+1..K, and with probability `cfg_dropout` none (the null condition used by classifier-free guidance);
+the time is sigma = sigmoid(n), n ~ N(time_mean, 1) (FlexTok: mean 0), x_sigma = sigma * noise + (1 - sigma) * image, and the
+loss is the mean squared error of the predicted velocity. The first tokens must then carry what
+matters most, since they are the only ones the decoder sees at k = 1, 2, 4, ...
+
+Decoding (`decode`) integrates the flow from pure noise (sigma = 1) to the image (sigma = 0) with
+diffusers' `FlowMatchEulerDiscreteScheduler` on uniform sigmas; image i's starting noise comes
+from `seeds[i]` only, so an image never depends on its batch. Guidance, when its scale is above
+1, runs the decoder once more per step with every register masked (the null condition).
+
+Library parts: FSQ is `vector_quantize_pytorch.FSQ` (its default bound/round/index math is the one
+FlexTok uses: tanh bound with the half-level offset for even levels, straight-through rounding,
+mixed-radix index); the decoder blocks are diffusers' `AdaLayerNormZero`, `Attention`,
+`FeedForward`, `Timesteps`/`TimestepEmbedding` and `AdaLayerNormContinuous`; the encoder blocks are
+`nn.TransformerEncoderLayer` (they take the register-causal mask). Only the wiring is written here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
+from vector_quantize_pytorch import FSQ
+
+from ..checks import check_seed
+from ..errors import ArgenError
+from ..models.pretrained import PretrainedMixin
+from ..registry import register
+from .base import ImageTokenizer
+
+NESTED_DROPOUT_MODES = ("pow2", "uniform")
+
+
+def powers_of_two(limit: int) -> list:
+    """1, 2, 4, ... up to `limit`, and `limit` itself (so the full sequence is always trained)."""
+    values, k = [], 1
+    while k < limit:
+        values.append(k)
+        k *= 2
+    return values + [limit]
+
+
+def register_causal_mask(num_patches: int, num_registers: int) -> torch.Tensor:
+    """Boolean [L, L] mask, True = may NOT attend (nn.TransformerEncoderLayer's convention):
+    patches see patches only; register i sees every patch and registers 0..i."""
+    n = num_patches + num_registers
+    blocked = torch.zeros(n, n, dtype=torch.bool)
+    blocked[:num_patches, num_patches:] = True
+    blocked[num_patches:, num_patches:] = torch.ones(num_registers, num_registers, dtype=torch.bool).triu(1)
+    return blocked
+
+
+def _decoding(steps, guidance_scale) -> tuple:
+    """(flow steps, guidance scale) checked: an integer >= 1 and a number in 0..100."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 1:
+        raise ArgenError(f"flow steps must be an integer >= 1, got {steps!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not 0 <= guidance_scale <= 100:
+        raise ArgenError(f"guidance scale must be a number in 0..100, got {guidance_scale!r}")
+    return int(steps), float(guidance_scale)
+
+
+class FlowBlock(nn.Module):
+    """DiT block: adaLN-Zero modulation from the time embedding around attention and the MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = AdaLayerNormZero(width)
+        self.attn = Attention(query_dim=width, heads=heads, dim_head=width // heads, bias=True, out_bias=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(width, mult=mlp_ratio, activation_fn="gelu-approximate")
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+        x = x + gate_msa[:, None] * self.attn(h)
+        h = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp[:, None] * self.ff(h)
+
+
+@register
+class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
+    """Images <-> 1..K ordered 1D codes (`grid` is None); `decode` takes any prefix codes[:, :k].
+
+    `flow_steps` and `guidance_scale` are the decoding defaults stored with the model; `decode`
+    takes others per call (`num_steps=`, `guidance_scale=`), and `set_decoding` changes the
+    defaults of a loaded model (the pipeline calls `decode(codes, seeds=...)` only).
+    """
+
+    config_name = "config.json"
+    accepts_prefixes = True
+
+    @register_to_config
+    def __init__(self, image_size: int = 32, in_channels: int = 1, patch_size: int = 4, num_registers: int = 32,
+                 fsq_levels: Sequence[int] = (8, 5, 5, 5), enc_width: int = 128, enc_layers: int = 4,
+                 enc_heads: int = 4, dec_width: int = 128, dec_layers: int = 4, dec_heads: int = 4,
+                 mlp_ratio: float = 4.0, nested_dropout: str = "pow2", cfg_dropout: float = 0.1,
+                 flow_steps: int = 8, guidance_scale: float = 1.0, time_mean: float = 0.0):
+        super().__init__()
+        if patch_size < 1 or image_size % patch_size:
+            raise ArgenError(f"patch_size {patch_size} must divide image_size {image_size}")
+        for name, width, heads in (("enc", enc_width, enc_heads), ("dec", dec_width, dec_heads)):
+            if heads < 1 or width % heads:
+                raise ArgenError(f"{name}_width {width} is not divisible by {name}_heads={heads}")
+        if num_registers < 1:
+            raise ArgenError(f"num_registers must be >= 1, got {num_registers}")
+        levels = [int(v) for v in fsq_levels]
+        if not levels or min(levels) < 3:
+            # vector-quantize-pytorch's default FSQ refuses level 2 (its symmetric variant is other math)
+            raise ArgenError(f"fsq_levels must be integers >= 3, got {list(fsq_levels)}")
+        if nested_dropout not in NESTED_DROPOUT_MODES:
+            raise ArgenError(f"nested_dropout must be one of {', '.join(NESTED_DROPOUT_MODES)}, got {nested_dropout!r}")
+        if not 0 <= cfg_dropout < 1:
+            raise ArgenError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        self.num_patches = (image_size // patch_size) ** 2
+        self.patch_dim = in_channels * patch_size * patch_size
+        self.decode_steps, self.decode_guidance = _decoding(flow_steps, guidance_scale)
+        # encoder
+        self.enc_patch_embed = nn.Linear(self.patch_dim, enc_width)
+        self.enc_pos = nn.Parameter(0.02 * torch.randn(self.num_patches, enc_width))
+        self.registers = nn.Parameter(0.02 * torch.randn(num_registers, enc_width))
+        self.encoder = nn.ModuleList([
+            nn.TransformerEncoderLayer(enc_width, enc_heads, int(enc_width * mlp_ratio), dropout=0.0,
+                                       activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(enc_layers)])
+        self.enc_norm = nn.LayerNorm(enc_width)
+        self.to_fsq = nn.Linear(enc_width, len(levels))
+        self.fsq = FSQ(levels)  # no projections (dim = len(levels)), no persistent buffers
+        self.register_buffer("attn_mask", register_causal_mask(self.num_patches, num_registers), persistent=False)
+        # decoder
+        self.dec_patch_embed = nn.Linear(self.patch_dim, dec_width)
+        self.dec_patch_pos = nn.Parameter(0.02 * torch.randn(self.num_patches, dec_width))
+        self.dec_code_embed = nn.Linear(len(levels), dec_width)
+        self.dec_register_pos = nn.Parameter(0.02 * torch.randn(num_registers, dec_width))
+        self.mask_token = nn.Parameter(0.02 * torch.randn(dec_width))
+        self.time_proj = Timesteps(dec_width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(dec_width, dec_width)
+        self.decoder = nn.ModuleList([FlowBlock(dec_width, dec_heads, mlp_ratio) for _ in range(dec_layers)])
+        self.dec_norm_out = AdaLayerNormContinuous(dec_width, dec_width, elementwise_affine=False, eps=1e-6)
+        self.dec_out = nn.Linear(dec_width, self.patch_dim)
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # adaLN-Zero: every residual branch and the output start at zero (DiT's initialisation)
+        for block in self.decoder:
+            nn.init.zeros_(block.norm1.linear.weight)
+            nn.init.zeros_(block.norm1.linear.bias)
+        for layer in (self.dec_norm_out.linear, self.dec_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def set_decoding(self, steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> "FlexTokTokenizer":
+        """Change the decoding defaults (flow steps, register guidance) of this instance."""
+        self.decode_steps, self.decode_guidance = _decoding(
+            self.decode_steps if steps is None else steps,
+            self.decode_guidance if guidance_scale is None else guidance_scale)
+        return self
+
+    # ---- ImageTokenizer ------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_registers
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.fsq.codebook_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def image_channels(self) -> int:
+        return self.config.in_channels
+
+    def codebook_embeddings(self) -> torch.Tensor:
+        """[vocab_size, len(levels)]: FSQ's implicit codebook, the grid point of each code."""
+        return self.fsq.implicit_codebook.float().clone()
+
+    # ---- patches -------------------------------------------------------------------------------
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, num_patches, C * p * p], patches in raster order."""
+        p = self.config.patch_size
+        return F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        p, s = self.config.patch_size, self.config.image_size
+        return F.fold(patches.transpose(1, 2), output_size=(s, s), kernel_size=p, stride=p)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        want = (self.config.in_channels, self.config.image_size, self.config.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+            raise ArgenError(f"images must be [B, {want[0]}, {want[1]}, {want[2]}], got {tuple(images.shape)}")
+
+    # ---- encoder -------------------------------------------------------------------------------
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the registers before quantisation, [B, K, len(levels)]."""
+        b = images.shape[0]
+        x = self.enc_patch_embed(self.patchify(images)) + self.enc_pos
+        x = torch.cat([x, self.registers.unsqueeze(0).expand(b, -1, -1).to(x.dtype)], dim=1)
+        for layer in self.encoder:
+            x = layer(x, src_mask=self.attn_mask)
+        return self.to_fsq(self.enc_norm(x[:, self.num_patches:]))
+
+    def quantize(self, latent: torch.Tensor):
+        """(quantised values [B, K, d] with straight-through gradients, codes [B, K] int64)."""
+        values, codes = self.fsq(latent)
+        return values, codes.long()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] in [-1, 1] -> codes [B, K] int64, coarse to fine."""
+        self._check_images(images)
+        return self.quantize(self.encode_latent(images.to(self.registers.dtype)))[1]
+
+    # ---- decoder -------------------------------------------------------------------------------
+
+    def register_slots(self, values: Optional[torch.Tensor], keep: torch.Tensor, batch: int) -> torch.Tensor:
+        """Decoder register inputs [B, K, width]: slot j is code j's projection when j < keep[b]
+        (values [B, n, d], n <= K, or None when keep is all 0), else the mask token."""
+        k, width = self.config.num_registers, self.config.dec_width
+        slots = self.mask_token.expand(batch, k, width)
+        if values is not None:
+            n = values.shape[1]
+            embedded = self.dec_code_embed(values.to(self.mask_token.dtype))
+            if n < k:
+                embedded = torch.cat([embedded, slots[:, n:]], dim=1)
+            kept = torch.arange(k, device=keep.device)[None, :] < keep[:, None]  # [B, K]
+            slots = torch.where(kept[..., None], embedded, slots)
+        return slots + self.dec_register_pos
+
+    def velocity(self, noisy_patches: torch.Tensor, sigma: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The decoder: noisy patches [B, P, patch_dim], sigma [B] in [0, 1], register slots
+        [B, K, width] -> predicted velocity [B, P, patch_dim]."""
+        temb = self.time_embed(self.time_proj(sigma * 1000).to(slots.dtype))
+        x = self.dec_patch_embed(noisy_patches) + self.dec_patch_pos
+        x = torch.cat([x, slots], dim=1)
+        for block in self.decoder:
+            x = block(x, temb)
+        x = self.dec_norm_out(x[:, :self.num_patches], temb)
+        return self.dec_out(x)
+
+    def initial_noise(self, seeds: Sequence[int], dtype, device) -> torch.Tensor:
+        """[B, P, patch_dim] standard normal noise, row i from a CPU generator seeded with seeds[i]."""
+        rows = [torch.randn(self.num_patches, self.patch_dim, generator=torch.Generator().manual_seed(
+            check_seed("seed", s))) for s in seeds]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, *, seeds: Optional[Sequence[int]] = None,
+               num_steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> torch.Tensor:
+        """codes [B, k] with 1 <= k <= K (a prefix: the first k tokens) -> images [B, C, H, W] in [-1, 1].
+
+        Image i starts from the noise of seeds[i] (every image from seed 0 when seeds is None), so
+        it depends on its codes and seed only, never on the batch. `num_steps` Euler steps of the
+        flow (default: `decode_steps`); `guidance_scale` > 1 guides with the null condition (every
+        register masked), one more decoder pass per step."""
+        codes = self.check_codes(codes)
+        b, n = codes.shape
+        seeds = [0] * b if seeds is None else list(seeds)
+        if len(seeds) != b:
+            raise ArgenError(f"got {len(seeds)} seeds for {b} images")
+        steps, scale = _decoding(self.decode_steps if num_steps is None else num_steps,
+                                 self.decode_guidance if guidance_scale is None else guidance_scale)
+        dtype, device = self.mask_token.dtype, self.mask_token.device
+        values = self.fsq.indices_to_codes(codes.to(device)).to(dtype)  # [B, n, d]
+        slots = self.register_slots(values, torch.full((b,), n, device=device), b)
+        guided = scale > 1.0
+        if guided:
+            slots = torch.cat([slots, self.register_slots(None, torch.zeros(b, dtype=torch.long, device=device), b)])
+        x = self.initial_noise(seeds, torch.float32, device)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+        # uniform sigmas 1, 1 - 1/T, ..., 1/T (then 0): T equal Euler steps, the integration FlexTok uses
+        scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
+        for t in scheduler.timesteps:
+            sigma = torch.full((b,), float(t) / 1000, device=device)
+            inp = x.to(dtype)
+            if guided:
+                v_cond, v_null = self.velocity(torch.cat([inp, inp]), torch.cat([sigma, sigma]), slots).float().chunk(2)
+                v = v_null + scale * (v_cond - v_null)
+            else:
+                v = self.velocity(inp, sigma, slots).float()
+            x = scheduler.step(v, t, x, return_dict=False)[0]
+        return self.unpatchify(x).clamp(-1, 1)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def sample_keep(self, batch: int, device=None) -> torch.Tensor:
+        """How many registers each training image keeps: pow2 / uniform over 1..K, and 0 (the null
+        condition) with probability cfg_dropout. Uses the global RNG (the trainer checkpoints it)."""
+        k = self.config.num_registers
+        if self.config.nested_dropout == "pow2":
+            choices = torch.tensor(powers_of_two(k))
+            keep = choices[torch.randint(0, len(choices), (batch,))]
+        else:
+            keep = torch.randint(1, k + 1, (batch,))
+        if self.config.cfg_dropout > 0:
+            keep = torch.where(torch.rand(batch) < self.config.cfg_dropout, torch.zeros_like(keep), keep)
+        return keep.to(device)
+
+    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None):
+        """Training step on [-1, 1] images: (flow-matching loss, codes [B, K], keep [B], the
+        unquantised registers [B, K, d]). `keep` defaults to `sample_keep`."""
+        b = images.shape[0]
+        latent = self.encode_latent(images)
+        values, codes = self.quantize(latent)
+        keep = self.sample_keep(b, images.device) if keep is None else keep
+        slots = self.register_slots(values, keep, b)
+        x0 = self.patchify(images)
+        noise = torch.randn_like(x0)
+        # logit-normal times; time_mean > 0 trains more at high noise, where only the registers inform
+        sigma = torch.sigmoid(torch.randn(b, device=images.device) + self.config.time_mean)
+        s = sigma[:, None, None]
+        v = self.velocity(s * noise + (1 - s) * x0, sigma, slots)
+        loss = F.mse_loss(v, noise - x0)
+        return loss, codes, keep, latent

@@ -1,0 +1,78 @@
+"""The shipped FlexTok tokenizer (`default-flextok`) and the class-conditional GPT on its codes
+(`flextok-c2i`): a few test images through the tokenizer, a few images per sampler and prefix length.
+Each part is skipped when its asset is absent."""
+
+import json
+
+import pytest
+import torch
+
+from argen.cli.main import main
+from argen.data.fashion_mnist import load_fashion_mnist
+from argen.hub import ASSETS, SHIPPED_MODELS, resolve_model_dir
+
+needs_tokenizer = pytest.mark.skipif(not (ASSETS / "default-flextok" / "config.json").is_file(),
+                                     reason="default-flextok not shipped")
+needs_c2i = pytest.mark.skipif(not (ASSETS / "flextok-c2i" / "pipeline.json").is_file(),
+                               reason="flextok-c2i not shipped")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from argen.pipeline import ARPipeline
+
+    return ARPipeline.from_pretrained("flextok-c2i")
+
+
+@needs_tokenizer
+def test_shipped_flextok_reconstructs_as_its_card_says():
+    from argen.tokenizers import FlexTokTokenizer
+    from argen.train.tokenizer import evaluate_tokenizer
+
+    assert "default-flextok" in SHIPPED_MODELS
+    tok = FlexTokTokenizer.from_pretrained("default-flextok").float()
+    assert tok.num_tokens == 32 and tok.grid is None and tok.accepts_prefixes and tok.vocab_size == 1000
+    images, _ = load_fashion_mnist("test")
+    m = evaluate_tokenizer(tok, images[:100])
+    recorded = json.loads((resolve_model_dir("default-flextok") / "metrics.json").read_text())["test"]
+    # the first 100 images (same seeds) against the card's 1,000-image figure: within 1 dB
+    assert abs(m["psnr_db"] - recorded["psnr_db"]) < 1.0, (m["psnr_db"], recorded["psnr_db"])
+    one = evaluate_tokenizer(tok, images[:100], num_tokens=1)
+    assert one["psnr_db"] < m["psnr_db"]  # one token carries less than 32
+
+
+@needs_c2i
+def test_flextok_c2i_is_a_1d_generator_on_the_shipped_tokenizer(pipe):
+    assert pipe.tokenizer.accepts_prefixes and pipe.tokenizer.num_tokens == 32
+    assert pipe.generator.grid is None and pipe.generator.num_positions == 32
+    assert pipe.generator.vocab_size == pipe.tokenizer.vocab_size == 1000
+    assert json.loads((resolve_model_dir("flextok-c2i") / "pipeline.json").read_text())["tokenizer"] == "default-flextok"
+
+
+@needs_c2i
+@pytest.mark.parametrize("sampler", ["ar", "sjd", "mcsjd", "gsd:G=3", "auto", "pac"])
+@pytest.mark.parametrize("k", [1, 4, 32])
+def test_every_sampler_generates_any_prefix(pipe, sampler, k):
+    if sampler == "pac" and k == 1:
+        pytest.skip("pac drafts a tree: it needs at least 2 tokens (one-line refusal, tested below)")
+    out = pipe(class_labels=["trouser", "bag"], num_images=1, sampler=sampler, seed=3, progress=False, num_tokens=k)
+    assert out.tokens.shape == (2, k)
+    assert all(img.size == (28, 28) for img in out.images)
+
+
+@needs_c2i
+def test_cli_generate_num_tokens(tmp_path, capsys):
+    assert main(["generate", "--model", "flextok-c2i", "--class", "bag", "--num-images", "2", "--num-tokens", "4",
+                 "--out", str(tmp_path / "bag.png")]) == 0
+    assert "4 forward passes" in capsys.readouterr().out
+    assert len(list((tmp_path / "bag").glob("*.png"))) == 2
+    assert main(["generate", "--model", "flextok-c2i", "--class", "bag", "--num-images", "1", "--num-tokens", "33",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "num_tokens" in capsys.readouterr().err
+    assert main(["generate", "--model", "flextok-c2i", "--class", "bag", "--num-images", "1", "--num-tokens", "1",
+                 "--sampler", "pac", "--out", str(tmp_path / "y.png")]) == 2
