@@ -6,7 +6,7 @@ independently) produces images the encoder reads as other codes, so its rate fal
 
     python scripts/code_roundtrip.py default-c2i shuffle-c2i --num-images 300 --json roundtrip.json
 
-AR samples at each pipeline's default CFG, class i % 10 and seed i for image i (as `argen eval fid`).
+AR samples at each pipeline's default CFG (or --cfg-scale), class i % 10 and seed i for image i (as `argen eval fid`).
 Reported per model: the fraction of codes unchanged for the samples and for N real test images,
 and the fraction of Token-Shuffle-sized windows (2 x 2 codes) whose codes all come back.
 """
@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance for every model (default: each pipeline's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -45,14 +46,15 @@ def main() -> None:
     for name in args.models:
         pipe = ARPipeline.from_pretrained(name)
         n = args.num_images
+        params = pipe.sampling_params(args.cfg_scale)
         conds = pipe.conditions(class_labels=[i % 10 for i in range(n)])
-        tokens = pipe.sample_tokens(conds, list(range(n)), "ar", pipe.sampling_params(), batch_size=50).tokens
+        tokens = pipe.sample_tokens(conds, list(range(n)), "ar", params, batch_size=50).tokens
         sampled = pipe.generator.tokens_to_codes(tokens)
         real = pad_image(to_model_range(test_images[:n]).unsqueeze(1), pipe.tokenizer.image_size)
         real_codes = pipe.tokenizer.encode(real).flatten(1)
         result[name] = {"samples": agreement(pipe.tokenizer, sampled), "real": agreement(pipe.tokenizer, real_codes),
                         "grid": list(pipe.tokenizer.grid), "num_images": n,
-                        "cfg_scale": pipe.sampling_params().cfg_scale}
+                        "cfg_scale": params.cfg_scale}
         print(name, result[name], flush=True)
     if args.json:
         atomic_write_json(args.json, result, indent=1)
