@@ -8,11 +8,22 @@ sample of a shipped model fails. Re-record only when a shipped model's weights c
 A new sampler is added to the record without touching the others' entries:
 
     python scripts/record_reference_tokens.py --add pac
+
+Float32 rounding differs between CPUs (MKL and oneDNN pick other kernels for other instruction
+sets), and on rare seeds a last-bit difference flips one accept/reject decision of a speculative
+sampler, after which the sample is another one, equally valid. On a new kind of CPU, with no
+change of code or weights, record this machine's samples beside the others:
+
+    python scripts/record_reference_tokens.py --this-cpu
+
+Each differing case gains an alternative tagged with this CPU's model name; nothing is replaced.
 """
 
 import argparse
 import hashlib
 import json
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +39,8 @@ CASES = {
 }
 
 
-def record(model: str, samplers=SAMPLERS) -> dict:
-    pipe = ARPipeline.from_pretrained(model)
+def record(model: str, samplers=SAMPLERS, weights: str = "fp32") -> dict:
+    pipe = ARPipeline.from_pretrained(model, weights=weights)
     out = {}
     for sampler in samplers:
         result = pipe(**CASES[model], sampler=sampler, seed=11, batch_size=3, progress=False)
@@ -38,14 +49,46 @@ def record(model: str, samplers=SAMPLERS) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def add_this_cpu(data: dict, weights: str = "fp32") -> int:
+    """Add this machine's samples as alternatives where they differ from every recorded one."""
+    added = 0
+    for model, entry in data.items():
+        for sampler, sample in record(model, list(entry["samplers"]), weights).items():
+            expected = entry["samplers"][sampler]
+            known = [expected] + expected.get("alternatives", [])
+            if any(k["tokens"] == sample["tokens"] and k["images_sha256"] == sample["images_sha256"] for k in known):
+                continue
+            expected.setdefault("alternatives", []).append({**sample, "cpu": cpu_name()})
+            added += 1
+            print(f"{model} {sampler}: this CPU's sample added as an alternative")
+    return added
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(CASES))
     parser.add_argument("--add", action="append", default=[], metavar="SPEC",
                         help="record only this sampler spec, keeping every other entry as it is")
+    parser.add_argument("--this-cpu", action="store_true",
+                        help="keep the record; add this CPU's samples where they differ (same code, same weights)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    if args.this_cpu:  # the test runs at torch's default thread count and with both fp32 kernels
+        for threads in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            for weights in ("fp32", "fp32-packed"):
+                add_this_cpu(data, weights)
+        OUT.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+        print(f"wrote {OUT}")
+        return
     for model in [args.only] if args.only else CASES:
         if args.add:
             data[model]["samplers"].update(record(model, args.add))
