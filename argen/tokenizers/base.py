@@ -72,3 +72,16 @@ class ImageTokenizer(abc.ABC):
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
             raise ArgenError(f"code id out of range: valid ids are 0..{self.vocab_size - 1}")
         return codes.long()
+
+
+class ImageShapeFromConfig:
+    """`image_size` and `image_channels` read from a diffusers config holding `image_size` and
+    `in_channels` (every built-in tokenizer's config does)."""
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def image_channels(self) -> int:
+        return self.config.in_channels

@@ -48,7 +48,7 @@ from ..checks import check_seed
 from ..errors import ArgenError
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
-from .base import ImageTokenizer
+from .base import ImageShapeFromConfig, ImageTokenizer
 
 NESTED_DROPOUT_MODES = ("pow2", "uniform")
 
@@ -100,7 +100,7 @@ class FlowBlock(nn.Module):
 
 
 @register
-class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
+class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig, ImageTokenizer):
     """Images <-> 1..K ordered 1D codes (`grid` is None); `decode` takes any prefix codes[:, :k].
 
     `flow_steps` and `guidance_scale` are the decoding defaults stored with the model; `decode`
@@ -191,14 +191,6 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer)
     @property
     def vocab_size(self) -> int:
         return int(self.fsq.codebook_size)
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_channels(self) -> int:
-        return self.config.in_channels
 
     def codebook_embeddings(self) -> torch.Tensor:
         """[vocab_size, len(levels)]: FSQ's implicit codebook, the grid point of each code."""

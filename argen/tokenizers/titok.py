@@ -42,7 +42,7 @@ from ..errors import ArgenError, CheckpointError
 from ..models.checkpoint import load_into, load_state_dict_file
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
-from .base import ImageTokenizer
+from .base import ImageShapeFromConfig, ImageTokenizer
 
 # Official ViT size table (identical in TiTokEncoder and TiTokDecoder): name -> (width, layers, heads).
 OFFICIAL_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -351,7 +351,7 @@ class PixelQuantizer(nn.Module):
 
 
 @register
-class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
+class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig, ImageTokenizer):
     """TiTok: images <-> K 1D codes. Codes are [B, K] int64 (`grid` is None: no spatial layout).
 
     Config names follow argen style; `config_from_official` translates an official config
@@ -459,14 +459,6 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
     @property
     def vocab_size(self) -> int:
         return self.config.codebook_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_channels(self) -> int:
-        return self.config.in_channels
 
     def codebook_embeddings(self) -> torch.Tensor:
         """[vocab_size, token_size] float32: the codes as the lookup compares them (L2-normalised if cosine)."""

@@ -20,7 +20,7 @@ from ..errors import ArgenError
 from ..models.checkpoint import load_checkpoint_into
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
-from .base import ImageTokenizer
+from .base import ImageShapeFromConfig, ImageTokenizer
 
 
 def normalize(channels: int, groups: int) -> nn.GroupNorm:
@@ -203,7 +203,7 @@ class VectorQuantizer(nn.Module):
 
 
 @register
-class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
+class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig, ImageTokenizer):
     """2D VQ tokenizer (LlamaGen's VQ architecture). Codes are [B, h*w] in raster order over an
     h x w grid, h = w = image_size / 2**(len(ch_mult) - 1)."""
 
@@ -255,14 +255,6 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageTokenizer):
     @property
     def vocab_size(self) -> int:
         return self.config.codebook_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_channels(self) -> int:
-        return self.config.in_channels
 
     def codebook_embeddings(self) -> torch.Tensor:
         return self.quantize.codebook().detach()
