@@ -437,11 +437,12 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     return metrics
 
 
-def _rfid_line(test: dict) -> str:
-    """The model card's reconstruction-FID line (runs with `--rfid`), or nothing."""
+def _rfid_line(test: dict, at: str = "") -> str:
+    """The model card's reconstruction-FID line (runs with `--rfid`), or nothing; `at` qualifies it
+    (FlexTok: "at k = 32", the prefix length it was measured at)."""
     if test.get("rfid") is None:
         return ""
-    return (f"- Reconstruction FID (Fashion-MNIST-classifier features of the {test['test_images']:,} reconstructed 28x28 "
+    return (f"- Reconstruction FID{' ' + at if at else ''} (Fashion-MNIST-classifier features of the {test['test_images']:,} reconstructed 28x28 "
             f"test images vs the test split's statistics): **{test['rfid']:.2f}**; the classifier's accuracy on the "
             f"reconstructions {100 * test['recon_class_accuracy']:.1f}%.\n")
 
@@ -562,9 +563,7 @@ def write_flextok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: 
     k = fc["num_registers"]
     grid = IMAGE_SIZE // fc["patch_size"]
     levels = fc["fsq_levels"]
-    rfid = (f"- Reconstruction FID at k = {k} (Fashion-MNIST-classifier features of the {test['test_images']} reconstructed "
-            f"28x28 test images vs the test split's statistics): **{test['rfid']:.2f}**; the classifier's accuracy on the "
-            f"reconstructions {100 * test['recon_class_accuracy']:.1f}%.\n" if test.get("rfid") is not None else "")
+    rfid = _rfid_line(test, at=f"at k = {k}")
     text = f"""# FlexTok tokenizer for Fashion-MNIST: 1 to {k} ordered 1D tokens
 
 `argen.tokenizers.FlexTokTokenizer`, argen's own pixel-space FlexTok (the official apple/ml-flextok
