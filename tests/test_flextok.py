@@ -5,15 +5,17 @@ All models are tiny."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from argen.cli.main import main
 from argen.data.fashion_mnist import CLASS_NAMES
 from argen.errors import ArgenError
 from argen.models import GPT
 from argen.models.gpt import GPTConfig
-from argen.pipeline import ARPipeline, pipeline_json
+from argen.pipeline import ARPipeline, pipeline_json, to_pil
 from argen.registry import load_component
 from argen.samplers import SamplingParams
 from argen.tokenizers import FlexTokTokenizer, ImageTokenizer
@@ -299,3 +301,25 @@ def test_cli_generate_num_tokens(tok, tmp_path, capsys):
     code = main(["generate", "--class", "1", "--num-images", "1", "--num-tokens", "3", "--out", str(tmp_path / "v.png")])
     err = capsys.readouterr().err
     assert code == 2 and "not prefixes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_eval_sample_num_tokens(tok, tmp_path, capsys):
+    """`argen eval sample --num-tokens k` samples k-token prefixes (k forwards with AR), records k in the
+    run, and a resume with another k is refused in one line."""
+    model = _save_pipeline(tok, tmp_path / "m")
+    out = tmp_path / "ev"
+    args = ["eval", "sample", "--model", str(model), "--num-samples", "3", "--batch-size", "2", "--out", str(out)]
+    assert main(args + ["--num-tokens", "2"]) == 0
+    capsys.readouterr()
+    run = json.loads((out / "sampling.json").read_text())
+    assert run["num_tokens"] == 2
+    assert len(list((out / "samples").glob("*.png"))) == 3
+    # the images are the decodes of the 2-token AR prefixes of the same seeds
+    pipe = _pipeline(tok)
+    conds = pipe.conditions(class_labels=[0], num_images=1)
+    tokens = pipe.sample_tokens(conds, [0], "ar", pipe.sampling_params(), num_tokens=2).tokens
+    expected = np.asarray(to_pil(pipe.tokens_to_images(tokens, conds, [0]))[0])
+    assert np.array_equal(np.asarray(Image.open(out / "samples" / "000000.png")), expected)
+    code = main(args + ["--num-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_tokens" in err and len(err.strip().splitlines()) == 1

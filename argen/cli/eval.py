@@ -64,6 +64,9 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--top-k", type=number(0, integer=True), default=0)
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
     p.add_argument("--seed", type=SEED, default=0, help="image i uses seed SEED+i (default 0)")
+    p.add_argument("--num-tokens", type=number(1, None, integer=True), default=None, metavar="K",
+                   help="sample only the first K tokens and decode that prefix (tokenizers that decode prefixes, "
+                        "e.g. FlexTok; default: all)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="t2i: prompt file (.txt one per line, or .jsonl {prompt, label}); image i uses prompt i "
                         "(cycled). Default: argen's held-out Fashion-MNIST prompts, class i %% 10")
@@ -202,13 +205,14 @@ def _sample(args, state, device):
     name, options, label = _sampler_spec(args)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights)
+    num_tokens = pipe.check_num_tokens(args.num_tokens)
     cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
     params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
                             temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
     summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,
                                seed=args.seed, batch_size=args.batch_size, prompts=prompts, model_name=str(args.model),
-                               state=state, log=_log)
+                               state=state, log=_log, num_tokens=num_tokens)
     if state is not None and state.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -219,7 +223,8 @@ def _sample(args, state, device):
     nfe = [p["nfe_per_image"] * p["sampled"] for p in parts if p["sampled"]]
     total = {"generated": sum(p["generated"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
              "nfe_per_image": sum(nfe) / sampled if sampled else None,
-             "seconds": max(p["seconds"] for p in parts), "processes": len(parts), "sampler_label": label}
+             "seconds": max(p["seconds"] for p in parts), "processes": len(parts), "sampler_label": label,
+             "tokens_per_image": num_tokens or pipe.generator.num_positions}
     if state is not None:
         state.wait_for_everyone()
     return total

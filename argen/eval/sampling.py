@@ -263,13 +263,14 @@ def _rank_world(state) -> tuple[int, int]:
 def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_options: Optional[dict] = None,
                      params=None, seed: int = 0, batch_size: int = 16, prompts: Optional[Sequence[tuple]] = None,
                      model_name: Optional[str] = None, state=None, log: Optional[Callable[[str], None]] = print,
-                     on_saved: Optional[Callable[[int], None]] = None) -> dict:
+                     on_saved: Optional[Callable[[int], None]] = None, num_tokens: Optional[int] = None) -> dict:
     """Write images ``0 .. num_samples-1`` into ``out_dir/samples`` (skipping complete ones).
 
     ``sampler``: a name for :func:`argen.samplers.get_sampler` (options in
     ``sampler_options``). ``params``: :class:`argen.samplers.SamplingParams` (default: the
     model's cfg_scale). ``state``: an ``accelerate.PartialState`` to split the work.
     ``on_saved(index)`` is called after each image is written (tests use it to simulate a kill).
+    ``num_tokens``: sample and decode only the first n tokens (`ARPipeline.check_num_tokens`).
 
     Returns a summary for this process: ``generated`` (images written), ``skipped`` (already
     present), ``sampled`` (images sampled, including the present ones of a re-sampled block),
@@ -297,6 +298,8 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
     settings = {"model": model_name, "model_fingerprint": model_fingerprint(pipe), "sampler": sampler,
                 "sampler_options": options, "params": asdict(params), "seed": int(seed), "conditions": conditions,
                 "num_samples": int(num_samples), "batch_size": int(batch_size), "argen_version": __version__}
+    if num_tokens is not None:  # recorded only when set, so runs of full sequences resume as before
+        settings["num_tokens"] = pipe.check_num_tokens(num_tokens)
     # The main process validates and records the settings; the others wait for it.
     error = None
     if rank == 0:
@@ -341,7 +344,7 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
     for batch in todo:
         conds = plan_conditions(pipe, batch)
         seeds = [it.seed for it in batch]
-        out = pipe.sample_tokens(conds, seeds, sampler_obj, params, batch_size=len(batch))
+        out = pipe.sample_tokens(conds, seeds, sampler_obj, params, batch_size=len(batch), num_tokens=num_tokens)
         nfe_total += float(out.nfe_per_sample.float().sum())
         sampled += len(batch)
         for j, it in enumerate(batch):
