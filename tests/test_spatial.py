@@ -216,3 +216,13 @@ def test_jacobi_short_images_and_t2i():
     assert torch.equal(short.tokens, full.tokens[:, :7])
     assert torch.equal(SpatialSampler(window=1, jacobi_window=2)(model, feats, cond_mask=mask, params=params,
                                                                   seeds=[5, 6, 7], num_tokens=7).tokens, short.tokens)
+
+
+@pytest.mark.parametrize("grid", [(1, 16), (8, 2)])
+def test_jacobi_on_thin_grids(grid):
+    model = tiny_gpt(grid_size=grid)
+    cond, seeds, params = torch.tensor([2, 5]), [1, 2], SamplingParams(cfg_scale=2.0)
+    auto = get_sampler("auto:L=1")(model, cond, params=params, seeds=seeds).tokens
+    assert torch.equal(SpatialSampler(window=grid[1], jacobi_window=3)(model, cond, params=params, seeds=seeds).tokens, auto)
+    narrow = [SpatialSampler(window=1, jacobi_window=L)(model, cond, params=params, seeds=seeds).tokens for L in (2, 4)]
+    assert torch.equal(narrow[0], narrow[1])

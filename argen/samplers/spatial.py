@@ -30,16 +30,18 @@ processed distribution of its query (the shared `process_logits`, CFG, `cfg_inte
 guidance schedules by the index of the token predicted) with a fixed budget of H uniforms per
 sample and step from the sample's own stream.
 
-L >= 2 (stacked with Jacobi): each open row feeds a window [query token, drafts of its next
-L - 1 tokens] and every query of the window predicts under `auto`'s rule: token k =
-argmax(l_k + g_k), with the Gumbel noise g_k drawn once per sample and image position
-(`argen.samplers.auto.gumbel_noise`). The drafts are seen by the later queries of their own window
-only; the leading drafts that equal their prediction plus one more token are emitted, the other
-predictions are the next drafts (positions never predicted hold argmax(g_k), auto's blind draft).
-A row's window also stops where a query would need tokens of the rows above that are not in the
-cache yet. So the tokens are a fixed function of (seed, model) and the structure above: the
-same for every L >= 2, and for w >= W exactly `auto`'s (AR with the same noise); only the
-spatial structure is lossy. (L = 1 keeps its own draws, so it samples what it always did.)
+L >= 2 (stacked with Jacobi): each running row, and the next row to open once the row above
+has begun, feeds a window [query token, drafts of its next L - 1 tokens], and every query
+predicts under `auto`'s rule: token k = argmax(l_k + g_k), with the Gumbel noise g_k drawn once
+per sample and image position (`argen.samplers.auto.gumbel_noise`). A query sees the drafts of
+its own window before it and, of the rows above, what its structure allows among their committed
+tokens and their drafts of this forward. Acceptance goes top down: a query counts only if every
+key it needed is right, i.e. committed or a draft its row accepted in this forward; its row emits
+the leading drafts that equal the prediction before them, plus one more token; all other
+predictions are the next drafts (positions never predicted hold argmax(g_k), auto's blind
+draft). So the tokens are a fixed function of (seed, model) and the structure above: the same
+for every L >= 2, and for w >= W exactly `auto`'s (AR with the same noise); only the spatial
+structure is lossy. (L = 1 keeps its own draws, so it samples what it always did.)
 
 Queries of a step are packed per sample (T = the largest count in the batch, padding at the spare
 last position, which no real query reads): a sample does not depend on its batch.
@@ -115,12 +117,13 @@ class SpatialSampler(Sampler):
         lag = torch.where(row_ids[None, :] < row_ids[:, None], lag, -1)  # only rows above limit row r
         j_ids = torch.arange(width_cap, device=device)
 
-        def room(keyed, c):
-            """[B, H]: how many queries of each row's window have their whole context among the
-            first `keyed` [B, H] keys of the rows above: query j of row r (token (r, c_r + j))
-            needs min(W, c_r + j + k*w) of row r-k."""
-            return torch.where((lag >= 0) & (keyed[:, None, :] < cols),
-                               keyed[:, None, :] - lag - c[:, :, None] + 1, width_cap).amin(-1)
+        def room(keyed, c, r=slice(None)):
+            """[B, H] (or [B, 1] for rows=[r]): how many queries of each row's window have their whole
+            context among the first `keyed` [B, H] keys of the rows above: query j of row r (token
+            (r, c_r + j)) needs min(W, c_r + j + k*w) of row r-k."""
+            return torch.where((lag[r] >= 0) & (keyed[:, None, :] < cols),
+                               keyed[:, None, :] - lag[r] - c[:, r, None] + 1, width_cap).amin(-1)
+
         image = torch.arange(num_tokens, device=device)
         image_row, image_col = image // cols, image % cols
         # every prediction slot (row r, window index j), then one tail slot per row
@@ -207,7 +210,7 @@ class SpatialSampler(Sampler):
                 right = slot_tokens[:, : rows * width_cap].view(batch, rows, width_cap)[..., 1:] == predicted[..., :-1]
                 keyed, emit = fed.clone(), torch.zeros_like(c)
                 for r in range(rows):
-                    complete = torch.minimum(span[:, r], room(keyed, c)[:, r]).clamp(min=0)
+                    complete = torch.minimum(span[:, r], room(keyed, c, [r])[:, 0]).clamp(min=0)
                     n = leading_accepts(right[:, r] & (j_ids[1:] < complete[:, None]))
                     emit[:, r] = torch.where(complete > 0, n + 1, 0)
                     keyed[:, r] = torch.where(done[:, r], fed[:, r], c[:, r] + n)
