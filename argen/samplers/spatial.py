@@ -186,7 +186,8 @@ class SpatialSampler(Sampler):
 
             # each query's keys: the structure above, its own slot, the condition; padding keeps the cache's rules
             k_above = (q_row[..., None] - image_row) * self.window
-            limit = torch.minimum((q_col[..., None] + k_above).clamp(max=cols), reach.gather(1, image_row.expand(batch, -1))[:, None])
+            limit = torch.minimum((q_col[..., None] + k_above).clamp(max=cols),
+                                  reach.gather(1, image_row.expand(batch, -1))[:, None])
             sees = ((image_row < q_row[..., None]) & (image_col < limit)) \
                 | ((image_row == q_row[..., None]) & (image_col < q_col[..., None])) \
                 | (image == q_pos[..., None]) | ~valid[..., None]
