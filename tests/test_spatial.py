@@ -226,3 +226,25 @@ def test_jacobi_on_thin_grids(grid):
     assert torch.equal(SpatialSampler(window=grid[1], jacobi_window=3)(model, cond, params=params, seeds=seeds).tokens, auto)
     narrow = [SpatialSampler(window=1, jacobi_window=L)(model, cond, params=params, seeds=seeds).tokens for L in (2, 4)]
     assert torch.equal(narrow[0], narrow[1])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=2.5, top_k=6)], ids=["plain", "cfg_topk"])
+def test_jacobi_samples_the_distribution_of_one_token_per_row(params):
+    """L >= 2 draws with the Gumbel rule, L = 1 with inverse-CDF uniforms: different samples of the
+    same spatial structure, so the same distribution. Two-sample chi-square (p > 1e-4) on the joint
+    of the first two tokens of row 1 (the stand-in's token and the one after it, both conditioned
+    on row 0) and on every position's marginal."""
+    from scipy.stats import chi2_contingency
+
+    model = tiny_gpt(vocab_size=8, dim=32, n_layer=1, multiple_of=32, block_size=8, grid_size=(2, 4))
+    n, conds = 3000, torch.full((3000,), 3)
+    one = SpatialSampler(window=1)(model, conds, params=params, seeds=list(range(n))).tokens
+    out = SpatialSampler(window=1, jacobi_window=3)(model, conds, params=params, seeds=list(range(n, 2 * n)))
+    assert out.forwards_per_sample.double().mean() < 5  # L = 1 takes 1 + 4 forwards: drafts were accepted
+    pairs = [t[:, 4] * 8 + t[:, 5] for t in (one, out.tokens)]
+    for k in [None] + list(range(8)):
+        cells = 64 if k is None else 8
+        table = torch.stack([torch.bincount(p if k is None else t[:, k], minlength=cells)
+                             for p, t in zip(pairs, (one, out.tokens))])
+        table = table[:, table.sum(0) > 0]
+        assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
