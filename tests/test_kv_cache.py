@@ -1,5 +1,7 @@
 """The sampling contract (prefill / decode / rewind) agrees with teacher forcing."""
 
+import copy
+
 import pytest
 import torch
 
@@ -126,3 +128,130 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     for sampler in (ARSampler(), get_sampler("mcsjd:L=4")):  # one static shape; several window widths
         expect = sampler(eager, labels, params=params, seeds=[3, 4]).tokens
         assert torch.equal(sampler(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
+
+
+# ---- per-query key masks (set_query_mask) ------------------------------------------------------
+
+
+def context_cache(model, n: int = 10):
+    """A cache holding class conditions and n image tokens (keys written causally), and the tokens."""
+    tokens = torch.randint(0, 64, (2, n + 3), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2, 1 + model.num_positions)
+    model.prefill(torch.tensor([2, 7]), cache)
+    model.decode(tokens[:, :n], torch.arange(1, n + 1), cache)
+    return cache, tokens
+
+
+def copy_cache(cache):
+    twin = copy.copy(cache)
+    twin.k, twin.v = [k.clone() for k in cache.k], [v.clone() for v in cache.v]
+    twin.key_valid = cache.key_valid.clone()
+    return twin
+
+
+@torch.no_grad()
+def test_query_mask_is_set_visible_per_query():
+    """Three queries in one forward, each with its own key set, get the logits each gets alone
+    with the other keys hidden by `set_visible` (the path the mask generalises)."""
+    model, n = tiny_gpt(), 10
+    cache, tokens = context_cache(model, n)
+    positions = torch.arange(n + 1, n + 4)  # sequence positions of the three queries
+    hidden = [[4, 6], [], [2, 3, 4, 5, 9]]  # sequence positions each query must not see
+    mask = torch.ones(2, 3, cache.max_len, dtype=torch.bool)
+    for t, hide in enumerate(hidden):
+        mask[:, t, hide] = False
+        mask[:, t, [p for p in positions.tolist() if p != positions[t]]] = False  # not the other queries
+    alone = []
+    for t, hide in enumerate(hidden):
+        twin = copy_cache(cache)
+        unseen = hide + [p for p in positions.tolist() if p != positions[t]]
+        twin.set_visible(torch.tensor([unseen] * 2), torch.zeros(2, len(unseen), dtype=torch.bool))
+        alone.append(model.decode(tokens[:, n + t:n + t + 1], positions[t:t + 1], twin)[:, 0])
+    cache.set_query_mask(mask)
+    together = model.decode(tokens[:, n:n + 3], positions, cache)
+    assert cache.query_mask is None  # one forward only
+    for t in range(3):
+        torch.testing.assert_close(together[:, t], alone[t], **TOL)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # the hidden keys do matter
+
+
+@torch.no_grad()
+def test_query_mask_shows_exactly_the_allowed_keys():
+    """Garbage in slots a query may not see changes nothing, bit for bit; in a slot it may see, it
+    changes its logits."""
+    model, n = tiny_gpt(), 10
+    cache, tokens = context_cache(model, n)
+    positions = torch.tensor([[n + 1, n + 2], [n + 1, n + 2]])
+    mask = torch.ones(2, 2, cache.max_len, dtype=torch.bool)
+    mask[:, :, [3, 8]] = False
+
+    def run(dirty_slots):
+        twin = copy_cache(cache)
+        for layer in twin.k + twin.v:
+            layer[:, :, dirty_slots] = torch.randn(layer[:, :, dirty_slots].shape) * 100
+        twin.set_query_mask(mask)
+        return model.decode(tokens[:, n:n + 2], positions, twin)
+
+    clean = run([])
+    assert torch.equal(run([3, 8]), clean)
+    assert not torch.allclose(run([5]), clean, atol=1e-3)
+
+
+@torch.no_grad()
+def test_all_true_query_mask_changes_nothing():
+    """Where every key is allowed, each path gives bit-identical logits: a shared-position window,
+    per-row positions, a token tree; and the mask is used by one forward only."""
+    model, n = tiny_gpt(), 10
+    everything = lambda cache, t: torch.ones(2, t, cache.max_len, dtype=torch.bool)  # noqa: E731
+    cases = [
+        (lambda c: None, torch.arange(n + 1, n + 4)),
+        (lambda c: None, torch.tensor([[n + 1, n + 2, n + 3], [n - 2, n - 1, n]])),
+        (lambda c: c.set_tree([-1, 0, 0], 14), torch.tensor([n + 1, n + 2, n + 2])),
+    ]
+    for prepare, positions in cases:
+        plain, masked = context_cache(model, n)[0], context_cache(model, n)[0]
+        tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        prepare(plain)
+        prepare(masked)
+        masked.set_query_mask(everything(masked, 3))
+        assert torch.equal(model.decode(tokens, positions, masked), model.decode(tokens, positions, plain))
+    cache, tokens = context_cache(model, n)
+    reference = copy_cache(cache)
+    mask = everything(cache, 1)
+    mask[:, :, 2:6] = False
+    cache.set_query_mask(mask)
+    narrowed = model.decode(tokens[:, n:n + 1], torch.tensor([n + 1]), cache)
+    assert not torch.allclose(narrowed, model.decode(tokens[:, n:n + 1], torch.tensor([n + 1]), reference), atol=1e-3)
+    # the next forward is back to the position rules: the same query again sees what it sees without a mask
+    assert torch.equal(model.decode(tokens[:, n:n + 1], torch.tensor([n + 1]), cache),
+                       model.decode(tokens[:, n:n + 1], torch.tensor([n + 1]), reference))
+
+
+@torch.no_grad()
+def test_query_mask_narrows_tree_queries_one_by_one():
+    """In tree mode the mask applies per tree token: hiding a context key from token 2 only changes
+    token 2's logits."""
+    model, n = tiny_gpt(), 10
+    out = []
+    for hide in (False, True):
+        cache, _ = context_cache(model, n)
+        cache.set_tree([-1, 0, 0], 14)
+        mask = torch.ones(2, 3, cache.max_len, dtype=torch.bool)
+        mask[:, 2, 4] = not hide
+        cache.set_query_mask(mask)
+        out.append(model.decode(torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([n + 1, n + 2, n + 2]), cache))
+    assert torch.equal(out[0][:, :2], out[1][:, :2])
+    assert not torch.allclose(out[0][:, 2], out[1][:, 2], atol=1e-3)
+
+
+def test_query_mask_shape_is_checked():
+    model = tiny_gpt()
+    cache = model.new_cache(2, 17)
+    with pytest.raises(ValueError):
+        cache.set_query_mask(torch.ones(2, 3, 16, dtype=torch.bool))  # not the cache's length
+    with pytest.raises(ValueError):
+        cache.set_query_mask(torch.ones(3, 1, 17, dtype=torch.bool))  # not its batch
+    model.prefill(torch.tensor([1, 2]), cache)
+    cache.set_query_mask(torch.ones(2, 3, 17, dtype=torch.bool))
+    with pytest.raises(ValueError):  # a mask for three queries on a one-token forward
+        model.decode(torch.tensor([[1], [2]]), torch.tensor([1]), cache)

@@ -6,6 +6,9 @@ Because visibility is decided by position, a speculative sampler that wrote a wi
 and kept only some of them needs no data movement to "rewind": the rejected slots lie beyond
 the next query's position until the next forward overwrites them. `rewind` only records the
 kept length per row (used for bookkeeping and checks).
+
+Samplers that need more than these position rules narrow them per query for one forward
+(`set_query_mask`): the same mask computation, with one more AND.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.active_len = max_len  # slots a forward attends over (see `attend_upto`)
         self.tree = None  # (ancestors [T, T] bool, first scratch slot) while a token tree is fed (`set_tree`)
+        self.query_mask = None  # [B, T, max_len] bool for the next forward only (`set_query_mask`)
 
     def attend_upto(self, input_pos: torch.Tensor, top: Optional[int] = None) -> None:
         """Limit the next forward's attention to slots < max(input_pos) + 1.
@@ -58,6 +62,19 @@ class KVCache:
         whose token is not generated yet, or holds a stand-in, is hidden from every query but its
         own. Plain AR and the speculative samplers never call it (every written slot is visible)."""
         self.key_valid.scatter_(1, positions.to(self.device), visible.to(device=self.device, dtype=torch.bool))
+
+    def set_query_mask(self, mask: torch.Tensor) -> None:
+        """Narrow what each query of the next forward sees: query t of batch row b may see slot s
+        only if mask[b, t, s] ([B, T, max_len] bool), on top of the rules above (position,
+        `set_visible`, `set_tree`). For one forward: building its attention mask consumes it.
+
+        For a sampler whose queries of one forward need different key sets (argen.samplers.spatial
+        with Jacobi windows: a row's drafts are seen by the later tokens of its own window only,
+        and each query sees its own share of the rows above). Keep each query's own slot in its
+        mask: a query that sees no key has no defined output."""
+        if mask.dim() != 3 or mask.shape[0] != self.batch_size or mask.shape[2] != self.max_len:
+            raise ValueError(f"query mask of shape {tuple(mask.shape)}: expected [{self.batch_size}, T, {self.max_len}]")
+        self.query_mask = mask.to(device=self.device, dtype=torch.bool)
 
     def set_tree(self, parents, scratch: int) -> None:
         """Feed the next forward's T tokens as a tree (speculative drafts with alternatives).
@@ -122,14 +139,18 @@ class KVCache:
             before = (self.positions[:scratch] < root)[:, None, :] & self.key_valid[:, None, :scratch]  # [B, 1, S]
             visible = torch.cat([before.expand(-1, ancestors.shape[0], -1),
                                  ancestors.expand(before.shape[0], -1, -1)], dim=-1)
-            hidden = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-            return hidden.masked_fill_(~visible, float("-inf"))[:, None]
-        positions = self.positions[: self.active_len]
-        qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
-        causal = positions <= qpos
-        if causal.dim() == 2:
-            causal = causal[None]
-        visible = (causal & self.key_valid[:, None, : self.active_len]) | (positions == qpos)
+        else:
+            positions = self.positions[: self.active_len]
+            qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
+            causal = positions <= qpos
+            if causal.dim() == 2:
+                causal = causal[None]
+            visible = (causal & self.key_valid[:, None, : self.active_len]) | (positions == qpos)
+        if self.query_mask is not None:
+            narrow, self.query_mask = self.query_mask, None
+            if narrow.shape[1] != visible.shape[1]:
+                raise ValueError(f"query mask for {narrow.shape[1]} queries, the forward has {visible.shape[1]}")
+            visible = visible & narrow[:, :, : visible.shape[-1]]
         hidden = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         return hidden.masked_fill_(~visible, float("-inf"))[:, None]
 

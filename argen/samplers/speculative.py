@@ -90,12 +90,17 @@ def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
 def guidance(params: SamplingParams, emitted: torch.Tensor, width: int, num_tokens: int = 0):
     """Whether each window row is guided: a bool, or [B, width, 1] when cfg_interval applies;
     under a guidance schedule, each row's scale [B, width, 1]."""
+    if not params.uses_cfg or (params.cfg_schedule == "constant" and params.cfg_interval < 0):
+        return params.uses_cfg
+    return guidance_of(params, emitted[:, None] + torch.arange(width, device=emitted.device), num_tokens)
+
+
+def guidance_of(params: SamplingParams, index: torch.Tensor, num_tokens: int):
+    """`guidance` for queries predicting the image indices `index` [B, T] (in any order)."""
     if params.uses_cfg and params.cfg_schedule != "constant":
-        index = emitted[:, None] + torch.arange(width, device=emitted.device)
         return params.guidance_rows(index, num_tokens)[..., None]
     if not params.uses_cfg or params.cfg_interval < 0:
         return params.uses_cfg
-    index = emitted[:, None] + torch.arange(width, device=emitted.device)
     return (index <= params.cfg_interval + 1)[..., None]
 
 
