@@ -227,7 +227,8 @@ def test_tokenizer_init_from_starts_at_the_source_weights(tmp_path, capsys):
     assert not all(torch.allclose(warm[n], v, atol=1e-4) for n, v in fresh.state_dict().items() if v.is_floating_point())
     record = json.loads((tmp_path / "warm/metrics.json").read_text())
     assert record["run"]["init_from"]["folder"] == str(tmp_path / "src" / "model")
-    assert "Started from the weights of" in (tmp_path / "warm/model/MODEL_CARD.md").read_text()
+    card = (tmp_path / "warm/model/MODEL_CARD.md").read_text()
+    assert "Started from the weights of" in card and "on top of an earlier run (a warm start" in card
     # another architecture, another class: one line each
     with pytest.raises(ArgenError, match="width"):
         train_tokenizer(tmp_path / "w", steps=1, **{**kw, "width": 8}, init_from=str(tmp_path / "src" / "model"))

@@ -510,6 +510,11 @@ def _rfid_line(test: dict, at: str = "") -> str:
             f"reconstructions {100 * test['recon_class_accuracy']:.1f}%.\n")
 
 
+def _origin(run_info: dict) -> str:
+    """How the cards' first paragraph says the weights started."""
+    return "on top of an earlier run (a warm start, see Training)" if run_info.get("init_from") else "from scratch"
+
+
 def _init_line(run_info: dict) -> str:
     """The model cards' line for a warm-started run (`init_from`), or nothing."""
     init = run_info.get("init_from")
@@ -542,7 +547,7 @@ def write_tokenizer_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info
   textures and logos.""" if side == 8 else "")
     text = f"""# VQ tokenizer for Fashion-MNIST, {side}x{side} codes
 
-LlamaGen-architecture VQ tokenizer (`argen.tokenizers.VQTokenizer`) trained from scratch on the
+LlamaGen-architecture VQ tokenizer (`argen.tokenizers.VQTokenizer`) trained {_origin(run_info)} on the
 Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
 
 ## Design
@@ -598,7 +603,7 @@ def write_titok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: di
     text = f"""# TiTok tokenizer for Fashion-MNIST, K = {k} 1D tokens
 
 TiTok (`argen.tokenizers.TiTokTokenizer`, the official architecture with the RGB head, `is_legacy=False`)
-trained from scratch on the Fashion-MNIST train split (60,000 images) with `argen train tokenizer --arch titok`.
+trained {_origin(run_info)} on the Fashion-MNIST train split (60,000 images) with `argen train tokenizer --arch titok`.
 
 ## Design
 - Input: 28x28 grey images padded with background to {IMAGE_SIZE}x{IMAGE_SIZE} (the same frames as `default-vq`),
@@ -648,7 +653,7 @@ def write_flextok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: 
     text = f"""# FlexTok tokenizer for Fashion-MNIST: 1 to {k} ordered 1D tokens
 
 `argen.tokenizers.FlexTokTokenizer`, argen's own pixel-space FlexTok (the official apple/ml-flextok
-releases inference code only), trained from scratch on the Fashion-MNIST train split (60,000 images)
+releases inference code only), trained {_origin(run_info)} on the Fashion-MNIST train split (60,000 images)
 with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/flextok.md`.
 
 ## Design
