@@ -208,6 +208,65 @@ def test_flextok_tiny_run_learns_exports_and_resumes(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_log(tmp_path / "b/log.csv")]
 
 
+def test_tokenizer_init_from_starts_at_the_source_weights(tmp_path, capsys):
+    """--init-from: the new run starts from the source's weights (decoding/training-only settings may
+    change, the architecture may not), and the card says where it started."""
+    from argen.tokenizers import FlexTokTokenizer
+
+    kw = dict(batch_size=8, lr=3e-3, warmup_steps=2, limit=32, test_limit=8, log_every=2, ckpt_every=6,
+              progress=False, **TINY_FLEXTOK)
+    train_tokenizer(tmp_path / "src", steps=6, **kw)
+    source = FlexTokTokenizer.from_pretrained(tmp_path / "src" / "model").float()
+    # one step at a tiny learning rate: the weights stay next to the source's, far from a fresh init
+    train_tokenizer(tmp_path / "warm", steps=1, **{**kw, "lr": 1e-9, "warmup_steps": 0, "time_mean": 1.0},
+                    init_from=str(tmp_path / "src" / "model"))
+    warm = load_file(str(tmp_path / "warm/checkpoints/step_000001/model.safetensors"))
+    for name, value in source.state_dict().items():
+        assert torch.allclose(warm[name], value, atol=1e-4), name
+    fresh = FlexTokTokenizer(**{k: v for k, v in source.config.items() if not k.startswith("_")})
+    assert not all(torch.allclose(warm[n], v, atol=1e-4) for n, v in fresh.state_dict().items() if v.is_floating_point())
+    record = json.loads((tmp_path / "warm/metrics.json").read_text())
+    assert record["run"]["init_from"]["folder"] == str(tmp_path / "src" / "model")
+    card = (tmp_path / "warm/model/MODEL_CARD.md").read_text()
+    assert "Started from the weights of" in card and "on top of an earlier run (a warm start" in card
+    # another architecture, another class: one line each
+    with pytest.raises(ArgenError, match="width"):
+        train_tokenizer(tmp_path / "w", steps=1, **{**kw, "width": 8}, init_from=str(tmp_path / "src" / "model"))
+    with pytest.raises(ArgenError, match="FlexTokTokenizer"):
+        train_tokenizer(tmp_path / "v", steps=1, **{k: v for k, v in kw.items() if k not in TINY_FLEXTOK},
+                        **TINY_VQ, init_from=str(tmp_path / "src" / "model"))
+    assert "--init-from" in _one_line_error(capsys, ["train", "tokenizer", "--arch", "flextok", "--init-from",
+                                                     str(tmp_path / "none"), "--out", str(tmp_path / "n"),
+                                                     "--steps", "1"])
+
+
+def test_fsq_saturation_penalty_is_zero_in_range_and_added_to_the_loss(tmp_path):
+    from argen.tokenizers import FlexTokTokenizer
+    from argen.train.tokenizer import fsq_saturation
+
+    assert float(fsq_saturation(torch.tensor([[-2.0, 0.5, 1.9, 2.0]]))) == 0.0
+    assert float(fsq_saturation(torch.tensor([[3.0, -4.0, 0.0, 1.0]]))) == pytest.approx((1 + 4) / 4)
+    # a source whose FSQ latents are blown up (most past |z| = 2), as a long run without the penalty
+    src = FlexTokTokenizer(image_size=32, in_channels=1, patch_size=8, num_registers=4, fsq_levels=(5, 5, 3),
+                           enc_width=16, enc_layers=1, enc_heads=2, dec_width=16, dec_layers=1, dec_heads=2)
+    with torch.no_grad():
+        src.to_fsq.weight.mul_(20)
+    src.save_pretrained(tmp_path / "src", dtype=torch.float32)
+    kw = dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, limit=32, test_limit=8, log_every=1, ckpt_every=4,
+              progress=False, **TINY_FLEXTOK, init_from=str(tmp_path / "src"))
+    train_tokenizer(tmp_path / "w", fsq_saturation_weight=0.5, **kw)
+    rows = read_log(tmp_path / "w/log.csv")
+    assert rows[0]["saturated"] > 0.3 and rows[0]["fsq_saturation"] > 0.1
+    for row in rows:  # the logged total is the flow loss plus the weighted penalty
+        assert row["loss"] == pytest.approx(row["flow"] + 0.5 * row["fsq_saturation"], rel=1e-4)
+    assert json.loads((tmp_path / "w/metrics.json").read_text())["run"]["fsq_saturation_weight"] == 0.5
+    assert "--fsq-saturation-weight" in (tmp_path / "w/model/MODEL_CARD.md").read_text()
+    train_tokenizer(tmp_path / "off", **kw)
+    assert all(row["loss"] == row["flow"] for row in read_log(tmp_path / "off/log.csv"))
+    with pytest.raises(ArgenError, match="fsq_saturation_weight"):
+        train_tokenizer(tmp_path / "t", steps=1, fsq_saturation_weight=1.0, **TINY_VQ)
+
+
 def test_titok_restarts_revive_dead_codes(tmp_path):
     """With restarts every step, dead codes are moved onto encoder outputs: more codes in use than without."""
     kw = dict(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, limit=48, test_limit=48, log_every=6, ckpt_every=6,
@@ -318,6 +377,8 @@ def test_cli_tokenizer_arch_options(tmp_path, capsys):
         capsys, ["train", "tokenizer", "--arch", "flextok", "--codebook-size", "64", "--out", out, "--steps", "2"])
     assert "fsq_levels" in _one_line_error(
         capsys, ["train", "tokenizer", "--arch", "flextok", "--fsq-levels", "2,5", "--out", out, "--steps", "2"])
+    assert "--fsq-saturation-weight does not apply to --arch titok" in _one_line_error(
+        capsys, ["train", "tokenizer", "--arch", "titok", "--fsq-saturation-weight", "1", "--out", out, "--steps", "2"])
 
 
 def test_cli_trains_a_titok(tmp_path, capsys):

@@ -85,6 +85,9 @@ _FLEXTOK_ONLY = {
                                                                   "register masked, for guidance (default 0.1)"),
     "--nested-dropout": dict(choices=["pow2", "uniform"], help="how many registers to keep: a power of two "
                                                                 "(default) or uniform in 1..K"),
+    "--fsq-saturation-weight": dict(type=number(0), help="weight of mean(relu(|z| - 2)^2) on the latents before "
+                                                          "FSQ's tanh, keeping them where the codes can still move "
+                                                          "(default 0)"),
     "--time-mean": dict(type=number(-5, 5), help="flow training times sigma = sigmoid(N(mean, 1)); > 0 trains more "
                                                   "at high noise, where only the tokens inform (default 0, FlexTok's)"),
 }
@@ -131,6 +134,8 @@ def register(sub):
     tok.add_argument("--codebook-size", type=number(2, integer=True), default=None, help="vq/titok (default 1024)")
     tok.add_argument("--codebook-dim", type=COUNT, default=None, help="vq/titok code vector size (TiTok's "
                                                                         "token_size; default 8)")
+    tok.add_argument("--init-from", default=None, metavar="TOKENIZER",
+                     help="start from this tokenizer's weights (shipped name or folder; same architecture)")
     tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
     tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
     tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
@@ -219,7 +224,8 @@ def _run_tokenizer(args) -> int:
              if v is not None}
     metrics = train_tokenizer(**_common_kwargs(args), arch=args.arch, **options, **books,
                               l1_weight=args.l1_weight, restart_every=args.restart_every,
-                              restart_until=args.restart_until, test_limit=args.test_limit, rfid=args.rfid)
+                              restart_until=args.restart_until, test_limit=args.test_limit, rfid=args.rfid,
+                              init_from=args.init_from)
     if metrics:
         test = metrics["test"]
         rfid = f"  rFID {test['rfid']:.2f}" if test.get("rfid") is not None else ""

@@ -251,6 +251,19 @@ def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_l
                 time_mean=float(time_mean))
 
 
+# FSQ bounds each latent with tanh before rounding; beyond |z| = 2 the slope tanh' is below 0.07, so
+# a latent out there stays on its extreme level whatever the loss wants (see fsq_saturation).
+FSQ_ACTIVE_RANGE = 2.0
+
+
+def fsq_saturation(latent: torch.Tensor) -> torch.Tensor:
+    """mean(relu(|z| - 2)^2) over the registers before FSQ: zero inside the range where tanh still has a
+    slope, growing outside it. Measured on FlexTok (docs/flextok.md): without it, 85% of the latents
+    were past |z| = 2 after 200 steps (81% after 850), most codes pinned to the extreme levels of
+    each dimension, 43 of 1,000 codes in use."""
+    return F.relu(latent.abs() - FSQ_ACTIVE_RANGE).pow(2).mean()
+
+
 def _no_decay(name: str) -> bool:
     """TiTok / FlexTok: no weight decay on the codebook, the learned tokens and the positional embeddings."""
     return name.startswith("quantize.") or name in ("latent_tokens", "registers") or name.rsplit(".", 1)[-1] in (
@@ -264,6 +277,41 @@ def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
         z = model.encode_latent((x + 1) / 2)  # [B, C, 1, K] on TiTok's [0, 1] pixels
         return z[:, :, 0].permute(0, 2, 1)  # [B, K, C]
     return model.encode_latent(x).permute(0, 2, 3, 1)
+
+
+# Config keys a warm start (`init_from`) may change: decoding defaults and training-only settings.
+# Every other key decides the weights' shapes or their meaning (e.g. FSQ levels of the same count).
+INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "time_mean", "cfg_dropout", "nested_dropout")
+
+
+def init_tokenizer_weights(model, source) -> dict:
+    """Copy into `model` the weights of the tokenizer `source` (shipped name or folder), which must be
+    of the same class and architecture (its config equal but for `INIT_FREE_KEYS`). Returns what
+    was copied from where, for the run record."""
+    import json
+
+    from ..hub import resolve_model_dir
+
+    try:
+        folder = resolve_model_dir(source)
+    except ArgenError as err:
+        raise ArgenError(f"--init-from: {err}") from None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ArgenError(f"--init-from {source}: no readable config.json in {folder} ({err})") from None
+    if config.get("_class_name") != type(model).__name__:
+        raise ArgenError(f"--init-from {source}: it is a {config.get('_class_name')}, this run trains a "
+                         f"{type(model).__name__}")
+    mine = json.loads(json.dumps(dict(model.config), default=list))
+    differ = sorted(k for k in mine if not k.startswith("_") and k not in INIT_FREE_KEYS
+                    and config.get(k) != mine[k])
+    if differ:
+        raise ArgenError(f"--init-from {source}: its architecture differs from this run's in "
+                         + ", ".join(f"{k} ({config.get(k)!r} vs {mine[k]!r})" for k in differ))
+    state = type(model).from_pretrained(folder).float().state_dict()
+    model.load_state_dict(state)
+    return {"folder": str(folder), "tensors": len(state)}
 
 
 def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float] = None, batch_size: int = 64,
@@ -283,19 +331,23 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     heads: Optional[int] = None, fsq_levels: Optional[Sequence[int]] = None,
                     flow_steps: Optional[int] = None, cfg_dropout: Optional[float] = None,
                     nested_dropout: Optional[str] = None, time_mean: Optional[float] = None,
-                    rfid: bool = False) -> dict:
+                    rfid: bool = False, init_from: Optional[str] = None,
+                    fsq_saturation_weight: Optional[float] = None) -> dict:
     """Train a tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
 
     `arch`: "vq" (LlamaGen VQ: `ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `norm_groups`) or
     "titok" (TiTok, RGB head, single stage: `num_latent_tokens` K, `patch_size`, `width`,
     `enc_layers`, `dec_layers`, `heads`; defaults `DEFAULT_TITOK`) or "flextok" (the same six, K being
     the register count, plus `fsq_levels`, `flow_steps` (decoding default), `cfg_dropout`,
-    `nested_dropout`; defaults `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
+    `nested_dropout`, and the training-only `fsq_saturation_weight` (`fsq_saturation`); defaults
+    `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
     (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
     FlexTok's vocabulary is the product of its FSQ levels.
     `export_dtype`: "float16", "float32" or "auto" (float16 unless it costs > 0.05 dB test PSNR
     or changes codebook usage by more than 1 point). `rfid`: also measure the reconstruction FID
-    of the exported weights on the test split (Fashion-MNIST-classifier features).
+    of the exported weights on the test split (Fashion-MNIST-classifier features). `init_from`: start
+    from the weights of that tokenizer (same class and architecture; `init_tokenizer_weights`)
+    instead of a random initialisation; optimizer, schedule and EMA start afresh.
     """
     from accelerate import Accelerator
 
@@ -305,8 +357,12 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if arch not in ("vq", "titok", "flextok"):
         raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq, titok or flextok")
     if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, cfg_dropout, nested_dropout,
-                                                         time_mean)):
-        raise ArgenError("fsq_levels, flow_steps, cfg_dropout, nested_dropout and time_mean apply to arch flextok only")
+                                                         time_mean, fsq_saturation_weight)):
+        raise ArgenError("fsq_levels, flow_steps, cfg_dropout, nested_dropout, time_mean and fsq_saturation_weight "
+                         "apply to arch flextok only")
+    if fsq_saturation_weight is not None and not fsq_saturation_weight >= 0:
+        raise ArgenError(f"fsq_saturation_weight must be >= 0, got {fsq_saturation_weight}")
+    saturation_weight = float(fsq_saturation_weight or 0.0)
     sizes = dict(num_latent_tokens=num_latent_tokens, patch_size=patch_size, width=width, enc_layers=enc_layers,
                  dec_layers=dec_layers, heads=heads)
     if arch != "vq":
@@ -352,19 +408,26 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     seed_everything(seed + accelerator.process_index)
     torch.manual_seed(seed)  # identical init on every process
     vq = model_cls(**vq_kwargs)
+    init_info = init_tokenizer_weights(vq, init_from) if init_from is not None else None
     torch.manual_seed(seed + accelerator.process_index)
     counts = torch.zeros(codebook_size, dtype=torch.float64)
     restarter = CodeRestarter(restart_every, int(restart_until * steps), counts)
     run_info = {"kind": kind, config_key: {k: (list(v) if isinstance(v, tuple) else v)
                                            for k, v in vq_kwargs.items()},
                 "train_items": len(train_images), "l1_weight": l1_weight, "restart_every": restart_every,
-                "restart_until": restart_until, "command": command, "threads": torch.get_num_threads()}
+                "restart_until": restart_until, "command": command, "threads": torch.get_num_threads(),
+                "init_from": init_info}
+    if arch == "flextok":
+        run_info["fsq_saturation_weight"] = saturation_weight
 
     def flextok_loss(model, batch):
-        loss, codes, keep, _ = model(batch["image"])
+        flow, codes, keep, latent = model(batch["image"])
+        penalty = fsq_saturation(latent)
+        loss = flow + saturation_weight * penalty if saturation_weight else flow
         used = torch.unique(codes).numel() / codebook_size
-        parts = {"loss": loss, "batch_usage": torch.tensor(float(used)),
-                 "null_fraction": (keep == 0).float().mean()}
+        parts = {"loss": loss, "flow": flow, "fsq_saturation": penalty,
+                 "saturated": (latent.abs() > FSQ_ACTIVE_RANGE).float().mean(),
+                 "batch_usage": torch.tensor(float(used)), "null_fraction": (keep == 0).float().mean()}
         return loss, parts, (codes, None)
 
     def loss_fn(model, batch):
@@ -382,7 +445,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                  "batch_usage": torch.tensor(float(used))}
         return loss, parts, (indices, z)
 
-    names = ["loss", "batch_usage", "null_fraction"] if arch == "flextok" else [
+    names = ["loss", "flow", "fsq_saturation", "saturated", "batch_usage", "null_fraction"] if arch == "flextok" else [
         "loss", "rec_mse", "codebook", "commit", "batch_usage"]
     trainer = Trainer(cfg, vq, ImageBatches(train_images), flextok_loss if arch == "flextok" else loss_fn,
                       num_items=len(train_images), loss_names=names,
@@ -447,6 +510,29 @@ def _rfid_line(test: dict, at: str = "") -> str:
             f"reconstructions {100 * test['recon_class_accuracy']:.1f}%.\n")
 
 
+def _origin(run_info: dict) -> str:
+    """How the cards' first paragraph says the weights started."""
+    return "on top of an earlier run (a warm start, see Training)" if run_info.get("init_from") else "from scratch"
+
+
+def _init_line(run_info: dict) -> str:
+    """The model cards' line for a warm-started run (`init_from`), or nothing."""
+    init = run_info.get("init_from")
+    if not init:
+        return ""
+    return (f"- Started from the weights of `{init['folder']}` (same architecture); optimizer, learning-rate "
+            "schedule and EMA started afresh, so the steps below come on top of that run's.\n")
+
+
+def _saturation_line(run_info: dict) -> str:
+    """FlexTok card: the FSQ saturation penalty of the run, when it had one."""
+    weight = run_info.get("fsq_saturation_weight") or 0.0
+    if not weight:
+        return ""
+    return (f"- Training adds {weight:g} x mean(relu(|z| - {FSQ_ACTIVE_RANGE:g})^2) on the latents before FSQ's tanh "
+            "(`--fsq-saturation-weight`), so they stay where tanh has a slope and the codes can still move.\n")
+
+
 def write_tokenizer_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict) -> None:
     vqc = run_info["vq_config"]
     test = metrics["test"]
@@ -461,7 +547,7 @@ def write_tokenizer_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info
   textures and logos.""" if side == 8 else "")
     text = f"""# VQ tokenizer for Fashion-MNIST, {side}x{side} codes
 
-LlamaGen-architecture VQ tokenizer (`argen.tokenizers.VQTokenizer`) trained from scratch on the
+LlamaGen-architecture VQ tokenizer (`argen.tokenizers.VQTokenizer`) trained {_origin(run_info)} on the
 Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
 
 ## Design
@@ -480,7 +566,7 @@ Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
 
 ## Training
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
-- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
+{_init_line(run_info)}- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
   AdamW lr {cfg.lr} (betas {tuple(cfg.betas)}, weight decay {cfg.weight_decay}, none on the codebook), {cfg.warmup_steps} warmup steps then cosine
   to {cfg.min_lr_ratio} x lr; grad clip {cfg.grad_clip}.
 - Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores, shared with other jobs;
@@ -517,7 +603,7 @@ def write_titok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: di
     text = f"""# TiTok tokenizer for Fashion-MNIST, K = {k} 1D tokens
 
 TiTok (`argen.tokenizers.TiTokTokenizer`, the official architecture with the RGB head, `is_legacy=False`)
-trained from scratch on the Fashion-MNIST train split (60,000 images) with `argen train tokenizer --arch titok`.
+trained {_origin(run_info)} on the Fashion-MNIST train split (60,000 images) with `argen train tokenizer --arch titok`.
 
 ## Design
 - Input: 28x28 grey images padded with background to {IMAGE_SIZE}x{IMAGE_SIZE} (the same frames as `default-vq`),
@@ -533,7 +619,7 @@ trained from scratch on the Fashion-MNIST train split (60,000 images) with `arge
 
 ## Training
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
-- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
+{_init_line(run_info)}- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
   AdamW lr {cfg.lr}, {cfg.warmup_steps} warmup steps then cosine to {cfg.min_lr_ratio} x lr; weight decay {cfg.weight_decay}
   (none on the codebook, latent tokens and embeddings); grad clip {cfg.grad_clip}.
 - Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores shared with other jobs;
@@ -567,7 +653,7 @@ def write_flextok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: 
     text = f"""# FlexTok tokenizer for Fashion-MNIST: 1 to {k} ordered 1D tokens
 
 `argen.tokenizers.FlexTokTokenizer`, argen's own pixel-space FlexTok (the official apple/ml-flextok
-releases inference code only), trained from scratch on the Fashion-MNIST train split (60,000 images)
+releases inference code only), trained {_origin(run_info)} on the Fashion-MNIST train split (60,000 images)
 with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/flextok.md`.
 
 ## Design
@@ -578,7 +664,7 @@ with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/f
 - Decoder: rectified flow over the {grid * grid} noised patches + {k} register slots (width {fc['dec_width']}, {fc['dec_layers']} layers,
   {fc['dec_heads']} heads, adaLN-Zero time conditioning), velocity target noise - image.
 - Flow times sigma = sigmoid(n), n ~ N({fc.get('time_mean', 0.0)}, 1) (FlexTok: mean 0).
-- Nested dropout ({fc['nested_dropout']}): keep the first k registers, the rest become a learned mask token; with
+{_saturation_line(run_info)}- Nested dropout ({fc['nested_dropout']}): keep the first k registers, the rest become a learned mask token; with
   probability {fc['cfg_dropout']} none is kept (the null condition for register guidance).
 - Decoding defaults stored with the model: {fc['flow_steps']} Euler steps (diffusers `FlowMatchEulerDiscreteScheduler`,
   uniform sigmas), guidance scale {fc['guidance_scale']} (off); image i's noise from seed i only.
@@ -586,7 +672,7 @@ with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/f
 
 ## Training
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
-- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
+{_init_line(run_info)}- Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} (about {metrics['step'] * cfg.batch_size / run_info['train_items']:.2f} epochs);
   AdamW lr {cfg.lr}, {cfg.warmup_steps} warmup steps then cosine to {cfg.min_lr_ratio} x lr; weight decay {cfg.weight_decay}
   (none on registers, mask token and positional embeddings); grad clip {cfg.grad_clip}.
 - Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores shared with other jobs;
