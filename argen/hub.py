@@ -100,7 +100,8 @@ def inspect_model_dir(name_or_path) -> ModelFolder:
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: class_names must be a list of names")
-    tokenizer = meta.get("tokenizer")
-    if tokenizer is not None and not isinstance(tokenizer, str):
-        raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: tokenizer must be a name or a folder, got {tokenizer!r}")
+    for key in ("tokenizer", "drafter"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: {key} must be a name or a folder, got {value!r}")
     return ModelFolder(folder, gpt_dir, config, meta)
