@@ -22,6 +22,7 @@ from argen.registry import load_component
 from argen.hub import resolve_model_dir
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
+from test_train import tiny_vq_dir  # noqa: F401  (a fixture: a tiny untrained VQ folder)
 from test_speculative import MARKOV_PARAMS, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
 
 BATCH_PARAMS = {
@@ -204,3 +205,49 @@ def test_cli_samples_with_the_drafter_and_refuses_without_one(pipelines, tmp_pat
     rows = {r["sampler"]: r for r in json.loads(record.read_text())["records"]}
     assert rows["ar"]["draft_nfe_per_image"] is None and rows["draft"]["draft_nfe_per_image"] > 1
     assert "Draft-model forwards per image" in capsys.readouterr().out
+
+
+# ---- training a drafter by distillation --------------------------------------------------------
+
+
+def test_distill_loss_is_the_kl_between_guided_distributions():
+    from argen.samplers.logits import logits_to_probs
+    from argen.train.gpt import distill_loss
+
+    teacher = tiny_gpt()
+    student = tiny_gpt(seed=6, n_layer=1, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    codes, labels = torch.randint(0, 64, (32, 16)), torch.arange(32) % 10
+    params = SamplingParams(cfg_scale=2.5)
+    assert distill_loss(teacher, teacher, teacher, codes, labels, None, params).item() == pytest.approx(0, abs=1e-5)
+    student.train()  # condition dropout (0.1) must not touch the explicit (condition, null) pairs
+    loss = distill_loss(student, student, teacher, codes, labels, None, params)
+    student.eval()
+    both = torch.cat([labels, student.null_condition(labels)])
+    inputs = torch.cat([codes[:, :-1]] * 2)
+    p = logits_to_probs(teacher(inputs, both), params).double()  # the samplers' own path, every position
+    q = logits_to_probs(student(inputs, both), params).double()
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4) and loss.item() > 0.01
+    loss.backward()
+    assert student.output.weight.grad.abs().sum() > 0
+
+
+def test_distilled_drafter_trains_and_says_so(tmp_path, tiny_vq_dir):
+    from argen.train.common import read_log
+    from argen.train.gpt import train_gpt
+
+    kw = dict(model_type="c2i", vq=str(tiny_vq_dir), batch_size=16, warmup_steps=2, limit=64, log_every=2,
+              ckpt_every=20, progress=False, samples_per_class=1, eval_items=16, accuracy_per_class=0)
+    train_gpt(tmp_path / "teacher", steps=10, lr=3e-3, dim=32, n_layer=2, n_head=2, **kw)
+    teacher = str(tmp_path / "teacher" / "model")
+    with pytest.raises(ArgenError, match="--distill-from"):
+        train_gpt(tmp_path / "bad", steps=2, dim=32, n_layer=1, n_head=2, distill_from=teacher, shuffle=2, **kw)
+    train_gpt(tmp_path / "drafter", steps=16, lr=3e-3, dim=32, n_layer=1, n_head=2, distill_from=teacher,
+              distill_cfg=2.0, **kw)
+    rows = read_log(tmp_path / "drafter" / "log.csv")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    card = (tmp_path / "drafter" / "model" / "MODEL_CARD.md").read_text()
+    assert "distilled from" in card and "CFG 2.0" in card
+    target = ARPipeline.from_pretrained(teacher, drafter=str(tmp_path / "drafter" / "model"))
+    out = target.sample_tokens(target.conditions(class_labels=[0, 1]), [0, 1], "draft:L=4")
+    assert out.tokens.shape == (2, 16)
