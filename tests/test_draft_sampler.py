@@ -205,6 +205,15 @@ def test_cli_samples_with_the_drafter_and_refuses_without_one(pipelines, tmp_pat
     rows = {r["sampler"]: r for r in json.loads(record.read_text())["records"]}
     assert rows["ar"]["draft_nfe_per_image"] is None and rows["draft"]["draft_nfe_per_image"] > 1
     assert "Draft-model forwards per image" in capsys.readouterr().out
+    run = tmp_path / "samples"
+    assert main(["eval", "sample", "--model", with_dir, "--sampler", "draft:L=4", "--num-samples", "3", "--out",
+                 str(run), "--threads", "1"]) == 0
+    settings = json.loads((run / "sampling.json").read_text())
+    assert settings["drafter_fingerprint"]  # a resumed run must use the same drafter: its samples depend on it
+    assert len(list((run / "samples").glob("*.png"))) == 3
+    ar_run = tmp_path / "ar-samples"
+    assert main(["eval", "sample", "--model", with_dir, "--num-samples", "1", "--out", str(ar_run)]) == 0
+    assert "drafter_fingerprint" not in json.loads((ar_run / "sampling.json").read_text())
 
 
 # ---- training a drafter by distillation --------------------------------------------------------
