@@ -27,6 +27,8 @@ SHIPPED_MODELS = {
     "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15); CPU-budget baseline, see its card
     "default-flextok": "default-flextok",  # FlexTok, 1..32 ordered 1D tokens, flow decoder (issue 16)
     "flextok-c2i": "flextok-c2i",  # class-conditional GPT on default-flextok codes (issue 16)
+    # draft models for the `draft` sampler (issue 17), named by the pipelines' "drafter" entries
+    "default-c2i-drafter": "default-c2i-drafter",
 }
 
 
