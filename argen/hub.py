@@ -27,6 +27,8 @@ SHIPPED_MODELS = {
     "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15); CPU-budget baseline, see its card
     "default-flextok": "default-flextok",  # FlexTok, 1..32 ordered 1D tokens, flow decoder (issue 16)
     "flextok-c2i": "flextok-c2i",  # class-conditional GPT on default-flextok codes (issue 16)
+    # draft models for the `draft` sampler (issue 17), named by the pipelines' "drafter" entries
+    "default-c2i-drafter": "default-c2i-drafter",
 }
 
 
@@ -100,7 +102,8 @@ def inspect_model_dir(name_or_path) -> ModelFolder:
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: class_names must be a list of names")
-    tokenizer = meta.get("tokenizer")
-    if tokenizer is not None and not isinstance(tokenizer, str):
-        raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: tokenizer must be a name or a folder, got {tokenizer!r}")
+    for key in ("tokenizer", "drafter"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ArgenError(f"{str(folder / PIPELINE_FILE)!r}: {key} must be a name or a folder, got {value!r}")
     return ModelFolder(folder, gpt_dir, config, meta)

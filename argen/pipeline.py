@@ -1,7 +1,8 @@
 """Text/class -> images, in the diffusers style: `ARPipeline.from_pretrained(...)(prompt=...)`.
 
 A pipeline is a generator, optionally a refiner, an image tokenizer, optionally a text encoder,
-and the class names. It holds the one generation path every caller uses (`argen generate`,
+optionally a drafter (a small generator over the same codes, for the `draft` sampler) and the
+class names. It holds the one generation path every caller uses (`argen generate`,
 `argen eval`, `argen bench`, training sample grids):
 
     conditions(prompt | class_labels)  -> cond, cond_mask, labels
@@ -83,13 +84,17 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
 
 def pipeline_json(*, tokenizer: str, class_names: Sequence[str] = (), defaults: Optional[dict] = None,
                   crop: Optional[int] = None, text_encoder: Optional[dict] = None, generator: str = ".",
-                  refiner: Optional[str] = None) -> str:
+                  refiner: Optional[str] = None, drafter: Optional[str] = None) -> str:
     """The text of a `pipeline.json`: its one writer (`save_pretrained` and training use it).
-    Component entries are folders relative to the file ("." is its own folder) or shipped names."""
+    Component entries are folders relative to the file ("." is its own folder) or shipped names.
+    `drafter` (optional, written only when given): a small generator over the same codes that
+    the `draft` sampler proposes tokens with."""
     meta = {"generator": generator, "refiner": refiner, "tokenizer": tokenizer, "class_names": list(class_names),
             "defaults": dict(defaults or {}), "crop": crop}
     if text_encoder is not None:
         meta["text_encoder"] = dict(text_encoder)
+    if drafter is not None:
+        meta["drafter"] = drafter
     return json.dumps(meta, indent=1) + "\n"
 
 
@@ -131,12 +136,13 @@ def _class_descriptions(class_names: Sequence[str]) -> tuple:
 class ARPipeline(DiffusionPipeline):
     def __init__(self, generator: Generator, tokenizer: ImageTokenizer, text_encoder=None,
                  class_names: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
-                 crop: Optional[int] = None, refiner: Optional[Refiner] = None):
+                 crop: Optional[int] = None, refiner: Optional[Refiner] = None, drafter: Optional[Generator] = None):
         """`defaults` holds sampling defaults (e.g. {"cfg_scale": 2.0}); `crop` center-crops decoded
-        images to that size (a tokenizer trained on padded images, e.g. 28x28 in a 32x32 frame)."""
+        images to that size (a tokenizer trained on padded images, e.g. 28x28 in a 32x32 frame);
+        `drafter` is handed to samplers that draft with a small model (`prepare(draft=...)`)."""
         super().__init__()
         self.crop = crop
-        self.register_modules(generator=generator, tokenizer=tokenizer, refiner=refiner)
+        self.register_modules(generator=generator, tokenizer=tokenizer, refiner=refiner, drafter=drafter)
         self.text_encoder = text_encoder  # not a torch module of ours: moved by `to()` below
         self.class_names = list(class_names or [])
         self.defaults = dict(defaults or {})
@@ -170,7 +176,7 @@ class ARPipeline(DiffusionPipeline):
         return self.generator.is_text_conditional
 
     def to(self, device):
-        for module in (self.generator, self.refiner, self.tokenizer, self.text_encoder):
+        for module in (self.generator, self.refiner, self.tokenizer, self.text_encoder, self.drafter):
             if module is not None:
                 module.to(device)
         return self
@@ -186,7 +192,8 @@ class ARPipeline(DiffusionPipeline):
     # ---- loading / saving -----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device="cpu", tokenizer=None, text_encoder_path=None, weights="fp32"):
+    def from_pretrained(cls, name_or_path, device="cpu", tokenizer=None, text_encoder_path=None, weights="fp32",
+                        drafter=None):
         """Load a shipped pipeline by name ("default-c2i", "default-t2i") or from a folder.
 
         `tokenizer` overrides the recorded tokenizer (a name or a folder); `text_encoder_path`
@@ -194,7 +201,8 @@ class ARPipeline(DiffusionPipeline):
         generator's decode-step weights as "fp32" (as trained, the exact reference), "fp32-packed"
         (the same numbers to rounding, oneDNN's kernel), "bf16" or weight-only "int8", or "auto"
         (fp32-packed for a generator large enough to gain from it on CPU, else fp32;
-        `Generator.set_weight_format`)."""
+        `Generator.set_weight_format`); `drafter` (a name or a folder) overrides the recorded
+        draft model (`pipeline.json`'s optional "drafter")."""
         device = check_device(device)
         found = inspect_model_dir(name_or_path)
         folder, meta = found.folder, found.meta
@@ -213,6 +221,8 @@ class ARPipeline(DiffusionPipeline):
             elif weights != "auto":
                 raise ArgenError(f"--weights {weights}: {type(generator).__name__} has no other weight formats")
         refiner = component(meta["refiner"], Refiner) if meta.get("refiner") else None
+        draft_ref = drafter or meta.get("drafter")
+        draft_model = component(draft_ref, Generator).eval() if draft_ref else None
         encoder = None
         if generator.is_text_conditional:
             from .text import text_encoder_from_config
@@ -224,18 +234,21 @@ class ARPipeline(DiffusionPipeline):
         if "default_cfg_scale" in meta:  # pipeline.json files written before `defaults` existed
             defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
         return cls(generator, component(tok_ref, ImageTokenizer), encoder, meta.get("class_names"), defaults,
-                   meta.get("crop"), refiner)
+                   meta.get("crop"), refiner, draft_model)
 
     def save_pretrained(self, save_directory, dtype: Optional[torch.dtype] = None, **_):
-        """Write a self-contained folder: pipeline.json + generator/ + tokenizer/ (+ refiner/)."""
+        """Write a self-contained folder: pipeline.json + generator/ + tokenizer/ (+ refiner/, drafter/)."""
 
         def write(tmp: Path):
             self.generator.save_pretrained(tmp / "generator", dtype=dtype)
             self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
             if self.refiner is not None:
                 self.refiner.save_pretrained(tmp / "refiner", dtype=dtype)
+            if self.drafter is not None:
+                self.drafter.save_pretrained(tmp / "drafter", dtype=dtype)
             text = pipeline_json(generator="generator", tokenizer="tokenizer",
-                                 refiner="refiner" if self.refiner is not None else None, class_names=self.class_names,
+                                 refiner="refiner" if self.refiner is not None else None,
+                                 drafter="drafter" if self.drafter is not None else None, class_names=self.class_names,
                                  defaults=self.defaults, crop=self.crop,
                                  text_encoder=self.text_encoder.config() if self.text_encoder is not None else None)
             (tmp / PIPELINE_FILE).write_text(text)
@@ -335,7 +348,7 @@ class ARPipeline(DiffusionPipeline):
             sampler = get_sampler(sampler)
         elif not isinstance(sampler, Sampler):
             raise ArgenError(f"sampler must be a name such as 'ar' or 'gsd:G=10', or a Sampler, got {sampler!r}")
-        sampler.prepare(tokenizer=self.tokenizer, refiner=self.refiner)
+        sampler.prepare(tokenizer=self.tokenizer, refiner=self.refiner, draft=self.drafter)
         params = params or self.sampling_params()
         outs = []
         bar = progress_bar(total=len(conds), desc="generating", unit="images", enabled=progress)
@@ -349,7 +362,10 @@ class ARPipeline(DiffusionPipeline):
         return SamplerOutput(tokens=torch.cat([o.tokens for o in outs]),
                              num_forward_passes=sum(o.num_forward_passes for o in outs),
                              accepted_per_forward=[a for o in outs for a in o.accepted_per_forward],
-                             forwards_per_sample=torch.cat([o.nfe_per_sample for o in outs]))
+                             forwards_per_sample=torch.cat([o.nfe_per_sample for o in outs]),
+                             draft_forward_passes=sum(o.draft_forward_passes for o in outs),
+                             draft_forwards_per_sample=None if outs[0].draft_forwards_per_sample is None else
+                             torch.cat([o.draft_forwards_per_sample for o in outs]))
 
     def tokens_to_images(self, tokens: torch.Tensor, conds: Optional[Conditions] = None,
                          seeds: Optional[Sequence[int]] = None, batch_size: int = 64) -> torch.Tensor:

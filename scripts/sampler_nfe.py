@@ -2,18 +2,37 @@
 conditions (`argen bench samplers` conditions, seeds 0..N-1, batch 16; samples do not depend on the batch).
 
     python scripts/sampler_nfe.py default-c2i 32 auto:L=32 pac pac:L=32,K=6,D=4
+    python scripts/sampler_nfe.py default-c2i 32 draft:L=6 --drafter runs/drafter/model
+
+Samplers with a draft model (`draft`) also print the drafter's forwards per image (not part of
+NFE) and the per-token acceptance rate (accepted / tested drafts).
 """
-import sys, time, torch
+import argparse
+import time
+
+import torch
+
+from argen.bench.samplers import benchmark_conditions
 from argen.pipeline import ARPipeline
 from argen.samplers import SamplingParams, get_sampler
-from argen.bench.samplers import benchmark_conditions
+
+parser = argparse.ArgumentParser()
+parser.add_argument("model")
+parser.add_argument("n", type=int)
+parser.add_argument("specs", nargs="+")
+parser.add_argument("--drafter", default=None, help="draft model instead of the pipeline's own")
+args = parser.parse_args()
 torch.set_num_threads(1)
-model, n, specs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-pipe = ARPipeline.from_pretrained(model)
-conds = benchmark_conditions(pipe, n)
+pipe = ARPipeline.from_pretrained(args.model, drafter=args.drafter)
+conds = benchmark_conditions(pipe, args.n)
 params = SamplingParams(cfg_scale=pipe.defaults.get("cfg_scale", 1.0))  # the model's default guidance, as the bench
-for spec in specs:
+for spec in args.specs:
     t0 = time.perf_counter()
-    out = pipe.sample_tokens(conds, list(range(n)), get_sampler(spec), params, 16)
+    sampler = get_sampler(spec)
+    out = pipe.sample_tokens(conds, list(range(args.n)), sampler, params, 16)
     nfe = out.nfe_per_sample.float().mean().item()
-    print(f"{model} {spec}: NFE {nfe:.2f} compression {pipe.generator.num_positions / nfe:.2f}x ({time.perf_counter() - t0:.0f}s)", flush=True)
+    line = f"{args.model} {spec}: NFE {nfe:.2f} compression {pipe.generator.num_positions / nfe:.2f}x"
+    if out.draft_forwards_per_sample is not None:
+        line += (f", drafter forwards {out.draft_forwards_per_sample.float().mean().item():.2f}/image, "
+                 f"acceptance {sampler.acceptance:.3f}")
+    print(f"{line} ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -45,6 +45,7 @@ class Record:
     model: Optional[str] = None
     speedup_vs_first_ar: Optional[float] = None
     decode_included: bool = False  # timed region includes tokens -> images (tokenizer decode)
+    draft_nfe_per_image: Optional[float] = None  # forwards of a draft model per image (`draft` sampler), not in NFE
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -56,7 +57,7 @@ def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, s
                 decode: bool = False):
     """All images in batches through the pipeline's sampling path; returns tokens, per-image
     NFE, accepted-per-forward values, seconds (with `decode`: including tokens -> images, in the
-    same batches)."""
+    same batches) and the per-image draft-model forwards (None without a draft model)."""
     start = time.perf_counter()
     out = pipe.sample_tokens(conds, seeds, sampler, params, batch_size)
     if decode:
@@ -64,7 +65,8 @@ def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, s
             for i in range(0, len(seeds), batch_size):
                 pipe.tokens_to_images(out.tokens[i:i + batch_size], conds[i:i + batch_size], seeds[i:i + batch_size])
     seconds = time.perf_counter() - start
-    return out.tokens, out.nfe_per_sample.float(), list(out.accepted_per_forward), seconds
+    drafts = None if out.draft_forwards_per_sample is None else out.draft_forwards_per_sample.float()
+    return out.tokens, out.nfe_per_sample.float(), list(out.accepted_per_forward), seconds, drafts
 
 
 def benchmark_conditions(pipe, num_images: int):
@@ -83,8 +85,9 @@ def benchmark_conditions(pipe, num_images: int):
     return pipe.conditions(class_labels=[i % num_classes for i in range(num_images)], num_images=1)
 
 
-def _nfe_stats(nfe: torch.Tensor, ar_nfe: float) -> dict:
-    return {"nfe_per_image": nfe.mean().item(), "step_compression": ar_nfe / nfe.mean().item()}
+def _nfe_stats(nfe: torch.Tensor, ar_nfe: float, drafts: Optional[torch.Tensor] = None) -> dict:
+    return {"nfe_per_image": nfe.mean().item(), "step_compression": ar_nfe / nfe.mean().item(),
+            "draft_nfe_per_image": None if drafts is None else drafts.mean().item()}
 
 
 def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int], num_images: int,
@@ -127,17 +130,17 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
         results = {}
         for r in range(rounds):
             for key, (p, sampler) in runs.items():
-                tokens, nfe, accepted, seconds = run_sampler(p, sampler, conds[key[0]][:num_images], par[key[0]], bs,
-                                                             seeds[:num_images], decode)
+                tokens, nfe, accepted, seconds, drafts = run_sampler(p, sampler, conds[key[0]][:num_images],
+                                                                     par[key[0]], bs, seeds[:num_images], decode)
                 times[key].append(seconds)
-                results[key] = (nfe, accepted)
+                results[key] = (nfe, accepted, drafts)
             log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{tag(k)} {v[-1]:.2f}s" for k, v in times.items()))
         first_ar = statistics.median(times[(first, "ar")])
         for name in pipes:
             ar_nfe = results[(name, "ar")][0].mean().item()
             ar_seconds = statistics.median(times[(name, "ar")])
             for spec in specs:
-                nfe, accepted = results[(name, spec.label)]
+                nfe, accepted, drafts = results[(name, spec.label)]
                 seconds = statistics.median(times[(name, spec.label)])
                 records.append(Record(
                     sampler=spec.name, params=spec.options, batch_size=bs, num_images=num_images,
@@ -145,7 +148,7 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
                     seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
                     wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[(name, spec.label)],
                     model=name, speedup_vs_first_ar=None if name is None else first_ar / seconds,
-                    decode_included=decode, **_nfe_stats(nfe, ar_nfe)))
+                    decode_included=decode, **_nfe_stats(nfe, ar_nfe, drafts)))
     if quality is not None and quality_images:
         for name, p in pipes.items():
             mine = [r for r in records if r.model == name]
@@ -160,19 +163,19 @@ def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality
     scored, ar_nfe = {}, None
     for spec in specs:
         start = time.perf_counter()
-        tokens, nfe, accepted, _ = run_sampler(pipe, make_sampler(spec), conds, params, batch_size, seeds)
+        tokens, nfe, accepted, _, drafts = run_sampler(pipe, make_sampler(spec), conds, params, batch_size, seeds)
         scores = quality(pipe.tokens_to_images(tokens, conds, seeds), conds.labels)
         ar_nfe = nfe.mean().item() if spec.name == "ar" and not spec.options else ar_nfe
-        scored[spec.label] = (scores, nfe, accepted)
+        scored[spec.label] = (scores, nfe, accepted, drafts)
         log(f"quality {spec.label}: {len(seeds)} images in {time.perf_counter() - start:.0f}s, "
             f"FID {scores.get('fid', float('nan')):.3f}")
     for spec in specs:
-        scores, nfe, accepted = scored[spec.label]
+        scores, nfe, accepted, drafts = scored[spec.label]
         for record in records:
             if record.sampler == spec.name and record.params == spec.options:
                 record.fid, record.inception_score = scores.get("fid"), scores.get("is")
                 record.class_accuracy = scores.get("class_accuracy")
-                for key, value in _nfe_stats(nfe, ar_nfe).items():
+                for key, value in _nfe_stats(nfe, ar_nfe, drafts).items():
                     setattr(record, key, value)
                 record.accepted_per_forward = sum(accepted) / len(accepted) if accepted else 0.0
                 record.nfe_images = len(seeds)
@@ -298,6 +301,11 @@ def markdown_table(records: Sequence[Record]) -> str:
         if multi:
             row = f"| {r.model} " + row + f" {fmt(r.speedup_vs_first_ar, '.2f')}x |"
         lines.append(row)
+    drafted = [r for r in records if r.draft_nfe_per_image is not None]
+    if drafted:  # a draft model's forwards are not in NFE: say what they were
+        lines.append("\nDraft-model forwards per image (not counted in NFE): " + ", ".join(
+            f"{r.sampler}:{','.join(f'{k}={v}' for k, v in r.params.items())} batch {r.batch_size} "
+            f"{r.draft_nfe_per_image:.1f}" for r in drafted) + ".")
     if any(r.decode_included for r in records):
         lines.append("\nTimes include decoding the tokens to images.")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import sys
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, add_weights_arg, number
+from .checked import SEED, THREADS, add_drafter_arg, add_weights_arg, number
 
 COUNT = number(1, integer=True)
 
@@ -70,6 +70,7 @@ def register(sub):
                         "to re-time")
     s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
     add_weights_arg(s)
+    add_drafter_arg(s)
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
                         "(the cost of verifying a window; empty to skip)")
@@ -265,7 +266,7 @@ def run_samplers(args) -> int:
         raise ArgenError(f"--model: give one model or distinct comma-separated models, got {args.model!r}")
     if len(names) > 1 and args.quality_from:
         raise ArgenError("--quality-from takes one model; measure several models' quality with --fid")
-    pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights) for name in names}
+    pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights, drafter=args.drafter) for name in names}
     model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                             top_p=args.top_p, cfg_schedule=args.cfg_schedule)
                     for name, p in pipes.items()}

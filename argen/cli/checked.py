@@ -46,3 +46,10 @@ def add_weights_arg(p, default: str = "fp32") -> None:
                         "models on CPU), bf16, int8 (weight-only, per-channel scales; fewer bytes per decode "
                         f"step), or auto (fp32-packed for a generator of {AUTO_PACK_MB} MiB or more of decode-step "
                         f"weights on CPU, else fp32); default {default}")
+
+
+def add_drafter_arg(p) -> None:
+    """`--drafter`: the draft model of the `draft` sampler, instead of the pipeline's own."""
+    p.add_argument("--drafter", metavar="MODEL", default=None,
+                   help="draft model for --sampler draft (a generator folder or shipped name trained on the same "
+                        "codes); default: the \"drafter\" entry of the model's pipeline.json")

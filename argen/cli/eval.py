@@ -26,7 +26,7 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_output_file, sign_json
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, add_weights_arg, number
+from .checked import SEED, THREADS, add_drafter_arg, add_weights_arg, number
 
 COUNT = number(1, integer=True)
 
@@ -52,6 +52,7 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--model", default=None, help="pipeline name (default-c2i, default-t2i) or folder to sample from")
     p.add_argument("--sampler", default="ar", help="sampler name or spec with options, e.g. ar, gsd:G=10")
     add_weights_arg(p)
+    add_drafter_arg(p)
     p.add_argument("--sampler-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="sampler option (repeatable), e.g. --sampler-opt G=10")
     p.add_argument("--num-samples", type=COUNT, default=10000, help="images to generate (default 10000)")
@@ -204,7 +205,7 @@ def _sample(args, state, device):
     _check_sampling_args(args)
     name, options, label = _sampler_spec(args)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
-    pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights)
+    pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights, drafter=args.drafter)
     num_tokens = pipe.check_num_tokens(args.num_tokens)
     cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
     params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, add_weights_arg, number
+from .checked import SEED, add_drafter_arg, add_weights_arg, number
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
 
@@ -59,6 +59,7 @@ def register(sub):
                         f"{MAX_GRID_PIXELS // 1_000_000} megapixels")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     add_weights_arg(p, default="auto")
+    add_drafter_arg(p)
     p.set_defaults(func=run)
 
 
@@ -134,7 +135,8 @@ def run(args) -> int:
     sampler = get_sampler(args.sampler)
     from ..pipeline import ARPipeline
 
-    pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer, weights=args.weights)
+    pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer, weights=args.weights,
+                                      drafter=args.drafter)
     pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)

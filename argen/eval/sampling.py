@@ -129,14 +129,15 @@ def make_plan(pipe, num_samples: int, seed: int = 0, prompts: Optional[Sequence[
     return items, {"type": "class-balanced", "num_classes": num_classes, "label_space": space}
 
 
-def model_fingerprint(pipe) -> str:
-    """A cheap fingerprint of the generator + tokenizer weights (shapes, first values, sums)."""
+def model_fingerprint(pipe, modules=None) -> str:
+    """A cheap fingerprint of the generator + tokenizer weights (shapes, first values, sums);
+    of `modules` instead when given."""
     import hashlib
 
     import torch
 
     digest = hashlib.sha256()
-    for module in (pipe.generator, pipe.refiner, pipe.tokenizer):
+    for module in modules or (pipe.generator, pipe.refiner, pipe.tokenizer):
         if module is None:
             continue
         for key, value in sorted(module.state_dict().items()):
@@ -300,6 +301,8 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
                 "num_samples": int(num_samples), "batch_size": int(batch_size), "argen_version": __version__}
     if num_tokens is not None:  # recorded only when set, so runs of full sequences resume as before
         settings["num_tokens"] = pipe.check_num_tokens(num_tokens)
+    if sampler_obj.uses_draft and pipe.drafter is not None:  # its samples depend on the drafter too
+        settings["drafter_fingerprint"] = model_fingerprint(pipe, [pipe.drafter])
     # The main process validates and records the settings; the others wait for it.
     error = None
     if rank == 0:

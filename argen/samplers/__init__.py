@@ -10,6 +10,7 @@ from .spec import SamplerSpec, make_sampler, parse_spec
 # Each sampler file registers its classes when imported.
 from .ar import ARSampler
 from .auto import AutoSampler
+from .draft import DraftSampler
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
 from .pac import PACSampler
@@ -27,6 +28,6 @@ def get_sampler(name: str, **options) -> Sampler:
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 
 
-__all__ = ["ARSampler", "AutoSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "PACSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
+__all__ = ["ARSampler", "AutoSampler", "DraftSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "PACSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
            "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS",
            "parse_spec"]

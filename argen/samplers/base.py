@@ -31,12 +31,17 @@ class SamplerOutput:
     included (NFE). accepted_per_forward: tokens emitted per forward per sample, one entry per
     decode forward (1.0 throughout for plain AR). forwards_per_sample: [B], the forward pass
     after which each sample was complete (ragged speculative batches finish rows at different
-    times; None means every row took num_forward_passes)."""
+    times; None means every row took num_forward_passes). draft_forward_passes: calls of a
+    draft model for the whole batch, prefill included (0 for samplers without one); never part
+    of num_forward_passes. draft_forwards_per_sample: [B], the draft-model forwards each sample
+    needed (what it would cost alone; None without a draft model)."""
 
     tokens: torch.Tensor
     num_forward_passes: int
     accepted_per_forward: list = field(default_factory=list)
     forwards_per_sample: Optional[torch.Tensor] = None
+    draft_forward_passes: int = 0
+    draft_forwards_per_sample: Optional[torch.Tensor] = None
 
     @property
     def nfe_per_sample(self) -> torch.Tensor:
@@ -67,12 +72,14 @@ class Sampler(abc.ABC):
 
     Class attributes: `name` (registered when a concrete subclass is defined), `aliases`,
     `option_aliases` (short option names for specs), `multi_code` (whether it can sample
-    generators with several codes per position)."""
+    generators with several codes per position), `uses_draft` (whether it samples with a draft
+    model from `prepare(draft=...)`)."""
 
     name: str = ""
     aliases: tuple = ()
     option_aliases: Dict[str, str] = {}
     multi_code: bool = False
+    uses_draft: bool = False  # takes a draft model through prepare(draft=...); its samples depend on it
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

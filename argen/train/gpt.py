@@ -16,7 +16,10 @@
    the condition one slot, MiniLM's sentence embedding, instead of one slot per token.
    `--init-from MODEL` starts from another generator's weights; from a c2i model, the caption
    projection is first fitted onto its class embeddings (`init_weights`).
-4. The EMA weights are exported to `<out>/model` with `pipeline.json` (tokenizer, model type,
+4. `--distill-from MODEL` (draft models for the `draft` sampler): the loss is instead the KL
+   divergence from MODEL's guided next-token distribution to the student's, both at `--distill-cfg`
+   through the samplers' own logits path (`distill_loss`).
+5. The EMA weights are exported to `<out>/model` with `pipeline.json` (tokenizer, model type,
    class names, text encoder), a sample grid and a model card.
 """
 
@@ -38,7 +41,8 @@ from ..data import captions as captions_mod
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, pad_image, to_model_range
 from ..atomic import atomic_write
 from ..errors import ArgenError
-from ..hub import PIPELINE_FILE, SHIPPED_MODELS, resolve_model_dir
+from ..hub import PIPELINE_FILE, SHIPPED_MODELS, inspect_model_dir, resolve_model_dir
+from ..models.base import Generator
 from ..models.gpt import GPT, GPTConfig
 from ..models.token_shuffle import TokenShuffleConfig, TokenShuffleGPT
 from ..pipeline import ARPipeline, pipeline_json
@@ -245,7 +249,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
               eval_items: int = 2000, accuracy_per_class: int = 30, data_root=None,
               stop_at_step: Optional[int] = None, refiner=None, coarse_clusters: Optional[int] = None,
               kmeans_seed: int = 0, kmeans_normalize: bool = False,
-              shuffle: Optional[int] = None) -> dict:
+              shuffle: Optional[int] = None, distill_from: Optional[str] = None,
+              distill_cfg: Optional[float] = None) -> dict:
     """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics.
 
     Coarse-to-fine stage 1: with `refiner` (a CTF refiner folder) and/or `coarse_clusters` K, the
@@ -254,6 +259,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     the refiner's training calls, so both agree); the export needs the refiner (it is copied
     into the exported pipeline), so a run finished before its refiner exports with `--resume`.
     `shuffle=s` trains a `TokenShuffleGPT` (s x s windows of codes per position) instead.
+    `distill_from` (a generator over the same codes): train on `distill_loss` against it at guidance
+    `distill_cfg` (default: its pipeline's default guidance) instead of the cross-entropy.
     """
     from accelerate import Accelerator
 
@@ -271,6 +278,11 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     code_to_cluster = _coarse_map(vq_model, refiner, coarse_clusters, kmeans_seed, kmeans_normalize, model_type)
     if shuffle is not None:  # refused before any data is encoded
         _check_shuffle(shuffle, grid)
+    teacher, distill_params = None, None
+    if distill_from is not None:
+        if shuffle is not None or code_to_cluster is not None:
+            raise ArgenError("--distill-from trains a plain GPT on the codes: drop --shuffle / --refiner / --coarse-clusters")
+        teacher, distill_params = _load_teacher(distill_from, distill_cfg, model_type, vq_model)
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
@@ -323,6 +335,13 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     def loss_fn(m, batch):
         # generator order (identity for GPT); the last position's k codes are only targets
         x = model.codes_to_tokens(batch["codes"])
+        if teacher is not None:
+            if model_type == "c2i":
+                cond, mask = batch["labels"], None
+            else:
+                cond, mask = cap_feats[batch["caption_ids"]], cap_masks[batch["caption_ids"]]
+            loss = distill_loss(m, model, teacher, x, cond, mask, distill_params)
+            return loss, {"loss": loss}
         if model_type == "c2i":
             logits = m(x[:, :-k], batch["labels"])
         else:
@@ -339,6 +358,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
                 # None for the basic captions, so checkpoints from before rich captions still resume
                 "captions": captions if model_type == "t2i" and captions != "basic" else None,
                 "init_from": init_from, "init": init_info, "command": command, "prep_s": round(prep_s, 1),
+                "distill": None if teacher is None else {"from": str(distill_from), "cfg_scale": distill_params.cfg_scale},
                 "threads": torch.get_num_threads()}
     if code_to_cluster is not None:  # a resumed run must use the same clusters
         run_info["coarse"] = {"clusters": vocab, "map_sha": hashlib.sha256(
@@ -409,6 +429,51 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         list_in_marker(folder, ["samples.png", "metrics.json", "MODEL_CARD.md", "refiner"])
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _load_teacher(source, cfg_scale: Optional[float], model_type: str, vq_model):
+    """The generator to distil from (a pipeline or generator folder, or a shipped name), frozen, and
+    the SamplingParams of the distribution the student learns: the teacher's guided distribution
+    at `cfg_scale`, by default its pipeline's default guidance."""
+    from ..samplers.logits import SamplingParams
+
+    found = inspect_model_dir(source)
+    teacher = load_component(found.gpt_dir, Generator).float().eval().requires_grad_(False)
+    if teacher.tokens_per_position != 1 or teacher.vocab_size != vq_model.vocab_size \
+            or teacher.num_positions != vq_model.num_tokens or teacher.condition_kind != {"c2i": "class", "t2i": "text"}[model_type]:
+        raise ArgenError(f"--distill-from {source}: a {model_type} generator over the codes of this tokenizer is needed "
+                         f"({vq_model.num_tokens} codes, vocabulary {vq_model.vocab_size})")
+    scale = float((found.meta.get("defaults") or {}).get("cfg_scale", 1.0)) if cfg_scale is None else cfg_scale
+    params = SamplingParams(cfg_scale=scale)
+    if params.uses_cfg and not teacher.supports_cfg:
+        raise ArgenError(f"--distill-from {source}: the teacher has no null condition, so --distill-cfg must be <= 1")
+    return teacher, params
+
+
+def distill_loss(student, model, teacher, x, cond, mask, params) -> torch.Tensor:
+    """Mean per-token KL(p || q): p the teacher's, q the student's processed next-token distribution
+    (`process_logits`: CFG at params.cfg_scale, the same path the `draft` sampler draws from), both
+    teacher-forced on the training codes x. A draft token is accepted with probability
+    sum min(p, q) = 1 - TV(p, q), which this divergence bounds (Pinsker; DistillSpec, Zhou et al. 2024).
+
+    student: the module being trained (maybe wrapped by accelerate); model: the same model unwrapped."""
+    from ..samplers.logits import process_logits
+
+    # (condition, null) pairs are fed explicitly: the student's own condition dropout would null
+    # some conditional rows while the teacher's target for them stays conditional
+    model.cls_embedding.eval()
+    inputs = x[:, :-1]
+    student_cond, teacher_cond = cond, cond
+    if params.uses_cfg:
+        student_cond = torch.cat([cond, model.null_condition(cond)])
+        teacher_cond = torch.cat([cond, teacher.null_condition(cond)])
+        inputs = torch.cat([inputs, inputs])
+        mask = None if mask is None else torch.cat([mask, mask])
+    start = model.condition_length(cond) - 1
+    with torch.no_grad():
+        target = process_logits(teacher(inputs, teacher_cond, mask)[:, start:], params).log_softmax(-1)
+    log_q = process_logits(student(inputs, student_cond, mask)[:, start:], params).log_softmax(-1)
+    return F.kl_div(log_q.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
 _ENCODERS: dict = {}
@@ -601,7 +666,7 @@ tokenizer `{pipeline['tokenizer']}` ({layout}, vocabulary {g['vocab_size']}).
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
 - Seed {cfg.seed}; {metrics['step']} steps of batch {cfg.batch_size} ({epochs:.2f} epochs, {tokens / 1e6:.1f}M training tokens);
   AdamW lr {cfg.lr}, betas {tuple(cfg.betas)}, weight decay {cfg.weight_decay} on matrices, {cfg.warmup_steps} warmup steps
-  then cosine to {cfg.min_lr_ratio} x lr, grad clip {cfg.grad_clip}; cross-entropy over all {g['block_size']} tokens.
+  then cosine to {cfg.min_lr_ratio} x lr, grad clip {cfg.grad_clip}; {_objective_text(run_info, g)}.
 - Wall time: {metrics['train_wall_s'] / 60:.1f} min of training on this machine's CPU (2 cores, shared with other jobs;
   {run_info.get('threads', '?')} torch thread(s)),
   plus {metrics['prep_s']:.0f} s to encode the data{' and captions' if kind == 't2i' else ''}.
@@ -619,6 +684,15 @@ pipe = ARPipeline.from_pretrained("<this folder or its shipped name>")
 ```
 """
     (folder / "MODEL_CARD.md").write_text(text)
+
+
+def _objective_text(run_info: dict, g: dict) -> str:
+    distill = run_info.get("distill")
+    if not distill:
+        return f"cross-entropy over all {g['block_size']} tokens"
+    return (f"distilled from `{distill['from']}`: KL divergence from its guided next-token distribution (CFG "
+            f"{distill['cfg_scale']}) to this model's at the same guidance, over all {g['block_size']} tokens "
+            "(`argen.train.gpt.distill_loss`; the training loss below is that KL)")
 
 
 def _t2i_condition_text(g: dict, run_info: dict) -> str:
