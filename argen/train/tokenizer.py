@@ -19,7 +19,7 @@ code is vocabulary the GPT cannot use. Restarts stop at `restart_until` (fractio
 the codebook settles before the end.
 
 TiTok (`--arch titok`): single stage, directly on pixels, the RGB head (`is_legacy=False`), as the
-official single-stage recipe minus its perceptual and GAN losses (same reason as above); the same
+official single-stage recipe minus its perceptual loss (same reason as above) and, unless `gan_weight`, its GAN; the same
 losses, L2-normalised codebook, dead-code restarts, EMA and evaluation as the VQ. Images are the
 28x28 garments padded to 32x32 like the VQ's, so both tokenizers see the same pixels, PSNR and
 rFID are measured on the same frames, and `argen train gpt` / the pipeline's 28-pixel crop work
