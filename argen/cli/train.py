@@ -137,6 +137,14 @@ def register(sub):
     tok.add_argument("--init-from", default=None, metavar="TOKENIZER",
                      help="start from this tokenizer's weights (shipped name or folder; same architecture)")
     tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
+    tok.add_argument("--gan-weight", type=number(0), default=0.0,
+                     help="vq/titok: add a PatchGAN hinge loss (discriminator trained from scratch), its generator "
+                          "term scaled by VQGAN's adaptive weight times this (default 0: off)")
+    tok.add_argument("--gan-start", type=number(0, integer=True), default=None,
+                     help="step at which the discriminator and the adversarial term start (default 0)")
+    tok.add_argument("--train-decoder-only", action="store_true",
+                     help="vq/titok: freeze encoder and codebook (the codes stay the same; restarts off), train the "
+                          "decoder: fine-tuning an --init-from tokenizer, as TiTok's stage 2")
     tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
     tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
     tok.add_argument("--test-limit", type=number(2, integer=True), default=None, help="evaluate on the first N test images only")
@@ -230,7 +238,8 @@ def _run_tokenizer(args) -> int:
     metrics = train_tokenizer(**_common_kwargs(args), arch=args.arch, **options, **books,
                               l1_weight=args.l1_weight, restart_every=args.restart_every,
                               restart_until=args.restart_until, test_limit=args.test_limit, rfid=args.rfid,
-                              init_from=args.init_from)
+                              init_from=args.init_from, gan_weight=args.gan_weight, gan_start=args.gan_start,
+                              decoder_only=args.train_decoder_only)
     if metrics:
         test = metrics["test"]
         rfid = f"  rFID {test['rfid']:.2f}" if test.get("rfid") is not None else ""

@@ -355,12 +355,16 @@ class Trainer:
     `__getitems__(keys) -> batch` (any collatable structure). extra_state: named tensors the
     caller mutates during training (saved/restored with checkpoints). after_step(trainer, batch,
     aux) runs after every optimizer step (e.g. codebook restarts); it may use the torch RNG.
+    extra_modules: named objects with `state_dict()` / `load_state_dict(state)` that the loss
+    function trains itself (e.g. a GAN's discriminator and its optimizer); saved in checkpoints
+    with the optimizer (tensors and plain values only: they load with weights_only=True).
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, dataset, loss_fn: LossFn, *,
                  num_items: int, loss_names: list[str], extra_state: Optional[dict] = None,
                  after_step: Optional[Callable] = None, accelerator=None, run_info: Optional[dict] = None,
-                 tokens_per_item: int = 0, no_decay: Optional[Callable[[str], bool]] = None):
+                 tokens_per_item: int = 0, no_decay: Optional[Callable[[str], bool]] = None,
+                 extra_modules: Optional[dict] = None):
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -372,6 +376,7 @@ class Trainer:
         self.num_items = num_items
         self.extra_state = extra_state if extra_state is not None else {}
         self.after_step = after_step
+        self.extra_modules = extra_modules or {}
         self.run_info = run_info or {}
         self.tokens_per_item = tokens_per_item
         self.step = 0
@@ -445,8 +450,9 @@ class Trainer:
                 save_file(model_state, str(tmp / "model.safetensors"))
                 save_file(ema_state, str(tmp / "ema.safetensors"))
                 save_file(extra, str(tmp / "extra.safetensors"))
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                           tmp / "optimizer.pt")
+                modules = {name: m.state_dict() for name, m in self.extra_modules.items()}
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            **({"extra_modules": modules} if modules else {})}, tmp / "optimizer.pt")
                 (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
             atomic_directory_write(target, write)
@@ -488,6 +494,10 @@ class Trainer:
         self.ema.load_state_dict(ema_state, meta["ema_updates"])
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+        for name, module in self.extra_modules.items():
+            if name not in opt.get("extra_modules", {}):
+                raise ArgenError(f"checkpoint {ckpt} lacks training state {name!r}")
+            module.load_state_dict(opt["extra_modules"][name])
         for name, tensor in self.extra_state.items():
             if name not in extra:
                 raise ArgenError(f"checkpoint {ckpt} lacks training state {name!r}")

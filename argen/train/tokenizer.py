@@ -4,8 +4,13 @@ default), TiTok (`--arch titok`, K 1D tokens) or FlexTok (`--arch flextok`, 1..K
 Losses as LlamaGen's `vq_train.py` minus the parts that need pretrained networks: L2
 reconstruction (optionally + L1), codebook loss and commitment loss (beta 0.25, from the
 model config). LPIPS needs VGG weights that cannot be fetched here, so there is no perceptual
-loss; an adversarial loss is not implemented either (on 28x28 grey garments MSE already gives
-sharp reconstructions, and the GAN would double the cost of a one-hour CPU run).
+loss. The adversarial loss is an option (`gan_weight` > 0, VQ and TiTok: the decoders that output
+pixels in one pass): a PatchGAN discriminator trained from scratch with the hinge loss, the
+generator's term scaled by VQGAN's adaptive weight, from step `gan_start` on (`argen/train/gan.py`).
+
+`decoder_only` (TiTok's stage 2: decoder fine-tuning) freezes the encoder and the codebook: every
+image keeps its codes, so generators trained on them stay valid, and no gradient flows through
+the encoder. Dead-code restarts are then off (the codebook does not move).
 
 Dead-code restarts (on by default): every `restart_every` steps, codes no batch picked since the
 last check are moved onto randomly chosen encoder outputs of the current batch. A small
@@ -14,7 +19,7 @@ code is vocabulary the GPT cannot use. Restarts stop at `restart_until` (fractio
 the codebook settles before the end.
 
 TiTok (`--arch titok`): single stage, directly on pixels, the RGB head (`is_legacy=False`), as the
-official single-stage recipe minus its perceptual and GAN losses (same reason as above); the same
+official single-stage recipe minus its perceptual loss (same reason as above) and, unless `gan_weight`, its GAN; the same
 losses, L2-normalised codebook, dead-code restarts, EMA and evaluation as the VQ. Images are the
 28x28 garments padded to 32x32 like the VQ's, so both tokenizers see the same pixels, PSNR and
 rFID are measured on the same frames, and `argen train gpt` / the pipeline's 28-pixel crop work
@@ -46,6 +51,7 @@ from ..tokenizers.flextok import FlexTokTokenizer, powers_of_two
 from ..tokenizers.titok import TiTokTokenizer
 from ..tokenizers.vq import VQTokenizer
 from .common import Trainer, TrainConfig, check_run_args, set_threads, seed_everything, write_json
+from .gan import AdversarialLoss, decoder_last_layer
 from .rundir import check_run_dir, claim_run_dir, list_in_marker
 
 DEFAULT_VQ = dict(codebook_size=1024, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
@@ -284,6 +290,17 @@ def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
 INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "time_mean", "cfg_dropout", "nested_dropout")
 
 
+# Parameters on the decoding side of a VQ / TiTok (everything after the codebook lookup).
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def freeze_all_but_decoder(model) -> int:
+    """`decoder_only`: freeze the encoder, latent tokens and codebook; returns the trainable count."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(DECODER_PREFIXES))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def init_tokenizer_weights(model, source) -> dict:
     """Copy into `model` the weights of the tokenizer `source` (shipped name or folder), which must be
     of the same class and architecture (its config equal but for `INIT_FREE_KEYS`). Returns what
@@ -332,7 +349,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     flow_steps: Optional[int] = None, cfg_dropout: Optional[float] = None,
                     nested_dropout: Optional[str] = None, time_mean: Optional[float] = None,
                     rfid: bool = False, init_from: Optional[str] = None,
-                    fsq_saturation_weight: Optional[float] = None) -> dict:
+                    fsq_saturation_weight: Optional[float] = None, gan_weight: float = 0.0,
+                    gan_start: Optional[int] = None, decoder_only: bool = False) -> dict:
     """Train a tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
 
     `arch`: "vq" (LlamaGen VQ: `ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `norm_groups`) or
@@ -348,6 +366,9 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     of the exported weights on the test split (Fashion-MNIST-classifier features). `init_from`: start
     from the weights of that tokenizer (same class and architecture; `init_tokenizer_weights`)
     instead of a random initialisation; optimizer, schedule and EMA start afresh.
+    `gan_weight` > 0 (VQ, TiTok): add the adversarial loss (`argen/train/gan.py`) from step
+    `gan_start` (default 0) on; 0 trains exactly as without it. `decoder_only`: train the decoder
+    only (encoder and codebook frozen, so the codes do not change; restarts off).
     """
     from accelerate import Accelerator
 
@@ -363,6 +384,16 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if fsq_saturation_weight is not None and not fsq_saturation_weight >= 0:
         raise ArgenError(f"fsq_saturation_weight must be >= 0, got {fsq_saturation_weight}")
     saturation_weight = float(fsq_saturation_weight or 0.0)
+    if not gan_weight >= 0:
+        raise ArgenError(f"gan_weight must be >= 0, got {gan_weight}")
+    if arch == "flextok" and (gan_weight or decoder_only):
+        raise ArgenError("the GAN loss and decoder-only training apply to arch vq and titok (decoders that output "
+                         "pixels in one pass), not flextok")
+    if gan_start is not None and not gan_weight:
+        raise ArgenError("gan_start needs gan_weight > 0 (--gan-weight)")
+    gan_start = int(gan_start or 0)
+    if gan_start < 0:
+        raise ArgenError(f"gan_start must be >= 0, got {gan_start}")
     sizes = dict(num_latent_tokens=num_latent_tokens, patch_size=patch_size, width=width, enc_layers=enc_layers,
                  dec_layers=dec_layers, heads=heads)
     if arch != "vq":
@@ -401,6 +432,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if epochs is not None:
         per_epoch = len(train_images) // (batch_size * accelerator.num_processes)
         steps = max(1, math.ceil(epochs * per_epoch))
+    if gan_weight and gan_start >= steps:
+        raise ArgenError(f"gan_start {gan_start} is not before the last step ({steps}): the GAN would never train")
     cfg = TrainConfig(out=str(out), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
                       ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=progress)
@@ -410,6 +443,11 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     vq = model_cls(**vq_kwargs)
     init_info = init_tokenizer_weights(vq, init_from) if init_from is not None else None
     torch.manual_seed(seed + accelerator.process_index)
+    if decoder_only:
+        trainable = freeze_all_but_decoder(vq)
+        restart_every = 0  # the codebook is frozen: nothing to restart
+    gan = AdversarialLoss(gan_weight, gan_start, lr, seed + 1, in_channels=vq.image_channels,
+                          accelerator=accelerator) if gan_weight else None
     counts = torch.zeros(codebook_size, dtype=torch.float64)
     restarter = CodeRestarter(restart_every, int(restart_until * steps), counts)
     run_info = {"kind": kind, config_key: {k: (list(v) if isinstance(v, tuple) else v)
@@ -419,6 +457,11 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                 "init_from": init_info}
     if arch == "flextok":
         run_info["fsq_saturation_weight"] = saturation_weight
+    # Recorded only when on, so runs without them keep their record (and resume) as before.
+    if gan is not None:
+        run_info["gan"] = gan.describe()
+    if decoder_only:
+        run_info["decoder_only"] = {"trainable_parameters": trainable}
 
     def flextok_loss(model, batch):
         flow, codes, keep, latent = model(batch["image"])
@@ -435,23 +478,35 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         recon, codebook_loss, commit_loss, indices = model(x)
         rec = F.mse_loss(recon, x)
         loss = rec + codebook_loss + commit_loss
+        nll = rec
         if l1_weight:
-            loss = loss + l1_weight * (recon - x).abs().mean()
+            l1 = l1_weight * (recon - x).abs().mean()
+            loss, nll = loss + l1, rec + l1
+        gan_parts = {}
+        if gan is not None:
+            gan_parts = gan.idle_parts()
+            if gan.active(trainer.step):
+                # discriminator first (on this batch), then the generator's term through it
+                gan_parts.update(gan.discriminator_step(x, recon))
+                term, parts = gan.generator_term(recon, nll, decoder_last_layer(trainer.unwrapped))
+                loss = loss + term
+                gan_parts.update(parts)
         with torch.no_grad():
             z = F.normalize(_latents_for_restart(trainer.unwrapped, x), dim=-1) if (
                 restart_every and (trainer.step + 1) % restart_every == 0) else None
         used = torch.unique(indices).numel() / codebook_size
         parts = {"loss": loss, "rec_mse": rec, "codebook": codebook_loss, "commit": commit_loss,
-                 "batch_usage": torch.tensor(float(used))}
+                 "batch_usage": torch.tensor(float(used)), **gan_parts}
         return loss, parts, (indices, z)
 
     names = ["loss", "flow", "fsq_saturation", "saturated", "batch_usage", "null_fraction"] if arch == "flextok" else [
-        "loss", "rec_mse", "codebook", "commit", "batch_usage"]
+        "loss", "rec_mse", "codebook", "commit", "batch_usage"] + (AdversarialLoss.LOG_NAMES if gan else [])
     trainer = Trainer(cfg, vq, ImageBatches(train_images), flextok_loss if arch == "flextok" else loss_fn,
                       num_items=len(train_images), loss_names=names,
                       extra_state={"code_counts": counts}, after_step=restarter, accelerator=accelerator,
                       run_info=run_info, tokens_per_item=0,
-                      no_decay=_no_decay if arch != "vq" else (lambda name: name.startswith("quantize.")))
+                      no_decay=_no_decay if arch != "vq" else (lambda name: name.startswith("quantize.")),
+                      extra_modules={"discriminator": gan} if gan is not None else None)
     trainer.fit(stop_at=stop_at_step)
     if not trainer.finished:
         return {"stopped_at": trainer.step}
@@ -524,6 +579,32 @@ def _init_line(run_info: dict) -> str:
             "schedule and EMA started afresh, so the steps below come on top of that run's.\n")
 
 
+def _restart_text(run_info: dict, why: str = "") -> str:
+    """The cards' words on dead-code restarts (none in a decoder-only run: the codebook is frozen)."""
+    if run_info.get("decoder_only"):
+        return "frozen in this run (decoder only), so no dead-code restarts"
+    return (f"dead-code restarts every {run_info['restart_every']} steps until "
+            f"{int(run_info['restart_until'] * 100)}% of training" + (f" {why}" if why else ""))
+
+
+def _gan_lines(run_info: dict) -> str:
+    """The cards' lines on the adversarial loss and decoder-only training, when the run had them."""
+    text = ""
+    gan = run_info.get("gan")
+    if gan:
+        text += (f"- Adversarial loss (`--gan-weight {gan['weight']:g}`, from step {gan['start']}): a PatchGAN discriminator "
+                 f"({gan['disc_parameters']:,} parameters, {gan['disc_layers']} stride-2 layers from width "
+                 f"{gan['disc_channels']}, GroupNorm) trained from scratch with the hinge loss (AdamW at the peak lr, "
+                 f"betas {tuple(gan['disc_betas'])}); the generator adds {gan['weight']:g} x VQGAN's adaptive weight "
+                 "(ratio of the reconstruction and adversarial gradient norms at the decoder's last layer) x "
+                 "(-mean discriminator logit of its reconstructions). `argen/train/gan.py`.\n")
+    if run_info.get("decoder_only"):
+        text += (f"- Decoder only (`--train-decoder-only`): encoder, latent tokens and codebook frozen "
+                 f"({run_info['decoder_only']['trainable_parameters']:,} parameters trained), so every image keeps "
+                 "the codes of the starting weights.\n")
+    return text
+
+
 def _saturation_line(run_info: dict) -> str:
     """FlexTok card: the FSQ saturation penalty of the run, when it had one."""
     weight = run_info.get("fsq_saturation_weight") or 0.0
@@ -557,12 +638,10 @@ Fashion-MNIST train split (60,000 images) with `argen train tokenizer`.
   one code per {factor}x{factor} pixel patch.{why}
 - ch {vqc['ch']}, {vqc['num_res_blocks']} res block(s) per level, z_channels {vqc['z_channels']}, GroupNorm groups {vqc['norm_groups']}.
   Sized so one training run fits the time budget on a 2-core CPU.
-- Codebook {vqc['codebook_size']} x {vqc['codebook_embed_dim']}, L2-normalised (as LlamaGen); dead-code restarts every
-  {run_info['restart_every']} steps until {int(run_info['restart_until'] * 100)}% of training (codes unused since the last check are moved
-  onto random encoder outputs) to keep codebook usage high.
-- Losses: MSE reconstruction{' + %g L1' % run_info['l1_weight'] if run_info['l1_weight'] else ''} + codebook + commitment (beta {vqc['commit_loss_beta']}).
-  No perceptual/GAN loss (LPIPS weights are not available offline; MSE is what PSNR measures).
-- Weights: EMA (decay {cfg.ema_decay}) of the trained weights, stored as {metrics['export_dtype']}.
+- Codebook {vqc['codebook_size']} x {vqc['codebook_embed_dim']}, L2-normalised (as LlamaGen); {_restart_text(run_info, "(codes unused since the last check are moved onto random encoder outputs) to keep codebook usage high")}.
+- Losses: MSE reconstruction{' + %g L1' % run_info['l1_weight'] if run_info['l1_weight'] else ''} + codebook + commitment (beta {vqc['commit_loss_beta']}){' + adversarial' if run_info.get('gan') else ''}.
+  No perceptual loss (LPIPS weights are not available offline){'' if run_info.get('gan') else '; no GAN loss'}.
+{_gan_lines(run_info)}- Weights: EMA (decay {cfg.ema_decay}) of the trained weights, stored as {metrics['export_dtype']}.
 
 ## Training
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
@@ -611,11 +690,10 @@ trained {_origin(run_info)} on the Fashion-MNIST train split (60,000 images) wit
 - Encoder: {tc['enc_patch_size']}x{tc['enc_patch_size']} patches ({grid}x{grid} grid) + class token + {k} latent tokens, ViT width {tc['enc_width']},
   {tc['enc_layers']} layers, {tc['enc_heads']} heads; decoder: {grid * grid} mask tokens + the {k} projected codes, width {tc['dec_width']}, {tc['dec_layers']} layers,
   {tc['dec_heads']} heads, RGB head (1x1 conv to p*p pixels, unpatchify, 3x3 conv).
-- Codebook {tc['codebook_size']} x {tc['token_size']}, L2-normalised (cosine lookup, as the original TiTok's 4096 x 12); dead-code
-  restarts every {run_info['restart_every']} steps until {int(run_info['restart_until'] * 100)}% of training.
-- Single stage on pixels: MSE + codebook + commitment ({tc['commitment_cost']}). No perceptual / GAN loss (no pretrained
-  networks offline), no proxy codes.
-- Weights: EMA (decay {cfg.ema_decay}), stored as {metrics['export_dtype']}; {metrics['parameters'] / 1e6:.2f}M parameters.
+- Codebook {tc['codebook_size']} x {tc['token_size']}, L2-normalised (cosine lookup, as the original TiTok's 4096 x 12); {_restart_text(run_info)}.
+- Single stage on pixels: MSE + codebook + commitment ({tc['commitment_cost']}){' + adversarial' if run_info.get('gan') else ''}. No perceptual loss (no pretrained
+  networks offline){'' if run_info.get('gan') else ', no GAN loss'}, no proxy codes.
+{_gan_lines(run_info)}- Weights: EMA (decay {cfg.ema_decay}), stored as {metrics['export_dtype']}; {metrics['parameters'] / 1e6:.2f}M parameters.
 
 ## Training
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
