@@ -29,6 +29,7 @@ SHIPPED_MODELS = {
     "flextok-c2i": "flextok-c2i",  # class-conditional GPT on default-flextok codes (issue 16)
     # draft models for the `draft` sampler (issue 17), named by the pipelines' "drafter" entries
     "default-c2i-drafter": "default-c2i-drafter",
+    "default-t2i-drafter": "default-t2i-drafter",
 }
 
 

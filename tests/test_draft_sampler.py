@@ -33,6 +33,10 @@ BATCH_PARAMS = {
 }
 
 
+# early-stop thresholds that cut some windows short and leave others whole on these tiny models
+STOP, MARKOV_STOP = 0.15, 0.3
+
+
 def draft(window, drafter) -> DraftSampler:
     return get_sampler(f"draft:L={window}").prepare(draft=drafter)
 
@@ -40,32 +44,41 @@ def draft(window, drafter) -> DraftSampler:
 # ---- exactness -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("window", [2, 4])
+@pytest.mark.parametrize("spec", ["draft:L=2", "draft:L=4", f"draft:L=4,stop={MARKOV_STOP}"])
 @pytest.mark.parametrize("setting", list(MARKOV_PARAMS))
-def test_lossless_on_markov_chain_with_a_different_drafter(window, setting):
+def test_lossless_on_markov_chain_with_a_different_drafter(spec, setting):
     torch.manual_seed(1234)
     model, drafter = MarkovModel(seed=0), MarkovModel(seed=5, scale=1.0)
     params, n, cls = MARKOV_PARAMS[setting], 20000, 1
-    sampler = draft(window, drafter)
+    sampler = get_sampler(spec).prepare(draft=drafter)
     out = sampler(model, torch.full((n,), cls), params=params)
     assert 0.05 < sampler.acceptance < 0.95  # drafts were accepted and rejected
     assert out.forwards_per_sample.double().mean() < model.num_positions - 1
+    if sampler.stop:  # windows really were cut short by the drafter's own probabilities
+        drafts = out.draft_forwards_per_sample.double().mean() - 1  # one drafter forward per draft after the prefill
+        assert drafts < 0.95 * (draft(4, drafter)(model, torch.full((n,), cls), params=params)
+                               .draft_forwards_per_sample.double().mean() - 1)
     assert_pairs_exact(model, out.tokens, cls, params)
 
 
+@pytest.mark.parametrize("stop", [0.0, STOP])
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=2.5, top_k=8, top_p=0.9)],
                          ids=["plain", "cfg_filters"])
-def test_lossless_on_tiny_gpt_with_a_different_drafter(params):
+def test_lossless_on_tiny_gpt_with_a_different_drafter(params, stop):
     model = tiny_gpt(vocab_size=16, dim=32, n_layer=1, multiple_of=32, block_size=9)
     drafter = tiny_gpt(seed=2, vocab_size=16, dim=32, n_layer=1, multiple_of=32, block_size=9)
     n, cond = 4000, 3
     conds = torch.full((n,), cond)
     torch.manual_seed(7)
-    sampler = draft(4, drafter)
+    sampler = get_sampler(f"draft:L=4,stop={stop}").prepare(draft=drafter)
     out = sampler(model, conds, params=params)
     ar = ARSampler()(model, conds, params=params)
     assert 0.05 < sampler.acceptance < 0.95
     assert out.forwards_per_sample.double().mean() < ar.num_forward_passes - 1
+    if stop:  # the stop really shortened windows: fewer drafter forwards than drafting every slot
+        full = draft(4, drafter)(model, conds[:500], params=params, seeds=range(500))
+        cut = sampler(model, conds[:500], params=params, seeds=range(500))
+        assert cut.draft_forwards_per_sample.sum() < 0.9 * full.draft_forwards_per_sample.sum()
     assert_matches_exact_and_ar(model, out.tokens, ar.tokens, cond, params)
 
 
@@ -95,6 +108,36 @@ def test_the_target_as_its_own_drafter_accepts_everything_and_counts_both_models
     assert out.draft_forward_passes == 12 and out.draft_forwards_per_sample.tolist() == [12, 12]
     assert torch.equal(out.tokens, draft(4, model)(model, torch.tensor([2, 7]), params=SamplingParams(cfg_scale=2.0),
                                                    seeds=[0, 1]).tokens)
+
+
+def test_stop_one_drafts_a_single_token_per_window_and_counts_it():
+    """stop=1: every draft has q < 1, so each window is one draft + the bonus row, and the drafter
+    runs once per window; the target as its own drafter accepts them all."""
+    model = tiny_gpt()  # 16 positions
+    sampler = get_sampler("draft:L=6,stop=1").prepare(draft=model)
+    out = sampler(model, torch.tensor([2, 7]), params=SamplingParams(cfg_scale=2.0), seeds=[0, 1])
+    assert sampler.acceptance == 1.0
+    # token 0 from the prefill, then 7 windows of 2 tokens and a last one of 1 (no draft left)
+    assert out.accepted_per_forward == [2] * 7 + [1] and out.num_forward_passes == 9
+    assert out.draft_forward_passes == 8 and out.draft_forwards_per_sample.tolist() == [8, 8]
+
+
+def test_early_stop_cuts_drafter_forwards_and_keeps_batches_ragged():
+    model, drafter = tiny_gpt(), tiny_gpt(seed=3, n_layer=1)
+    params, cond, seeds = SamplingParams(cfg_scale=3.0, top_k=20), torch.tensor([3, 3, 6, 1, 9]), [21, 22, 23, 24, 25]
+    full = draft(8, drafter)(model, cond, params=params, seeds=seeds)
+    sampler = get_sampler(f"draft:L=8,stop={STOP}").prepare(draft=drafter)
+    batch = sampler(model, cond, params=params, seeds=seeds)
+    assert batch.draft_forward_passes < full.draft_forward_passes
+    assert (batch.draft_forwards_per_sample <= full.draft_forwards_per_sample).all()
+    assert batch.draft_forwards_per_sample.sum() < full.draft_forwards_per_sample.sum()
+    for i in range(len(seeds)):  # rows with windows of their own lengths: each as if alone
+        alone = sampler(model, cond[i:i + 1], params=params, seeds=seeds[i:i + 1])
+        assert torch.equal(alone.tokens[0], batch.tokens[i])
+        assert alone.num_forward_passes == int(batch.forwards_per_sample[i])
+        assert alone.draft_forward_passes == int(batch.draft_forwards_per_sample[i])
+    with pytest.raises(ArgenError, match="stop"):
+        get_sampler("draft:L=8,stop=1.5")
 
 
 @pytest.mark.parametrize("setting", list(BATCH_PARAMS))
@@ -214,6 +257,20 @@ def test_cli_samples_with_the_drafter_and_refuses_without_one(pipelines, tmp_pat
     ar_run = tmp_path / "ar-samples"
     assert main(["eval", "sample", "--model", with_dir, "--num-samples", "1", "--out", str(ar_run)]) == 0
     assert "drafter_fingerprint" not in json.loads((ar_run / "sampling.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["default-c2i", "default-t2i"])
+def test_shipped_pipelines_name_a_drafter_that_cuts_target_forwards(name):
+    """Both shipped generators load their distilled drafter from pipeline.json; on 4 images it
+    already saves more than half of the 64 target forwards (docs: about 3x on 96-1,000 images)."""
+    pipe = ARPipeline.from_pretrained(name)
+    assert pipe.drafter is not None and pipe.drafter.condition_kind == pipe.generator.condition_kind
+    assert pipe.drafter.num_parameters() < 0.7 * pipe.generator.num_parameters()
+    conds = pipe.conditions(class_labels=[0, 7]) if name == "default-c2i" else \
+        pipe.conditions(prompt=["a pair of running shoes", "a knitted sweater"])
+    params = SamplingParams(cfg_scale=pipe.defaults["cfg_scale"])
+    out = pipe.sample_tokens(conds, [0, 1], "draft:L=16", params, 2)
+    assert out.nfe_per_sample.double().mean() < 32
 
 
 # ---- training a drafter by distillation --------------------------------------------------------

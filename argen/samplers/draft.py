@@ -18,6 +18,11 @@ not the last draft either, so each drafting pass starts with a two-token forward
 feeds each new draft. Rows near the end of the image pad at the spare last position, which no real
 query sees (as the target's window does).
 
+Early stop (`draft:L=24,stop=0.3`): a row stops drafting its window after the first draft whose
+own guided probability q_j(d_j) is below `stop`; that draft is still verified, the target's window
+for the row shrinks to the drafts made plus the bonus row, and the drafter saves the forwards it
+would have spent on the rest of the window. Still lossless (see `init_drafts`).
+
 NFE counts target forwards only (`num_forward_passes`, `forwards_per_sample`); the drafter's calls
 are counted apart in `SamplerOutput.draft_forward_passes`. The drafter comes from
 `prepare(draft=...)`: the pipeline hands over the generator named `"drafter"` in its
@@ -31,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_number
 from ..errors import ArgenError
 from .base import SamplerOutput, cfg_batch
 from .logits import SamplingParams, logits_to_probs
@@ -56,24 +62,28 @@ class DraftRun:
     row_forwards: Optional[torch.Tensor] = None  # [B]: the drafter calls each row needed (prefill included)
     accepted: int = 0  # drafts accepted (summed over rows)
     tested: int = 0  # drafts tested: the accepted ones plus the first rejected one of each row and step
+    drafted: Optional[torch.Tensor] = None  # [B]: drafts made for each row's next window
 
 
 class DraftSampler(SJDSampler):
-    """DraftSampler(window=6): the target verifies window - 1 drafts of the drafter per forward."""
+    """DraftSampler(window=6, stop=0.0): the target verifies up to window - 1 drafts of the drafter
+    per forward; with stop > 0 a row's drafting ends after a draft the drafter itself gave a
+    probability below `stop` (0: always draft the whole window)."""
 
     name = "draft"
     multi_code = False  # the drafter proposes one code per position
     uses_draft = True
 
-    def __init__(self, window: int = 6):
+    def __init__(self, window: int = 6, stop: float = 0.0):
         super().__init__(window=window, init="random")
+        self.stop = check_number("stop", stop, 0.0, 1.0)
         self.drafter = None
         self._run: Optional[DraftRun] = None
         # drafts accepted / tested over every call of this sampler object (benchmarks: per-token acceptance)
         self.drafts_accepted, self.drafts_tested = 0, 0
 
     def __repr__(self) -> str:
-        return f"DraftSampler(window={self.window})"
+        return f"DraftSampler(window={self.window}, stop={self.stop})"
 
     def prepare(self, **components) -> "DraftSampler":
         """Take the drafter from `draft=` (a generator); None keeps the one already given."""
@@ -128,6 +138,11 @@ class DraftSampler(SJDSampler):
 
     def step(self, model, win: Window, lengths, width: int, cache, cond_len: int, num_tokens: int,
              params: SamplingParams, streams, ctx) -> torch.Tensor:
+        # each row's window: the drafts its drafter made plus one row (without a stop: all of L - 1,
+        # capped at the image end, i.e. `lengths` unchanged); finished rows stay at 0
+        lengths = torch.minimum(lengths, self._run.drafted + 1)
+        if self.stop > 0:  # the forward is only as wide as the widest row (one host read)
+            width = int(lengths.max())
         m = super().step(model, win, lengths, width, cache, cond_len, num_tokens, params, streams, ctx)
         # per-token acceptance: the leading accepted drafts, plus one rejected draft per row that had one left
         accepted = (m - 1).clamp(min=0)
@@ -140,27 +155,44 @@ class DraftSampler(SJDSampler):
     def init_drafts(self, win: Window, need: torch.Tensor, u: torch.Tensor, grid, q: torch.Tensor) -> None:
         """Every draft slot gets the drafter's token (the target's Jacobi rows are not used), drawn
         with u[:, j] from q[:, j], the drafter's processed distribution of image index e + j. Only
-        as many slots as the next forward's widest row can verify are drafted."""
+        as many slots as the next forward's widest row can verify are drafted; with `stop`, a row's
+        drafting ends after its first draft d_j with q_j(d_j) < stop (run.drafted: drafts per row).
+
+        Why the early stop keeps the sampler lossless: how many drafts a row gets depends only on
+        the drafter's side, its own tokens and probabilities drawn with u_init, never on the
+        target's probabilities or the acceptance uniforms. Speculative sampling is exact position
+        by position for any such draft length: a position with a draft emits it with probability
+        min(1, p/q) and the residual norm(relu(p - q)) otherwise, which is p; a position right
+        after the last draft of a fully accepted window emits the bonus token drawn from p."""
         run = self._run
         emitted, n = win.emitted, run.num_tokens
         drafts = min(q.shape[1], n - int(emitted.min()) - 1)
+        budget = (n - emitted - 1).clamp(0, max(drafts, 0))  # the drafts each row's next window can verify
+        run.drafted = torch.zeros_like(emitted)
         if drafts <= 0:
             return
         spare = run.cond_len + n - 1
-        run.row_forwards += (n - emitted - 1).clamp(0, drafts).cpu()  # the drafts each row's next window verifies
         run.cache.rewind(run.cond_len + torch.cat([emitted, emitted] if run.params.uses_cfg else [emitted]).sub(2)
                          .clamp(min=0))
         index = emitted[:, None] + torch.arange(-2, 0, device=emitted.device)  # x_{e-2}, x_{e-1}
         tokens = win.seq.gather(1, index.clamp(min=0))
         pos = torch.where(index < 0, spare, run.cond_len + index)  # no x_{-1}: a padding slot
         rows = torch.arange(win.seq.shape[0], device=emitted.device)
-        for j in range(drafts):
+        drafting = budget > 0  # rows still drafting; a stopped row still rides along in the batched
+        for j in range(drafts):  # forwards (its extra drafts are never verified nor counted)
             probs = self._draft_probs(run, tokens, pos, emitted + j)
             q[:, j] = probs
             token = sample_rows(probs, u[:, j])
             win.seq[rows, emitted + j] = token
+            run.drafted += drafting
+            drafting = drafting & (j + 1 < budget)
+            if self.stop > 0:
+                drafting = drafting & (probs.gather(1, token[:, None])[:, 0] >= self.stop)
+                if not bool(drafting.any()):  # one host read per drafter forward, only with a stop
+                    break
             tokens = token[:, None]
             pos = (run.cond_len + emitted + j).clamp(max=spare)[:, None]
+        run.row_forwards += run.drafted.cpu()  # what each row's drafting cost it alone
 
     @staticmethod
     def _draft_probs(run: DraftRun, tokens, pos, index) -> torch.Tensor:
