@@ -62,8 +62,9 @@ def test_ragged_batch_equals_batch_of_one():
 
 
 def test_options_and_refusals():
-    sampler = get_sampler("draft-gsd:L=24,G=25,embed_quantile=0.35")
-    assert (sampler.window, sampler.grouped.group_size, sampler.grouped.embed_quantile) == (24, 25, 0.35)
+    sampler = get_sampler("draft-gsd:L=24,G=25,embed_quantile=0.35,stop=0.1")
+    assert (sampler.window, sampler.grouped.group_size, sampler.grouped.embed_quantile, sampler.stop) == \
+        (24, 25, 0.35, 0.1)
     with pytest.raises(ArgenError, match="group_size"):
         get_sampler("draft-gsd:G=0")
     model, _ = models()

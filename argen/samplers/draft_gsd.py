@@ -22,21 +22,23 @@ from .gsd import GSDSampler
 
 class GroupedDraftSampler(DraftSampler):
     """GroupedDraftSampler(window=6, group_size=10, prob_threshold=0.15, embed_quantile=0.2,
-    embeddings="model"): `draft` with GSD's test (options as `GSDSampler`'s)."""
+    embeddings="model", stop=0.0): `draft` with GSD's test (options as `GSDSampler`'s and, for
+    `stop`, `DraftSampler`'s)."""
 
     name = "draft-gsd"
     option_aliases = {"L": "window", "G": "group_size"}
 
     def __init__(self, window: int = 6, group_size: int = 10, prob_threshold: float = 0.15,
-                 embed_quantile: float = 0.2, embeddings: Union[str, None, torch.Tensor] = "model"):
-        super().__init__(window=window)
+                 embed_quantile: float = 0.2, embeddings: Union[str, None, torch.Tensor] = "model",
+                 stop: float = 0.0):
+        super().__init__(window=window, stop=stop)
         self.grouped = GSDSampler(group_size, prob_threshold, embed_quantile, embeddings, window=window)
 
     def __repr__(self) -> str:
         g = self.grouped
         source = g.embeddings if g.embeddings is None or isinstance(g.embeddings, str) else "tensor"
         return (f"GroupedDraftSampler(window={self.window}, group_size={g.group_size}, prob_threshold="
-                f"{g.prob_threshold}, embed_quantile={g.embed_quantile}, embeddings={source!r})")
+                f"{g.prob_threshold}, embed_quantile={g.embed_quantile}, embeddings={source!r}, stop={self.stop})")
 
     def prepare(self, **components) -> "GroupedDraftSampler":
         super().prepare(**components)
