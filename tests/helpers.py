@@ -40,3 +40,18 @@ def left_padded_captions(batch: int, tokens: int, dim: int, lengths, seed: int =
     for i, n in enumerate(lengths):
         mask[i, tokens - n:] = True
     return feats * mask[..., None], mask
+
+
+def assert_rows_as_if_alone(sampler, model, cond, params, seeds, batch, ragged: bool = True) -> None:
+    """Each row of a speculative batch, sampled alone with its own seed, gives the batch's tokens and
+    counts (target forwards; drafter forwards for a draft sampler). ragged: the rows really
+    finished at different steps, and the batch ran as long as its slowest row."""
+    if ragged:
+        assert len(set(batch.forwards_per_sample.tolist())) > 1
+        assert batch.num_forward_passes == int(batch.forwards_per_sample.max())
+    for i in range(len(seeds)):
+        alone = sampler(model, cond[i:i + 1], params=params, seeds=seeds[i:i + 1])
+        assert torch.equal(alone.tokens[0], batch.tokens[i])
+        assert alone.num_forward_passes == int(batch.forwards_per_sample[i])
+        if batch.draft_forwards_per_sample is not None:
+            assert alone.draft_forward_passes == int(batch.draft_forwards_per_sample[i])

@@ -21,7 +21,7 @@ from argen.tokenizers.base import ImageTokenizer
 from argen.registry import load_component
 from argen.hub import resolve_model_dir
 
-from helpers import left_padded_captions, tiny_gpt, tiny_t2i
+from helpers import assert_rows_as_if_alone, left_padded_captions, tiny_gpt, tiny_t2i
 from test_train import tiny_vq_dir  # noqa: F401  (a fixture: a tiny untrained VQ folder)
 from test_speculative import MARKOV_PARAMS, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
 
@@ -131,11 +131,8 @@ def test_early_stop_cuts_drafter_forwards_and_keeps_batches_ragged():
     assert batch.draft_forward_passes < full.draft_forward_passes
     assert (batch.draft_forwards_per_sample <= full.draft_forwards_per_sample).all()
     assert batch.draft_forwards_per_sample.sum() < full.draft_forwards_per_sample.sum()
-    for i in range(len(seeds)):  # rows with windows of their own lengths: each as if alone
-        alone = sampler(model, cond[i:i + 1], params=params, seeds=seeds[i:i + 1])
-        assert torch.equal(alone.tokens[0], batch.tokens[i])
-        assert alone.num_forward_passes == int(batch.forwards_per_sample[i])
-        assert alone.draft_forward_passes == int(batch.draft_forwards_per_sample[i])
+    # rows with windows of their own lengths: each as if alone
+    assert_rows_as_if_alone(sampler, model, cond, params, seeds, batch, ragged=False)
     with pytest.raises(ArgenError, match="stop"):
         get_sampler("draft:L=8,stop=1.5")
 
@@ -147,13 +144,7 @@ def test_ragged_batch_equals_batch_of_one(setting):
     cond, seeds = torch.tensor([3, 3, 6, 1, 9]), [21, 22, 23, 24, 25]
     sampler = draft(5, drafter)
     batch = sampler(model, cond, params=params, seeds=seeds)
-    assert len(set(batch.forwards_per_sample.tolist())) > 1  # rows really finished at different steps
-    assert batch.num_forward_passes == int(batch.forwards_per_sample.max())
-    for i in range(len(seeds)):
-        alone = sampler(model, cond[i:i + 1], params=params, seeds=seeds[i:i + 1])
-        assert torch.equal(alone.tokens[0], batch.tokens[i])
-        assert alone.num_forward_passes == int(batch.forwards_per_sample[i])
-        assert alone.draft_forward_passes == int(batch.draft_forwards_per_sample[i])
+    assert_rows_as_if_alone(sampler, model, cond, params, seeds, batch)
 
 
 def test_ragged_batch_equals_batch_of_one_t2i():
