@@ -33,6 +33,7 @@ for spec in args.specs:
     nfe = out.nfe_per_sample.float().mean().item()
     line = f"{args.model} {spec}: NFE {nfe:.2f} compression {pipe.generator.num_positions / nfe:.2f}x"
     if out.draft_forwards_per_sample is not None:
-        line += (f", drafter forwards {out.draft_forwards_per_sample.float().mean().item():.2f}/image, "
-                 f"acceptance {sampler.acceptance:.3f}")
+        line += f", drafter forwards {out.draft_forwards_per_sample.float().mean().item():.2f}/image"
+        if sampler.acceptance is not None:  # (a tree sampler does not count per-draft acceptance)
+            line += f", acceptance {sampler.acceptance:.3f}"
     print(f"{line} ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -12,6 +12,7 @@ from .ar import ARSampler
 from .auto import AutoSampler
 from .draft import DraftSampler
 from .draft_gsd import GroupedDraftSampler
+from .draft_pac import DraftPACSampler
 from .gsd import GSDSampler
 from .mcsjd import MCSJDSampler
 from .pac import PACSampler
@@ -29,6 +30,6 @@ def get_sampler(name: str, **options) -> Sampler:
     return make_sampler(SamplerSpec(spec.name, {**spec.options, **options}, name))
 
 
-__all__ = ["ARSampler", "AutoSampler", "DraftSampler", "GroupedDraftSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "PACSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
+__all__ = ["ARSampler", "AutoSampler", "DraftSampler", "DraftPACSampler", "GroupedDraftSampler", "SJDSampler", "GSDSampler", "MCSJDSampler", "PACSampler", "SpatialSampler", "Sampler", "SamplerOutput", "SamplingParams", "generate", "get_sampler",
            "logits_to_probs", "process_logits", "RandomStreams", "make_streams", "SAMPLERS",
            "parse_spec"]

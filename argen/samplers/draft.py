@@ -44,7 +44,7 @@ from .rng import sample_rows
 from .sjd import SJDSampler
 from .speculative import Window, guidance
 
-MISSING_DRAFTER = ("sampler 'draft' needs a draft model: name a small generator trained on the same codes as "
+MISSING_DRAFTER = ("sampler '{name}' needs a draft model: name a small generator trained on the same codes as "
                    "\"drafter\" in the model's pipeline.json (a folder beside it or a shipped name), or pass "
                    "--drafter FOLDER")
 
@@ -63,29 +63,23 @@ class DraftRun:
     accepted: int = 0  # drafts accepted (summed over rows)
     tested: int = 0  # drafts tested: the accepted ones plus the first rejected one of each row and step
     drafted: Optional[torch.Tensor] = None  # [B]: drafts made for each row's next window
+    fed: Optional[tuple] = None  # draft-pac: (image index of the first fed draft [B], the fed drafts [B, k])
 
 
-class DraftSampler(SJDSampler):
-    """DraftSampler(window=6, stop=0.0): the target verifies up to window - 1 drafts of the drafter
-    per forward; with stop > 0 a row's drafting ends after a draft the drafter itself gave a
-    probability below `stop` (0: always draft the whole window)."""
+class DrafterMixin:
+    """What every draft-model sampler shares, put before the sampler it extends in the bases
+    (`class DraftSampler(DrafterMixin, SJDSampler)`): the drafter from `prepare(draft=)`, the
+    checks that it fits the generator, and its run (`self._run`, a `DraftRun` with its own KV cache,
+    prefilled with the condition) around the extended sampler's `_sample`, whose output gets the
+    drafter's forward counts. Drafts accepted / tested accumulate over calls when the sampler
+    counts them (`acceptance`)."""
 
-    name = "draft"
-    multi_code = False  # the drafter proposes one code per position
     uses_draft = True
+    drafter = None
+    _run: Optional[DraftRun] = None
+    drafts_accepted, drafts_tested = 0, 0  # over every call of this sampler object (benchmarks)
 
-    def __init__(self, window: int = 6, stop: float = 0.0):
-        super().__init__(window=window, init="random")
-        self.stop = check_number("stop", stop, 0.0, 1.0)
-        self.drafter = None
-        self._run: Optional[DraftRun] = None
-        # drafts accepted / tested over every call of this sampler object (benchmarks: per-token acceptance)
-        self.drafts_accepted, self.drafts_tested = 0, 0
-
-    def __repr__(self) -> str:
-        return f"DraftSampler(window={self.window}, stop={self.stop})"
-
-    def prepare(self, **components) -> "DraftSampler":
+    def prepare(self, **components):
         """Take the drafter from `draft=` (a generator); None keeps the one already given."""
         if components.get("draft") is not None:
             self.drafter = components["draft"]
@@ -95,7 +89,7 @@ class DraftSampler(SJDSampler):
         super().check_model(model)
         drafter = self.drafter
         if drafter is None:
-            raise ArgenError(MISSING_DRAFTER)
+            raise ArgenError(MISSING_DRAFTER.format(name=self.name))
         problems = [(what, getattr(drafter, what), getattr(model, what))
                     for what in ("vocab_size", "condition_kind", "tokens_per_position")
                     if getattr(drafter, what) != getattr(model, what)]
@@ -107,8 +101,6 @@ class DraftSampler(SJDSampler):
             raise ArgenError(f"the drafter makes {drafter.num_positions} positions, the generator "
                              f"{model.num_positions}")
 
-    # ---- the loop: SpeculativeSampler's, with the drafter's state around it --------------------
-
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
         drafter = self.drafter
         if params.uses_cfg and not drafter.supports_cfg:
@@ -116,7 +108,7 @@ class DraftSampler(SJDSampler):
         drafter.check_condition(cond, cond_mask)
         cond_all, mask_all = cfg_batch(drafter, cond, cond_mask, params)
         cond_len = drafter.condition_length(cond)
-        cache = drafter.new_cache(cond_all.shape[0], cond_len + num_tokens)
+        cache = drafter.new_cache(cond_all.shape[0], cond_len + self.drafter_slots(num_tokens))
         drafter.prefill(cond_all, cache, mask_all)  # its first-token logits are not needed: the target samples x_0
         self._run = DraftRun(drafter, cache, cond_len, num_tokens, params, forwards=1,
                              row_forwards=torch.ones(cond.shape[0], dtype=torch.long))
@@ -131,10 +123,30 @@ class DraftSampler(SJDSampler):
         self.drafts_tested += run.tested
         return out
 
+    def drafter_slots(self, num_tokens: int) -> int:
+        """Slots after the condition that the drafter's cache needs (a sampler drafting a token tree needs scratch)."""
+        return num_tokens
+
     @property
     def acceptance(self) -> Optional[float]:
         """Per-token acceptance rate so far: accepted / tested drafts (None before any test)."""
         return self.drafts_accepted / self.drafts_tested if self.drafts_tested else None
+
+
+class DraftSampler(DrafterMixin, SJDSampler):
+    """DraftSampler(window=6, stop=0.0): the target verifies up to window - 1 drafts of the drafter
+    per forward; with stop > 0 a row's drafting ends after a draft the drafter itself gave a
+    probability below `stop` (0: always draft the whole window)."""
+
+    name = "draft"
+    multi_code = False  # the drafter proposes one code per position
+
+    def __init__(self, window: int = 6, stop: float = 0.0):
+        super().__init__(window=window, init="random")
+        self.stop = check_number("stop", stop, 0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"DraftSampler(window={self.window}, stop={self.stop})"
 
     def step(self, model, win: Window, lengths, width: int, cache, cond_len: int, num_tokens: int,
              params: SamplingParams, streams, ctx) -> torch.Tensor:

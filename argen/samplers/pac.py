@@ -128,16 +128,38 @@ class PACSampler(Sampler):
         tree = build_tree(window, self.branches, depth, min(self.levels, depth))
         return list(tree.parents), list(tree.depths)
 
+    def tree_for(self, num_tokens: int) -> Tree:
+        """The tree of a call making `num_tokens` tokens (window and depth capped by the image)."""
+        L = min(self.window, num_tokens)
+        D = min(self.depth, L - 1)
+        return build_tree(L, self.branches, D, min(self.levels, D))
+
+    def tree_tokens(self, tree: Tree, seq, stale, noise, emitted) -> torch.Tensor:
+        """The next forward's tokens [B, T], token 0 the newest committed one. Here: the main chain
+        is the Jacobi drafts in seq (x_{e-1}, d_e, .., d_{e+L-2}); a rank-r token at depth d is the
+        r-th best of the stale scores of image index e + d - 1 (the best is the Jacobi draft).
+        A subclass may draft them another way (`draft-pac`)."""
+        window, device = len(tree.paths[0]), seq.device
+        levels = max((d for d, r in zip(tree.depths, tree.ranks) if r), default=1)
+        branches = max(tree.ranks) + 1
+        chain = seq.gather(1, emitted[:, None] + torch.arange(-1, window - 1, device=device))
+        at = emitted[:, None] + torch.arange(levels, device=device)
+        rows = torch.arange(seq.shape[0], device=device)[:, None]
+        picks = stale[rows, at].topk(min(branches, stale.shape[-1]), dim=-1).indices[..., 1:]  # [B, F, <= K-1]
+        if picks.shape[-1] < branches - 1:  # a vocabulary smaller than K: repeat (a duplicate never wins)
+            picks = torch.cat([picks, picks[..., :1].expand(-1, -1, branches - 1 - picks.shape[-1])], -1)
+        # each token's source: its depth's Jacobi draft (rank 0) or one of the F*(K-1) alternatives
+        source = torch.tensor([d if r == 0 else window + (d - 1) * (branches - 1) + r - 1
+                               for d, r in zip(tree.depths, tree.ranks)], device=device)
+        return torch.cat([chain, picks.flatten(1)], 1)[:, source]
+
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
         if num_tokens < 2:
             raise ArgenError(f"{self!r} needs at least 2 tokens")
         cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
         batch, cond_len = cond.shape[0], model.condition_length(cond)
-        L = min(self.window, num_tokens)
-        D = min(self.depth, L - 1)
-        F, K = min(self.levels, D), self.branches
-        tree = build_tree(L, K, D, F)
-        T = len(tree.parents)
+        tree = self.tree_for(num_tokens)
+        L, T = len(tree.paths[0]), len(tree.parents)
         scratch = cond_len + num_tokens
         cache = model.new_cache(cond_all.shape[0], scratch + T)
         if not hasattr(cache, "set_tree"):
@@ -145,7 +167,6 @@ class PACSampler(Sampler):
         first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
         noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=L + 1)
-        vocab = noise.shape[-1]
         # stale[b, k]: the latest scores (logits + noise) computed for image index k, whatever
         # context they had; before any forward, the noise alone. Its argmax is the Jacobi draft
         # in seq, its runner-ups the alternatives (SJD-PAC drafts them from the stale distribution).
@@ -160,34 +181,20 @@ class PACSampler(Sampler):
         for i, path in enumerate(tree.paths):  # token i's ancestors (and itself) are paths[i][:depth_i + 1]
             ancestors[i, list(path[: tree.depths[i] + 1])] = 1.0
         ancestors = ancestors.to(device)
-        # each token's source: its depth's Jacobi draft (rank 0) or one of the F*(K-1) alternatives
-        source = torch.tensor([d if r == 0 else L + (d - 1) * (K - 1) + r - 1
-                               for d, r in zip(tree.depths, tree.ranks)], device=device)
         order = depth_t * T + (T - 1 - torch.arange(T, device=device))  # deepest first, then the earliest token
         rows = torch.arange(batch, device=device)[:, None]
         main = torch.arange(L, device=device)
         spare = cond_len + num_tokens - 1  # never a real tree position (the last token is never fed)
         cfg2 = (lambda x: torch.cat([x, x])) if params.uses_cfg else (lambda x: x)
 
-        def alternatives(emitted):  # [B, F, K-1]: runner-ups of the stale scores of the next F indices
-            if K == 1:
-                return torch.zeros(batch, F, 0, dtype=torch.long, device=device)
-            at = emitted[:, None] + torch.arange(F, device=device)
-            picks = stale[rows, at].topk(min(K, vocab), dim=-1).indices[..., 1:]
-            if picks.shape[-1] < K - 1:  # a vocabulary smaller than K: repeat (a duplicate never wins)
-                picks = torch.cat([picks, picks[..., :1].expand(-1, -1, K - 1 - picks.shape[-1])], -1)
-            return picks
-
         emitted = torch.ones(batch, dtype=torch.long, device=device)
-        alts = alternatives(emitted)
         rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
         accepted = []
         bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
         while int(emitted.min()) < num_tokens:
+            tokens = self.tree_tokens(tree, seq, stale, noise, emitted)
             lengths = (num_tokens - emitted).clamp(0, L)
             index = emitted[:, None] + main  # image index each main-chain token predicts
-            chain = seq.gather(1, index - 1)  # [B, L]: x_{e-1}, d_e, ..., d_{e+L-2}
-            tokens = torch.cat([chain, alts.flatten(1)], 1)[:, source]
             valid = depth_t[None, :] <= (lengths - 1).clamp(min=0)[:, None]  # a draft for an index < N
             valid[:, 0] = lengths > 0
             pos = torch.where(valid, cond_len + emitted[:, None] - 1 + depth_t, spare)
@@ -214,7 +221,6 @@ class PACSampler(Sampler):
             keep = (main[None, :] <= n[:, None]) & (lengths > 0)[:, None]
             cache.keep_path(cfg2(path_idx), cfg2(torch.where(keep, cond_len + emitted[:, None] - 1 + main, spare)))
             emitted = emitted + m
-            alts = alternatives(emitted)
             cache.rewind(cfg2(cond_len + emitted - 1))
             active = lengths > 0
             rows_nfe += active
