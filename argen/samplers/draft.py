@@ -26,7 +26,8 @@ would have spent on the rest of the window. Still lossless (see `init_drafts`).
 NFE counts target forwards only (`num_forward_passes`, `forwards_per_sample`); the drafter's calls
 are counted apart in `SamplerOutput.draft_forward_passes`. The drafter comes from
 `prepare(draft=...)`: the pipeline hands over the generator named `"drafter"` in its
-`pipeline.json` (`ARPipeline`); `argen ... --drafter FOLDER` overrides it.
+`pipeline.json` (`ARPipeline`); `argen ... --drafter FOLDER` overrides it. That plumbing is
+`DrafterMixin`, shared by every draft-model sampler (`draft-gsd`, `draft-pac`).
 """
 
 from __future__ import annotations
