@@ -107,10 +107,11 @@ class DraftPACSampler(DrafterMixin, PACSampler):
         for level in branch_levels(tree):
             if level.t > last:
                 break
-            sub = torch.tensor(level.sub, device=device)
-            depth = torch.tensor([tree.depths[i] for i in level.sub], device=device)
+            sub, depth = torch.tensor(level.sub, device=device), torch.tensor(level.depths, device=device)
             at = emitted[:, None] + depth  # the image index each sub-tree token's output scores
             pos = torch.where(at - 1 < n - 1, cond_len + at - 1, spare)
+            # the cache's tree mode sees only the keys of the forward's own tree (and the slots before
+            # its root), so each level re-feeds the whole sub-tree, main-chain tokens included
             run.cache.set_tree(level.parents, cond_len + n)
             logits = run.model.decode(cfg2(tokens[:, sub]), cfg2(pos), run.cache)
             run.cache.keep_path(none, none)  # keep nothing: leave tree mode, the image slots untouched
@@ -128,11 +129,12 @@ class DraftPACSampler(DrafterMixin, PACSampler):
 @dataclass(frozen=True)
 class BranchLevel:
     """One drafter tree forward of `_draft_branches`: the tree tokens of depth <= t (`sub`, in tree
-    order; `parents` re-indexed within it), and the depth-(t + 1) tokens it re-drafts (`children`,
+    order, at `depths`; `parents` re-indexed within it), and the depth-(t + 1) tokens it re-drafts (`children`,
     those under a branch), each as rank `ranks[c]` of the scores at sub-tree token `parent_of[c]`."""
 
     t: int
     sub: tuple
+    depths: tuple
     parents: tuple
     children: tuple
     parent_of: tuple
@@ -150,7 +152,7 @@ def branch_levels(tree: Tree) -> tuple:
             continue
         sub = [i for i, d in enumerate(tree.depths) if d <= t]
         place = {i: k for k, i in enumerate(sub)}
-        levels.append(BranchLevel(t, tuple(sub), tuple(place.get(tree.parents[i], -1) for i in sub), tuple(children),
+        levels.append(BranchLevel(t, tuple(sub), tuple(tree.depths[i] for i in sub), tuple(place.get(tree.parents[i], -1) for i in sub), tuple(children),
                                   tuple(place[tree.parents[j]] for j in children),
                                   tuple(tree.ranks[j] for j in children), branches))
     return tuple(levels)

@@ -37,6 +37,7 @@ re-verified; nothing else is needed for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from tqdm.auto import tqdm
@@ -94,6 +95,17 @@ def build_tree(window: int, branches: int, depth: int, levels: int) -> Tree:
                 ranks=tuple(n[-1] if n else 0 for n in nodes), paths=tuple(paths))
 
 
+@lru_cache(maxsize=32)
+def alternative_sources(tree: Tree) -> tuple:
+    """(levels F, branches K, source): where each tree token comes from, in `cat([main chain of L
+    tokens, the F*(K-1) alternatives by depth and rank])`. Computed once per tree, not per step."""
+    window = len(tree.paths[0])
+    levels = max((d for d, r in zip(tree.depths, tree.ranks) if r), default=1)
+    branches = max(tree.ranks) + 1
+    source = tuple(d if r == 0 else window + (d - 1) * (branches - 1) + r - 1 for d, r in zip(tree.depths, tree.ranks))
+    return levels, branches, source
+
+
 class PACSampler(Sampler):
     """PACSampler(window=16, branches=4, depth=3, levels=1): main chain of `window` tokens (root
     included); the first `levels` draft positions branch into `branches` candidates each (every
@@ -140,8 +152,7 @@ class PACSampler(Sampler):
         r-th best of the stale scores of image index e + d - 1 (the best is the Jacobi draft).
         A subclass may draft them another way (`draft-pac`)."""
         window, device = len(tree.paths[0]), seq.device
-        levels = max((d for d, r in zip(tree.depths, tree.ranks) if r), default=1)
-        branches = max(tree.ranks) + 1
+        levels, branches, source = alternative_sources(tree)
         chain = seq.gather(1, emitted[:, None] + torch.arange(-1, window - 1, device=device))
         at = emitted[:, None] + torch.arange(levels, device=device)
         rows = torch.arange(seq.shape[0], device=device)[:, None]
@@ -149,9 +160,7 @@ class PACSampler(Sampler):
         if picks.shape[-1] < branches - 1:  # a vocabulary smaller than K: repeat (a duplicate never wins)
             picks = torch.cat([picks, picks[..., :1].expand(-1, -1, branches - 1 - picks.shape[-1])], -1)
         # each token's source: its depth's Jacobi draft (rank 0) or one of the F*(K-1) alternatives
-        source = torch.tensor([d if r == 0 else window + (d - 1) * (branches - 1) + r - 1
-                               for d, r in zip(tree.depths, tree.ranks)], device=device)
-        return torch.cat([chain, picks.flatten(1)], 1)[:, source]
+        return torch.cat([chain, picks.flatten(1)], 1)[:, list(source)]
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
         if num_tokens < 2:
