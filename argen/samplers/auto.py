@@ -37,10 +37,9 @@ import weakref
 from typing import Dict, Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checks import check_number
-from .base import Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .speculative import guidance, leading_accepts, window_inputs
 
@@ -234,9 +233,7 @@ class AutoSampler(Sampler):
         seq[:, 0] = (first + noise[:, 0]).argmax(-1)
         drafted = False  # blind drafts are written before the first window step (an AR run needs none)
         emitted = torch.ones(batch, dtype=torch.long, device=device)
-        rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
-        accepted, widths = [], []
-        bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+        tally, widths = ForwardTally(batch, num_tokens, device, progress), []
         while True:
             low, high = emitted.aminmax()
             left = num_tokens - int(low)
@@ -251,8 +248,7 @@ class AutoSampler(Sampler):
                 start = int(low)
                 self._ar_rest(model, seq, start, noise, cache, cond_len, num_tokens, params)
                 steps = num_tokens - start
-                rows_nfe += steps
-                accepted.extend([torch.ones(())] * steps)
+                tally.record_ar(steps)
                 widths.extend([1] * steps)
                 emitted = torch.full_like(emitted, num_tokens)
                 continue
@@ -267,9 +263,7 @@ class AutoSampler(Sampler):
                     drafted = True
                 emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
                                                     params)
-            active = lengths > 0
-            rows_nfe += active
-            accepted.append(m.sum() / active.sum())
+            tally.record(m, lengths > 0, emitted.min)
             widths.append(width)
             if width > 1:
                 self._observe(state, n, lengths, width)
@@ -278,13 +272,8 @@ class AutoSampler(Sampler):
                     # the bookkeeping around it (and the load of the moment): fold what it
                     # really cost into the estimate, so a window that does not pay loses to AR
                     costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * (time.perf_counter() - began)
-            if progress:
-                bar.update(int(emitted.min()) - bar.n)
-        bar.close()
         self.last_widths = widths
-        return SamplerOutput(tokens=seq[:, :num_tokens].clone(), num_forward_passes=1 + len(accepted),
-                             accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
-                             forwards_per_sample=rows_nfe.cpu())
+        return tally.output(seq[:, :num_tokens].clone())
 
     @staticmethod
     def _observe(state, n, lengths, width: int) -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import abc
 import inspect
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import ArgenError
 from .logits import SamplingParams
@@ -53,6 +54,41 @@ class SamplerOutput:
     def mean_accepted_per_forward(self) -> float:
         values = self.accepted_per_forward
         return sum(values) / len(values) if values else 0.0
+
+
+class ForwardTally:
+    """The bookkeeping of a loop that emits a varying number of tokens per forward pass (every
+    sampler but AR): each row's forwards (the prefill counts as one; a finished row stops
+    counting), the mean tokens emitted per active row by each forward, and the progress bar.
+    `output` turns it into the `SamplerOutput`."""
+
+    def __init__(self, batch: int, num_tokens: int, device, progress: bool):
+        self.forwards = torch.ones(batch, dtype=torch.long, device=device)
+        self.accepted: list = []
+        self.bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+
+    def record(self, emitted: torch.Tensor, active: torch.Tensor, done: Callable[[], torch.Tensor]) -> None:
+        """One forward: emitted [B] tokens per row, active [B] the rows it ran for; `done()`, the
+        tokens finished by the slowest row, is read (a host sync) only when the bar shows."""
+        self.forwards += active
+        self.accepted.append(emitted.sum() / active.sum())
+        if not self.bar.disable:
+            self.bar.update(int(done()) - self.bar.n)
+
+    def record_ar(self, steps: int) -> None:
+        """`steps` one-token forwards of every row (an AR stretch)."""
+        self.forwards += steps
+        self.accepted.extend([torch.ones(())] * steps)
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted)
+
+    def output(self, tokens: torch.Tensor) -> SamplerOutput:
+        self.bar.close()
+        return SamplerOutput(tokens=tokens, num_forward_passes=1 + len(self.accepted),
+                             accepted_per_forward=torch.stack(self.accepted).tolist() if self.accepted else [],
+                             forwards_per_sample=self.forwards.cpu())
 
 
 def cfg_batch(model, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], params: SamplingParams):

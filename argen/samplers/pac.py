@@ -40,12 +40,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checks import check_number
 from ..errors import ArgenError
 from .auto import gumbel_noise
-from .base import Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .speculative import guidance
 
@@ -197,9 +196,7 @@ class PACSampler(Sampler):
         cfg2 = (lambda x: torch.cat([x, x])) if params.uses_cfg else (lambda x: x)
 
         emitted = torch.ones(batch, dtype=torch.long, device=device)
-        rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
-        accepted = []
-        bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+        tally = ForwardTally(batch, num_tokens, device, progress)
         while int(emitted.min()) < num_tokens:
             tokens = self.tree_tokens(tree, seq, stale, noise, emitted)
             lengths = (num_tokens - emitted).clamp(0, L)
@@ -231,12 +228,5 @@ class PACSampler(Sampler):
             cache.keep_path(cfg2(path_idx), cfg2(torch.where(keep, cond_len + emitted[:, None] - 1 + main, spare)))
             emitted = emitted + m
             cache.rewind(cfg2(cond_len + emitted - 1))
-            active = lengths > 0
-            rows_nfe += active
-            accepted.append(m.sum() / active.sum())
-            if progress:
-                bar.update(int(emitted.min()) - bar.n)
-        bar.close()
-        return SamplerOutput(tokens=seq[:, :num_tokens].clone(), num_forward_passes=1 + len(accepted),
-                             accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
-                             forwards_per_sample=rows_nfe.cpu())
+            tally.record(m, lengths > 0, emitted.min)
+        return tally.output(seq[:, :num_tokens].clone())

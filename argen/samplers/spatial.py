@@ -51,12 +51,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checks import check_number
 from ..errors import ArgenError
 from .auto import gumbel_noise
-from .base import Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .rng import sample_rows
 from .speculative import draw_uniforms, guidance_of, leading_accepts
@@ -133,9 +132,7 @@ class SpatialSampler(Sampler):
         count = torch.zeros(batch, rows, dtype=torch.long, device=device)  # committed tokens per row
         count[:, 0] = 1
         tail_fed = torch.zeros(batch, rows, dtype=torch.bool, device=device)
-        rows_nfe = torch.ones(batch, dtype=torch.long, device=device)
-        accepted = []
-        bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+        tally = ForwardTally(batch, num_tokens, device, progress)
         while True:
             c = count
             done = c >= row_len
@@ -225,11 +222,5 @@ class SpatialSampler(Sampler):
             active = emitted > 0
             if not bool(active.any()):
                 raise RuntimeError(f"{self!r} stalled with rows unfinished")  # a bug, not bad input
-            rows_nfe += active
-            accepted.append(emitted.sum() / active.sum())
-            if progress:
-                bar.update(int(count.sum(1).min()) - bar.n)
-        bar.close()
-        return SamplerOutput(tokens=seq[:, :num_tokens].clone(), num_forward_passes=1 + len(accepted),
-                             accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
-                             forwards_per_sample=rows_nfe.cpu())
+            tally.record(emitted, active, lambda: count.sum(1).min())
+        return tally.output(seq[:, :num_tokens].clone())

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checks import check_number
 from ..errors import ArgenError
-from .base import Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_rows
 
@@ -263,9 +262,7 @@ class SpeculativeSampler(Sampler):
         probs = logits_to_probs(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         window = min(self.window, num_tokens)  # a longer window only costs memory: rows past the image never run
         win = self.start(probs, streams, num_tokens, model.grid, window)
-        rows_nfe = torch.ones(batch, dtype=torch.long, device=probs.device)
-        accepted = []
-        bar = tqdm(total=num_tokens, disable=not progress, desc="tokens", leave=False)
+        tally = ForwardTally(batch, num_tokens, probs.device, progress)
         while True:
             # the one host read per step: the forward's width is max_b min(L, N - e_b), which is
             # min(L, N - min_b e_b); 0 when every row is done
@@ -274,15 +271,8 @@ class SpeculativeSampler(Sampler):
                 break
             lengths = window_lengths(win.emitted, window, num_tokens)
             m = self.step(model, win, lengths, width, cache, cond_len, num_tokens, params, streams, ctx)
-            active = lengths > 0
-            rows_nfe += active
-            accepted.append(m.sum() / active.sum())
-            if progress:
-                bar.update(int(win.emitted.min()) - bar.n)
-        bar.close()
-        return SamplerOutput(tokens=win.seq[:, :num_tokens].clone(), num_forward_passes=1 + len(accepted),
-                             accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
-                             forwards_per_sample=rows_nfe.cpu())
+            tally.record(m, lengths > 0, win.emitted.min)
+        return tally.output(win.seq[:, :num_tokens].clone())
 
     def start(self, probs, streams, num_tokens: int, grid, window: Optional[int] = None) -> Window:
         """Sample token 0 from the prefill distribution and draw the first drafts (`window`:

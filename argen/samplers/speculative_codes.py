@@ -25,10 +25,9 @@ Draft init is "random" only here: copying a neighbouring window is not implement
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ArgenError
-from .base import SamplerOutput, cfg_batch
+from .base import ForwardTally, SamplerOutput, cfg_batch
 from .logits import logits_to_probs
 from .rng import sample_rows
 from .speculative import (Window, draw_uniforms, guidance, leading_accepts, residual, rows_at, window_lengths)
@@ -143,9 +142,7 @@ def sample_codes(sampler, model, cond, cond_mask, num_tokens: int, params, strea
     win = Window(seq=seq, emitted=torch.ones(batch, dtype=torch.long, device=probs.device),
                  q=torch.empty(batch, window - 1, k, vocab, device=probs.device))
     random_drafts(win, torch.ones(batch, window - 1, dtype=torch.bool, device=probs.device), u[:, 1:], win.q)
-    rows_nfe = torch.ones(batch, dtype=torch.long, device=probs.device)
-    accepted = []
-    bar = tqdm(total=num_tokens, disable=not progress, desc="positions", leave=False)
+    tally = ForwardTally(batch, num_tokens, probs.device, progress)
     while True:
         lengths = window_lengths(win.emitted, window, num_tokens)
         width = int(lengths.max())
@@ -153,12 +150,5 @@ def sample_codes(sampler, model, cond, cond_mask, num_tokens: int, params, strea
             break
         m = step_codes(sampler, model, win, lengths, width, cache, cond_len, num_tokens, params, streams, ctx,
                        coupled)
-        active = lengths > 0
-        rows_nfe += active
-        accepted.append(m.sum() / active.sum())
-        if progress:
-            bar.update(int(win.emitted.min()) - bar.n)
-    bar.close()
-    return SamplerOutput(tokens=win.seq[:, :num_tokens].flatten(1).clone(), num_forward_passes=1 + len(accepted),
-                         accepted_per_forward=torch.stack(accepted).tolist() if accepted else [],
-                         forwards_per_sample=rows_nfe.cpu())
+        tally.record(m, lengths > 0, win.emitted.min)
+    return tally.output(win.seq[:, :num_tokens].flatten(1).clone())
