@@ -24,7 +24,8 @@ SHIPPED_MODELS = {
     "ctf-refiner": "ctf-refiner",
     "shuffle-c2i": "shuffle-c2i",
     "fmnist-classifier": "fmnist-classifier",
-    "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15); CPU-budget baseline, see its card
+    "titok-fmnist-k16": "titok-fmnist-k16",  # TiTok, 16 1D tokens (issue 15)
+    "titok-c2i": "titok-c2i",  # class-conditional GPT on titok-fmnist-k16 codes (issue 15)
     "default-flextok": "default-flextok",  # FlexTok, 1..32 ordered 1D tokens, flow decoder (issue 16)
     "flextok-c2i": "flextok-c2i",  # class-conditional GPT on default-flextok codes (issue 16)
     # draft models for the `draft` sampler (issue 17), named by the pipelines' "drafter" entries

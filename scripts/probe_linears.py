@@ -4,6 +4,7 @@ The levers of issue 12 for the fp32 batch-1 step, each measured on the model's o
 (one pass over all of them = one decode step's weight reads), interleaved, medians:
 
 * kernels: `F.linear` (MKL sgemm, what the model runs), `mm(x, W^T)` on a pre-transposed copy,
+  the transposed product `(W @ x^T)^T` (the few rows become MKL's narrow N side, not its M side),
   oneDNN prepacked (`mkldnn._reorder_linear_weight` + `_linear_pointwise`, what inductor's
   freezing uses), for fp32 and bf16; `torch._weight_int8pack_mm` for int8 (bf16 and fp32 inputs);
 * rows: 1 (the floor), 2 (batch 1 with CFG), 4 (2 rows padded to 4);
@@ -62,6 +63,8 @@ def main() -> None:
             return lambda: [F.linear(x32[w.shape[1]], w) for w in weights]
         if kind == "fp32 mm(x, W^T copy)":
             return lambda: [torch.mm(x32[w.shape[0]], w) for w in w_t]
+        if kind == "fp32 (W @ x^T)^T":
+            return lambda: [torch.mm(w, x32[w.shape[1]].t()).t() for w in weights]
         if kind == "fp32 oneDNN packed":
             return lambda: [torch.ops.mkldnn._linear_pointwise(x32[w.shape[1]], pk, None, "none", [], "")
                             for w, pk in zip(weights, packed32)]
@@ -80,7 +83,7 @@ def main() -> None:
             return lambda: [F.linear(x32[w.shape[1]], w) for w in fused]
         raise KeyError(kind)
 
-    kinds = ["fp32 F.linear", "fp32 mm(x, W^T copy)", "fp32 oneDNN packed", "bf16 F.linear", "bf16 oneDNN packed",
+    kinds = ["fp32 F.linear", "fp32 mm(x, W^T copy)", "fp32 (W @ x^T)^T", "fp32 oneDNN packed", "bf16 F.linear", "bf16 oneDNN packed",
              "int8 int8pack_mm (bf16 x)", "int8 int8pack_mm (fp32 x)", "fp32 FFN w1,w3 separate",
              "fp32 FFN w1|w3 fused"]
     tasks = {(k, r): make(k, r) for k in kinds for r in rows_list}
@@ -107,6 +110,8 @@ def main() -> None:
         alt_p = [torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], pk, None, "none", [], "")
                  for w, pk in zip(weights, packed32)]
         same[("fp32 mm(x, W^T copy)", r)] = all(torch.equal(a, b) for a, b in zip(ref, alt_t))
+        alt_wx = [torch.mm(w, x[w.shape[1]].t()).t() for w in weights]
+        same[("fp32 (W @ x^T)^T", r)] = all(torch.equal(a, b) for a, b in zip(ref, alt_wx))
         same[("fp32 oneDNN packed", r)] = all(torch.equal(a, b) for a, b in zip(ref, alt_p))
         sep = [F.linear(x[a.shape[1]], a) for a, _ in ffn] + [F.linear(x[b.shape[1]], b) for _, b in ffn]
         fus = [F.linear(x[w.shape[1]], w) for w in fused]

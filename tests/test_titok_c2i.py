@@ -1,8 +1,7 @@
 """The shipped TiTok tokenizer (`titok-fmnist-k16`) and the class-conditional GPT on its codes (`titok-c2i`).
 
 Small and fast: a few test images through the tokenizer, a few images from the pipeline with every
-sampler, the classifier on a handful of samples. Each part is skipped when its asset is absent
-(`titok-c2i` is not shipped yet: its quality does not hold, see docs/titok.md).
+sampler, the classifier on a handful of samples. Each part is skipped when its asset is absent.
 """
 
 import json
