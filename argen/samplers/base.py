@@ -80,10 +80,6 @@ class ForwardTally:
         self.forwards += steps
         self.accepted.extend([torch.ones(())] * steps)
 
-    @property
-    def steps(self) -> int:
-        return len(self.accepted)
-
     def output(self, tokens: torch.Tensor) -> SamplerOutput:
         self.bar.close()
         return SamplerOutput(tokens=tokens, num_forward_passes=1 + len(self.accepted),
