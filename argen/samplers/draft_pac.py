@@ -152,7 +152,8 @@ def branch_levels(tree: Tree) -> tuple:
             continue
         sub = [i for i, d in enumerate(tree.depths) if d <= t]
         place = {i: k for k, i in enumerate(sub)}
-        levels.append(BranchLevel(t, tuple(sub), tuple(tree.depths[i] for i in sub), tuple(place.get(tree.parents[i], -1) for i in sub), tuple(children),
+        levels.append(BranchLevel(t, tuple(sub), tuple(tree.depths[i] for i in sub),
+                                  tuple(place.get(tree.parents[i], -1) for i in sub), tuple(children),
                                   tuple(place[tree.parents[j]] for j in children),
                                   tuple(tree.ranks[j] for j in children), branches))
     return tuple(levels)

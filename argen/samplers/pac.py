@@ -95,14 +95,15 @@ def build_tree(window: int, branches: int, depth: int, levels: int) -> Tree:
 
 
 @lru_cache(maxsize=32)
-def alternative_sources(tree: Tree) -> tuple:
-    """(levels F, branches K, source): where each tree token comes from, in `cat([main chain of L
-    tokens, the F*(K-1) alternatives by depth and rank])`. Computed once per tree, not per step."""
+def alternative_sources(tree: Tree, device: torch.device) -> tuple:
+    """(levels F, branches K, source [T] on `device`): where each tree token comes from, in
+    `cat([main chain of L tokens, the F*(K-1) alternatives by depth and rank])`. Built once per
+    tree and device, not per step (the index tensor is only read)."""
     window = len(tree.paths[0])
     levels = max((d for d, r in zip(tree.depths, tree.ranks) if r), default=1)
     branches = max(tree.ranks) + 1
-    source = tuple(d if r == 0 else window + (d - 1) * (branches - 1) + r - 1 for d, r in zip(tree.depths, tree.ranks))
-    return levels, branches, source
+    source = [d if r == 0 else window + (d - 1) * (branches - 1) + r - 1 for d, r in zip(tree.depths, tree.ranks)]
+    return levels, branches, torch.tensor(source, device=device)
 
 
 class PACSampler(Sampler):
@@ -151,7 +152,7 @@ class PACSampler(Sampler):
         r-th best of the stale scores of image index e + d - 1 (the best is the Jacobi draft).
         A subclass may draft them another way (`draft-pac`)."""
         window, device = len(tree.paths[0]), seq.device
-        levels, branches, source = alternative_sources(tree)
+        levels, branches, source = alternative_sources(tree, device)
         chain = seq.gather(1, emitted[:, None] + torch.arange(-1, window - 1, device=device))
         at = emitted[:, None] + torch.arange(levels, device=device)
         rows = torch.arange(seq.shape[0], device=device)[:, None]
@@ -159,7 +160,7 @@ class PACSampler(Sampler):
         if picks.shape[-1] < branches - 1:  # a vocabulary smaller than K: repeat (a duplicate never wins)
             picks = torch.cat([picks, picks[..., :1].expand(-1, -1, branches - 1 - picks.shape[-1])], -1)
         # each token's source: its depth's Jacobi draft (rank 0) or one of the F*(K-1) alternatives
-        return torch.cat([chain, picks.flatten(1)], 1)[:, list(source)]
+        return torch.cat([chain, picks.flatten(1)], 1)[:, source]
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
         if num_tokens < 2:
