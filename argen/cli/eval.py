@@ -132,6 +132,10 @@ def register(sub):
                    help="first N test images (default all 10000)")
     t.add_argument("--num-tokens", type=number(1, integer=True), default=None, metavar="K",
                    help="decode only the first K codes (tokenizers that decode prefixes, such as FlexTok)")
+    t.add_argument("--flow-steps", type=number(1, integer=True), default=None, metavar="N",
+                   help="decoder Euler steps (tokenizers with a flow decoder, such as FlexTok; default: the model's)")
+    t.add_argument("--guidance-scale", type=number(0, 100), default=None, metavar="S",
+                   help="decoder guidance on the registers (flow decoders; 1 = off; default: the model's)")
     t.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
     t.set_defaults(func=run_tokenizer)
@@ -430,17 +434,26 @@ def run_tokenizer(args) -> int:
     if tok.image_size != IMAGE_SIZE or tok.image_channels != 1:
         raise ArgenError(f"{args.tokenizer}: the Fashion-MNIST evaluation needs a 1-channel {IMAGE_SIZE}x{IMAGE_SIZE} "
                          f"tokenizer, got {tok.image_channels} x {tok.image_size}x{tok.image_size}")
+    decoding = {}
+    if args.flow_steps is not None or args.guidance_scale is not None:
+        if not hasattr(tok, "set_decoding"):
+            raise ArgenError(f"{args.tokenizer}: --flow-steps / --guidance-scale need a tokenizer with a flow decoder; "
+                             f"{type(tok).__name__} decodes in one pass")
+        tok.set_decoding(steps=args.flow_steps, guidance_scale=args.guidance_scale)
+        decoding = {"flow_steps": tok.decode_steps, "guidance_scale": tok.decode_guidance}
     images, labels = load_fashion_mnist("test")
     t0 = time.time()
     m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True,
                            num_tokens=args.num_tokens)
     m["tokenizer"] = str(args.tokenizer)
     m["tokens_per_image"] = args.num_tokens or tok.num_tokens
+    m.update(decoding)
     m["seconds"] = round(time.time() - t0, 1)
     print(f"{args.tokenizer}: {m['tokens_per_image']} tokens/image, test PSNR {m['psnr_db']:.2f} dB (28x28), "
           f"codebook usage {100 * m['codebook_usage']:.1f}% ({m['codes_used']}/{m['codebook_size']}), "
           f"rFID {m['rfid']:.3f}, classifier accuracy on reconstructions {100 * m['recon_class_accuracy']:.1f}% "
-          f"(N={m['test_images']})")
+          f"(N={m['test_images']}"
+          + (f", {decoding['flow_steps']} flow steps, guidance {decoding['guidance_scale']:g})" if decoding else ")"))
     if args.json:
         _atomic_json(Path(args.json), m)
     return 0
