@@ -193,7 +193,7 @@ class ARPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", tokenizer=None, text_encoder_path=None, weights="fp32",
-                        drafter=None):
+                        drafter=None, decoding: Optional[dict] = None):
         """Load a shipped pipeline by name ("default-c2i", "default-t2i") or from a folder.
 
         `tokenizer` overrides the recorded tokenizer (a name or a folder); `text_encoder_path`
@@ -202,7 +202,8 @@ class ARPipeline(DiffusionPipeline):
         (the same numbers to rounding, oneDNN's kernel), "bf16" or weight-only "int8", or "auto"
         (fp32-packed for a generator large enough to gain from it on CPU, else fp32;
         `Generator.set_weight_format`); `drafter` (a name or a folder) overrides the recorded
-        draft model (`pipeline.json`'s optional "drafter")."""
+        draft model (`pipeline.json`'s optional "drafter"); `decoding` (`steps=`, `guidance_scale=`)
+        changes the decoding settings of a tokenizer with a flow decoder (`set_decoding`)."""
         device = check_device(device)
         found = inspect_model_dir(name_or_path)
         folder, meta = found.folder, found.meta
@@ -233,8 +234,9 @@ class ARPipeline(DiffusionPipeline):
         defaults = dict(meta.get("defaults") or {})
         if "default_cfg_scale" in meta:  # pipeline.json files written before `defaults` existed
             defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
-        return cls(generator, component(tok_ref, ImageTokenizer), encoder, meta.get("class_names"), defaults,
-                   meta.get("crop"), refiner, draft_model)
+        image_tokenizer = component(tok_ref, ImageTokenizer).set_decoding(**(decoding or {}))
+        return cls(generator, image_tokenizer, encoder, meta.get("class_names"), defaults, meta.get("crop"), refiner,
+                   draft_model)
 
     def save_pretrained(self, save_directory, dtype: Optional[torch.dtype] = None, **_):
         """Write a self-contained folder: pipeline.json + generator/ + tokenizer/ (+ refiner/, drafter/)."""

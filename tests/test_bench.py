@@ -128,6 +128,10 @@ def test_quality_from_an_earlier_run_is_matched_by_sampler_and_settings(tmp_path
     assert [r.fid for r in now] == [12.0, 13.5, None]
     with pytest.raises(ArgenError, match="cfg_scale"):
         load_quality(tmp_path / "q.json", {"model": "default-c2i", "cfg_scale": 2.0, "seed": 0})
+    # decoder settings: a JSON without them was measured at the tokenizers' stored ones
+    assert load_quality(tmp_path / "q.json", {"model": "default-c2i", "decoding": {}})
+    with pytest.raises(ArgenError, match="decoding"):
+        load_quality(tmp_path / "q.json", {"model": "default-c2i", "decoding": {"m": {"flow_steps": 4}}})
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ArgenError, match="not a sampler-benchmark JSON"):
         load_quality(tmp_path / "bad.json", {})

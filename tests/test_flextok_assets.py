@@ -4,6 +4,7 @@ Each part is skipped when its asset is absent."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,31 @@ def test_cli_generate_num_tokens(tmp_path, capsys):
     assert "num_tokens" in capsys.readouterr().err
     assert main(["generate", "--model", "flextok-c2i", "--class", "bag", "--num-images", "1", "--num-tokens", "1",
                  "--sampler", "pac", "--out", str(tmp_path / "y.png")]) == 2
+
+
+@needs_c2i
+def test_cli_decoder_settings_change_the_image_and_are_recorded(tmp_path, capsys):
+    """--flow-steps / --decoder-guidance reach the flow decoder (another image for the same seed and
+    tokens), are recorded with eval samples (a resume with other settings refuses), and a one-pass
+    decoder refuses them with a one-line error."""
+    from PIL import Image
+
+    base = ["generate", "--model", "flextok-c2i", "--class", "bag", "--num-tokens", "4", "--seed", "5"]
+    assert main(base + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(base + ["--flow-steps", "2", "--decoder-guidance", "2", "--out", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert a.shape == b.shape and (a != b).any()
+    capsys.readouterr()
+    assert main(["generate", "--model", "default-c2i", "--class", "bag", "--flow-steps", "2",
+                 "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "decodes in one pass" in err and len(err.splitlines()) == 1 and not (tmp_path / "c.png").exists()
+
+    sample = ["eval", "sample", "--model", "flextok-c2i", "--num-samples", "2", "--batch-size", "2", "--num-tokens", "2",
+              "--threads", "1", "--out", str(tmp_path / "s")]
+    assert main(sample + ["--flow-steps", "3"]) == 0
+    run = json.loads((tmp_path / "s" / "sampling.json").read_text())
+    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.0}
+    capsys.readouterr()
+    assert main(sample + ["--flow-steps", "4"]) == 2
+    assert "decoding" in capsys.readouterr().err

@@ -457,11 +457,11 @@ def test_cli_eval_tokenizer_reports_reconstruction_fid(tmp_path, capsys):
     err = _one_line_error(capsys, ["eval", "tokenizer", "--tokenizer", str(tmp_path / "nope")])
     assert "nope" in err
     err = _one_line_error(capsys, ["eval", "tokenizer", "--tokenizer", str(out / "model"), "--flow-steps", "2"])
-    assert "flow decoder" in err
+    assert "decodes in one pass" in err
 
 
 def test_cli_eval_tokenizer_takes_flow_decoding_settings(tmp_path, capsys):
-    """--flow-steps / --guidance-scale reach FlexTok's decoder: the figures equal a direct evaluation
+    """--flow-steps / --decoder-guidance reach FlexTok's decoder: the figures equal a direct evaluation
     at those settings and are recorded with them."""
     from argen.data.fashion_mnist import load_fashion_mnist
     from argen.tokenizers import FlexTokTokenizer
@@ -470,8 +470,8 @@ def test_cli_eval_tokenizer_takes_flow_decoding_settings(tmp_path, capsys):
     out = tmp_path / "f"
     train_tokenizer(out, steps=2, batch_size=4, warmup_steps=1, limit=8, test_limit=4, progress=False, **TINY_FLEXTOK)
     assert main(["eval", "tokenizer", "--tokenizer", str(out / "model"), "--num-images", "6", "--threads", "1",
-                 "--flow-steps", "2", "--guidance-scale", "2.5", "--json", str(tmp_path / "m.json")]) == 0
-    assert "2 flow steps, guidance 2.5" in capsys.readouterr().out
+                 "--flow-steps", "2", "--decoder-guidance", "2.5", "--json", str(tmp_path / "m.json")]) == 0
+    assert "flow steps 2, guidance scale 2.5)" in capsys.readouterr().out
     m = json.loads((tmp_path / "m.json").read_text())
     assert (m["flow_steps"], m["guidance_scale"]) == (2, 2.5)
     images, _ = load_fashion_mnist("test")

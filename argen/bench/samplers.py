@@ -260,15 +260,17 @@ def forward_cost_table(curves: Sequence[dict]) -> str:
 
 def load_quality(path, expect: dict) -> dict:
     """FID/IS/class accuracy by (sampler, parameters) from an earlier `--fid` run's JSON whose
-    settings match `expect` (model, cfg_scale, seed). One-line error on a mismatch."""
+    settings match `expect` (model, cfg_scale, seed, decoding). One-line error on a mismatch."""
     try:
         data = json.loads(Path(path).read_text())
         meta, earlier = data["meta"], data["records"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArgenError(f"--quality-from {path}: not a sampler-benchmark JSON ({exc})") from None
+    absent = {"decoding": {}}  # JSONs written before decoder settings were recorded had none
     for key, value in expect.items():
-        if key in meta and meta[key] != value:
-            raise ArgenError(f"--quality-from {path} was measured with {key}={meta[key]!r}, this run uses {value!r}")
+        earlier_value = meta.get(key, absent.get(key, value))
+        if earlier_value != value:
+            raise ArgenError(f"--quality-from {path} was measured with {key}={earlier_value!r}, this run uses {value!r}")
     return {(rec["sampler"], json.dumps(rec["params"], sort_keys=True)): rec
             for rec in earlier if rec.get("fid") is not None}
 

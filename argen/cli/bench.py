@@ -7,7 +7,7 @@ import sys
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, add_drafter_arg, add_weights_arg, number
+from .checked import SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
 
 COUNT = number(1, integer=True)
 
@@ -71,6 +71,7 @@ def register(sub):
     s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
     add_weights_arg(s)
     add_drafter_arg(s)
+    add_decoding_args(s)
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
                         "(the cost of verifying a window; empty to skip)")
@@ -234,6 +235,19 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _set_decoding(pipes: dict, decoding: dict) -> None:
+    """--flow-steps / --decoder-guidance go to every model whose tokenizer has a flow decoder (a
+    comparison may hold others); a one-line error when none has."""
+    refusals = []
+    for pipe in pipes.values():
+        try:
+            pipe.tokenizer.set_decoding(**decoding)
+        except ArgenError as err:
+            refusals.append(str(err))
+    if refusals and len(refusals) == len(pipes):
+        raise ArgenError(refusals[0])
+
+
 def run_samplers(args) -> int:
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     if args.forward_cost:
@@ -267,6 +281,7 @@ def run_samplers(args) -> int:
     if len(names) > 1 and args.quality_from:
         raise ArgenError("--quality-from takes one model; measure several models' quality with --fid")
     pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights, drafter=args.drafter) for name in names}
+    _set_decoding(pipes, decoding_args(args))
     model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                             top_p=args.top_p, cfg_schedule=args.cfg_schedule)
                     for name, p in pipes.items()}
@@ -284,8 +299,11 @@ def run_samplers(args) -> int:
                 raise ArgenError(f"--compile: {type(p.generator).__name__} has no compile_decode()")
             p.generator.compile_decode()
     earlier_quality = None
+    # decoder settings changed from a tokenizer's stored ones (flow decoders), by model; images depend on them
+    decoding = {n: p.tokenizer.decoding_overrides for n, p in pipes.items() if p.tokenizer.decoding_overrides}
     if args.quality_from:  # checked before hours of timing, used after
-        earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed})
+        earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed,
+                                                           "decoding": decoding})
     records = bench_samplers(pipe if len(names) == 1 else pipes, specs, batch_sizes, args.num_images, params,
                              args.rounds, args.seed, quality=quality, quality_images=args.fid,
                              log=lambda m: print(m, flush=True), decode=args.decode, model_params=model_params)
@@ -316,6 +334,7 @@ def run_samplers(args) -> int:
     meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
+    meta["decoding"] = decoding
     if args.json:
         write_json(records, args.json, meta)
     if args.md:

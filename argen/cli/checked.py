@@ -53,3 +53,18 @@ def add_drafter_arg(p) -> None:
     p.add_argument("--drafter", metavar="MODEL", default=None,
                    help="draft model for --sampler draft (a generator folder or shipped name trained on the same "
                         "codes); default: the \"drafter\" entry of the model's pipeline.json")
+
+
+def add_decoding_args(p) -> None:
+    """`--flow-steps`, `--decoder-guidance`: decoding settings of a tokenizer with a flow decoder."""
+    p.add_argument("--flow-steps", type=number(1, 1000, integer=True), default=None, metavar="N",
+                   help="Euler steps of the tokenizer's flow decoder (FlexTok; default: the tokenizer's)")
+    p.add_argument("--decoder-guidance", type=number(0, 100), default=None, metavar="S",
+                   help="the flow decoder's guidance on its registers, 1 = off, each step then runs the decoder "
+                        "twice (FlexTok; default: the tokenizer's)")
+
+
+def decoding_args(args) -> dict:
+    """The `set_decoding` keywords the user gave ({} for none)."""
+    given = {"steps": args.flow_steps, "guidance_scale": args.decoder_guidance}
+    return {k: v for k, v in given.items() if v is not None}

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_output_file, sign_json
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, add_drafter_arg, add_weights_arg, number
+from .checked import SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
 
 COUNT = number(1, integer=True)
 
@@ -53,6 +53,7 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--sampler", default="ar", help="sampler name or spec with options, e.g. ar, gsd:G=10")
     add_weights_arg(p)
     add_drafter_arg(p)
+    add_decoding_args(p)
     p.add_argument("--sampler-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="sampler option (repeatable), e.g. --sampler-opt G=10")
     p.add_argument("--num-samples", type=COUNT, default=10000, help="images to generate (default 10000)")
@@ -132,10 +133,7 @@ def register(sub):
                    help="first N test images (default all 10000)")
     t.add_argument("--num-tokens", type=number(1, integer=True), default=None, metavar="K",
                    help="decode only the first K codes (tokenizers that decode prefixes, such as FlexTok)")
-    t.add_argument("--flow-steps", type=number(1, integer=True), default=None, metavar="N",
-                   help="decoder Euler steps (tokenizers with a flow decoder, such as FlexTok; default: the model's)")
-    t.add_argument("--guidance-scale", type=number(0, 100), default=None, metavar="S",
-                   help="decoder guidance on the registers (flow decoders; 1 = off; default: the model's)")
+    add_decoding_args(t)
     t.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
     t.set_defaults(func=run_tokenizer)
@@ -209,7 +207,8 @@ def _sample(args, state, device):
     _check_sampling_args(args)
     name, options, label = _sampler_spec(args)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
-    pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights, drafter=args.drafter)
+    pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights, drafter=args.drafter,
+                                      decoding=decoding_args(args))
     num_tokens = pipe.check_num_tokens(args.num_tokens)
     cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
     params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
@@ -434,13 +433,7 @@ def run_tokenizer(args) -> int:
     if tok.image_size != IMAGE_SIZE or tok.image_channels != 1:
         raise ArgenError(f"{args.tokenizer}: the Fashion-MNIST evaluation needs a 1-channel {IMAGE_SIZE}x{IMAGE_SIZE} "
                          f"tokenizer, got {tok.image_channels} x {tok.image_size}x{tok.image_size}")
-    decoding = {}
-    if args.flow_steps is not None or args.guidance_scale is not None:
-        if not hasattr(tok, "set_decoding"):
-            raise ArgenError(f"{args.tokenizer}: --flow-steps / --guidance-scale need a tokenizer with a flow decoder; "
-                             f"{type(tok).__name__} decodes in one pass")
-        tok.set_decoding(steps=args.flow_steps, guidance_scale=args.guidance_scale)
-        decoding = {"flow_steps": tok.decode_steps, "guidance_scale": tok.decode_guidance}
+    decoding = tok.set_decoding(**decoding_args(args)).decoding_overrides
     images, labels = load_fashion_mnist("test")
     t0 = time.time()
     m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True,
@@ -453,7 +446,7 @@ def run_tokenizer(args) -> int:
           f"codebook usage {100 * m['codebook_usage']:.1f}% ({m['codes_used']}/{m['codebook_size']}), "
           f"rFID {m['rfid']:.3f}, classifier accuracy on reconstructions {100 * m['recon_class_accuracy']:.1f}% "
           f"(N={m['test_images']}"
-          + (f", {decoding['flow_steps']} flow steps, guidance {decoding['guidance_scale']:g})" if decoding else ")"))
+          + "".join(f", {k.replace('_', ' ')} {v:g}" for k, v in decoding.items()) + ")")
     if args.json:
         _atomic_json(Path(args.json), m)
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, add_drafter_arg, add_weights_arg, number
+from .checked import SEED, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
 
@@ -60,6 +60,7 @@ def register(sub):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     add_weights_arg(p, default="auto")
     add_drafter_arg(p)
+    add_decoding_args(p)
     p.set_defaults(func=run)
 
 
@@ -136,7 +137,7 @@ def run(args) -> int:
     from ..pipeline import ARPipeline
 
     pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer, weights=args.weights,
-                                      drafter=args.drafter)
+                                      drafter=args.drafter, decoding=decoding_args(args))
     pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)

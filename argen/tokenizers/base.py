@@ -14,6 +14,11 @@ Everything outside `argen/tokenizers` uses only these members:
     accepts_prefixes                        True when decode takes any prefix codes[:, :k], 1 <= k <= n,
                                             and makes a whole image of it (FlexTok); then the pipeline
                                             may sample only the first k positions (`--num-tokens`)
+    set_decoding(steps=, guidance_scale=)   change this instance's decoding defaults: Euler steps and
+                                            register guidance of a flow decoder (FlexTok); a one-pass
+                                            decoder refuses with a one-line error
+    decoding_overrides                      {} or the decoding settings changed from the stored ones
+                                            (samples depend on them, so sample folders record them)
 
 Pixel ranges are converted at this boundary: a tokenizer working on [0, 1] pixels (TiTok)
 converts inside encode/decode, so the rest of argen sees [-1, 1] only. A tokenizer saved with
@@ -62,6 +67,16 @@ class ImageTokenizer(abc.ABC):
 
     def codebook_embeddings(self) -> Optional[torch.Tensor]:
         return None
+
+    def set_decoding(self, steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> "ImageTokenizer":
+        if steps is not None or guidance_scale is not None:
+            raise ArgenError(f"{type(self).__name__} decodes in one pass: flow steps and decoder guidance apply "
+                             "to tokenizers with a flow decoder (FlexTok)")
+        return self
+
+    @property
+    def decoding_overrides(self) -> dict:
+        return {}
 
     def check_codes(self, codes: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
         """codes as int64 [B, n] with 1 <= n <= max_tokens (default num_tokens) and ids in the

@@ -182,6 +182,12 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             self.decode_guidance if guidance_scale is None else guidance_scale)
         return self
 
+    @property
+    def decoding_overrides(self) -> dict:
+        stored = _decoding(self.config.flow_steps, self.config.guidance_scale)
+        now = (self.decode_steps, self.decode_guidance)
+        return {} if now == stored else {"flow_steps": now[0], "guidance_scale": now[1]}
+
     # ---- ImageTokenizer ------------------------------------------------------------------------
 
     @property
