@@ -48,6 +48,10 @@ from .tokenizers.base import ImageTokenizer
 KNOWN_PROMPT_SIMILARITY = 0.5
 
 
+#: `decoder_dtype` names: the dtypes a tokenizer may run in when decoding
+DECODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @dataclass
 class PromptReading:
     """How a text-to-image pipeline reads a prompt: the nearest class by text-encoder similarity."""
@@ -189,11 +193,17 @@ class ARPipeline(DiffusionPipeline):
     def dtype(self) -> torch.dtype:
         return next(self.generator.parameters()).dtype
 
+    @property
+    def decoder_dtype(self) -> str:
+        """The name (`DECODER_DTYPES`) of the dtype the tokenizer runs in."""
+        dtype = next(self.tokenizer.parameters()).dtype
+        return next((name for name, d in DECODER_DTYPES.items() if d == dtype), str(dtype))
+
     # ---- loading / saving -----------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", tokenizer=None, text_encoder_path=None, weights="fp32",
-                        drafter=None, decoding: Optional[dict] = None):
+                        drafter=None, decoding: Optional[dict] = None, decoder_dtype: str = "fp32"):
         """Load a shipped pipeline by name ("default-c2i", "default-t2i") or from a folder.
 
         `tokenizer` overrides the recorded tokenizer (a name or a folder); `text_encoder_path`
@@ -203,7 +213,11 @@ class ARPipeline(DiffusionPipeline):
         (fp32-packed for a generator large enough to gain from it on CPU, else fp32;
         `Generator.set_weight_format`); `drafter` (a name or a folder) overrides the recorded
         draft model (`pipeline.json`'s optional "drafter"); `decoding` (`steps=`, `guidance_scale=`)
-        changes the decoding settings of a tokenizer with a flow decoder (`set_decoding`)."""
+        changes the decoding settings of a tokenizer with a flow decoder (`set_decoding`);
+        `decoder_dtype` "bf16" runs the tokenizer's network in bfloat16 (a flow decoder still
+        integrates in float32): a faster decode where the hardware has bf16 matrix units."""
+        if decoder_dtype not in DECODER_DTYPES:
+            raise ArgenError(f"decoder dtype must be one of {', '.join(DECODER_DTYPES)}, got {decoder_dtype!r}")
         device = check_device(device)
         found = inspect_model_dir(name_or_path)
         folder, meta = found.folder, found.meta
@@ -235,6 +249,8 @@ class ARPipeline(DiffusionPipeline):
         if "default_cfg_scale" in meta:  # pipeline.json files written before `defaults` existed
             defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
         image_tokenizer = component(tok_ref, ImageTokenizer).set_decoding(**(decoding or {}))
+        if decoder_dtype != "fp32":  # loaded as fp32; nn.Module.to: diffusers' to() warns about a cast it allows
+            torch.nn.Module.to(image_tokenizer, DECODER_DTYPES[decoder_dtype])
         return cls(generator, image_tokenizer, encoder, meta.get("class_names"), defaults, meta.get("crop"), refiner,
                    draft_model)
 

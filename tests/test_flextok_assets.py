@@ -99,9 +99,9 @@ def test_cli_decoder_settings_change_the_image_and_are_recorded(tmp_path, capsys
 
     sample = ["eval", "sample", "--model", "flextok-c2i", "--num-samples", "2", "--batch-size", "2", "--num-tokens", "2",
               "--threads", "1", "--out", str(tmp_path / "s")]
-    assert main(sample + ["--flow-steps", "3"]) == 0
+    assert main(sample + ["--flow-steps", "3", "--decoder-dtype", "bf16"]) == 0
     run = json.loads((tmp_path / "s" / "sampling.json").read_text())
-    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.0}
+    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.0} and run["decoder_dtype"] == "bf16"
     capsys.readouterr()
-    assert main(sample + ["--flow-steps", "4"]) == 2
+    assert main(sample + ["--flow-steps", "4", "--decoder-dtype", "bf16"]) == 2
     assert "decoding" in capsys.readouterr().err

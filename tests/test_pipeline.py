@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -50,6 +51,24 @@ def test_c2i_pipeline_seeds_independent_of_batch_size(c2i_dir):
     assert len(a.images) == 6 and a.images[0].size == (16, 16) and a.images[0].mode == "L"
     assert a.num_forward_passes == 16  # one batch of 6, 16 tokens each
     assert not torch.equal(a.tokens[0], a.tokens[1])
+
+
+def test_decoder_dtype_bf16_decodes_the_same_tokens_to_nearly_the_same_images(c2i_dir):
+    """decoder_dtype="bf16": the generator (and so the tokens) untouched, the tokenizer in bfloat16,
+    the images within bf16 rounding of fp32's; a one-pass decoder refuses flow settings."""
+    fp32 = ARPipeline.from_pretrained(c2i_dir)
+    bf16 = ARPipeline.from_pretrained(c2i_dir, decoder_dtype="bf16")
+    assert (fp32.decoder_dtype, bf16.decoder_dtype) == ("fp32", "bf16") and bf16.dtype == torch.float32
+    a = fp32(class_labels=[3], num_images=2, seed=4, progress=False)
+    b = bf16(class_labels=[3], num_images=2, seed=4, progress=False)
+    assert torch.equal(a.tokens, b.tokens)
+    pixels = lambda out: torch.stack([torch.from_numpy(np.asarray(x)).int() for x in out.images])  # noqa: E731
+    diff = pixels(a) - pixels(b)
+    assert 0 < diff.abs().max() < 26 and diff.abs().float().mean() < 2.5  # uint8 pixels
+    with pytest.raises(ArgenError, match="decoder dtype"):
+        ARPipeline.from_pretrained(c2i_dir, decoder_dtype="fp16")
+    with pytest.raises(ArgenError, match="decodes in one pass"):
+        ARPipeline.from_pretrained(c2i_dir, decoding={"steps": 4})
 
 
 def test_pipeline_input_errors(c2i_dir, t2i_dir):

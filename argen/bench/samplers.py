@@ -260,13 +260,13 @@ def forward_cost_table(curves: Sequence[dict]) -> str:
 
 def load_quality(path, expect: dict) -> dict:
     """FID/IS/class accuracy by (sampler, parameters) from an earlier `--fid` run's JSON whose
-    settings match `expect` (model, cfg_scale, seed, decoding). One-line error on a mismatch."""
+    settings match `expect` (model, cfg_scale, seed, decoder settings). One-line error on a mismatch."""
     try:
         data = json.loads(Path(path).read_text())
         meta, earlier = data["meta"], data["records"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArgenError(f"--quality-from {path}: not a sampler-benchmark JSON ({exc})") from None
-    absent = {"decoding": {}}  # JSONs written before decoder settings were recorded had none
+    absent = {"decoding": {}, "decoder_dtype": "fp32"}  # what JSONs written before these were recorded used
     for key, value in expect.items():
         earlier_value = meta.get(key, absent.get(key, value))
         if earlier_value != value:

@@ -280,7 +280,8 @@ def run_samplers(args) -> int:
         raise ArgenError(f"--model: give one model or distinct comma-separated models, got {args.model!r}")
     if len(names) > 1 and args.quality_from:
         raise ArgenError("--quality-from takes one model; measure several models' quality with --fid")
-    pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights, drafter=args.drafter) for name in names}
+    pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights, drafter=args.drafter,
+                                              decoder_dtype=args.decoder_dtype) for name in names}
     _set_decoding(pipes, decoding_args(args))
     model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                             top_p=args.top_p, cfg_schedule=args.cfg_schedule)
@@ -303,7 +304,7 @@ def run_samplers(args) -> int:
     decoding = {n: p.tokenizer.decoding_overrides for n, p in pipes.items() if p.tokenizer.decoding_overrides}
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed,
-                                                           "decoding": decoding})
+                                                           "decoding": decoding, "decoder_dtype": args.decoder_dtype})
     records = bench_samplers(pipe if len(names) == 1 else pipes, specs, batch_sizes, args.num_images, params,
                              args.rounds, args.seed, quality=quality, quality_images=args.fid,
                              log=lambda m: print(m, flush=True), decode=args.decode, model_params=model_params)
@@ -334,7 +335,7 @@ def run_samplers(args) -> int:
     meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
-    meta["decoding"] = decoding
+    meta["decoding"], meta["decoder_dtype"] = decoding, args.decoder_dtype
     if args.json:
         write_json(records, args.json, meta)
     if args.md:

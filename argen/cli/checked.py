@@ -55,13 +55,20 @@ def add_drafter_arg(p) -> None:
                         "codes); default: the \"drafter\" entry of the model's pipeline.json")
 
 
-def add_decoding_args(p) -> None:
-    """`--flow-steps`, `--decoder-guidance`: decoding settings of a tokenizer with a flow decoder."""
+def add_decoding_args(p, dtype: bool = True) -> None:
+    """`--flow-steps`, `--decoder-guidance`: decoding settings of a tokenizer with a flow decoder;
+    with `dtype`, `--decoder-dtype` (commands that decode generated tokens)."""
     p.add_argument("--flow-steps", type=number(1, 1000, integer=True), default=None, metavar="N",
                    help="Euler steps of the tokenizer's flow decoder (FlexTok; default: the tokenizer's)")
     p.add_argument("--decoder-guidance", type=number(0, 100), default=None, metavar="S",
                    help="the flow decoder's guidance on its registers, 1 = off, each step then runs the decoder "
                         "twice (FlexTok; default: the tokenizer's)")
+    if not dtype:
+        return
+    p.add_argument("--decoder-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the tokenizer's network when decoding: bf16 is faster where the hardware has bf16 "
+                        "matrix units (AVX512-BF16 / AMX CPUs, GPUs), with slightly different pixels; a flow "
+                        "decoder still integrates in fp32 (default fp32)")
 
 
 def decoding_args(args) -> dict:

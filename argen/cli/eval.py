@@ -133,7 +133,7 @@ def register(sub):
                    help="first N test images (default all 10000)")
     t.add_argument("--num-tokens", type=number(1, integer=True), default=None, metavar="K",
                    help="decode only the first K codes (tokenizers that decode prefixes, such as FlexTok)")
-    add_decoding_args(t)
+    add_decoding_args(t, dtype=False)
     t.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
     t.set_defaults(func=run_tokenizer)
@@ -208,7 +208,7 @@ def _sample(args, state, device):
     name, options, label = _sampler_spec(args)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights, drafter=args.drafter,
-                                      decoding=decoding_args(args))
+                                      decoding=decoding_args(args), decoder_dtype=args.decoder_dtype)
     num_tokens = pipe.check_num_tokens(args.num_tokens)
     cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
     params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,

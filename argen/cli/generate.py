@@ -137,7 +137,8 @@ def run(args) -> int:
     from ..pipeline import ARPipeline
 
     pipe = ARPipeline.from_pretrained(model, device=device, tokenizer=args.tokenizer, weights=args.weights,
-                                      drafter=args.drafter, decoding=decoding_args(args))
+                                      drafter=args.drafter, decoding=decoding_args(args),
+                                      decoder_dtype=args.decoder_dtype)
     pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)

@@ -303,6 +303,8 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
         settings["num_tokens"] = pipe.check_num_tokens(num_tokens)
     if pipe.tokenizer.decoding_overrides:  # decoder settings other than the tokenizer's stored ones
         settings["decoding"] = pipe.tokenizer.decoding_overrides
+    if pipe.decoder_dtype != "fp32":
+        settings["decoder_dtype"] = pipe.decoder_dtype
     if sampler_obj.uses_draft and pipe.drafter is not None:  # its samples depend on the drafter too
         settings["drafter_fingerprint"] = model_fingerprint(pipe, [pipe.drafter])
     # The main process validates and records the settings; the others wait for it.
