@@ -1,6 +1,7 @@
 """FlexTok per-k table (issue 16): reconstruction, generation and speed against default-c2i, in one run.
 
-For every prefix length k and every decoder setting (flow steps):
+For every prefix length k and every decoder setting (`--flow-steps`: Euler steps, or
+"steps:guidance[:dtype]" for register guidance and a bf16 decoder network):
   * reconstruction: the first N test images encoded, their first k codes decoded (image i from seed i):
     PSNR on the 28x28 garment area, reconstruction FID and classifier accuracy (`evaluate_tokenizer`,
     the function of `argen eval tokenizer --num-tokens k`), against the baseline's tokenizer (default-vq);
@@ -12,7 +13,9 @@ For every prefix length k and every decoder setting (flow steps):
   * cost: generator forward passes per image (measured) and decoder passes per image (flow steps, x2
     with register guidance), and wall-clock images/s with the decoder counted, every setting and the
     baseline timed in the same interleaved rounds in this process (sampling and decoding timed apart,
-    so the table shows where the time goes).
+    so the table shows where the time goes). With a bf16 setting the baseline is also timed with its
+    tokenizer in bf16 (an extra row), so the decoder dtype is compared like for like.
+Reconstruction rows are measured for fp32 settings only (bf16 is a speed option of decoding).
 
 Writes a JSON record (--json), a Markdown table (--md) and one plot (--plot).
 
@@ -24,6 +27,7 @@ Writes a JSON record (--json), a Markdown table (--md) and one plot (--plot).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -34,7 +38,7 @@ import torch
 from argen.atomic import atomic_write_json, atomic_write_text, sign_json
 from argen.data.fashion_mnist import load_fashion_mnist
 from argen.eval.quality import quality_scorer
-from argen.pipeline import ARPipeline
+from argen.pipeline import DECODER_DTYPES, ARPipeline
 from argen.samplers import get_sampler
 from argen.bench.samplers import benchmark_conditions
 from argen.train.tokenizer import evaluate_tokenizer
@@ -51,6 +55,26 @@ def ints(text: str) -> list:
 def decode_all(pipe, tokens, conds, seeds, batch: int = 100) -> torch.Tensor:
     return torch.cat([pipe.tokens_to_images(tokens[i:i + batch], conds[i:i + batch], seeds[i:i + batch])
                       for i in range(0, len(seeds), batch)])
+
+
+def decoder_settings(text: str, guidance: float) -> list:
+    """"8,4:2,8:1:bf16" -> [(label, steps, guidance, dtype)]; a plain number keeps `guidance`, fp32."""
+    out = []
+    for part in text.split(","):
+        bits = part.split(":")
+        if not part or len(bits) > 3 or (len(bits) == 3 and bits[2] not in DECODER_DTYPES):
+            raise SystemExit(f"--flow-steps: bad entry {part!r} (steps[:guidance[:fp32|bf16]])")
+        out.append((part, int(bits[0]), float(bits[1]) if len(bits) > 1 else guidance,
+                    bits[2] if len(bits) > 2 else "fp32"))
+    return out
+
+
+def in_dtype(pipe, tokenizers: dict, dtype: str):
+    """`pipe` with its tokenizer swapped for the copy in `dtype` (made once, kept in `tokenizers`)."""
+    if dtype not in tokenizers:
+        tokenizers[dtype] = torch.nn.Module.to(copy.deepcopy(tokenizers["fp32"]), DECODER_DTYPES[dtype])
+    pipe.tokenizer = tokenizers[dtype]
+    return pipe
 
 
 def timed(pipe, conds, seeds, batch_size: int, num_tokens=None) -> tuple:
@@ -71,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="FlexTok pipeline (flextok-c2i or a folder)")
     p.add_argument("--baseline", default="default-c2i")
     p.add_argument("--ks", default="1,2,4,8,16,32")
-    p.add_argument("--flow-steps", default="8,25", help="decoder Euler steps to measure (comma-separated)")
+    p.add_argument("--flow-steps", default="8,25",
+                   help="decoder settings to measure, comma-separated: Euler steps, or steps:guidance[:fp32|bf16]")
     p.add_argument("--guidance", type=float, default=None, help="decoder register guidance (default: the model's)")
     p.add_argument("--num", type=int, default=1000, help="N for reconstruction and generation metrics")
     p.add_argument("--batch-sizes", default="1,16", help="batch sizes of the timing")
@@ -84,17 +109,23 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ks, steps_list, skip = ints(args.ks), ints(args.flow_steps), set(args.skip.split(","))
+    ks, skip = ints(args.ks), set(args.skip.split(","))
     pipe = ARPipeline.from_pretrained(args.model)
     base = ARPipeline.from_pretrained(args.baseline)
     tok = pipe.tokenizer
     if not getattr(tok, "accepts_prefixes", False):
         raise SystemExit(f"{args.model}: its tokenizer does not decode prefixes")
     guidance = tok.decode_guidance if args.guidance is None else args.guidance
-    default_steps = tok.decode_steps
-    decoder_passes = lambda s: s * (2 if guidance > 1 else 1)  # noqa: E731
+    default_steps, default_guidance = tok.decode_steps, tok.decode_guidance
+    settings_list = decoder_settings(args.flow_steps, guidance)
+    toks, base_toks = {"fp32": tok}, {"fp32": base.tokenizer}
+
+    def use(label):  # the pipeline decoding as setting `label` says
+        _, s, g, dtype = next(x for x in settings_list if x[0] == label)
+        in_dtype(pipe, toks, dtype).tokenizer.set_decoding(steps=s, guidance_scale=g)
+        return s * (2 if g > 1 else 1)  # decoder passes per image
     record = {"command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else str(argv),
-              "model": args.model, "baseline": args.baseline, "ks": ks, "flow_steps": steps_list,
+              "model": args.model, "baseline": args.baseline, "ks": ks, "flow_steps": [x[0] for x in settings_list],
               "decoder_guidance": guidance, "num": args.num, "threads": args.threads,
               "load_average_start": list(__import__("os").getloadavg())}
     started = time.time()
@@ -105,8 +136,10 @@ def main(argv=None) -> int:
         images, labels = images[:args.num], labels[:args.num]
         rec = {"baseline": evaluate_tokenizer(base.tokenizer, images, labels=labels, rfid=True)}
         log(f"recon baseline: rFID {rec['baseline']['rfid']:.2f} PSNR {rec['baseline']['psnr_db']:.2f}")
-        for s in steps_list:
-            tok.set_decoding(steps=s, guidance_scale=guidance)
+        for s, _, _, dtype in settings_list:
+            if dtype != "fp32":
+                continue
+            use(s)
             for k in ks:
                 m = evaluate_tokenizer(tok, images, labels=labels, rfid=True, num_tokens=k)
                 rec[f"s{s}_k{k}"] = m
@@ -140,14 +173,14 @@ def main(argv=None) -> int:
             part = pipe.sample_tokens(few, seeds[:8], "ar", pipe.sampling_params(), batch_size=8, num_tokens=k)
             if not torch.equal(part.tokens, full.tokens[:8, :k]):
                 raise SystemExit(f"AR with num_tokens={k} is not the prefix of the full samples")
-        for s in steps_list:
-            tok.set_decoding(steps=s, guidance_scale=guidance)
+        for s, *_ in settings_list:
+            passes = use(s)
             for k in ks:
                 t0 = time.time()
                 imgs = decode_all(pipe, full.tokens[:, :k], conds, seeds)
                 m = score(imgs, conds.labels)
                 gen[f"s{s}_k{k}"] = {"fid": m["fid"], "class_accuracy": m["class_accuracy"], "nfe_per_image": k,
-                                     "decoder_passes_per_image": decoder_passes(s),
+                                     "decoder_passes_per_image": passes,
                                      "decode_seconds": round(time.time() - t0, 1)}
                 log(f"gen steps {s} k {k}: FID {m['fid']:.2f} acc {m['class_accuracy']:.3f}")
         gen["cfg_scale"] = pipe.defaults.get("cfg_scale")
@@ -159,25 +192,27 @@ def main(argv=None) -> int:
         conds_b = benchmark_conditions(base, args.time_images)
         conds_f = benchmark_conditions(pipe, args.time_images)
         seeds = list(range(args.time_images))
-        settings = [("baseline", None, None)] + [("flextok", k, s) for s in steps_list for k in ks]
+        settings = [("baseline", None, "fp32")] + [("baseline", None, d) for d in
+                                                   sorted({x[3] for x in settings_list} - {"fp32"})]
+        settings += [("flextok", k, s) for s, *_ in settings_list for k in ks]
         for bs in ints(args.batch_sizes):
             runs = {}
             for r in range(args.rounds + 1):  # round 0 warms up
                 for name, k, s in settings:
                     if name == "baseline":
-                        res = timed(base, conds_b, seeds, bs)
+                        res = timed(in_dtype(base, base_toks, s), conds_b, seeds, bs)
                     else:
-                        tok.set_decoding(steps=s, guidance_scale=guidance)
+                        use(s)
                         res = timed(pipe, conds_f, seeds, bs, num_tokens=k)
                     if r:
                         runs.setdefault((name, k, s), []).append(res)
                 log(f"timing batch {bs} round {r} done")
-            base_total = statistics.median(a + b for a, b, _ in runs[("baseline", None, None)])
+            base_total = statistics.median(a + b for a, b, _ in runs[("baseline", None, "fp32")])
             for (name, k, s), values in runs.items():
                 sample_s = statistics.median(a for a, _, _ in values)
                 decode_s = statistics.median(b for _, b, _ in values)
                 total = statistics.median(a + b for a, b, _ in values)
-                key = "baseline" if name == "baseline" else f"s{s}_k{k}"
+                key = ("baseline" if s == "fp32" else f"baseline-{s}") if name == "baseline" else f"s{s}_k{k}"
                 timing.setdefault(key, {})[f"batch{bs}"] = {
                     "images_per_second": args.time_images / total, "sample_seconds_per_image": sample_s / args.time_images,
                     "decode_seconds_per_image": decode_s / args.time_images, "decode_share": decode_s / (sample_s + decode_s),
@@ -186,7 +221,8 @@ def main(argv=None) -> int:
         record["timing"] = timing
         record["timing_protocol"] = (f"{args.time_images} images per setting and round, {args.rounds} timed rounds after "
                                      "a warm-up, all settings interleaved in one process; medians; AR; decode included")
-    tok.set_decoding(steps=default_steps)
+    in_dtype(pipe, toks, "fp32").tokenizer.set_decoding(steps=default_steps, guidance_scale=default_guidance)
+    in_dtype(base, base_toks, "fp32")
     record["load_average_end"] = list(__import__("os").getloadavg())
     record["wall_seconds"] = round(time.time() - started, 1)
     atomic_write_json(args.json, sign_json(record))
@@ -202,7 +238,7 @@ def main(argv=None) -> int:
 def markdown(record: dict) -> str:
     rec, gen, timing = record.get("reconstruction", {}), record.get("generation", {}), record.get("timing", {})
     batch_keys = sorted({b for t in timing.values() for b in t}, key=lambda b: int(b[5:]))
-    head = ["setting", "k", "flow steps", "PSNR (dB)", "rFID", "gen FID", "class acc.", "GPT fwd / image",
+    head = ["setting", "k", "decoder (steps[:guidance:dtype])", "PSNR (dB)", "rFID", "gen FID", "class acc.", "GPT fwd / image",
             "decoder passes / image"]
     for b in batch_keys:
         head += [f"{b}: images/s", f"{b}: vs baseline", f"{b}: decode share"]
@@ -216,7 +252,7 @@ def markdown(record: dict) -> str:
         cells = [label, str(k), str(s), fmt(r.get("psnr_db"), ".2f"), fmt(r.get("rfid"), ".2f"), fmt(g.get("fid"), ".2f"),
                  fmt(None if g.get("class_accuracy") is None else 100 * g["class_accuracy"], ".1f"),
                  fmt(g.get("nfe_per_image", (t.get(batch_keys[0]) or {}).get("nfe_per_image") if batch_keys else None), ".0f"),
-                 fmt(g.get("decoder_passes_per_image"), "d") if key != "baseline" else "1 (VQ conv)"]
+                 fmt(g.get("decoder_passes_per_image"), "d") if not key.startswith("baseline") else "1 (VQ conv)"]
         for b in batch_keys:
             tb = t.get(b, {})
             cells += [fmt(tb.get("images_per_second"), ".1f"), fmt(tb.get("speedup_vs_baseline"), ".2f") + "x"
@@ -224,6 +260,8 @@ def markdown(record: dict) -> str:
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row(f"{record['baseline']} (default-vq)", 64, "–", "baseline"))
+    if "baseline-bf16" in timing:
+        lines.append(row(f"{record['baseline']} (default-vq in bf16)", 64, "–", "baseline-bf16"))
     for s in record["flow_steps"]:
         for k in record["ks"]:
             lines.append(row(record["model"], k, s, f"s{s}_k{k}"))
@@ -240,7 +278,7 @@ def plot(record: dict, path) -> None:
     ks = record["ks"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for s in record["flow_steps"]:
-        if rec:
+        if f"s{s}_k{ks[0]}" in rec:
             ax1.plot(ks, [rec[f"s{s}_k{k}"]["rfid"] for k in ks], "o--", label=f"FlexTok rFID, {s} steps")
         if gen:
             ax1.plot(ks, [gen[f"s{s}_k{k}"]["fid"] for k in ks], "s-", label=f"flextok-c2i gen FID, {s} steps")
