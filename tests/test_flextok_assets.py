@@ -39,8 +39,11 @@ def test_shipped_flextok_reconstructs_as_its_card_says():
     tok = FlexTokTokenizer.from_pretrained("default-flextok").float()
     assert tok.num_tokens == 32 and tok.grid is None and tok.accepts_prefixes and tok.vocab_size == 1000
     images, _ = load_fashion_mnist("test")
+    card = json.loads((resolve_model_dir("default-flextok") / "metrics.json").read_text())
+    measured_with = card["run"]["flextok_config"]  # the decoding the training's evaluation used
+    tok.set_decoding(steps=measured_with["flow_steps"], guidance_scale=measured_with["guidance_scale"])
     m = evaluate_tokenizer(tok, images[:100])
-    recorded = json.loads((resolve_model_dir("default-flextok") / "metrics.json").read_text())["test"]
+    recorded = card["test"]
     # the first 100 images (same seeds) against the card's 1,000-image figure: within 1 dB
     assert abs(m["psnr_db"] - recorded["psnr_db"]) < 1.0, (m["psnr_db"], recorded["psnr_db"])
     one = evaluate_tokenizer(tok, images[:100], num_tokens=1)
@@ -99,9 +102,9 @@ def test_cli_decoder_settings_change_the_image_and_are_recorded(tmp_path, capsys
 
     sample = ["eval", "sample", "--model", "flextok-c2i", "--num-samples", "2", "--batch-size", "2", "--num-tokens", "2",
               "--threads", "1", "--out", str(tmp_path / "s")]
-    assert main(sample + ["--flow-steps", "3", "--decoder-dtype", "bf16"]) == 0
+    assert main(sample + ["--flow-steps", "3", "--decoder-guidance", "1.5", "--decoder-dtype", "bf16"]) == 0
     run = json.loads((tmp_path / "s" / "sampling.json").read_text())
-    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.0} and run["decoder_dtype"] == "bf16"
+    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.5} and run["decoder_dtype"] == "bf16"
     capsys.readouterr()
-    assert main(sample + ["--flow-steps", "4", "--decoder-dtype", "bf16"]) == 2
+    assert main(sample + ["--flow-steps", "4", "--decoder-guidance", "1.5", "--decoder-dtype", "bf16"]) == 2
     assert "decoding" in capsys.readouterr().err

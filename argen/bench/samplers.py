@@ -266,7 +266,9 @@ def load_quality(path, expect: dict) -> dict:
         meta, earlier = data["meta"], data["records"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArgenError(f"--quality-from {path}: not a sampler-benchmark JSON ({exc})") from None
-    absent = {"decoding": {}, "decoder_dtype": "fp32"}  # what JSONs written before these were recorded used
+    # JSONs from before these were recorded: right for one-pass decoders (fp32, nothing to set);
+    # a flow decoder's settings are then unknown and the comparison refuses
+    absent = {"decoding": {}, "decoder_dtype": "fp32"}
     for key, value in expect.items():
         earlier_value = meta.get(key, absent.get(key, value))
         if earlier_value != value:

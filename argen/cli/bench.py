@@ -300,8 +300,8 @@ def run_samplers(args) -> int:
                 raise ArgenError(f"--compile: {type(p.generator).__name__} has no compile_decode()")
             p.generator.compile_decode()
     earlier_quality = None
-    # decoder settings changed from a tokenizer's stored ones (flow decoders), by model; images depend on them
-    decoding = {n: p.tokenizer.decoding_overrides for n, p in pipes.items() if p.tokenizer.decoding_overrides}
+    # the flow decoders' settings, by model: images depend on them beyond the weights
+    decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed,
                                                            "decoding": decoding, "decoder_dtype": args.decoder_dtype})

@@ -433,7 +433,7 @@ def run_tokenizer(args) -> int:
     if tok.image_size != IMAGE_SIZE or tok.image_channels != 1:
         raise ArgenError(f"{args.tokenizer}: the Fashion-MNIST evaluation needs a 1-channel {IMAGE_SIZE}x{IMAGE_SIZE} "
                          f"tokenizer, got {tok.image_channels} x {tok.image_size}x{tok.image_size}")
-    decoding = tok.set_decoding(**decoding_args(args)).decoding_overrides
+    decoding = tok.set_decoding(**decoding_args(args)).decoding_settings
     images, labels = load_fashion_mnist("test")
     t0 = time.time()
     m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True,

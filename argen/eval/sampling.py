@@ -301,8 +301,8 @@ def generate_samples(pipe, out_dir, num_samples: int, *, sampler="ar", sampler_o
                 "num_samples": int(num_samples), "batch_size": int(batch_size), "argen_version": __version__}
     if num_tokens is not None:  # recorded only when set, so runs of full sequences resume as before
         settings["num_tokens"] = pipe.check_num_tokens(num_tokens)
-    if pipe.tokenizer.decoding_overrides:  # decoder settings other than the tokenizer's stored ones
-        settings["decoding"] = pipe.tokenizer.decoding_overrides
+    if pipe.tokenizer.decoding_settings:  # a flow decoder's steps and guidance: images depend on them
+        settings["decoding"] = pipe.tokenizer.decoding_settings
     if pipe.decoder_dtype != "fp32":
         settings["decoder_dtype"] = pipe.decoder_dtype
     if sampler_obj.uses_draft and pipe.drafter is not None:  # its samples depend on the drafter too

@@ -17,8 +17,9 @@ Everything outside `argen/tokenizers` uses only these members:
     set_decoding(steps=, guidance_scale=)   change this instance's decoding defaults: Euler steps and
                                             register guidance of a flow decoder (FlexTok); a one-pass
                                             decoder refuses with a one-line error
-    decoding_overrides                      {} or the decoding settings changed from the stored ones
-                                            (samples depend on them, so sample folders record them)
+    decoding_settings                       the settings decode depends on beyond the weights (flow
+                                            steps, guidance), {} for a one-pass decoder; sample
+                                            folders and bench JSONs record them
 
 Pixel ranges are converted at this boundary: a tokenizer working on [0, 1] pixels (TiTok)
 converts inside encode/decode, so the rest of argen sees [-1, 1] only. A tokenizer saved with
@@ -75,7 +76,7 @@ class ImageTokenizer(abc.ABC):
         return self
 
     @property
-    def decoding_overrides(self) -> dict:
+    def decoding_settings(self) -> dict:
         return {}
 
     def check_codes(self, codes: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:

@@ -183,10 +183,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         return self
 
     @property
-    def decoding_overrides(self) -> dict:
-        stored = _decoding(self.config.flow_steps, self.config.guidance_scale)
-        now = (self.decode_steps, self.decode_guidance)
-        return {} if now == stored else {"flow_steps": now[0], "guidance_scale": now[1]}
+    def decoding_settings(self) -> dict:
+        return {"flow_steps": self.decode_steps, "guidance_scale": self.decode_guidance}
 
     # ---- ImageTokenizer ------------------------------------------------------------------------
 
