@@ -135,6 +135,12 @@ def test_training_keeps_powers_of_two_and_the_null_condition():
     assert abs((keep == 0).float().mean().item() - 0.25) < 0.03
     uniform = tiny_flextok(nested_dropout="uniform", cfg_dropout=0.0).sample_keep(4000)
     assert set(uniform.tolist()) == set(range(1, K + 1))
+    # pow2-long: the same values, P(2^i) proportional to i + 1 (long prefixes trained more)
+    long = tiny_flextok(nested_dropout="pow2-long", cfg_dropout=0.0).sample_keep(8000)
+    choices = powers_of_two(K)
+    shares = torch.tensor([(long == c).float().mean().item() for c in choices])
+    expected = torch.arange(1, len(choices) + 1) / sum(range(1, len(choices) + 1))
+    assert set(long.tolist()) == set(choices) and torch.allclose(shares, expected, atol=0.02), shares
 
 
 def test_training_forward_has_no_gradient_through_dropped_registers():
@@ -279,6 +285,31 @@ def test_num_tokens_is_refused_without_a_prefix_tokenizer(tok):
     with pytest.raises(ArgenError, match="num_tokens"):
         _pipeline(tok)(class_labels=[1], num_tokens=9, progress=False)
 
+
+
+def test_bench_samplers_times_a_prefix_next_to_a_whole_sequence_model(tok, tmp_path):
+    """`argen bench samplers --num-tokens k`: a prefix model samples k tokens per image (k forwards
+    under AR), a whole-sequence model in the same run all of its own; both say so in the table."""
+    from argen.bench.samplers import bench_samplers, markdown_table, parse_spec
+    from argen.tokenizers import TiTokTokenizer
+
+    titok = TiTokTokenizer(image_size=16, in_channels=1, num_latent_tokens=K, codebook_size=1000, token_size=4,
+                           enc_patch_size=8, enc_width=16, enc_layers=1, enc_heads=2, dec_patch_size=8,
+                           dec_width=16, dec_layers=1, dec_heads=2, is_legacy=False).eval()
+    pipes = {"whole": _pipeline(titok), "flex": _pipeline(tok)}
+    records = bench_samplers(pipes, [parse_spec("ar"), parse_spec("mcsjd:L=2")], [2], 2,
+                             SamplingParams(cfg_scale=2.0), rounds=1, log=lambda m: None, num_tokens=2)
+    by = {(r.model, r.sampler): r for r in records}
+    assert by["whole", "ar"].nfe_per_image == K and by["whole", "ar"].num_tokens is None
+    assert by["flex", "ar"].nfe_per_image == 2 and by["flex", "ar"].num_tokens == 2
+    assert by["flex", "mcsjd"].nfe_per_image <= 2
+    assert "| flex (k = 2) | ar |" in markdown_table(records)
+    with pytest.raises(ArgenError, match="not prefixes"):  # no model decodes prefixes
+        bench_samplers({"whole": pipes["whole"]}, [parse_spec("ar")], [1], 1, SamplingParams(), rounds=1,
+                       log=lambda m: None, num_tokens=2)
+    with pytest.raises(ArgenError, match="num_tokens"):
+        bench_samplers(pipes, [parse_spec("ar")], [1], 1, SamplingParams(), rounds=1, log=lambda m: None,
+                       num_tokens=K + 1)
 
 def _save_pipeline(tok, folder):
     pipe = _pipeline(tok)

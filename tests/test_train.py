@@ -208,6 +208,37 @@ def test_flextok_tiny_run_learns_exports_and_resumes(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_log(tmp_path / "b/log.csv")]
 
 
+
+def test_flextok_decoder_only_keeps_every_code_and_stores_its_decoding(tmp_path):
+    """--train-decoder-only on FlexTok: encoder, registers and FSQ projection frozen (every image keeps
+    its codes, so a generator trained on them stays valid), the flow decoder trains; the decoding
+    defaults given to the run are stored with the model and named on its card."""
+    from argen.data.fashion_mnist import load_fashion_mnist
+    from argen.tokenizers import FlexTokTokenizer
+    from argen.train.tokenizer import ImageBatches
+
+    kw = dict(batch_size=8, lr=3e-3, warmup_steps=1, limit=32, test_limit=8, log_every=2, ckpt_every=4,
+              progress=False, export_dtype="float32", **TINY_FLEXTOK)
+    train_tokenizer(tmp_path / "src", steps=4, **kw)
+    train_tokenizer(tmp_path / "ft", steps=4, init_from=str(tmp_path / "src/model"), decoder_only=True,
+                    nested_dropout="pow2-long", flow_steps=3, decoder_guidance=2.5, **kw)
+    src = FlexTokTokenizer.from_pretrained(tmp_path / "src/model")
+    ft = FlexTokTokenizer.from_pretrained(tmp_path / "ft/model")
+    trained = {n for n, _ in ft.named_parameters() if n.startswith(ft.decoder_param_prefixes)}
+    assert "decoder.0.attn.to_q.weight" in trained and "dec_code_embed.weight" in trained
+    for name, value in src.state_dict().items():
+        assert torch.equal(value, ft.state_dict()[name]) == (name not in trained), name
+    images, _ = load_fashion_mnist("test")
+    x = ImageBatches(images[:32]).batch(torch.arange(32))
+    assert torch.equal(src.encode(x), ft.encode(x))
+    assert ft.decoding_settings == {"flow_steps": 3, "guidance_scale": 2.5}
+    record = json.loads((tmp_path / "ft/metrics.json").read_text())["run"]
+    assert record["decoder_only"]["trainable_parameters"] == sum(p.numel() for n, p in ft.named_parameters()
+                                                                 if n in trained)
+    card = (tmp_path / "ft/model/MODEL_CARD.md").read_text()
+    assert "Decoder only (`--train-decoder-only`)" in card and "guidance scale 2.5 on the registers" in card
+    assert "Nested dropout (pow2-long)" in card
+
 def test_tokenizer_init_from_starts_at_the_source_weights(tmp_path, capsys):
     """--init-from: the new run starts from the source's weights (decoding/training-only settings may
     change, the architecture may not), and the card says where it started."""

@@ -45,7 +45,13 @@ class Record:
     model: Optional[str] = None
     speedup_vs_first_ar: Optional[float] = None
     decode_included: bool = False  # timed region includes tokens -> images (tokenizer decode)
+    num_tokens: Optional[int] = None  # images sampled as this many leading tokens (a prefix tokenizer); None: all
     draft_nfe_per_image: Optional[float] = None  # forwards of a draft model per image (`draft` sampler), not in NFE
+
+    @property
+    def model_label(self) -> Optional[str]:
+        """The model's name, with the prefix length when only the first k tokens were sampled."""
+        return None if self.model is None else self.model + ("" if self.num_tokens is None else f" (k = {self.num_tokens})")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -54,12 +60,13 @@ class Record:
 
 
 def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, seeds: Sequence[int],
-                decode: bool = False):
+                decode: bool = False, num_tokens: Optional[int] = None):
     """All images in batches through the pipeline's sampling path; returns tokens, per-image
     NFE, accepted-per-forward values, seconds (with `decode`: including tokens -> images, in the
-    same batches) and the per-image draft-model forwards (None without a draft model)."""
+    same batches) and the per-image draft-model forwards (None without a draft model).
+    `num_tokens`: sample only the first n tokens of each image (`ARPipeline.sample_tokens`)."""
     start = time.perf_counter()
-    out = pipe.sample_tokens(conds, seeds, sampler, params, batch_size)
+    out = pipe.sample_tokens(conds, seeds, sampler, params, batch_size, num_tokens=num_tokens)
     if decode:
         with torch.no_grad():
             for i in range(0, len(seeds), batch_size):
@@ -94,7 +101,7 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
                    params: SamplingParams, rounds: int = 3, seed: int = 0,
                    quality: Optional[Callable[[torch.Tensor, List[int]], dict]] = None, quality_images: int = 0,
                    log: Callable[[str], None] = print, decode: bool = False,
-                   model_params: Optional[dict] = None) -> List[Record]:
+                   model_params: Optional[dict] = None, num_tokens: Optional[int] = None) -> List[Record]:
     """Measure every spec at every batch size.
 
     Speed: `num_images` images per setting, `rounds` interleaved timed rounds after a warm-up.
@@ -108,8 +115,16 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
     interleaved rounds on the same conditions and seeds; records carry the model's name and the
     speed-up against the first model's AR; `model_params` {name: SamplingParams} overrides `params`
     per model (each model's own default CFG).
+
+    `num_tokens`: every model whose tokenizer decodes prefixes (FlexTok) samples only its first n
+    tokens per image (the `--num-tokens` of `argen generate`); the others sample whole sequences,
+    so one run compares, say, flextok-c2i at k = 4 with default-c2i.
     """
     pipes = pipe if isinstance(pipe, dict) else {None: pipe}
+    prefix = {name: p.check_num_tokens(num_tokens) if num_tokens is not None and p.tokenizer.accepts_prefixes
+              else None for name, p in pipes.items()}
+    if num_tokens is not None and not any(prefix.values()):
+        next(iter(pipes.values())).check_num_tokens(num_tokens)  # its one-line error says why
     if not any(s.name == "ar" and not s.options for s in specs):
         specs = [SamplerSpec("ar", {}, "ar")] + list(specs)
     par = {name: (model_params or {}).get(name, params) for name in pipes}
@@ -125,13 +140,14 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
             return key[1] if key[0] is None else f"{key[0]}/{key[1]}"
 
         for key, (p, sampler) in runs.items():  # warm-up round, not timed
-            run_sampler(p, sampler, conds[key[0]][:bs], par[key[0]], bs, seeds[:bs], decode)
+            run_sampler(p, sampler, conds[key[0]][:bs], par[key[0]], bs, seeds[:bs], decode, prefix[key[0]])
         times = {key: [] for key in runs}
         results = {}
         for r in range(rounds):
             for key, (p, sampler) in runs.items():
                 tokens, nfe, accepted, seconds, drafts = run_sampler(p, sampler, conds[key[0]][:num_images],
-                                                                     par[key[0]], bs, seeds[:num_images], decode)
+                                                                     par[key[0]], bs, seeds[:num_images], decode,
+                                                                     prefix[key[0]])
                 times[key].append(seconds)
                 results[key] = (nfe, accepted, drafts)
             log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{tag(k)} {v[-1]:.2f}s" for k, v in times.items()))
@@ -148,22 +164,23 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
                     seconds_per_image=seconds / num_images, images_per_second=num_images / seconds,
                     wallclock_speedup=ar_seconds / seconds, seconds_rounds=times[(name, spec.label)],
                     model=name, speedup_vs_first_ar=None if name is None else first_ar / seconds,
-                    decode_included=decode, **_nfe_stats(nfe, ar_nfe, drafts)))
+                    decode_included=decode, num_tokens=prefix[name], **_nfe_stats(nfe, ar_nfe, drafts)))
     if quality is not None and quality_images:
         for name, p in pipes.items():
             mine = [r for r in records if r.model == name]
             _add_quality(p, specs, mine, conds[name][:quality_images], seeds[:quality_images], par[name],
-                         max(batch_sizes), quality, log)
+                         max(batch_sizes), quality, log, prefix[name])
     return records
 
 
 @torch.no_grad()
-def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality, log) -> None:
+def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality, log, num_tokens=None) -> None:
     """Sample the quality set once per setting; fill FID/IS/accuracy and the set's NFE into its records."""
     scored, ar_nfe = {}, None
     for spec in specs:
         start = time.perf_counter()
-        tokens, nfe, accepted, _, drafts = run_sampler(pipe, make_sampler(spec), conds, params, batch_size, seeds)
+        tokens, nfe, accepted, _, drafts = run_sampler(pipe, make_sampler(spec), conds, params, batch_size, seeds,
+                                                       num_tokens=num_tokens)
         scores = quality(pipe.tokens_to_images(tokens, conds, seeds), conds.labels)
         ar_nfe = nfe.mean().item() if spec.name == "ar" and not spec.options else ar_nfe
         scored[spec.label] = (scores, nfe, accepted, drafts)
@@ -268,7 +285,7 @@ def load_quality(path, expect: dict) -> dict:
         raise ArgenError(f"--quality-from {path}: not a sampler-benchmark JSON ({exc})") from None
     # JSONs from before these were recorded: right for one-pass decoders (fp32, nothing to set);
     # a flow decoder's settings are then unknown and the comparison refuses
-    absent = {"decoding": {}, "decoder_dtype": "fp32"}
+    absent = {"decoding": {}, "decoder_dtype": "fp32", "num_tokens": None}
     for key, value in expect.items():
         earlier_value = meta.get(key, absent.get(key, value))
         if earlier_value != value:
@@ -303,13 +320,15 @@ def markdown_table(records: Sequence[Record]) -> str:
                f"{r.wallclock_speedup:.2f}x | {fmt(r.fid, '.2f')} | {fmt(r.inception_score, '.2f')} | "
                f"{fmt(r.class_accuracy, '.1%')} |")
         if multi:
-            row = f"| {r.model} " + row + f" {fmt(r.speedup_vs_first_ar, '.2f')}x |"
+            row = f"| {r.model_label} " + row + f" {fmt(r.speedup_vs_first_ar, '.2f')}x |"
         lines.append(row)
     drafted = [r for r in records if r.draft_nfe_per_image is not None]
     if drafted:  # a draft model's forwards are not in NFE: say what they were
         lines.append("\nDraft-model forwards per image (not counted in NFE): " + ", ".join(
             f"{r.sampler}:{','.join(f'{k}={v}' for k, v in r.params.items())} batch {r.batch_size} "
             f"{r.draft_nfe_per_image:.1f}" for r in drafted) + ".")
+    if not multi and records and records[0].num_tokens is not None:
+        lines.append(f"\nEvery image: its first {records[0].num_tokens} tokens (a prefix tokenizer).")
     if any(r.decode_included for r in records):
         lines.append("\nTimes include decoding the tokens to images.")
     return "\n".join(lines)
@@ -352,7 +371,7 @@ def plot(records: Sequence[Record], path) -> None:
             xs = [r.fid if have_fid else r.step_compression for r in rows]
             # several models: speed-up against the first model's AR, so the models compare directly
             ys = [r.speedup_vs_first_ar if multi else r.wallclock_speedup for r in rows]
-            ax.scatter(xs, ys, label=f"{model}, batch {bs}" if multi else f"batch {bs}",
+            ax.scatter(xs, ys, label=f"{rows[0].model_label}, batch {bs}" if multi and rows else f"batch {bs}",
                        marker=markers[mi % len(markers)])
             for r, x, y in zip(rows, xs, ys):
                 tag = r.sampler + ("" if not r.params else ":" + ",".join(f"{k}={v}" for k, v in r.params.items()))

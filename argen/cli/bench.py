@@ -72,6 +72,9 @@ def register(sub):
     add_weights_arg(s)
     add_drafter_arg(s)
     add_decoding_args(s)
+    s.add_argument("--num-tokens", type=COUNT, default=None, metavar="K",
+                   help="sample only the first K tokens of each image with every model whose tokenizer decodes "
+                        "prefixes (flextok-c2i); other models sample whole sequences (default: every token)")
     s.add_argument("--forward-cost", default="1,2,4,8,16", metavar="T,T,...",
                    help="also time a T-token forward against a 1-token one at each batch size "
                         "(the cost of verifying a window; empty to skip)")
@@ -304,10 +307,12 @@ def run_samplers(args) -> int:
     decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed,
-                                                           "decoding": decoding, "decoder_dtype": args.decoder_dtype})
+                                                           "decoding": decoding, "decoder_dtype": args.decoder_dtype,
+                                                           "num_tokens": args.num_tokens})
     records = bench_samplers(pipe if len(names) == 1 else pipes, specs, batch_sizes, args.num_images, params,
                              args.rounds, args.seed, quality=quality, quality_images=args.fid,
-                             log=lambda m: print(m, flush=True), decode=args.decode, model_params=model_params)
+                             log=lambda m: print(m, flush=True), decode=args.decode, model_params=model_params,
+                             num_tokens=args.num_tokens)
     if args.quality_from:
         copy_quality(records, earlier_quality)
     table = markdown_table(records)
@@ -335,7 +340,7 @@ def run_samplers(args) -> int:
     meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
-    meta["decoding"], meta["decoder_dtype"] = decoding, args.decoder_dtype
+    meta["decoding"], meta["decoder_dtype"], meta["num_tokens"] = decoding, args.decoder_dtype, args.num_tokens
     if args.json:
         write_json(records, args.json, meta)
     if args.md:

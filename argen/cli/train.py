@@ -81,10 +81,14 @@ _TITOK_ONLY = {
 _FLEXTOK_ONLY = {
     "--fsq-levels": dict(type=_int_tuple, help="FSQ levels per dimension, each >= 3 (default 8,5,5,5: 1000 codes)"),
     "--flow-steps": dict(type=COUNT, help="decoding default: Euler steps of the flow decoder (default 8)"),
+    "--decoder-guidance": dict(type=number(0, 100), help="decoding default: register guidance scale of the flow decoder "
+                                                     "(default 1: off; the run's own evaluation uses it)"),
     "--cfg-dropout": dict(type=number(0, 1, hi_open=True), help="fraction of training images decoded with every "
                                                                   "register masked, for guidance (default 0.1)"),
-    "--nested-dropout": dict(choices=["pow2", "uniform"], help="how many registers to keep: a power of two "
-                                                                "(default) or uniform in 1..K"),
+    "--nested-dropout": dict(choices=["pow2", "pow2-long", "uniform"],
+                             help="how many registers to keep: a power of two, uniformly (pow2, the default) or "
+                                  "weighted to long prefixes (pow2-long: P(2^i) proportional to i + 1), or uniform "
+                                  "in 1..K"),
     "--fsq-saturation-weight": dict(type=number(0), help="weight of mean(relu(|z| - 2)^2) on the latents before "
                                                           "FSQ's tanh, keeping them where the codes can still move "
                                                           "(default 0)"),
@@ -143,8 +147,8 @@ def register(sub):
     tok.add_argument("--gan-start", type=number(0, integer=True), default=None,
                      help="step at which the discriminator and the adversarial term start (default 0)")
     tok.add_argument("--train-decoder-only", action="store_true",
-                     help="vq/titok: freeze encoder and codebook (the codes stay the same; restarts off), train the "
-                          "decoder: fine-tuning an --init-from tokenizer, as TiTok's stage 2")
+                     help="freeze encoder and codebook (the codes stay the same; restarts off), train the decoder: "
+                          "fine-tuning an --init-from tokenizer, as TiTok's stage 2")
     tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
     tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
     tok.add_argument("--test-limit", type=number(2, integer=True), default=None, help="evaluate on the first N test images only")

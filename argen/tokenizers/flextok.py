@@ -50,7 +50,10 @@ from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
 
-NESTED_DROPOUT_MODES = ("pow2", "uniform")
+# pow2: k uniform over the powers of two; pow2-long: the same values, P(k = 2^i) proportional to i + 1,
+# so long prefixes (whose decodes gain least per step of uniform training) get more of the updates;
+# uniform: k uniform over 1..K.
+NESTED_DROPOUT_MODES = ("pow2", "pow2-long", "uniform")
 
 
 def powers_of_two(limit: int) -> list:
@@ -110,6 +113,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
 
     config_name = "config.json"
     accepts_prefixes = True
+    # Everything that turns codes into pixels (decoder-only fine-tuning trains these, nothing else).
+    decoder_param_prefixes = ("dec_", "mask_token", "time_embed.", "decoder.")
 
     @register_to_config
     def __init__(self, image_size: int = 32, in_channels: int = 1, patch_size: int = 4, num_registers: int = 32,
@@ -311,12 +316,16 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
     # ---- training ------------------------------------------------------------------------------
 
     def sample_keep(self, batch: int, device=None) -> torch.Tensor:
-        """How many registers each training image keeps: pow2 / uniform over 1..K, and 0 (the null
+        """How many registers each training image keeps (`NESTED_DROPOUT_MODES`), and 0 (the null
         condition) with probability cfg_dropout. Uses the global RNG (the trainer checkpoints it)."""
         k = self.config.num_registers
-        if self.config.nested_dropout == "pow2":
+        if self.config.nested_dropout in ("pow2", "pow2-long"):
             choices = torch.tensor(powers_of_two(k))
-            keep = choices[torch.randint(0, len(choices), (batch,))]
+            if self.config.nested_dropout == "pow2":
+                keep = choices[torch.randint(0, len(choices), (batch,))]
+            else:
+                weights = torch.arange(1, len(choices) + 1, dtype=torch.float)
+                keep = choices[torch.multinomial(weights, batch, replacement=True)]
         else:
             keep = torch.randint(1, k + 1, (batch,))
         if self.config.cfg_dropout > 0:

@@ -361,6 +361,8 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromCon
     """
 
     config_name = "config.json"
+    # Everything after the codebook lookup (decoder-only fine-tuning trains these, nothing else).
+    decoder_param_prefixes = ("decoder.",)
 
     @register_to_config
     def __init__(self, image_size: int = 256, in_channels: int = 3, num_latent_tokens: int = 32,

@@ -208,6 +208,8 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig
     h x w grid, h = w = image_size / 2**(len(ch_mult) - 1)."""
 
     config_name = "config.json"
+    # Everything after the codebook lookup (decoder-only fine-tuning trains these, nothing else).
+    decoder_param_prefixes = ("decoder.", "post_quant_conv.")
 
     @register_to_config
     def __init__(self, codebook_size: int = 16384, codebook_embed_dim: int = 8, codebook_l2_norm: bool = True,

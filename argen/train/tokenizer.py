@@ -64,7 +64,8 @@ DEFAULT_TITOK = dict(num_latent_tokens=16, patch_size=4, width=96, enc_layers=3,
 
 # FlexTok defaults (argen train tokenizer --arch flextok); sized for a ~45 min run on one CPU thread.
 DEFAULT_FLEXTOK = dict(num_latent_tokens=32, patch_size=4, width=128, enc_layers=4, dec_layers=4, heads=4,
-                       fsq_levels=(8, 5, 5, 5), flow_steps=8, cfg_dropout=0.1, nested_dropout="pow2", time_mean=0.0)
+                       fsq_levels=(8, 5, 5, 5), flow_steps=8, decoder_guidance=1.0, cfg_dropout=0.1,
+                       nested_dropout="pow2", time_mean=0.0)
 
 IMAGE_SIZE = 32  # 28x28 Fashion-MNIST padded with background (-1) to 32x32 -> 8x8 codes with ch_mult (1,2,2)
 
@@ -240,8 +241,8 @@ def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_lay
 
 
 def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
-                   heads: int, fsq_levels: Sequence[int], flow_steps: int, cfg_dropout: float,
-                   nested_dropout: str, time_mean: float) -> dict:
+                   heads: int, fsq_levels: Sequence[int], flow_steps: int, decoder_guidance: float,
+                   cfg_dropout: float, nested_dropout: str, time_mean: float) -> dict:
     """`FlexTokTokenizer` arguments for Fashion-MNIST (1 channel, 32x32 frames, same width both sides)."""
     if IMAGE_SIZE % patch_size:
         raise ArgenError(f"--patch-size {patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} training images")
@@ -253,7 +254,8 @@ def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_l
     return dict(image_size=IMAGE_SIZE, in_channels=1, patch_size=patch_size, num_registers=num_latent_tokens,
                 fsq_levels=tuple(int(v) for v in fsq_levels), enc_width=width, enc_layers=enc_layers,
                 enc_heads=heads, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
-                nested_dropout=nested_dropout, cfg_dropout=cfg_dropout, flow_steps=flow_steps, guidance_scale=1.0,
+                nested_dropout=nested_dropout, cfg_dropout=cfg_dropout, flow_steps=flow_steps,
+                guidance_scale=float(decoder_guidance),
                 time_mean=float(time_mean))
 
 
@@ -290,14 +292,12 @@ def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
 INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "time_mean", "cfg_dropout", "nested_dropout")
 
 
-# Parameters on the decoding side of a VQ / TiTok (everything after the codebook lookup).
-DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
-
-
 def freeze_all_but_decoder(model) -> int:
-    """`decoder_only`: freeze the encoder, latent tokens and codebook; returns the trainable count."""
+    """`decoder_only`: freeze everything but the parameters on the decoding side of the codes (the
+    class's `decoder_param_prefixes`): encoder, latent tokens and codebook stay; returns the
+    trainable count."""
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(DECODER_PREFIXES))
+        param.requires_grad_(name.startswith(model.decoder_param_prefixes))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -346,7 +346,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     num_latent_tokens: Optional[int] = None, patch_size: Optional[int] = None,
                     width: Optional[int] = None, enc_layers: Optional[int] = None, dec_layers: Optional[int] = None,
                     heads: Optional[int] = None, fsq_levels: Optional[Sequence[int]] = None,
-                    flow_steps: Optional[int] = None, cfg_dropout: Optional[float] = None,
+                    flow_steps: Optional[int] = None, decoder_guidance: Optional[float] = None,
+                    cfg_dropout: Optional[float] = None,
                     nested_dropout: Optional[str] = None, time_mean: Optional[float] = None,
                     rfid: bool = False, init_from: Optional[str] = None,
                     fsq_saturation_weight: Optional[float] = None, gan_weight: float = 0.0,
@@ -356,7 +357,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     `arch`: "vq" (LlamaGen VQ: `ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `norm_groups`) or
     "titok" (TiTok, RGB head, single stage: `num_latent_tokens` K, `patch_size`, `width`,
     `enc_layers`, `dec_layers`, `heads`; defaults `DEFAULT_TITOK`) or "flextok" (the same six, K being
-    the register count, plus `fsq_levels`, `flow_steps` (decoding default), `cfg_dropout`,
+    the register count, plus `fsq_levels`, `flow_steps` and `decoder_guidance` (decoding defaults), `cfg_dropout`,
     `nested_dropout`, and the training-only `fsq_saturation_weight` (`fsq_saturation`); defaults
     `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
     (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
@@ -377,18 +378,18 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     check_run_dir(out, resume)
     if arch not in ("vq", "titok", "flextok"):
         raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq, titok or flextok")
-    if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, cfg_dropout, nested_dropout,
-                                                         time_mean, fsq_saturation_weight)):
-        raise ArgenError("fsq_levels, flow_steps, cfg_dropout, nested_dropout, time_mean and fsq_saturation_weight "
-                         "apply to arch flextok only")
+    if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, decoder_guidance, cfg_dropout,
+                                                         nested_dropout, time_mean, fsq_saturation_weight)):
+        raise ArgenError("fsq_levels, flow_steps, decoder_guidance, cfg_dropout, nested_dropout, time_mean and "
+                         "fsq_saturation_weight apply to arch flextok only")
     if fsq_saturation_weight is not None and not fsq_saturation_weight >= 0:
         raise ArgenError(f"fsq_saturation_weight must be >= 0, got {fsq_saturation_weight}")
     saturation_weight = float(fsq_saturation_weight or 0.0)
     if not gan_weight >= 0:
         raise ArgenError(f"gan_weight must be >= 0, got {gan_weight}")
-    if arch == "flextok" and (gan_weight or decoder_only):
-        raise ArgenError("the GAN loss and decoder-only training apply to arch vq and titok (decoders that output "
-                         "pixels in one pass), not flextok")
+    if arch == "flextok" and gan_weight:
+        raise ArgenError("the GAN loss applies to arch vq and titok (decoders that output pixels in one pass), "
+                         "not flextok")
     if gan_start is not None and not gan_weight:
         raise ArgenError("gan_start needs gan_weight > 0 (--gan-weight)")
     gan_start = int(gan_start or 0)
@@ -413,7 +414,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         vq_kwargs = titok_kwargs(**sizes, codebook_size=codebook_size, codebook_dim=codebook_dim)
         model_cls, config_key, kind = TiTokTokenizer, "titok_config", "titok-tokenizer"
     else:
-        given = dict(fsq_levels=fsq_levels, flow_steps=flow_steps, cfg_dropout=cfg_dropout,
+        given = dict(fsq_levels=fsq_levels, flow_steps=flow_steps, decoder_guidance=decoder_guidance,
+                     cfg_dropout=cfg_dropout,
                      nested_dropout=nested_dropout, time_mean=time_mean)
         vq_kwargs = flextok_kwargs(**sizes, **{k: DEFAULT_FLEXTOK[k] if v is None else v for k, v in given.items()})
         model_cls, config_key, kind = FlexTokTokenizer, "flextok_config", "flextok-tokenizer"
@@ -745,8 +747,8 @@ with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/f
 {_saturation_line(run_info)}- Nested dropout ({fc['nested_dropout']}): keep the first k registers, the rest become a learned mask token; with
   probability {fc['cfg_dropout']} none is kept (the null condition for register guidance).
 - Decoding defaults stored with the model: {fc['flow_steps']} Euler steps (diffusers `FlowMatchEulerDiscreteScheduler`,
-  uniform sigmas), guidance scale {fc['guidance_scale']} (off); image i's noise from seed i only.
-- Weights: EMA (decay {cfg.ema_decay}), stored as {metrics['export_dtype']}; {metrics['parameters'] / 1e6:.2f}M parameters.
+  uniform sigmas), guidance scale {fc['guidance_scale']}{' (off)' if fc['guidance_scale'] <= 1 else ' on the registers'}; image i's noise from seed i only.
+{_gan_lines(run_info)}- Weights: EMA (decay {cfg.ema_decay}), stored as {metrics['export_dtype']}; {metrics['parameters'] / 1e6:.2f}M parameters.
 
 ## Training
 - Command: `{run_info.get('command') or 'see train_config in metrics.json'}`
