@@ -273,12 +273,16 @@ def test_ar_prefix_costs_fewer_forwards(tok):
     assert out.tokens.shape == (2, 2) and len(out.images) == 2 and out.images[0].size == (12, 12)
 
 
-def test_num_tokens_is_refused_without_a_prefix_tokenizer(tok):
+def tiny_titok():
+    """A 1D tokenizer of K codes that decodes whole sequences only (no prefixes)."""
     from argen.tokenizers import TiTokTokenizer
 
-    titok = TiTokTokenizer(image_size=16, in_channels=1, num_latent_tokens=K, codebook_size=1000, token_size=4,
-                           enc_patch_size=8, enc_width=16, enc_layers=1, enc_heads=2, dec_patch_size=8,
-                           dec_width=16, dec_layers=1, dec_heads=2, is_legacy=False).eval()
+    return TiTokTokenizer(image_size=16, in_channels=1, num_latent_tokens=K, codebook_size=1000, token_size=4,
+                          enc_patch_size=8, enc_width=16, enc_layers=1, enc_heads=2, dec_patch_size=8,
+                          dec_width=16, dec_layers=1, dec_heads=2, is_legacy=False).eval()
+
+def test_num_tokens_is_refused_without_a_prefix_tokenizer(tok):
+    titok = tiny_titok()
     pipe = _pipeline(titok)
     with pytest.raises(ArgenError, match="TiTokTokenizer.*not prefixes"):
         pipe(class_labels=[1], num_tokens=3, progress=False)
@@ -291,11 +295,7 @@ def test_bench_samplers_times_a_prefix_next_to_a_whole_sequence_model(tok, tmp_p
     """`argen bench samplers --num-tokens k`: a prefix model samples k tokens per image (k forwards
     under AR), a whole-sequence model in the same run all of its own; both say so in the table."""
     from argen.bench.samplers import bench_samplers, markdown_table, parse_spec
-    from argen.tokenizers import TiTokTokenizer
-
-    titok = TiTokTokenizer(image_size=16, in_channels=1, num_latent_tokens=K, codebook_size=1000, token_size=4,
-                           enc_patch_size=8, enc_width=16, enc_layers=1, enc_heads=2, dec_patch_size=8,
-                           dec_width=16, dec_layers=1, dec_heads=2, is_legacy=False).eval()
+    titok = tiny_titok()
     pipes = {"whole": _pipeline(titok), "flex": _pipeline(tok)}
     records = bench_samplers(pipes, [parse_spec("ar"), parse_spec("mcsjd:L=2")], [2], 2,
                              SamplingParams(cfg_scale=2.0), rounds=1, log=lambda m: None, num_tokens=2)

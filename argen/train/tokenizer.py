@@ -759,7 +759,7 @@ with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/f
   {run_info.get('threads', '?')} torch thread(s)), plus {metrics['eval_wall_s'] / 60:.1f} min of evaluation and export.
 - Final training losses (mean of the last log interval): """ + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"""
 
-## Quality at k = {k} (Fashion-MNIST test split, first {test['test_images']} images, exported weights, {fc['flow_steps']} flow steps)
+## Quality at k = {k} (Fashion-MNIST test split, first {test['test_images']} images, exported weights, {fc['flow_steps']} flow steps{f", register guidance {fc['guidance_scale']:g}" if fc['guidance_scale'] > 1 else ""})
 - PSNR {test['psnr_db']:.2f} dB on the 28x28 garment area ({test['psnr_32x32_db']:.2f} dB on the padded 32x32 frame).
 - Code usage {100 * test['codebook_usage']:.1f}% ({test['codes_used']} of {test['codebook_size']} codes), code perplexity {test['code_perplexity']:.0f}.
 {rfid}- `reconstructions.png`: rows 1/3 test originals, rows 2/4 their reconstructions (k = {k});
