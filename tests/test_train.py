@@ -510,3 +510,10 @@ def test_cli_eval_tokenizer_takes_flow_decoding_settings(tmp_path, capsys):
     direct = evaluate_tokenizer(tok.set_decoding(steps=2, guidance_scale=2.5), images[:6])
     default = evaluate_tokenizer(tok.set_decoding(steps=8, guidance_scale=1.0), images[:6])
     assert m["psnr_db"] == pytest.approx(direct["psnr_db"], abs=1e-9) and m["psnr_db"] != default["psnr_db"]
+    # --seed s: image i decodes from seed s + i (the decoder's noise alone moves the figures)
+    assert main(["eval", "tokenizer", "--tokenizer", str(out / "model"), "--num-images", "6", "--threads", "1",
+                 "--flow-steps", "2", "--decoder-guidance", "2.5", "--seed", "3", "--json", str(tmp_path / "s.json")]) == 0
+    shifted = json.loads((tmp_path / "s.json").read_text())
+    assert shifted["seed"] == 3 and shifted["psnr_db"] != m["psnr_db"]
+    tok.set_decoding(steps=2, guidance_scale=2.5)
+    assert shifted["psnr_db"] == pytest.approx(evaluate_tokenizer(tok, images[:6], seed=3)["psnr_db"], abs=1e-9)

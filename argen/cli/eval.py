@@ -134,6 +134,9 @@ def register(sub):
     t.add_argument("--num-tokens", type=number(1, integer=True), default=None, metavar="K",
                    help="decode only the first K codes (tokenizers that decode prefixes, such as FlexTok)")
     add_decoding_args(t, dtype=False)
+    t.add_argument("--seed", type=SEED, default=0,
+                   help="test image i decodes from seed SEED + i (random decoders, FlexTok's; another seed shows "
+                        "how much rFID moves with the decoder's noise alone; default 0)")
     t.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--json", default=None, metavar="PATH", help="also write the metrics here")
     t.set_defaults(func=run_tokenizer)
@@ -417,6 +420,8 @@ def run_tokenizer(args) -> int:
     """Same evaluation as the end of `argen train tokenizer --rfid` (`evaluate_tokenizer`)."""
     if args.json:
         check_output_file(args.json, (".json",), "--json")
+    if args.seed + args.num_images - 1 > MAX_SEED:
+        raise ArgenError(f"--seed {args.seed} is too large: image seeds would pass {MAX_SEED}")
     from ..hub import resolve_model_dir
 
     folder = resolve_model_dir(args.tokenizer)
@@ -437,10 +442,11 @@ def run_tokenizer(args) -> int:
     images, labels = load_fashion_mnist("test")
     t0 = time.time()
     m = evaluate_tokenizer(tok, images[:args.num_images], labels=labels[:args.num_images], rfid=True,
-                           num_tokens=args.num_tokens)
+                           num_tokens=args.num_tokens, seed=args.seed)
     m["tokenizer"] = str(args.tokenizer)
     m["tokens_per_image"] = args.num_tokens or tok.num_tokens
     m.update(decoding)
+    m["seed"] = args.seed
     m["seconds"] = round(time.time() - t0, 1)
     print(f"{args.tokenizer}: {m['tokens_per_image']} tokens/image, test PSNR {m['psnr_db']:.2f} dB (28x28), "
           f"codebook usage {100 * m['codebook_usage']:.1f}% ({m['codes_used']}/{m['codebook_size']}), "

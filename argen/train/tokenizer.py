@@ -101,14 +101,15 @@ def psnr_per_image(recon: torch.Tensor, target: torch.Tensor, crop: Optional[int
 
 @torch.no_grad()
 def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, labels: Optional[torch.Tensor] = None,
-                       rfid: bool = False, num_tokens: Optional[int] = None) -> dict:
+                       rfid: bool = False, num_tokens: Optional[int] = None, seed: int = 0) -> dict:
     """Test-split metrics of any `ImageTokenizer` on 32x32 padded images: PSNR on the 28x28 garment
     area and on the padded 32x32 frame, codebook usage (fraction of entries used at least once) and
     code perplexity. With `rfid`: the reconstruction FID, i.e. the FID (Fashion-MNIST-classifier
     features, as `argen eval fid`) of the reconstructed 28x28 garment areas against the statistics
     of the real test split, and (with `labels`) the classifier's accuracy on the reconstructions.
     `num_tokens` k: decode only the first k codes of each image (tokenizers with `accepts_prefixes`);
-    usage then counts those. Test image i decodes with seed i (random decoders such as FlexTok's)."""
+    usage then counts those. Test image i decodes with seed `seed` + i (random decoders such as
+    FlexTok's: another `seed` measures how much the figures move with the decoder's noise alone)."""
     vq.eval()
     if num_tokens is not None and num_tokens != vq.num_tokens:
         if not getattr(vq, "accepts_prefixes", False):
@@ -124,7 +125,7 @@ def evaluate_tokenizer(vq, images_uint8: torch.Tensor, batch_size: int = 500, la
         codes = vq.encode(x)
         if num_tokens is not None:
             codes = codes.flatten(1)[:, :num_tokens]
-        recon = vq.decode(codes, seeds=list(range(start, start + len(x)))).float()
+        recon = vq.decode(codes, seeds=list(range(seed + start, seed + start + len(x)))).float()
         psnr28.append(psnr_per_image(recon, x, crop=28))
         psnr32.append(psnr_per_image(recon, x))
         counts += torch.bincount(codes.flatten(), minlength=vq.vocab_size).double()
