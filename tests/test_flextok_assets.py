@@ -59,6 +59,20 @@ def test_flextok_c2i_is_a_1d_generator_on_the_shipped_tokenizer(pipe):
 
 
 @needs_c2i
+def test_flextok_c2i_reads_the_codes_the_shipped_tokenizer_gives(pipe):
+    """The generator was trained on default-flextok's codes: its teacher-forced loss on the codes the
+    shipped tokenizer gives the test images is the one its training recorded (a tokenizer whose
+    encoder had moved, e.g. a decoder fine-tune that was not decoder-only, would break this)."""
+    from argen.train.gpt import _test_loss, encode_images
+
+    images, labels = load_fashion_mnist("test")
+    codes = encode_images(pipe.tokenizer, images[:300]).long()
+    loss = _test_loss(pipe.generator.float(), codes, labels[:300], None)
+    recorded = json.loads((resolve_model_dir("flextok-c2i") / "metrics.json").read_text())["test_loss_fp16_export"]
+    assert abs(loss - recorded) < 0.1, (loss, recorded)  # 300 of the 2,000 images it was measured on
+
+
+@needs_c2i
 @pytest.mark.parametrize("sampler", ["ar", "sjd", "mcsjd", "gsd:G=3", "auto", "pac"])
 @pytest.mark.parametrize("k", [1, 4, 32])
 def test_every_sampler_generates_any_prefix(pipe, sampler, k):
