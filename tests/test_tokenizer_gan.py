@@ -167,7 +167,7 @@ def _one_line_error(capsys, argv) -> str:
 def test_cli_gan_options_are_checked(tmp_path, capsys):
     base = ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps", "2"]
     assert "not flextok" in _one_line_error(capsys, base + ["--arch", "flextok", "--gan-weight", "1"])
-    assert "not flextok" in _one_line_error(capsys, base + ["--arch", "flextok", "--train-decoder-only"])
+    assert "--init-from" in _one_line_error(capsys, base + ["--arch", "flextok", "--train-decoder-only"])
     assert "--gan-weight" in _one_line_error(capsys, base + ["--gan-start", "1"])
     assert "never train" in _one_line_error(capsys, base + ["--gan-weight", "1", "--gan-start", "2"])
     assert "--gan-weight" in _one_line_error(capsys, base + ["--gan-weight", "-1"])

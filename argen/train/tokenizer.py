@@ -388,6 +388,9 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     saturation_weight = float(fsq_saturation_weight or 0.0)
     if not gan_weight >= 0:
         raise ArgenError(f"gan_weight must be >= 0, got {gan_weight}")
+    if decoder_only and init_from is None:
+        raise ArgenError("decoder-only training needs a starting tokenizer (--init-from): its encoder and codes "
+                         "are what the run keeps")
     if arch == "flextok" and gan_weight:
         raise ArgenError("the GAN loss applies to arch vq and titok (decoders that output pixels in one pass), "
                          "not flextok")
