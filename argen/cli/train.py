@@ -148,7 +148,7 @@ def register(sub):
                      help="step at which the discriminator and the adversarial term start (default 0)")
     tok.add_argument("--train-decoder-only", action="store_true",
                      help="freeze encoder and codebook (the codes stay the same; restarts off), train the decoder: "
-                          "fine-tuning an --init-from tokenizer, as TiTok's stage 2")
+                          "fine-tuning an --init-from tokenizer (required), as TiTok's stage 2")
     tok.add_argument("--restart-every", type=number(0, integer=True), default=100, help="dead-code restart interval (0: off)")
     tok.add_argument("--restart-until", type=number(0, 1), default=0.8, help="no restarts after this fraction of the run")
     tok.add_argument("--test-limit", type=number(2, integer=True), default=None, help="evaluate on the first N test images only")
