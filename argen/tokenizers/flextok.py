@@ -319,13 +319,11 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         """How many registers each training image keeps (`NESTED_DROPOUT_MODES`), and 0 (the null
         condition) with probability cfg_dropout. Uses the global RNG (the trainer checkpoints it)."""
         k = self.config.num_registers
-        if self.config.nested_dropout in ("pow2", "pow2-long"):
-            choices = torch.tensor(powers_of_two(k))
-            if self.config.nested_dropout == "pow2":
-                keep = choices[torch.randint(0, len(choices), (batch,))]
-            else:
-                weights = torch.arange(1, len(choices) + 1, dtype=torch.float)
-                keep = choices[torch.multinomial(weights, batch, replacement=True)]
+        mode, choices = self.config.nested_dropout, torch.tensor(powers_of_two(k))
+        if mode == "pow2":
+            keep = choices[torch.randint(0, len(choices), (batch,))]
+        elif mode == "pow2-long":
+            keep = choices[torch.multinomial(torch.arange(1.0, len(choices) + 1), batch, replacement=True)]
         else:
             keep = torch.randint(1, k + 1, (batch,))
         if self.config.cfg_dropout > 0:

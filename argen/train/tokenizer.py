@@ -605,7 +605,8 @@ def _gan_lines(run_info: dict) -> str:
                  "(ratio of the reconstruction and adversarial gradient norms at the decoder's last layer) x "
                  "(-mean discriminator logit of its reconstructions). `argen/train/gan.py`.\n")
     if run_info.get("decoder_only"):
-        text += (f"- Decoder only (`--train-decoder-only`): encoder, latent tokens and codebook frozen "
+        text += (f"- Decoder only (`--train-decoder-only`): everything before the codes (encoder, latent tokens or "
+                 "registers, codebook or FSQ projection) frozen "
                  f"({run_info['decoder_only']['trainable_parameters']:,} parameters trained), so every image keeps "
                  "the codes of the starting weights.\n")
     return text
