@@ -63,3 +63,11 @@ def test_cli_weight_formats_mirror_the_model_ones():
 
     assert WEIGHT_FORMATS == MODEL_FORMATS and WEIGHT_CHOICES == MODEL_CHOICES
     assert AUTO_PACK_MB * 2**20 == AUTO_PACK_BYTES
+
+
+def test_cli_choice_mirrors_match_the_library():
+    from argen.cli.checked import CFG_SCHEDULES, NESTED_DROPOUT_MODES
+    from argen.samplers.logits import CFG_SCHEDULES as LIBRARY_SCHEDULES
+    from argen.tokenizers.flextok import NESTED_DROPOUT_MODES as LIBRARY_MODES
+
+    assert CFG_SCHEDULES == tuple(LIBRARY_SCHEDULES) and NESTED_DROPOUT_MODES == LIBRARY_MODES

@@ -141,6 +141,11 @@ def test_training_keeps_powers_of_two_and_the_null_condition():
     shares = torch.tensor([(long == c).float().mean().item() for c in choices])
     expected = torch.arange(1, len(choices) + 1) / sum(range(1, len(choices) + 1))
     assert set(long.tolist()) == set(choices) and torch.allclose(shares, expected, atol=0.02), shares
+    # uniform-long: every k in 1..K, P(k) proportional to k
+    linear = tiny_flextok(nested_dropout="uniform-long", cfg_dropout=0.0).sample_keep(8000)
+    shares = torch.tensor([(linear == k).float().mean().item() for k in range(1, K + 1)])
+    expected = torch.arange(1, K + 1) / sum(range(1, K + 1))
+    assert set(linear.tolist()) == set(range(1, K + 1)) and torch.allclose(shares, expected, atol=0.02), shares
 
 
 def test_training_forward_has_no_gradient_through_dropped_registers():

@@ -7,7 +7,7 @@ import sys
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
+from .checked import CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
 
 COUNT = number(1, integer=True)
 
@@ -55,7 +55,7 @@ def register(sub):
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
     s.add_argument("--cfg-scale", type=number(0), default=None, help="guidance (default: the model's)")
-    s.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+    s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant",
                    help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     s.add_argument("--temperature", type=number(0), default=1.0)
     s.add_argument("--top-k", type=number(0, integer=True), default=0)

@@ -36,6 +36,9 @@ THREADS = number(0, 4096, integer=True)  # 0 = torch's default
 WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
 AUTO_PACK_MB = 32  # argen.models.quant.AUTO_PACK_BYTES in MiB
+# Mirrors, for the same reason: argen.samplers.logits.CFG_SCHEDULES, argen.tokenizers.flextok.NESTED_DROPOUT_MODES.
+CFG_SCHEDULES = ("constant", "linear", "cosine")
+NESTED_DROPOUT_MODES = ("pow2", "pow2-long", "uniform", "uniform-long")
 
 
 def add_weights_arg(p, default: str = "fp32") -> None:

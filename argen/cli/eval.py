@@ -26,7 +26,7 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_output_file, sign_json
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
+from .checked import CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
 
 COUNT = number(1, integer=True)
 
@@ -60,7 +60,7 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--batch-size", type=COUNT, default=16, help="images per sampler call and process (default 16)")
     p.add_argument("--cfg-scale", type=number(0), default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--cfg-interval", type=number(-1, integer=True), default=-1)
-    p.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant",
                    help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     p.add_argument("--temperature", type=number(0), default=1.0)
     p.add_argument("--top-k", type=number(0, integer=True), default=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import SEED, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
+from .checked import CFG_SCHEDULES, SEED, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
 
@@ -41,7 +41,7 @@ def register(sub):
     p.add_argument("--cfg-interval", type=number(-1, None, integer=True), default=-1, metavar="N",
                    help="guide only image tokens 0..N+1, then sample unguided (LlamaGen semantics); "
                         "-1 (default) guides every token, 0 only the first two")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear", "cosine"], default="constant",
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant",
                    help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
     p.add_argument("--temperature", type=number(0, None), default=1.0,
                    help="softmax temperature >= 0 (default 1.0; 0 picks the most likely token)")

@@ -10,7 +10,7 @@ import shlex
 import sys
 
 from ..errors import ArgenError
-from .checked import SEED, number
+from .checked import NESTED_DROPOUT_MODES, SEED, number
 
 COUNT = number(1, integer=True)  # steps, batch sizes, intervals
 
@@ -85,10 +85,10 @@ _FLEXTOK_ONLY = {
                                                      "(default 1: off; the run's own evaluation uses it)"),
     "--cfg-dropout": dict(type=number(0, 1, hi_open=True), help="fraction of training images decoded with every "
                                                                   "register masked, for guidance (default 0.1)"),
-    "--nested-dropout": dict(choices=["pow2", "pow2-long", "uniform"],
+    "--nested-dropout": dict(choices=NESTED_DROPOUT_MODES,
                              help="how many registers to keep: a power of two, uniformly (pow2, the default) or "
-                                  "weighted to long prefixes (pow2-long: P(2^i) proportional to i + 1), or uniform "
-                                  "in 1..K"),
+                                  "weighted to long prefixes (pow2-long: P(2^i) proportional to i + 1), or any k "
+                                  "in 1..K, uniformly (uniform) or with P(k) proportional to k (uniform-long)"),
     "--fsq-saturation-weight": dict(type=number(0), help="weight of mean(relu(|z| - 2)^2) on the latents before "
                                                           "FSQ's tanh, keeping them where the codes can still move "
                                                           "(default 0)"),

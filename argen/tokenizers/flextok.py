@@ -52,8 +52,9 @@ from .base import ImageShapeFromConfig, ImageTokenizer
 
 # pow2: k uniform over the powers of two; pow2-long: the same values, P(k = 2^i) proportional to i + 1,
 # so long prefixes (whose decodes gain least per step of uniform training) get more of the updates;
-# uniform: k uniform over 1..K.
-NESTED_DROPOUT_MODES = ("pow2", "pow2-long", "uniform")
+# uniform: k uniform over 1..K; uniform-long: P(k) proportional to k over 1..K, many distinct long prefixes
+# (k > K/2 on ~3/4 of the images), which is what fine-tunes the decoder's tail.
+NESTED_DROPOUT_MODES = ("pow2", "pow2-long", "uniform", "uniform-long")
 
 
 def powers_of_two(limit: int) -> list:
@@ -324,6 +325,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             keep = choices[torch.randint(0, len(choices), (batch,))]
         elif mode == "pow2-long":
             keep = choices[torch.multinomial(torch.arange(1.0, len(choices) + 1), batch, replacement=True)]
+        elif mode == "uniform-long":
+            keep = 1 + torch.multinomial(torch.arange(1.0, k + 1), batch, replacement=True)
         else:
             keep = torch.randint(1, k + 1, (batch,))
         if self.config.cfg_dropout > 0:
