@@ -171,6 +171,12 @@ def _state(device):
     if world > 1 and state.num_processes != world:
         raise ArgenError(f"launched as {world} processes but accelerate set up {state.num_processes}; "
                          "every process would do all the work")
+    if world > 1:
+        # A gloo group left for the interpreter's teardown can abort the process after its work is
+        # done ("terminate called without an active exception", exit -6, seen in CI): close it first.
+        import atexit
+
+        atexit.register(state.destroy_process_group)
     return state
 
 
