@@ -7,7 +7,8 @@ import sys
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
+from .checked import (CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args,
+                      number)
 
 COUNT = number(1, integer=True)
 

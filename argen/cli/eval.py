@@ -26,7 +26,8 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_output_file, sign_json
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
+from .checked import (CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args,
+                      number)
 
 COUNT = number(1, integer=True)
 
@@ -171,12 +172,6 @@ def _state(device):
     if world > 1 and state.num_processes != world:
         raise ArgenError(f"launched as {world} processes but accelerate set up {state.num_processes}; "
                          "every process would do all the work")
-    if world > 1:
-        # A gloo group left for the interpreter's teardown can abort the process after its work is
-        # done ("terminate called without an active exception", exit -6, seen in CI): close it first.
-        import atexit
-
-        atexit.register(state.destroy_process_group)
     return state
 
 

@@ -52,6 +52,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("argen: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Close a multi-process run's process group (accelerate / torchrun launches) before the interpreter
+    exits: a gloo group left to the interpreter's teardown can abort a process after its work is done
+    ("terminate called without an active exception", exit -6, seen once in CI)."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -320,11 +320,12 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         """How many registers each training image keeps (`NESTED_DROPOUT_MODES`), and 0 (the null
         condition) with probability cfg_dropout. Uses the global RNG (the trainer checkpoints it)."""
         k = self.config.num_registers
-        mode, choices = self.config.nested_dropout, torch.tensor(powers_of_two(k))
-        if mode == "pow2":
-            keep = choices[torch.randint(0, len(choices), (batch,))]
-        elif mode == "pow2-long":
-            keep = choices[torch.multinomial(torch.arange(1.0, len(choices) + 1), batch, replacement=True)]
+        mode = self.config.nested_dropout
+        if mode in ("pow2", "pow2-long"):
+            choices = torch.tensor(powers_of_two(k))
+            pick = (torch.randint(0, len(choices), (batch,)) if mode == "pow2"
+                    else torch.multinomial(torch.arange(1.0, len(choices) + 1), batch, replacement=True))
+            keep = choices[pick]
         elif mode == "uniform-long":
             keep = 1 + torch.multinomial(torch.arange(1.0, k + 1), batch, replacement=True)
         else:
