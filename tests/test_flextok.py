@@ -161,7 +161,8 @@ def test_training_forward_has_no_gradient_through_dropped_registers():
     grad = latent.grad.abs().sum(-1)  # [B, K]
     for row, k in enumerate([1, 2, 4, 8]):
         assert (grad[row, :k] > 0).all() and (grad[row, k:] == 0).all()
-    loss, codes, keep, _ = tok(x)
+    loss, codes, keep, _, last_step = tok(x)
+    assert last_step is None
     assert loss.ndim == 0 and torch.isfinite(loss) and codes.shape == (4, K) and keep.shape == (4,)
 
 
@@ -213,6 +214,28 @@ def test_decode_runs_the_scheduler_steps_it_is_given(tok, monkeypatch):
     calls.clear()
     tok.decode(codes, seeds=[0, 1])
     assert calls == [2] * TINY["flow_steps"]  # the stored default
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_last_step_images_are_the_stored_decodings_last_step(tok, guidance):
+    """With one flow step the last step is the whole decoding (from sigma = 1, pure noise, so x0 plays
+    no part): the adversarial loss's images must then be exactly what `decode` returns, guided as stored."""
+    codes = tok.encode(images(3))
+    seeds = [4, 5, 6]
+    tok.set_decoding(steps=1, guidance_scale=guidance)
+    try:
+        noise = tok.initial_noise(seeds, torch.float32, "cpu")
+        slots = tok.register_slots(tok.fsq.indices_to_codes(codes), torch.full((3,), K), 3)
+        landed = tok.last_step_images(torch.randn_like(noise), noise, slots)
+        assert torch.allclose(landed.clamp(-1, 1), tok.decode(codes, seeds=seeds), atol=1e-6)
+    finally:
+        tok.set_decoding(steps=TINY["flow_steps"], guidance_scale=TINY.get("guidance_scale", 1.0))
+    # with more steps it starts from the noised image at sigma = 1 / steps: x0 now matters
+    x0 = tok.patchify(images(3))
+    out = tok(images(3), keep=torch.full((3,), K), last_step=True)
+    assert out.last_step.shape == (3, 1, TINY["image_size"], TINY["image_size"])
+    assert torch.isfinite(out.last_step).all()
+    assert not torch.allclose(tok.last_step_images(x0, noise, slots), tok.last_step_images(-x0, noise, slots))
 
 
 def test_save_load_round_trip(tok, tmp_path):

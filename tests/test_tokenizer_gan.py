@@ -166,9 +166,30 @@ def _one_line_error(capsys, argv) -> str:
 
 def test_cli_gan_options_are_checked(tmp_path, capsys):
     base = ["train", "tokenizer", "--out", str(tmp_path / "o"), "--steps", "2"]
-    assert "not flextok" in _one_line_error(capsys, base + ["--arch", "flextok", "--gan-weight", "1"])
     assert "--init-from" in _one_line_error(capsys, base + ["--arch", "flextok", "--train-decoder-only"])
     assert "--gan-weight" in _one_line_error(capsys, base + ["--gan-start", "1"])
     assert "never train" in _one_line_error(capsys, base + ["--gan-weight", "1", "--gan-start", "2"])
     assert "--gan-weight" in _one_line_error(capsys, base + ["--gan-weight", "-1"])
     assert "--gan-start" in _one_line_error(capsys, base + ["--gan-weight", "1", "--gan-start", "-1"])
+
+
+def test_flextok_gan_judges_the_last_step_and_keeps_the_codes(tmp_path):
+    """FlexTok with `--gan-weight`: the discriminator trains on the stored decoding's last step, the
+    adaptive weight finds the velocity head, decoder-only keeps every code, the card says so."""
+    from argen.tokenizers import FlexTokTokenizer
+
+    flextok = dict(arch="flextok", num_latent_tokens=4, patch_size=8, width=16, enc_layers=1, dec_layers=1, heads=2,
+                   fsq_levels=(5, 5, 3), flow_steps=2, decoder_guidance=2.0)
+    train_tokenizer(tmp_path / "src", steps=2, export_dtype="float32", **RUN, **flextok)
+    train_tokenizer(tmp_path / "ft", steps=4, export_dtype="float32", init_from=str(tmp_path / "src/model"),
+                    decoder_only=True, gan_weight=0.5, gan_start=1, **RUN, **flextok)
+    rows = read_log(tmp_path / "ft/log.csv")
+    assert rows[0]["gan_d"] == 0 and rows[0]["adaptive_weight"] == 0  # before --gan-start
+    assert all(r["gan_d"] > 0 and r["adaptive_weight"] > 0 for r in rows[1:])
+    assert all(r["loss"] != r["flow"] for r in rows[1:])  # the adversarial term is in the loss
+    src = FlexTokTokenizer.from_pretrained(tmp_path / "src/model")
+    ft = FlexTokTokenizer.from_pretrained(tmp_path / "ft/model")
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    assert torch.equal(src.encode(x), ft.encode(x))
+    assert not torch.equal(src.dec_out.weight, ft.dec_out.weight)
+    assert "`--gan-weight 0.5`, from step 1" in (tmp_path / "ft/model/MODEL_CARD.md").read_text()

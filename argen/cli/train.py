@@ -142,8 +142,9 @@ def register(sub):
                      help="start from this tokenizer's weights (shipped name or folder; same architecture)")
     tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
     tok.add_argument("--gan-weight", type=number(0), default=0.0,
-                     help="vq/titok: add a PatchGAN hinge loss (discriminator trained from scratch), its generator "
-                          "term scaled by VQGAN's adaptive weight times this (default 0: off)")
+                     help="add a PatchGAN hinge loss (discriminator trained from scratch) on the reconstructions "
+                          "(flextok: on the stored decoding's last step), its generator term scaled by VQGAN's "
+                          "adaptive weight times this (default 0: off)")
     tok.add_argument("--gan-start", type=number(0, integer=True), default=None,
                      help="step at which the discriminator and the adversarial term start (default 0)")
     tok.add_argument("--train-decoder-only", action="store_true",

@@ -31,7 +31,7 @@ mixed-radix index); the decoder blocks are diffusers' `AdaLayerNormZero`, `Atten
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -101,6 +101,15 @@ class FlowBlock(nn.Module):
         x = x + gate_msa[:, None] * self.attn(h)
         h = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp[:, None] * self.ff(h)
+
+
+class FlexTokTrainingOutput(NamedTuple):
+    """`FlexTokTokenizer.forward`'s result."""
+    loss: torch.Tensor  # the flow-matching loss (mean squared velocity error)
+    codes: torch.Tensor  # [B, K] the images' codes
+    keep: torch.Tensor  # [B] registers kept per image (0: the null condition)
+    latent: torch.Tensor  # [B, K, d] the unquantised registers
+    last_step: Optional[torch.Tensor]  # [B, C, H, W] `last_step_images`, when asked for (else None)
 
 
 @register
@@ -271,6 +280,21 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         x = self.dec_norm_out(x[:, :self.num_patches], temb)
         return self.dec_out(x)
 
+    def null_slots(self, batch: int, device=None) -> torch.Tensor:
+        """Register slots of the null condition (every register masked), [B, K, width]."""
+        return self.register_slots(None, torch.zeros(batch, dtype=torch.long, device=device), batch)
+
+    def guided_velocity(self, noisy_patches: torch.Tensor, sigma: torch.Tensor, slots: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+        """The velocity a decoding step follows, float32: with scale > 1, `slots` stacks the condition's
+        [B] slots over the null condition's [B] and this is v_null + scale (v_cond - v_null), one
+        decoder pass over 2B rows; otherwise one plain pass over [B] slots."""
+        if scale <= 1.0:
+            return self.velocity(noisy_patches, sigma, slots).float()
+        v_cond, v_null = self.velocity(torch.cat([noisy_patches, noisy_patches]), torch.cat([sigma, sigma]),
+                                       slots).float().chunk(2)
+        return v_null + scale * (v_cond - v_null)
+
     def initial_noise(self, seeds: Sequence[int], dtype, device) -> torch.Tensor:
         """[B, P, patch_dim] standard normal noise, row i from a CPU generator seeded with seeds[i]."""
         rows = [torch.randn(self.num_patches, self.patch_dim, generator=torch.Generator().manual_seed(
@@ -296,21 +320,15 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         dtype, device = self.mask_token.dtype, self.mask_token.device
         values = self.fsq.indices_to_codes(codes.to(device)).to(dtype)  # [B, n, d]
         slots = self.register_slots(values, torch.full((b,), n, device=device), b)
-        guided = scale > 1.0
-        if guided:
-            slots = torch.cat([slots, self.register_slots(None, torch.zeros(b, dtype=torch.long, device=device), b)])
+        if scale > 1.0:
+            slots = torch.cat([slots, self.null_slots(b, device)])
         x = self.initial_noise(seeds, torch.float32, device)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
         # uniform sigmas 1, 1 - 1/T, ..., 1/T (then 0): T equal Euler steps, the integration FlexTok uses
         scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
         for t in scheduler.timesteps:
             sigma = torch.full((b,), float(t) / 1000, device=device)
-            inp = x.to(dtype)
-            if guided:
-                v_cond, v_null = self.velocity(torch.cat([inp, inp]), torch.cat([sigma, sigma]), slots).float().chunk(2)
-                v = v_null + scale * (v_cond - v_null)
-            else:
-                v = self.velocity(inp, sigma, slots).float()
+            v = self.guided_velocity(x.to(dtype), sigma, slots, scale)
             x = scheduler.step(v, t, x, return_dict=False)[0]
         return self.unpatchify(x).clamp(-1, 1)
 
@@ -334,9 +352,23 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             keep = torch.where(torch.rand(batch) < self.config.cfg_dropout, torch.zeros_like(keep), keep)
         return keep.to(device)
 
-    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None):
-        """Training step on [-1, 1] images: (flow-matching loss, codes [B, K], keep [B], the
-        unquantised registers [B, K, d]). `keep` defaults to `sample_keep`."""
+    def last_step_images(self, x0: torch.Tensor, noise: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Where the stored decoding's last Euler step lands when it starts from the true noisy image
+        at its sigma s = 1 / `decode_steps`: x_s - s v, v guided as stored. x0, noise: [B, P, patch_dim]
+        patches; slots: the condition's [B, K, width]. Differentiable: the adversarial loss
+        (`argen train tokenizer --arch flextok --gan-weight`) judges the decoder by these images,
+        the step at which a blurred average would otherwise become the decoded image."""
+        b, s = x0.shape[0], 1.0 / self.decode_steps
+        if self.decode_guidance > 1.0:
+            slots = torch.cat([slots, self.null_slots(b, x0.device)])
+        x_s = s * noise + (1 - s) * x0
+        v = self.guided_velocity(x_s, torch.full((b,), s, device=x0.device), slots, self.decode_guidance)
+        return self.unpatchify(x_s - s * v)
+
+    def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                last_step: bool = False) -> FlexTokTrainingOutput:
+        """Training step on [-1, 1] images (`FlexTokTrainingOutput`). `keep` defaults to
+        `sample_keep`; `last_step`: also return `last_step_images` on the same noise and slots."""
         b = images.shape[0]
         latent = self.encode_latent(images)
         values, codes = self.quantize(latent)
@@ -349,4 +381,5 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         s = sigma[:, None, None]
         v = self.velocity(s * noise + (1 - s) * x0, sigma, slots)
         loss = F.mse_loss(v, noise - x0)
-        return loss, codes, keep, latent
+        return FlexTokTrainingOutput(loss, codes, keep, latent,
+                                     self.last_step_images(x0, noise, slots) if last_step else None)

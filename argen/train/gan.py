@@ -140,7 +140,11 @@ class AdversarialLoss:
 
 
 def decoder_last_layer(model) -> Optional[torch.Tensor]:
-    """The weight of the layer that outputs pixels (VQ and TiTok: `decoder.conv_out`), where the
-    adaptive weight compares gradients; None for a tokenizer without one."""
+    """The weight of the layer that outputs pixels (VQ and TiTok: `decoder.conv_out`; FlexTok: the
+    velocity head `dec_out`), where the adaptive weight compares gradients; None for a tokenizer
+    without one."""
     conv = getattr(getattr(model, "decoder", None), "conv_out", None)
-    return conv.weight if isinstance(conv, nn.Conv2d) else None
+    if isinstance(conv, nn.Conv2d):
+        return conv.weight
+    head = getattr(model, "dec_out", None)
+    return head.weight if isinstance(head, nn.Linear) else None

@@ -4,9 +4,11 @@ default), TiTok (`--arch titok`, K 1D tokens) or FlexTok (`--arch flextok`, 1..K
 Losses as LlamaGen's `vq_train.py` minus the parts that need pretrained networks: L2
 reconstruction (optionally + L1), codebook loss and commitment loss (beta 0.25, from the
 model config). LPIPS needs VGG weights that cannot be fetched here, so there is no perceptual
-loss. The adversarial loss is an option (`gan_weight` > 0, VQ and TiTok: the decoders that output
-pixels in one pass): a PatchGAN discriminator trained from scratch with the hinge loss, the
-generator's term scaled by VQGAN's adaptive weight, from step `gan_start` on (`argen/train/gan.py`).
+loss. The adversarial loss is an option (`gan_weight` > 0): a PatchGAN discriminator trained from scratch
+with the hinge loss, the generator's term scaled by VQGAN's adaptive weight, from step `gan_start`
+on (`argen/train/gan.py`). It judges VQ's and TiTok's reconstructions, and FlexTok's
+`last_step_images` (a flow decoder has no one-pass reconstruction: the stored decoding's last
+Euler step, taken from the true noisy image, is where its output is formed).
 
 `decoder_only` (TiTok's stage 2: decoder fine-tuning) freezes the encoder and the codebook: every
 image keeps its codes, so generators trained on them stay valid, and no gradient flows through
@@ -368,8 +370,9 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     of the exported weights on the test split (Fashion-MNIST-classifier features). `init_from`: start
     from the weights of that tokenizer (same class and architecture; `init_tokenizer_weights`)
     instead of a random initialisation; optimizer, schedule and EMA start afresh.
-    `gan_weight` > 0 (VQ, TiTok): add the adversarial loss (`argen/train/gan.py`) from step
-    `gan_start` (default 0) on; 0 trains exactly as without it. `decoder_only`: train the decoder
+    `gan_weight` > 0: add the adversarial loss (`argen/train/gan.py`) from step `gan_start`
+    (default 0) on, on the reconstructions (VQ, TiTok) or on FlexTok's `last_step_images`; 0 trains
+    exactly as without it. `decoder_only`: train the decoder
     only (encoder and codebook frozen, so the codes do not change; restarts off).
     """
     from accelerate import Accelerator
@@ -391,9 +394,6 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if decoder_only and init_from is None:
         raise ArgenError("decoder-only training needs a starting tokenizer (--init-from): its encoder and codes "
                          "are what the run keeps")
-    if arch == "flextok" and gan_weight:
-        raise ArgenError("the GAN loss applies to arch vq and titok (decoders that output pixels in one pass), "
-                         "not flextok")
     if gan_start is not None and not gan_weight:
         raise ArgenError("gan_start needs gan_weight > 0 (--gan-weight)")
     gan_start = int(gan_start or 0)
@@ -469,15 +469,30 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if decoder_only:
         run_info["decoder_only"] = {"trainable_parameters": trainable}
 
+    def adversarial(loss, nll, real, fake):
+        """`loss` plus the generator's adversarial term once the GAN is active (the discriminator
+        first takes its step on this batch), and the GAN's log values; `loss` alone without a GAN."""
+        if gan is None:
+            return loss, {}
+        if not gan.active(trainer.step):
+            return loss, gan.idle_parts()
+        parts = gan.discriminator_step(real, fake)
+        term, generator_parts = gan.generator_term(fake, nll, decoder_last_layer(trainer.unwrapped))
+        return loss + term, {**parts, **generator_parts}
+
     def flextok_loss(model, batch):
-        flow, codes, keep, latent = model(batch["image"])
-        penalty = fsq_saturation(latent)
-        loss = flow + saturation_weight * penalty if saturation_weight else flow
-        used = torch.unique(codes).numel() / codebook_size
-        parts = {"loss": loss, "flow": flow, "fsq_saturation": penalty,
-                 "saturated": (latent.abs() > FSQ_ACTIVE_RANGE).float().mean(),
-                 "batch_usage": torch.tensor(float(used)), "null_fraction": (keep == 0).float().mean()}
-        return loss, parts, (codes, None)
+        x = batch["image"]
+        out = model(x, last_step=gan is not None and gan.active(trainer.step))
+        penalty = fsq_saturation(out.latent)
+        loss = out.loss + saturation_weight * penalty if saturation_weight else out.loss
+        # the flow loss is the decoder's reconstruction term: the adaptive weight balances against it
+        loss, gan_parts = adversarial(loss, out.loss, x, out.last_step)
+        used = torch.unique(out.codes).numel() / codebook_size
+        parts = {"loss": loss, "flow": out.loss, "fsq_saturation": penalty,
+                 "saturated": (out.latent.abs() > FSQ_ACTIVE_RANGE).float().mean(),
+                 "batch_usage": torch.tensor(float(used)), "null_fraction": (out.keep == 0).float().mean(),
+                 **gan_parts}
+        return loss, parts, (out.codes, None)
 
     def loss_fn(model, batch):
         x = batch["image"]
@@ -488,15 +503,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         if l1_weight:
             l1 = l1_weight * (recon - x).abs().mean()
             loss, nll = loss + l1, rec + l1
-        gan_parts = {}
-        if gan is not None:
-            gan_parts = gan.idle_parts()
-            if gan.active(trainer.step):
-                # discriminator first (on this batch), then the generator's term through it
-                gan_parts.update(gan.discriminator_step(x, recon))
-                term, parts = gan.generator_term(recon, nll, decoder_last_layer(trainer.unwrapped))
-                loss = loss + term
-                gan_parts.update(parts)
+        loss, gan_parts = adversarial(loss, nll, x, recon)
         with torch.no_grad():
             z = F.normalize(_latents_for_restart(trainer.unwrapped, x), dim=-1) if (
                 restart_every and (trainer.step + 1) % restart_every == 0) else None
@@ -505,8 +512,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                  "batch_usage": torch.tensor(float(used)), **gan_parts}
         return loss, parts, (indices, z)
 
-    names = ["loss", "flow", "fsq_saturation", "saturated", "batch_usage", "null_fraction"] if arch == "flextok" else [
-        "loss", "rec_mse", "codebook", "commit", "batch_usage"] + (AdversarialLoss.LOG_NAMES if gan else [])
+    names = (["loss", "flow", "fsq_saturation", "saturated", "batch_usage", "null_fraction"] if arch == "flextok" else [
+        "loss", "rec_mse", "codebook", "commit", "batch_usage"]) + (AdversarialLoss.LOG_NAMES if gan else [])
     trainer = Trainer(cfg, vq, ImageBatches(train_images), flextok_loss if arch == "flextok" else loss_fn,
                       num_items=len(train_images), loss_names=names,
                       extra_state={"code_counts": counts}, after_step=restarter, accelerator=accelerator,
