@@ -217,25 +217,24 @@ def test_decode_runs_the_scheduler_steps_it_is_given(tok, monkeypatch):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.5])
-def test_last_step_images_are_the_stored_decodings_last_step(tok, guidance):
+def test_last_step_images_are_the_stored_decodings_last_step(guidance):
     """With one flow step the last step is the whole decoding (from sigma = 1, pure noise, so x0 plays
     no part): the adversarial loss's images must then be exactly what `decode` returns, guided as stored."""
-    codes = tok.encode(images(3))
+    one_step = tiny_flextok(flow_steps=1, guidance_scale=guidance)
+    codes = one_step.encode(images(3))
     seeds = [4, 5, 6]
-    tok.set_decoding(steps=1, guidance_scale=guidance)
-    try:
-        noise = tok.initial_noise(seeds, torch.float32, "cpu")
-        slots = tok.register_slots(tok.fsq.indices_to_codes(codes), torch.full((3,), K), 3)
-        landed = tok.last_step_images(torch.randn_like(noise), noise, slots)
-        assert torch.allclose(landed.clamp(-1, 1), tok.decode(codes, seeds=seeds), atol=1e-6)
-    finally:
-        tok.set_decoding(steps=TINY["flow_steps"], guidance_scale=TINY.get("guidance_scale", 1.0))
+    noise = one_step.initial_noise(seeds, torch.float32, "cpu")
+    slots = one_step.register_slots(one_step.fsq.indices_to_codes(codes), torch.full((3,), K), 3)
+    landed = one_step.last_step_images(torch.randn_like(noise), noise, slots)
+    assert torch.allclose(landed.clamp(-1, 1), one_step.decode(codes, seeds=seeds), atol=1e-6)
     # with more steps it starts from the noised image at sigma = 1 / steps: x0 now matters
-    x0 = tok.patchify(images(3))
-    out = tok(images(3), keep=torch.full((3,), K), last_step=True)
+    three_steps = tiny_flextok(guidance_scale=guidance)
+    x0 = three_steps.patchify(images(3))
+    assert not torch.allclose(three_steps.last_step_images(x0, noise, slots),
+                              three_steps.last_step_images(-x0, noise, slots))
+    out = three_steps(images(3), keep=torch.full((3,), K), last_step=True)
     assert out.last_step.shape == (3, 1, TINY["image_size"], TINY["image_size"])
     assert torch.isfinite(out.last_step).all()
-    assert not torch.allclose(tok.last_step_images(x0, noise, slots), tok.last_step_images(-x0, noise, slots))
 
 
 def test_save_load_round_trip(tok, tmp_path):
