@@ -11,11 +11,14 @@ built from the mechanics documented there (registers, FSQ, nested dropout, recti
         code j's projection when j < k and a learned mask token otherwise; time enters through
         adaLN-Zero; the patch outputs are the velocity v = noise - image.
 
-Training (`forward`): nested dropout keeps the first k registers, k drawn from the powers of two
-1..K, and with probability `cfg_dropout` none (the null condition used by classifier-free guidance);
-the time is sigma = sigmoid(n), n ~ N(time_mean, 1) (FlexTok: mean 0), x_sigma = sigma * noise + (1 - sigma) * image, and the
-loss is the mean squared error of the predicted velocity. The first tokens must then carry what
-matters most, since they are the only ones the decoder sees at k = 1, 2, 4, ...
+Training (`forward`): nested dropout keeps the first k registers, k drawn by `nested_dropout` (the
+powers of two 1..K, as FlexTok, or uniform over 1..K, each with a long-prefix variant), and with
+probability `cfg_dropout` none (the null condition used by classifier-free guidance); the time is
+sigma = sigmoid(n), n ~ N(time_mean, 1) (FlexTok: mean 0; lower means train the low-noise end the
+last decoding steps use), x_sigma = sigma * noise + (1 - sigma) * image, and the loss is the mean
+squared error of the predicted velocity. The first tokens must then carry what matters most, since
+they are the only ones the decoder sees at small k. `last_step_images` is what an adversarial loss
+judges (`argen/train/gan.py`).
 
 Decoding (`decode`) integrates the flow from pure noise (sigma = 1) to the image (sigma = 0) with
 diffusers' `FlowMatchEulerDiscreteScheduler` on uniform sigmas; image i's starting noise comes
