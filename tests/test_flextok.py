@@ -148,6 +148,22 @@ def test_training_keeps_powers_of_two_and_the_null_condition():
     assert set(linear.tolist()) == set(range(1, K + 1)) and torch.allclose(shares, expected, atol=0.02), shares
 
 
+def test_full_share_keeps_all_registers_on_its_share_and_is_off_by_default():
+    torch.manual_seed(5)
+    plain = tiny_flextok(nested_dropout="uniform", cfg_dropout=0.2).sample_keep(8000)
+    torch.manual_seed(5)
+    off = tiny_flextok(nested_dropout="uniform", cfg_dropout=0.2, nested_full_share=0.0).sample_keep(8000)
+    assert torch.equal(plain, off)  # share 0 draws exactly as before the option existed
+    full = tiny_flextok(nested_dropout="uniform", cfg_dropout=0.2, nested_full_share=0.5).sample_keep(8000)
+    # K on half the images plus uniform's own 1/K of the other half, then the null condition on 20% of all
+    assert abs((full == K).float().mean().item() - 0.8 * (0.5 + 0.5 / K)) < 0.03
+    assert abs((full == 0).float().mean().item() - 0.2) < 0.03
+    assert set(full.tolist()) == set(range(0, K + 1))
+    assert set(tiny_flextok(nested_full_share=1.0, cfg_dropout=0.0).sample_keep(100).tolist()) == {K}
+    with pytest.raises(ArgenError, match="nested_full_share"):
+        tiny_flextok(nested_full_share=1.5)
+
+
 def test_training_forward_has_no_gradient_through_dropped_registers():
     tok = tiny_flextok().train()
     x = images(4)

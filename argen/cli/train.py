@@ -89,6 +89,9 @@ _FLEXTOK_ONLY = {
                              help="how many registers to keep: a power of two, uniformly (pow2, the default) or "
                                   "weighted to long prefixes (pow2-long: P(2^i) proportional to i + 1), or any k "
                                   "in 1..K, uniformly (uniform) or with P(k) proportional to k (uniform-long)"),
+    "--nested-full-share": dict(type=number(0, 1), help="share of training images that keep all K registers, drawn "
+                                                        "before the null condition (default 0: only the mode's own "
+                                                        "draw; uniform keeps K on 1/K)"),
     "--fsq-saturation-weight": dict(type=number(0), help="weight of mean(relu(|z| - 2)^2) on the latents before "
                                                           "FSQ's tanh, keeping them where the codes can still move "
                                                           "(default 0)"),

@@ -134,7 +134,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
                  fsq_levels: Sequence[int] = (8, 5, 5, 5), enc_width: int = 128, enc_layers: int = 4,
                  enc_heads: int = 4, dec_width: int = 128, dec_layers: int = 4, dec_heads: int = 4,
                  mlp_ratio: float = 4.0, nested_dropout: str = "pow2", cfg_dropout: float = 0.1,
-                 flow_steps: int = 8, guidance_scale: float = 1.0, time_mean: float = 0.0):
+                 flow_steps: int = 8, guidance_scale: float = 1.0, time_mean: float = 0.0,
+                 nested_full_share: float = 0.0):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
             raise ArgenError(f"patch_size {patch_size} must divide image_size {image_size}")
@@ -149,6 +150,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             raise ArgenError(f"fsq_levels must be integers >= 3, got {list(fsq_levels)}")
         if nested_dropout not in NESTED_DROPOUT_MODES:
             raise ArgenError(f"nested_dropout must be one of {', '.join(NESTED_DROPOUT_MODES)}, got {nested_dropout!r}")
+        if not 0 <= nested_full_share <= 1:
+            raise ArgenError(f"nested_full_share must be in [0, 1], got {nested_full_share}")
         if not 0 <= cfg_dropout < 1:
             raise ArgenError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
         self.num_patches = (image_size // patch_size) ** 2
@@ -351,6 +354,10 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             keep = 1 + torch.multinomial(torch.arange(1.0, k + 1), batch, replacement=True)
         else:
             keep = torch.randint(1, k + 1, (batch,))
+        if self.config.nested_full_share > 0:
+            # the full sequence on a fixed share of the images: the operating point every finer
+            # prefix length approaches, which the modes above give 3% (uniform) to 17% (pow2)
+            keep = torch.where(torch.rand(batch) < self.config.nested_full_share, torch.full_like(keep, k), keep)
         if self.config.cfg_dropout > 0:
             keep = torch.where(torch.rand(batch) < self.config.cfg_dropout, torch.zeros_like(keep), keep)
         return keep.to(device)

@@ -67,7 +67,7 @@ DEFAULT_TITOK = dict(num_latent_tokens=16, patch_size=4, width=96, enc_layers=3,
 # FlexTok defaults (argen train tokenizer --arch flextok); sized for a ~45 min run on one CPU thread.
 DEFAULT_FLEXTOK = dict(num_latent_tokens=32, patch_size=4, width=128, enc_layers=4, dec_layers=4, heads=4,
                        fsq_levels=(8, 5, 5, 5), flow_steps=8, decoder_guidance=1.0, cfg_dropout=0.1,
-                       nested_dropout="pow2", time_mean=0.0)
+                       nested_dropout="pow2", nested_full_share=0.0, time_mean=0.0)
 
 IMAGE_SIZE = 32  # 28x28 Fashion-MNIST padded with background (-1) to 32x32 -> 8x8 codes with ch_mult (1,2,2)
 
@@ -243,9 +243,14 @@ def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_lay
                 is_legacy=False, finetune_decoder=False)
 
 
+def _full_share(config) -> str:
+    share = config.get("nested_full_share", 0.0)
+    return f", and all {config['num_registers']} on {share:.0%} of the images" if share else ""
+
+
 def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
                    heads: int, fsq_levels: Sequence[int], flow_steps: int, decoder_guidance: float,
-                   cfg_dropout: float, nested_dropout: str, time_mean: float) -> dict:
+                   cfg_dropout: float, nested_dropout: str, nested_full_share: float, time_mean: float) -> dict:
     """`FlexTokTokenizer` arguments for Fashion-MNIST (1 channel, 32x32 frames, same width both sides)."""
     if IMAGE_SIZE % patch_size:
         raise ArgenError(f"--patch-size {patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} training images")
@@ -257,7 +262,8 @@ def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_l
     return dict(image_size=IMAGE_SIZE, in_channels=1, patch_size=patch_size, num_registers=num_latent_tokens,
                 fsq_levels=tuple(int(v) for v in fsq_levels), enc_width=width, enc_layers=enc_layers,
                 enc_heads=heads, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
-                nested_dropout=nested_dropout, cfg_dropout=cfg_dropout, flow_steps=flow_steps,
+                nested_dropout=nested_dropout, nested_full_share=float(nested_full_share), cfg_dropout=cfg_dropout,
+                flow_steps=flow_steps,
                 guidance_scale=float(decoder_guidance),
                 time_mean=float(time_mean))
 
@@ -292,7 +298,7 @@ def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
 
 # Config keys a warm start (`init_from`) may change: decoding defaults and training-only settings.
 # Every other key decides the weights' shapes or their meaning (e.g. FSQ levels of the same count).
-INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "time_mean", "cfg_dropout", "nested_dropout")
+INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "time_mean", "cfg_dropout", "nested_dropout", "nested_full_share")
 
 
 def freeze_all_but_decoder(model) -> int:
@@ -351,8 +357,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                     heads: Optional[int] = None, fsq_levels: Optional[Sequence[int]] = None,
                     flow_steps: Optional[int] = None, decoder_guidance: Optional[float] = None,
                     cfg_dropout: Optional[float] = None,
-                    nested_dropout: Optional[str] = None, time_mean: Optional[float] = None,
-                    rfid: bool = False, init_from: Optional[str] = None,
+                    nested_dropout: Optional[str] = None, nested_full_share: Optional[float] = None,
+                    time_mean: Optional[float] = None, rfid: bool = False, init_from: Optional[str] = None,
                     fsq_saturation_weight: Optional[float] = None, gan_weight: float = 0.0,
                     gan_start: Optional[int] = None, decoder_only: bool = False) -> dict:
     """Train a tokenizer; write `<out>/model` (EMA weights) and `<out>/metrics.json`. Returns the metrics.
@@ -361,7 +367,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     "titok" (TiTok, RGB head, single stage: `num_latent_tokens` K, `patch_size`, `width`,
     `enc_layers`, `dec_layers`, `heads`; defaults `DEFAULT_TITOK`) or "flextok" (the same six, K being
     the register count, plus `fsq_levels`, `flow_steps` and `decoder_guidance` (decoding defaults), `cfg_dropout`,
-    `nested_dropout`, and the training-only `fsq_saturation_weight` (`fsq_saturation`); defaults
+    `nested_dropout`, `nested_full_share` (the share of images that keep all K), and the training-only `fsq_saturation_weight` (`fsq_saturation`); defaults
     `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
     (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
     FlexTok's vocabulary is the product of its FSQ levels.
@@ -383,9 +389,10 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if arch not in ("vq", "titok", "flextok"):
         raise ArgenError(f"unknown tokenizer architecture {arch!r}: use vq, titok or flextok")
     if arch != "flextok" and any(v is not None for v in (fsq_levels, flow_steps, decoder_guidance, cfg_dropout,
-                                                         nested_dropout, time_mean, fsq_saturation_weight)):
-        raise ArgenError("fsq_levels, flow_steps, decoder_guidance, cfg_dropout, nested_dropout, time_mean and "
-                         "fsq_saturation_weight apply to arch flextok only")
+                                                         nested_dropout, nested_full_share, time_mean,
+                                                         fsq_saturation_weight)):
+        raise ArgenError("fsq_levels, flow_steps, decoder_guidance, cfg_dropout, nested_dropout, nested_full_share, "
+                         "time_mean and fsq_saturation_weight apply to arch flextok only")
     if fsq_saturation_weight is not None and not fsq_saturation_weight >= 0:
         raise ArgenError(f"fsq_saturation_weight must be >= 0, got {fsq_saturation_weight}")
     saturation_weight = float(fsq_saturation_weight or 0.0)
@@ -420,7 +427,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     else:
         given = dict(fsq_levels=fsq_levels, flow_steps=flow_steps, decoder_guidance=decoder_guidance,
                      cfg_dropout=cfg_dropout,
-                     nested_dropout=nested_dropout, time_mean=time_mean)
+                     nested_dropout=nested_dropout, nested_full_share=nested_full_share, time_mean=time_mean)
         vq_kwargs = flextok_kwargs(**sizes, **{k: DEFAULT_FLEXTOK[k] if v is None else v for k, v in given.items()})
         model_cls, config_key, kind = FlexTokTokenizer, "flextok_config", "flextok-tokenizer"
         codebook_size = math.prod(vq_kwargs["fsq_levels"])
@@ -756,7 +763,7 @@ with `argen train tokenizer --arch flextok`. Design and the per-k table: `docs/f
 - Decoder: rectified flow over the {grid * grid} noised patches + {k} register slots (width {fc['dec_width']}, {fc['dec_layers']} layers,
   {fc['dec_heads']} heads, adaLN-Zero time conditioning), velocity target noise - image.
 - Flow times sigma = sigmoid(n), n ~ N({fc.get('time_mean', 0.0)}, 1) (FlexTok: mean 0).
-{_saturation_line(run_info)}- Nested dropout ({fc['nested_dropout']}): keep the first k registers, the rest become a learned mask token; with
+{_saturation_line(run_info)}- Nested dropout ({fc['nested_dropout']}{_full_share(fc)}): keep the first k registers, the rest become a learned mask token; with
   probability {fc['cfg_dropout']} none is kept (the null condition for register guidance).
 - Decoding defaults stored with the model: {fc['flow_steps']} Euler steps (diffusers `FlowMatchEulerDiscreteScheduler`,
   uniform sigmas), guidance scale {fc['guidance_scale']}{' (off)' if fc['guidance_scale'] <= 1 else ' on the registers'}; image i's noise from seed i only.
