@@ -221,7 +221,7 @@ def test_flextok_decoder_only_keeps_every_code_and_stores_its_decoding(tmp_path)
               progress=False, export_dtype="float32", **TINY_FLEXTOK)
     train_tokenizer(tmp_path / "src", steps=4, **kw)
     train_tokenizer(tmp_path / "ft", steps=4, init_from=str(tmp_path / "src/model"), decoder_only=True,
-                    nested_dropout="pow2-long", flow_steps=3, decoder_guidance=2.5, **kw)
+                    nested_dropout="pow2-long", nested_full_share=0.3, flow_steps=3, decoder_guidance=2.5, **kw)
     src = FlexTokTokenizer.from_pretrained(tmp_path / "src/model")
     ft = FlexTokTokenizer.from_pretrained(tmp_path / "ft/model")
     trained = {n for n, _ in ft.named_parameters() if n.startswith(ft.decoder_param_prefixes)}
@@ -237,7 +237,8 @@ def test_flextok_decoder_only_keeps_every_code_and_stores_its_decoding(tmp_path)
                                                                  if n in trained)
     card = (tmp_path / "ft/model/MODEL_CARD.md").read_text()
     assert "Decoder only (`--train-decoder-only`)" in card and "guidance scale 2.5 on the registers" in card
-    assert "Nested dropout (pow2-long)" in card
+    assert "Nested dropout (pow2-long, and all 4 on 30% of the images)" in card
+    assert ft.config.nested_full_share == 0.3 and src.config.nested_full_share == 0.0  # a warm start may change it
 
 def test_tokenizer_init_from_starts_at_the_source_weights(tmp_path, capsys):
     """--init-from: the new run starts from the source's weights (decoding/training-only settings may
