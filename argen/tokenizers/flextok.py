@@ -12,8 +12,9 @@ built from the mechanics documented there (registers, FSQ, nested dropout, recti
         adaLN-Zero; the patch outputs are the velocity v = noise - image.
 
 Training (`forward`): nested dropout keeps the first k registers, k drawn by `nested_dropout` (the
-powers of two 1..K, as FlexTok, or uniform over 1..K, each with a long-prefix variant), and with
-probability `cfg_dropout` none (the null condition used by classifier-free guidance); the time is
+powers of two 1..K, as FlexTok, or uniform over 1..K, each with a long-prefix variant; a share
+`nested_full_share` of the images keeps all K on top of that), and with probability `cfg_dropout`
+none (the null condition used by classifier-free guidance); the time is
 sigma = sigmoid(n), n ~ N(time_mean, 1) (FlexTok: mean 0; lower means train the low-noise end the
 last decoding steps use), x_sigma = sigma * noise + (1 - sigma) * image, and the loss is the mean
 squared error of the predicted velocity. The first tokens must then carry what matters most, since

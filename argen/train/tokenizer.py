@@ -263,9 +263,7 @@ def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_l
                 fsq_levels=tuple(int(v) for v in fsq_levels), enc_width=width, enc_layers=enc_layers,
                 enc_heads=heads, dec_width=width, dec_layers=dec_layers, dec_heads=heads,
                 nested_dropout=nested_dropout, nested_full_share=float(nested_full_share), cfg_dropout=cfg_dropout,
-                flow_steps=flow_steps,
-                guidance_scale=float(decoder_guidance),
-                time_mean=float(time_mean))
+                flow_steps=flow_steps, guidance_scale=float(decoder_guidance), time_mean=float(time_mean))
 
 
 # FSQ bounds each latent with tanh before rounding; beyond |z| = 2 the slope tanh' is below 0.07, so
@@ -367,8 +365,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     "titok" (TiTok, RGB head, single stage: `num_latent_tokens` K, `patch_size`, `width`,
     `enc_layers`, `dec_layers`, `heads`; defaults `DEFAULT_TITOK`) or "flextok" (the same six, K being
     the register count, plus `fsq_levels`, `flow_steps` and `decoder_guidance` (decoding defaults), `cfg_dropout`,
-    `nested_dropout`, `nested_full_share` (the share of images that keep all K), and the training-only `fsq_saturation_weight` (`fsq_saturation`); defaults
-    `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
+    `nested_dropout`, `nested_full_share` (the share of images that keep all K), and the training-only
+    `fsq_saturation_weight` (`fsq_saturation`); defaults `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
     (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
     FlexTok's vocabulary is the product of its FSQ levels.
     `export_dtype`: "float16", "float32" or "auto" (float16 unless it costs > 0.05 dB test PSNR
