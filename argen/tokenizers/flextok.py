@@ -357,7 +357,7 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             keep = torch.randint(1, k + 1, (batch,))
         if self.config.nested_full_share > 0:
             # the full sequence on a fixed share of the images: the operating point every finer
-            # prefix length approaches, which the modes above give 3% (uniform) to 17% (pow2)
+            # prefix length approaches, which the modes above give 3% (uniform) to 29% (pow2-long)
             keep = torch.where(torch.rand(batch) < self.config.nested_full_share, torch.full_like(keep, k), keep)
         if self.config.cfg_dropout > 0:
             keep = torch.where(torch.rand(batch) < self.config.cfg_dropout, torch.zeros_like(keep), keep)

@@ -243,11 +243,6 @@ def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_lay
                 is_legacy=False, finetune_decoder=False)
 
 
-def _full_share(config) -> str:
-    share = config.get("nested_full_share", 0.0)
-    return f", and all {config['num_registers']} on {share:.0%} of the images" if share else ""
-
-
 def flextok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
                    heads: int, fsq_levels: Sequence[int], flow_steps: int, decoder_guidance: float,
                    cfg_dropout: float, nested_dropout: str, nested_full_share: float, time_mean: float) -> dict:
@@ -366,8 +361,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     `enc_layers`, `dec_layers`, `heads`; defaults `DEFAULT_TITOK`) or "flextok" (the same six, K being
     the register count, plus `fsq_levels`, `flow_steps` and `decoder_guidance` (decoding defaults), `cfg_dropout`,
     `nested_dropout`, `nested_full_share` (the share of images that keep all K), and the training-only
-    `fsq_saturation_weight` (`fsq_saturation`); defaults `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`, `codebook_dim`
-    (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
+    `fsq_saturation_weight` (`fsq_saturation`); defaults `DEFAULT_FLEXTOK`). VQ and TiTok: `codebook_size`,
+    `codebook_dim` (TiTok's token_size; the codebook is L2-normalised, cosine lookup, as the original TiTok's 4096 x 12);
     FlexTok's vocabulary is the product of its FSQ levels.
     `export_dtype`: "float16", "float32" or "auto" (float16 unless it costs > 0.05 dB test PSNR
     or changes codebook usage by more than 1 point). `rfid`: also measure the reconstruction FID
@@ -622,6 +617,11 @@ def _gan_lines(run_info: dict) -> str:
                  f"({run_info['decoder_only']['trainable_parameters']:,} parameters trained), so every image keeps "
                  "the codes of the starting weights.\n")
     return text
+
+
+def _full_share(config) -> str:
+    share = config.get("nested_full_share", 0.0)
+    return f", and all {config['num_registers']} on {share:.0%} of the images" if share else ""
 
 
 def _saturation_line(run_info: dict) -> str:
