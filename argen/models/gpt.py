@@ -621,6 +621,16 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         the same tokens (tested for AR, SJD and MC-SJD). Options go to `torch.compile`.
         """
         options = {"fullgraph": True, "dynamic": False, **compile_options}
+        if "mode" not in options and self.tok_embeddings.weight.device.type == "cpu":
+            # inductor's C++ wrapper calls the step's kernels from C++ rather than from a generated
+            # Python function: a small model's step is mostly that launch overhead (measured on
+            # default-c2i, batch 1: 1.18 ms with the Python wrapper, 1.05 ms with this; eager 1.71)
+            options["options"] = {"cpp_wrapper": True, **options.get("options", {})}
+        # one graph per (batch, window, position layout): a speculative sampler's shrinking
+        # windows alone exceed dynamo's default of 8 recompiles, which fullgraph turns into an error
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
         self.decode = torch.compile(type(self).decode.__get__(self), **options)
         return self
 
