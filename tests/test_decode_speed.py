@@ -185,6 +185,23 @@ def test_cli_generates_with_fp32_packed_weights(tmp_path, capsys):
     assert out["fp32"] == out["fp32-packed"] == out[None]
 
 
+def test_cli_generate_compile_draws_the_eager_image(tmp_path, monkeypatch):
+    """`argen generate --compile` compiles the generator's decode step and writes the same image."""
+    from argen.cli.main import main
+    from argen.pipeline import ARPipeline
+
+    compiled = []
+    real = ARPipeline.compile_generator
+    monkeypatch.setattr(ARPipeline, "compile_generator", lambda self: compiled.append(self) or real(self))
+    out = {}
+    for flags in ([], ["--compile"]):
+        path = tmp_path / f"{len(flags)}.png"
+        assert main(["generate", "--class", "3", "--num-images", "1", *flags, "--out", str(path)]) == 0
+        out[len(flags)] = path.read_bytes()
+    assert len(compiled) == 1 and "decode" in vars(compiled[0].generator)  # compile_decode replaced it
+    assert out[0] == out[1]
+
+
 # ------------------------------------------------------------------ the floor and the bench
 
 

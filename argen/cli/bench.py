@@ -7,8 +7,8 @@ import sys
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import (CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args,
-                      number)
+from .checked import (CFG_SCHEDULES, SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg,
+                      add_weights_arg, decoding_args, number)
 
 COUNT = number(1, integer=True)
 
@@ -69,7 +69,7 @@ def register(sub):
                    help="take FID/IS/class accuracy from an earlier `--fid` run's JSON (same model and sampling "
                         "settings): samples do not depend on the batch size, so quality need not be re-sampled "
                         "to re-time")
-    s.add_argument("--compile", action="store_true", help="torch.compile the generator's decode step first")
+    add_compile_arg(s)
     add_weights_arg(s)
     add_drafter_arg(s)
     add_decoding_args(s)
@@ -300,9 +300,7 @@ def run_samplers(args) -> int:
         quality = quality_scorer(args.fid)
     if args.compile:
         for p in pipes.values():
-            if not hasattr(p.generator, "compile_decode"):
-                raise ArgenError(f"--compile: {type(p.generator).__name__} has no compile_decode()")
-            p.generator.compile_decode()
+            p.compile_generator()
     earlier_quality = None
     # the flow decoders' settings, by model: images depend on them beyond the weights
     decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}

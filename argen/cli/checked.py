@@ -51,6 +51,14 @@ def add_weights_arg(p, default: str = "fp32") -> None:
                         f"weights on CPU, else fp32); default {default}")
 
 
+def add_compile_arg(p) -> None:
+    """`--compile`: torch.compile the generator's decode step (ARPipeline.compile_generator)."""
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the generator's decode step first: a compile of some seconds per batch "
+                        "shape, then faster steps at small batches (default-c2i on CPU: 1.6x at batch 1, 1.2x at "
+                        "16, 0.94x at 50); for many images")
+
+
 def add_drafter_arg(p) -> None:
     """`--drafter`: the draft model of the `draft` sampler, instead of the pipeline's own."""
     p.add_argument("--drafter", metavar="MODEL", default=None,

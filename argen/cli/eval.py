@@ -26,8 +26,8 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_output_file, sign_json
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import (CFG_SCHEDULES, SEED, THREADS, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args,
-                      number)
+from .checked import (CFG_SCHEDULES, SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg,
+                      add_weights_arg, decoding_args, number)
 
 COUNT = number(1, integer=True)
 
@@ -53,6 +53,7 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--model", default=None, help="pipeline name (default-c2i, default-t2i) or folder to sample from")
     p.add_argument("--sampler", default="ar", help="sampler name or spec with options, e.g. ar, gsd:G=10")
     add_weights_arg(p)
+    add_compile_arg(p)
     add_drafter_arg(p)
     add_decoding_args(p)
     p.add_argument("--sampler-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -214,6 +215,8 @@ def _sample(args, state, device):
     pipe = ARPipeline.from_pretrained(args.model, device=device, weights=args.weights, drafter=args.drafter,
                                       decoding=decoding_args(args), decoder_dtype=args.decoder_dtype)
     num_tokens = pipe.check_num_tokens(args.num_tokens)
+    if args.compile:
+        pipe.compile_generator()
     cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
     params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
                             temperature=args.temperature,

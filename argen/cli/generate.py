@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import CFG_SCHEDULES, SEED, add_decoding_args, add_drafter_arg, add_weights_arg, decoding_args, number
+from .checked import (CFG_SCHEDULES, SEED, add_compile_arg, add_decoding_args, add_drafter_arg, add_weights_arg,
+                      decoding_args, number)
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
 
@@ -59,6 +60,7 @@ def register(sub):
                         f"{MAX_GRID_PIXELS // 1_000_000} megapixels")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     add_weights_arg(p, default="auto")
+    add_compile_arg(p)
     add_drafter_arg(p)
     add_decoding_args(p)
     p.set_defaults(func=run)
@@ -140,6 +142,8 @@ def run(args) -> int:
                                       drafter=args.drafter, decoding=decoding_args(args),
                                       decoder_dtype=args.decoder_dtype)
     pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
+    if args.compile:
+        pipe.compile_generator()
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)
     side = min(pipe.crop or pipe.tokenizer.image_size, pipe.tokenizer.image_size)
