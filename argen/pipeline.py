@@ -195,7 +195,7 @@ class ARPipeline(DiffusionPipeline):
 
     @property
     def decoder_dtype(self) -> str:
-        """The name (`DECODER_DTYPES`) of the dtype the tokenizer runs in."""
+        """The name (`DECODER_DTYPES`) of the dtype the tokenizer (and the refiner) run in."""
         dtype = next(self.tokenizer.parameters()).dtype
         return next((name for name, d in DECODER_DTYPES.items() if d == dtype), str(dtype))
 
@@ -214,8 +214,9 @@ class ARPipeline(DiffusionPipeline):
         `Generator.set_weight_format`); `drafter` (a name or a folder) overrides the recorded
         draft model (`pipeline.json`'s optional "drafter"); `decoding` (`steps=`, `guidance_scale=`)
         changes the decoding settings of a tokenizer with a flow decoder (`set_decoding`);
-        `decoder_dtype` "bf16" runs the tokenizer's network in bfloat16 (a flow decoder still
-        integrates in float32): a faster decode where the hardware has bf16 matrix units."""
+        `decoder_dtype` "bf16" runs the tokenizer's network, and the refiner's, in bfloat16 (a flow
+        decoder still integrates in float32, a refiner samples from float32 logits): a faster
+        decode where the hardware has bf16 matrix units."""
         if decoder_dtype not in DECODER_DTYPES:
             raise ArgenError(f"decoder dtype must be one of {', '.join(DECODER_DTYPES)}, got {decoder_dtype!r}")
         device = check_device(device)
@@ -250,7 +251,10 @@ class ARPipeline(DiffusionPipeline):
             defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
         image_tokenizer = component(tok_ref, ImageTokenizer).set_decoding(**(decoding or {}))
         if decoder_dtype != "fp32":  # loaded as fp32; nn.Module.to: diffusers' to() warns about a cast it allows
-            torch.nn.Module.to(image_tokenizer, DECODER_DTYPES[decoder_dtype])
+            # both networks that turn generated tokens into images; the refiner's logits stay fp32
+            for network in (image_tokenizer, refiner):
+                if network is not None:
+                    torch.nn.Module.to(network, DECODER_DTYPES[decoder_dtype])
         return cls(generator, image_tokenizer, encoder, meta.get("class_names"), defaults, meta.get("crop"), refiner,
                    draft_model)
 

@@ -94,6 +94,20 @@ def test_refine_is_deterministic_per_image_seed_and_one_pass():
     assert not torch.allclose(ref(coarse, cond)[:, 0], ref(changed, cond)[:, 0])
 
 
+def test_decoder_dtype_bf16_runs_the_shipped_refiner_in_bf16():
+    """decoder_dtype="bf16" casts the refiner with the tokenizer: same coarse labels and seeds, nearly
+    the same codes, every code still inside its position's cluster; the generator stays fp32."""
+    fp32, bf16 = (ARPipeline.from_pretrained("ctf-c2i", decoder_dtype=d) for d in ("fp32", "bf16"))
+    assert next(bf16.refiner.parameters()).dtype == torch.bfloat16 and bf16.dtype == torch.float32
+    assert next(fp32.refiner.parameters()).dtype == torch.float32
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randint(0, fp32.refiner.in_vocab_size, (8, fp32.refiner.num_tokens), generator=g)
+    cond, seeds = torch.arange(8) % 10, list(range(8))
+    a, b = fp32.refiner.refine(coarse, cond, seeds=seeds), bf16.refiner.refine(coarse, cond, seeds=seeds)
+    assert torch.equal(bf16.refiner.codes_to_coarse(b), coarse)
+    assert 0.9 < (a == b).float().mean() < 1.0  # bf16 logits move a few draws (96.7% kept here)
+
+
 def test_refiner_rejects_bad_inputs_in_one_line():
     ref = _refiner()
     cases = [(torch.zeros(2, 15, dtype=torch.long), torch.zeros(2, dtype=torch.long), "coarse labels"),

@@ -77,9 +77,10 @@ def add_decoding_args(p, dtype: bool = True) -> None:
     if not dtype:
         return
     p.add_argument("--decoder-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="dtype of the tokenizer's network when decoding: bf16 is faster where the hardware has bf16 "
-                        "matrix units (AVX512-BF16 / AMX CPUs, GPUs), with slightly different pixels; a flow "
-                        "decoder still integrates in fp32 (default fp32)")
+                   help="dtype of the networks that turn tokens into images (the tokenizer's decoder and a "
+                        "refiner): bf16 is faster where the hardware has bf16 matrix units (AVX512-BF16 / AMX CPUs, "
+                        "GPUs), with slightly different pixels; a flow decoder still integrates in fp32, a refiner "
+                        "samples from fp32 logits (default fp32)")
 
 
 def decoding_args(args) -> dict:
