@@ -293,10 +293,13 @@ class ARPipeline(DiffusionPipeline):
             if n > self.text_encoder.max_length:
                 raise ArgenError(f"prompt too long: {n} tokens, the model reads at most {self.text_encoder.max_length}")
 
-    def sampling_params(self, cfg_scale: Optional[float] = None, **options) -> SamplingParams:
-        """SamplingParams with this model's default guidance when cfg_scale is None."""
-        default = self.defaults.get("cfg_scale", 2.0)
-        return SamplingParams(cfg_scale=default if cfg_scale is None else cfg_scale, **options)
+    def sampling_params(self, cfg_scale: Optional[float] = None, cfg_schedule: Optional[str] = None,
+                        **options) -> SamplingParams:
+        """SamplingParams with this model's default guidance where cfg_scale / cfg_schedule are None
+        (`pipeline.json` "defaults": "cfg_scale", 2.0 if absent, and "cfg_schedule", constant if absent)."""
+        scale = self.defaults.get("cfg_scale", 2.0) if cfg_scale is None else cfg_scale
+        schedule = self.defaults.get("cfg_schedule", "constant") if cfg_schedule is None else cfg_schedule
+        return SamplingParams(cfg_scale=scale, cfg_schedule=schedule, **options)
 
     # ---- the generation path --------------------------------------------------------------
 
@@ -445,12 +448,13 @@ class ARPipeline(DiffusionPipeline):
                  num_images: int = 1, sampler: Union[str, Sampler] = "ar", cfg_scale: Optional[float] = None,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, batch_size: int = 16, progress: bool = True,
-                 cfg_schedule: str = "constant", num_tokens: Optional[int] = None) -> ARPipelineOutput:
+                 cfg_schedule: Optional[str] = None, num_tokens: Optional[int] = None) -> ARPipelineOutput:
         """Generate `num_images` images per prompt (t2i) or per class (c2i).
 
         Image i (counting over all prompts/classes) is sampled with seed `seed + i`, so it is
         the same whatever `batch_size` is. `num_tokens` generates only the first n tokens and
-        decodes that prefix (tokenizers with `accepts_prefixes`, such as FlexTok).
+        decodes that prefix (tokenizers with `accepts_prefixes`, such as FlexTok). `cfg_scale` and
+        `cfg_schedule` default to the model's (`sampling_params`).
         """
         num_images = check_number("num_images", num_images, 1, None, integer=True)
         batch_size = check_number("batch_size", batch_size, 1, None, integer=True)

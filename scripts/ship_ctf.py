@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--refiner-run", required=True)
     p.add_argument("--assets", default=str(REPO / "argen" / "assets"))
     p.add_argument("--cfg-scale", type=float, default=3.0, help="default guidance (default-c2i ships 3.0)")
+    p.add_argument("--cfg-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="default guidance schedule (written to pipeline.json unless constant)")
     args = p.parse_args(argv)
     assets = Path(args.assets)
 
@@ -59,7 +61,10 @@ def main(argv=None) -> int:
     for name in ("ctf-refiner", "ctf-c2i"):  # this script's own output (cards and figures are added by hand)
         shutil.rmtree(assets / name, ignore_errors=True)
     ref.save_pretrained(assets / "ctf-refiner", dtype=torch.float16)
-    pipe = pipeline_json(tokenizer="default-vq", class_names=CLASS_NAMES, defaults={"cfg_scale": args.cfg_scale},
+    defaults = {"cfg_scale": args.cfg_scale}
+    if args.cfg_schedule != "constant":
+        defaults["cfg_schedule"] = args.cfg_schedule
+    pipe = pipeline_json(tokenizer="default-vq", class_names=CLASS_NAMES, defaults=defaults,
                          crop=28, refiner="ctf-refiner")
     info = {"generator": gpt_src, "refiner": ref_src, "generator_parameters": gpt.num_parameters(),
             "refiner_parameters": ref.num_parameters()}

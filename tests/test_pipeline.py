@@ -159,6 +159,30 @@ def test_shipped_t2i_cli(tmp_path):
     assert Image.open(tmp_path / "t.png").size[0] > 0
 
 
+def test_a_default_guidance_schedule_applies_unless_one_is_given(tmp_path):
+    """pipeline.json's "cfg_schedule" is the default of every sampling call; an explicit schedule wins,
+    and the images follow the schedule actually used."""
+
+    linear = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES,
+                        defaults={"cfg_scale": 3.0, "cfg_schedule": "linear"})
+    linear.save_pretrained(tmp_path / "lin")
+    again = ARPipeline.from_pretrained(tmp_path / "lin")
+    assert again.sampling_params().cfg_schedule == "linear" and again.sampling_params().cfg_scale == 3.0
+    assert again.sampling_params(cfg_schedule="constant").cfg_schedule == "constant"
+    plain = ARPipeline.from_pretrained(tmp_path / "lin")
+    plain.defaults.pop("cfg_schedule")
+    assert plain.sampling_params().cfg_schedule == "constant"
+    default = again(class_labels=1, num_images=2, progress=False).tokens
+    assert torch.equal(default, again(class_labels=1, num_images=2, progress=False, cfg_schedule="linear").tokens)
+    assert not torch.equal(default, again(class_labels=1, num_images=2, progress=False, cfg_schedule="constant").tokens)
+    out = {}
+    for flags in ([], ["--cfg-schedule", "linear"], ["--cfg-schedule", "constant"]):
+        path = tmp_path / f"{len(flags)}{''.join(flags)}.png"
+        assert main(["generate", "--model", str(tmp_path / "lin"), "--class", "1", *flags, "--out", str(path)]) == 0
+        out[" ".join(flags)] = path.read_bytes()
+    assert out[""] == out["--cfg-schedule linear"] != out["--cfg-schedule constant"]
+
+
 def test_crop_and_saved_defaults(tmp_path):
     pipe = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES, defaults={"cfg_scale": 3.0}, crop=12)
     pipe.save_pretrained(tmp_path / "p")

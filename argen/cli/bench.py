@@ -56,8 +56,9 @@ def register(sub):
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
     s.add_argument("--cfg-scale", type=number(0), default=None, help="guidance (default: the model's)")
-    s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant",
-                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
+    s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
+                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
     s.add_argument("--temperature", type=number(0), default=1.0)
     s.add_argument("--top-k", type=number(0, integer=True), default=0)
     s.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)

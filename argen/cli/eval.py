@@ -62,8 +62,9 @@ def _add_sampling_args(p, required_out: bool):
     p.add_argument("--batch-size", type=COUNT, default=16, help="images per sampler call and process (default 16)")
     p.add_argument("--cfg-scale", type=number(0), default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--cfg-interval", type=number(-1, integer=True), default=-1)
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant",
-                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
+                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
     p.add_argument("--temperature", type=number(0), default=1.0)
     p.add_argument("--top-k", type=number(0, integer=True), default=0)
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
@@ -206,7 +207,6 @@ def _check_sampling_args(args):
 
 def _sample(args, state, device):
     from ..pipeline import ARPipeline
-    from ..samplers import SamplingParams
     from ..eval.sampling import generate_samples, read_prompt_file
 
     _check_sampling_args(args)
@@ -217,10 +217,8 @@ def _sample(args, state, device):
     num_tokens = pipe.check_num_tokens(args.num_tokens)
     if args.compile:
         pipe.compile_generator()
-    cfg = pipe.defaults.get("cfg_scale", 2.0) if args.cfg_scale is None else args.cfg_scale
-    params = SamplingParams(cfg_scale=cfg, cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule,
-                            temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p)
+    params = pipe.sampling_params(args.cfg_scale, cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,
                                seed=args.seed, batch_size=args.batch_size, prompts=prompts, model_name=str(args.model),
                                state=state, log=_log, num_tokens=num_tokens)

@@ -42,8 +42,9 @@ def register(sub):
     p.add_argument("--cfg-interval", type=number(-1, None, integer=True), default=-1, metavar="N",
                    help="guide only image tokens 0..N+1, then sample unguided (LlamaGen semantics); "
                         "-1 (default) guides every token, 0 only the first two")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant",
-                   help="guidance over the image: constant (default), linear or cosine (ramp from 1 at the first position to --cfg-scale at the last)")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
+                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
     p.add_argument("--temperature", type=number(0, None), default=1.0,
                    help="softmax temperature >= 0 (default 1.0; 0 picks the most likely token)")
     p.add_argument("--top-k", type=number(0, None, integer=True), default=0, metavar="K",
