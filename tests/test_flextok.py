@@ -232,6 +232,40 @@ def test_decode_runs_the_scheduler_steps_it_is_given(tok, monkeypatch):
     assert calls == [2] * TINY["flow_steps"]  # the stored default
 
 
+def test_guidance_start_leaves_the_noisiest_steps_unguided(tok, monkeypatch):
+    """guidance_start s: the first s Euler steps run one unguided pass, the rest are guided. s = 0 is
+    the plain guided decode; s >= the step count is exactly the unguided decode."""
+    calls = []
+    original = FlexTokTokenizer.velocity
+
+    def counting(self, *args):
+        calls.append(args[0].shape[0])
+        return original(self, *args)
+
+    codes, seeds = tok.encode(images(2)), [3, 4]
+    guided = tok.decode(codes, seeds=seeds, num_steps=3, guidance_scale=2.5)
+    assert torch.equal(tok.decode(codes, seeds=seeds, num_steps=3, guidance_scale=2.5, guidance_start=0), guided)
+    unguided = tok.decode(codes, seeds=seeds, num_steps=3, guidance_scale=1.0)
+    assert torch.equal(tok.decode(codes, seeds=seeds, num_steps=3, guidance_scale=2.5, guidance_start=3), unguided)
+    monkeypatch.setattr(FlexTokTokenizer, "velocity", counting)
+    later = tok.decode(codes, seeds=seeds, num_steps=3, guidance_scale=2.5, guidance_start=1)
+    assert calls == [2, 4, 4]  # one plain pass, then conditional and null halves in one pass per step
+    assert not torch.allclose(later, guided) and not torch.allclose(later, unguided)
+    # as a stored default: set_decoding, decoding_settings (recorded only when set), config
+    assert "guidance_start" not in tok.decoding_settings
+    try:
+        tok.set_decoding(guidance_scale=2.5, guidance_start=1)
+        assert tok.decoding_settings == {"flow_steps": 3, "guidance_scale": 2.5, "guidance_start": 1}
+        assert torch.equal(tok.decode(codes, seeds=seeds, num_steps=3), later)
+    finally:
+        tok.set_decoding(guidance_scale=1.0, guidance_start=0)
+    stored = tiny_flextok(guidance_scale=2.5, guidance_start=1)
+    assert torch.equal(stored.decode(codes, seeds=seeds), later)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ArgenError, match="first guided flow step"):
+            tok.decode(codes, seeds=seeds, guidance_start=bad)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 2.5])
 def test_last_step_images_are_the_stored_decodings_last_step(guidance):
     """With one flow step the last step is the whole decoding (from sigma = 1, pure noise, so x0 plays

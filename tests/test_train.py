@@ -518,3 +518,11 @@ def test_cli_eval_tokenizer_takes_flow_decoding_settings(tmp_path, capsys):
     assert shifted["seed"] == 3 and shifted["psnr_db"] != m["psnr_db"]
     tok.set_decoding(steps=2, guidance_scale=2.5)
     assert shifted["psnr_db"] == pytest.approx(evaluate_tokenizer(tok, images[:6], seed=3)["psnr_db"], abs=1e-9)
+    # --decoder-guidance-start 1: the first step unguided, recorded with the figures
+    assert main(["eval", "tokenizer", "--tokenizer", str(out / "model"), "--num-images", "6", "--threads", "1",
+                 "--flow-steps", "2", "--decoder-guidance", "2.5", "--decoder-guidance-start", "1",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    later = json.loads((tmp_path / "g.json").read_text())
+    assert later["guidance_start"] == 1 and later["psnr_db"] != m["psnr_db"]
+    tok.set_decoding(steps=2, guidance_scale=2.5, guidance_start=1)
+    assert later["psnr_db"] == pytest.approx(evaluate_tokenizer(tok, images[:6])["psnr_db"], abs=1e-9)

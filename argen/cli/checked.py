@@ -74,6 +74,9 @@ def add_decoding_args(p, dtype: bool = True) -> None:
     p.add_argument("--decoder-guidance", type=number(0, 100), default=None, metavar="S",
                    help="the flow decoder's guidance on its registers, 1 = off, each step then runs the decoder "
                         "twice (FlexTok; default: the tokenizer's)")
+    p.add_argument("--decoder-guidance-start", type=number(0, 1000, integer=True), default=None, metavar="I",
+                   help="the first flow step with register guidance: the I noisiest steps run the decoder once, "
+                        "unguided (FlexTok; default: the tokenizer's, 0)")
     if not dtype:
         return
     p.add_argument("--decoder-dtype", choices=("fp32", "bf16"), default="fp32",
@@ -85,5 +88,6 @@ def add_decoding_args(p, dtype: bool = True) -> None:
 
 def decoding_args(args) -> dict:
     """The `set_decoding` keywords the user gave ({} for none)."""
-    given = {"steps": args.flow_steps, "guidance_scale": args.decoder_guidance}
+    given = {"steps": args.flow_steps, "guidance_scale": args.decoder_guidance,
+             "guidance_start": args.decoder_guidance_start}
     return {k: v for k, v in given.items() if v is not None}

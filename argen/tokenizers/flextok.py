@@ -80,14 +80,18 @@ def register_causal_mask(num_patches: int, num_registers: int) -> torch.Tensor:
     return blocked
 
 
-def _decoding(steps, guidance_scale) -> tuple:
-    """(flow steps, guidance scale) checked: an integer >= 1 and a number in 0..100."""
+def _decoding(steps, guidance_scale, guidance_start=0) -> tuple:
+    """(flow steps, guidance scale, first guided step) checked: an integer >= 1, a number in 0..100
+    and an integer >= 0 (past the last step: no step is guided)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 1:
         raise ArgenError(f"flow steps must be an integer >= 1, got {steps!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not 0 <= guidance_scale <= 100:
         raise ArgenError(f"guidance scale must be a number in 0..100, got {guidance_scale!r}")
-    return int(steps), float(guidance_scale)
+    if isinstance(guidance_start, bool) or not isinstance(guidance_start, (int, float)) \
+            or int(guidance_start) != guidance_start or guidance_start < 0:
+        raise ArgenError(f"the first guided flow step must be an integer >= 0, got {guidance_start!r}")
+    return int(steps), float(guidance_scale), int(guidance_start)
 
 
 class FlowBlock(nn.Module):
@@ -120,9 +124,11 @@ class FlexTokTrainingOutput(NamedTuple):
 class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig, ImageTokenizer):
     """Images <-> 1..K ordered 1D codes (`grid` is None); `decode` takes any prefix codes[:, :k].
 
-    `flow_steps` and `guidance_scale` are the decoding defaults stored with the model; `decode`
-    takes others per call (`num_steps=`, `guidance_scale=`), and `set_decoding` changes the
-    defaults of a loaded model (the pipeline calls `decode(codes, seeds=...)` only).
+    `flow_steps`, `guidance_scale` and `guidance_start` are the decoding defaults stored with the
+    model; `decode` takes others per call (`num_steps=`, `guidance_scale=`, `guidance_start=`), and
+    `set_decoding` changes the defaults of a loaded model (the pipeline calls `decode(codes, seeds=...)`
+    only). `guidance_start` s leaves the first s Euler steps unguided: one decoder pass each instead
+    of two. Guidance matters least at the noisiest steps (docs/flextok.md, "Session 15").
     """
 
     config_name = "config.json"
@@ -136,7 +142,7 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
                  enc_heads: int = 4, dec_width: int = 128, dec_layers: int = 4, dec_heads: int = 4,
                  mlp_ratio: float = 4.0, nested_dropout: str = "pow2", cfg_dropout: float = 0.1,
                  flow_steps: int = 8, guidance_scale: float = 1.0, time_mean: float = 0.0,
-                 nested_full_share: float = 0.0):
+                 nested_full_share: float = 0.0, guidance_start: int = 0):
         super().__init__()
         if patch_size < 1 or image_size % patch_size:
             raise ArgenError(f"patch_size {patch_size} must divide image_size {image_size}")
@@ -157,7 +163,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             raise ArgenError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
         self.num_patches = (image_size // patch_size) ** 2
         self.patch_dim = in_channels * patch_size * patch_size
-        self.decode_steps, self.decode_guidance = _decoding(flow_steps, guidance_scale)
+        self.decode_steps, self.decode_guidance, self.decode_guidance_start = _decoding(
+            flow_steps, guidance_scale, guidance_start)
         # encoder
         self.enc_patch_embed = nn.Linear(self.patch_dim, enc_width)
         self.enc_pos = nn.Parameter(0.02 * torch.randn(self.num_patches, enc_width))
@@ -197,16 +204,21 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def set_decoding(self, steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> "FlexTokTokenizer":
-        """Change the decoding defaults (flow steps, register guidance) of this instance."""
-        self.decode_steps, self.decode_guidance = _decoding(
+    def set_decoding(self, steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                     guidance_start: Optional[int] = None) -> "FlexTokTokenizer":
+        """Change the decoding defaults (flow steps, register guidance, first guided step) of this instance."""
+        self.decode_steps, self.decode_guidance, self.decode_guidance_start = _decoding(
             self.decode_steps if steps is None else steps,
-            self.decode_guidance if guidance_scale is None else guidance_scale)
+            self.decode_guidance if guidance_scale is None else guidance_scale,
+            self.decode_guidance_start if guidance_start is None else guidance_start)
         return self
 
     @property
     def decoding_settings(self) -> dict:
-        return {"flow_steps": self.decode_steps, "guidance_scale": self.decode_guidance}
+        settings = {"flow_steps": self.decode_steps, "guidance_scale": self.decode_guidance}
+        if self.decode_guidance_start:  # only when set, so records of the default stay comparable
+            settings["guidance_start"] = self.decode_guidance_start
+        return settings
 
     # ---- ImageTokenizer ------------------------------------------------------------------------
 
@@ -310,32 +322,34 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, *, seeds: Optional[Sequence[int]] = None,
-               num_steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> torch.Tensor:
+               num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+               guidance_start: Optional[int] = None) -> torch.Tensor:
         """codes [B, k] with 1 <= k <= K (a prefix: the first k tokens) -> images [B, C, H, W] in [-1, 1].
 
         Image i starts from the noise of seeds[i] (every image from seed 0 when seeds is None), so
         it depends on its codes and seed only, never on the batch. `num_steps` Euler steps of the
         flow (default: `decode_steps`); `guidance_scale` > 1 guides with the null condition (every
-        register masked), one more decoder pass per step."""
+        register masked), one more decoder pass per step, from step `guidance_start` on."""
         codes = self.check_codes(codes)
         b, n = codes.shape
         seeds = [0] * b if seeds is None else list(seeds)
         if len(seeds) != b:
             raise ArgenError(f"got {len(seeds)} seeds for {b} images")
-        steps, scale = _decoding(self.decode_steps if num_steps is None else num_steps,
-                                 self.decode_guidance if guidance_scale is None else guidance_scale)
+        steps, scale, start = _decoding(self.decode_steps if num_steps is None else num_steps,
+                                        self.decode_guidance if guidance_scale is None else guidance_scale,
+                                        self.decode_guidance_start if guidance_start is None else guidance_start)
         dtype, device = self.mask_token.dtype, self.mask_token.device
         values = self.fsq.indices_to_codes(codes.to(device)).to(dtype)  # [B, n, d]
         slots = self.register_slots(values, torch.full((b,), n, device=device), b)
-        if scale > 1.0:
-            slots = torch.cat([slots, self.null_slots(b, device)])
+        both = torch.cat([slots, self.null_slots(b, device)]) if scale > 1.0 and start < steps else None
         x = self.initial_noise(seeds, torch.float32, device)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
         # uniform sigmas 1, 1 - 1/T, ..., 1/T (then 0): T equal Euler steps, the integration FlexTok uses
         scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             sigma = torch.full((b,), float(t) / 1000, device=device)
-            v = self.guided_velocity(x.to(dtype), sigma, slots, scale)
+            guided = both is not None and i >= start
+            v = self.guided_velocity(x.to(dtype), sigma, both if guided else slots, scale if guided else 1.0)
             x = scheduler.step(v, t, x, return_dict=False)[0]
         return self.unpatchify(x).clamp(-1, 1)
 
@@ -370,10 +384,11 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         (`argen train tokenizer --arch flextok --gan-weight`) judges the decoder by these images,
         the step at which a blurred average would otherwise become the decoded image."""
         b, s = x0.shape[0], 1.0 / self.decode_steps
-        if self.decode_guidance > 1.0:
+        scale = self.decode_guidance if self.decode_guidance_start < self.decode_steps else 1.0  # last step guided?
+        if scale > 1.0:
             slots = torch.cat([slots, self.null_slots(b, x0.device)])
         x_s = s * noise + (1 - s) * x0
-        v = self.guided_velocity(x_s, torch.full((b,), s, device=x0.device), slots, self.decode_guidance)
+        v = self.guided_velocity(x_s, torch.full((b,), s, device=x0.device), slots, scale)
         return self.unpatchify(x_s - s * v)
 
     def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,

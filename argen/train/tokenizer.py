@@ -291,7 +291,8 @@ def _latents_for_restart(model, x: torch.Tensor) -> torch.Tensor:
 
 # Config keys a warm start (`init_from`) may change: decoding defaults and training-only settings.
 # Every other key decides the weights' shapes or their meaning (e.g. FSQ levels of the same count).
-INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "time_mean", "cfg_dropout", "nested_dropout", "nested_full_share")
+INIT_FREE_KEYS = ("flow_steps", "guidance_scale", "guidance_start", "time_mean", "cfg_dropout", "nested_dropout",
+                  "nested_full_share")
 
 
 def freeze_all_but_decoder(model) -> int:
