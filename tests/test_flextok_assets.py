@@ -118,7 +118,9 @@ def test_cli_decoder_settings_change_the_image_and_are_recorded(tmp_path, capsys
               "--threads", "1", "--out", str(tmp_path / "s")]
     assert main(sample + ["--flow-steps", "3", "--decoder-guidance", "1.5", "--decoder-dtype", "bf16"]) == 0
     run = json.loads((tmp_path / "s" / "sampling.json").read_text())
-    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.5} and run["decoder_dtype"] == "bf16"
+    # the shipped first guided step (1) is kept: only what was given changes
+    assert run["decoding"] == {"flow_steps": 3, "guidance_scale": 1.5, "guidance_start": 1}
+    assert run["decoder_dtype"] == "bf16"
     capsys.readouterr()
     assert main(sample + ["--flow-steps", "4", "--decoder-guidance", "1.5", "--decoder-dtype", "bf16"]) == 2
     assert "decoding" in capsys.readouterr().err
