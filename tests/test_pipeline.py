@@ -1,5 +1,6 @@
 """ARPipeline and `argen generate` end to end on tiny saved pipelines (and the shipped ones when present)."""
 
+import json
 import subprocess
 import sys
 
@@ -181,6 +182,12 @@ def test_a_default_guidance_schedule_applies_unless_one_is_given(tmp_path):
         assert main(["generate", "--model", str(tmp_path / "lin"), "--class", "1", *flags, "--out", str(path)]) == 0
         out[" ".join(flags)] = path.read_bytes()
     assert out[""] == out["--cfg-schedule linear"] != out["--cfg-schedule constant"]
+    # a bad default is refused when the pipeline is read, naming its file
+    meta = json.loads((tmp_path / "lin" / "pipeline.json").read_text())
+    meta["defaults"]["cfg_schedule"] = "ramp"
+    (tmp_path / "lin" / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ArgenError, match=r"pipeline\.json: defaults: unknown cfg_schedule 'ramp'"):
+        ARPipeline.from_pretrained(tmp_path / "lin")
 
 
 def test_crop_and_saved_defaults(tmp_path):

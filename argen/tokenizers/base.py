@@ -14,9 +14,9 @@ Everything outside `argen/tokenizers` uses only these members:
     accepts_prefixes                        True when decode takes any prefix codes[:, :k], 1 <= k <= n,
                                             and makes a whole image of it (FlexTok); then the pipeline
                                             may sample only the first k positions (`--num-tokens`)
-    set_decoding(steps=, guidance_scale=,   change this instance's decoding defaults: Euler steps,
-                 guidance_start=)           register guidance and the first guided step of a flow
-                                            decoder (FlexTok); a one-pass decoder refuses in one line
+    set_decoding(**settings)                change this instance's decoding defaults, e.g. a flow
+                                            decoder's steps=, guidance_scale=, guidance_start=
+                                            (FlexTok); a one-pass decoder refuses in one line
     decoding_settings                       the settings decode depends on beyond the weights (flow
                                             steps, guidance), {} for a one-pass decoder; sample
                                             folders and bench JSONs record them
@@ -69,9 +69,10 @@ class ImageTokenizer(abc.ABC):
     def codebook_embeddings(self) -> Optional[torch.Tensor]:
         return None
 
-    def set_decoding(self, steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                     guidance_start: Optional[int] = None) -> "ImageTokenizer":
-        if steps is not None or guidance_scale is not None or guidance_start is not None:
+    def set_decoding(self, **settings) -> "ImageTokenizer":
+        """A one-pass decoder has no decoding settings: any one given (not None) is a one-line error.
+        A tokenizer with settings overrides this with its own keywords."""
+        if any(value is not None for value in settings.values()):
             raise ArgenError(f"{type(self).__name__} decodes in one pass: flow steps and decoder guidance apply "
                              "to tokenizers with a flow decoder (FlexTok)")
         return self
