@@ -272,6 +272,36 @@ def test_tokenizer_init_from_starts_at_the_source_weights(tmp_path, capsys):
                                                      "--steps", "1"])
 
 
+def test_flextok_warm_start_may_add_decoder_blocks_that_start_as_the_identity(tmp_path):
+    """--init-from with more --dec-layers: the source's blocks are copied, the new ones start as the
+    identity (adaLN-Zero), so the grown tokenizer decodes exactly as the source; fewer blocks, or
+    growing anything else, is refused."""
+    from argen.tokenizers import FlexTokTokenizer
+    from argen.train.tokenizer import _init_line, init_tokenizer_weights
+
+    arch = dict(image_size=32, in_channels=1, patch_size=8, num_registers=4, fsq_levels=(5, 5, 3), enc_width=16,
+                enc_layers=1, enc_heads=2, dec_width=16, dec_heads=2)
+    torch.manual_seed(0)
+    src = FlexTokTokenizer(**arch, dec_layers=2)
+    with torch.no_grad():  # trained-looking blocks: adaLN gates away from their zero init
+        for p in src.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    src.save_pretrained(tmp_path / "src", dtype=torch.float32)
+    grown = FlexTokTokenizer(**arch, dec_layers=4)
+    info = init_tokenizer_weights(grown, str(tmp_path / "src"))
+    assert info["grown"] == {"dec_layers": [2, 4]}
+    assert "dec_layers 2 -> 4, the new blocks starting as the identity" in _init_line({"init_from": info})
+    codes = torch.randint(0, 75, (3, 4))
+    assert torch.equal(src.decode(codes, seeds=[0, 1, 2], num_steps=2, guidance_scale=2.0),
+                       grown.decode(codes, seeds=[0, 1, 2], num_steps=2, guidance_scale=2.0))
+    assert torch.equal(grown.decoder[1].norm1.linear.weight, src.decoder[1].norm1.linear.weight)
+    assert not grown.decoder[2].norm1.linear.weight.any()  # a new block, still at its zero gate
+    with pytest.raises(ArgenError, match="dec_layers"):
+        init_tokenizer_weights(FlexTokTokenizer(**arch, dec_layers=1), str(tmp_path / "src"))
+    with pytest.raises(ArgenError, match="enc_layers"):
+        init_tokenizer_weights(FlexTokTokenizer(**{**arch, "enc_layers": 2}, dec_layers=4), str(tmp_path / "src"))
+
+
 def test_fsq_saturation_penalty_is_zero_in_range_and_added_to_the_loss(tmp_path):
     from argen.tokenizers import FlexTokTokenizer
     from argen.train.tokenizer import fsq_saturation

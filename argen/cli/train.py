@@ -142,7 +142,9 @@ def register(sub):
     tok.add_argument("--codebook-dim", type=COUNT, default=None, help="vq/titok code vector size (TiTok's "
                                                                         "token_size; default 8)")
     tok.add_argument("--init-from", default=None, metavar="TOKENIZER",
-                     help="start from this tokenizer's weights (shipped name or folder; same architecture)")
+                     help="start from this tokenizer's weights (shipped name or folder; same architecture, "
+                          "except that a FlexTok decoder may grow: more --dec-layers, the new blocks starting "
+                          "as the identity)")
     tok.add_argument("--l1-weight", type=number(0), default=0.0, help="extra L1 reconstruction loss weight")
     tok.add_argument("--gan-weight", type=number(0), default=0.0,
                      help="add a PatchGAN hinge loss (discriminator trained from scratch) on the reconstructions "

@@ -135,6 +135,9 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
     accepts_prefixes = True
     # Everything that turns codes into pixels (decoder-only fine-tuning trains these, nothing else).
     decoder_param_prefixes = ("dec_", "mask_token", "time_embed.", "decoder.")
+    # A warm start may add decoder blocks after the source's: adaLN-Zero starts each new block as the
+    # identity, so the grown model decodes exactly as the source did at step 0.
+    growable_blocks = {"dec_layers": "decoder."}
 
     @register_to_config
     def __init__(self, image_size: int = 32, in_channels: int = 1, patch_size: int = 4, num_registers: int = 32,

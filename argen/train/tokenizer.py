@@ -324,14 +324,24 @@ def init_tokenizer_weights(model, source) -> dict:
         raise ArgenError(f"--init-from {source}: it is a {config.get('_class_name')}, this run trains a "
                          f"{type(model).__name__}")
     mine = json.loads(json.dumps(dict(model.config), default=list))
-    differ = sorted(k for k in mine if not k.startswith("_") and k not in INIT_FREE_KEYS
+    growable = getattr(model, "growable_blocks", {})
+    grown = {k: (config[k], mine[k]) for k in growable
+             if isinstance(config.get(k), int) and config[k] < mine[k]}
+    differ = sorted(k for k in mine if not k.startswith("_") and k not in INIT_FREE_KEYS and k not in grown
                     and config.get(k) != mine[k])
     if differ:
         raise ArgenError(f"--init-from {source}: its architecture differs from this run's in "
                          + ", ".join(f"{k} ({config.get(k)!r} vs {mine[k]!r})" for k in differ))
     state = type(model).from_pretrained(folder).float().state_dict()
-    model.load_state_dict(state)
-    return {"folder": str(folder), "tensors": len(state)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_blocks = tuple(f"{growable[k]}{i}." for k, (old, new) in grown.items() for i in range(old, new))
+    if unexpected or any(not name.startswith(new_blocks) for name in missing):
+        raise ArgenError(f"--init-from {source}: weights do not fit this run ({len(unexpected)} unexpected, "
+                         f"{len(missing)} missing)")
+    info = {"folder": str(folder), "tensors": len(state)}
+    if grown:
+        info["grown"] = {k: list(v) for k, v in grown.items()}  # new blocks start as the identity
+    return info
 
 
 def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float] = None, batch_size: int = 64,
@@ -589,8 +599,10 @@ def _init_line(run_info: dict) -> str:
     init = run_info.get("init_from")
     if not init:
         return ""
-    return (f"- Started from the weights of `{init['folder']}` (same architecture); optimizer, learning-rate "
-            "schedule and EMA started afresh, so the steps below come on top of that run's.\n")
+    grown = "; ".join(f"{key} {old} -> {new}, the new blocks starting as the identity"
+                      for key, (old, new) in init.get("grown", {}).items())
+    return (f"- Started from the weights of `{init['folder']}` ({grown or 'same architecture'}); optimizer, "
+            "learning-rate schedule and EMA started afresh, so the steps below come on top of that run's.\n")
 
 
 def _restart_text(run_info: dict, why: str = "") -> str:
