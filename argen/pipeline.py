@@ -249,18 +249,19 @@ class ARPipeline(DiffusionPipeline):
         defaults = dict(meta.get("defaults") or {})
         if "default_cfg_scale" in meta:  # pipeline.json files written before `defaults` existed
             defaults.setdefault("cfg_scale", meta["default_cfg_scale"])
-        try:  # the sampling defaults are checked where they are read, naming the file
-            SamplingParams(cfg_scale=defaults.get("cfg_scale", 2.0), cfg_schedule=defaults.get("cfg_schedule", "constant"))
-        except ArgenError as err:
-            raise ArgenError(f"{folder / PIPELINE_FILE}: defaults: {err}") from None
         image_tokenizer = component(tok_ref, ImageTokenizer).set_decoding(**(decoding or {}))
         if decoder_dtype != "fp32":  # loaded as fp32; nn.Module.to: diffusers' to() warns about a cast it allows
             # both networks that turn generated tokens into images; the refiner's logits stay fp32
             for network in (image_tokenizer, refiner):
                 if network is not None:
                     torch.nn.Module.to(network, DECODER_DTYPES[decoder_dtype])
-        return cls(generator, image_tokenizer, encoder, meta.get("class_names"), defaults, meta.get("crop"), refiner,
+        pipe = cls(generator, image_tokenizer, encoder, meta.get("class_names"), defaults, meta.get("crop"), refiner,
                    draft_model)
+        try:  # the sampling defaults are checked where they are read, naming the file
+            pipe.sampling_params()
+        except ArgenError as err:
+            raise ArgenError(f"{folder / PIPELINE_FILE}: defaults: {err}") from None
+        return pipe
 
     def save_pretrained(self, save_directory, dtype: Optional[torch.dtype] = None, **_):
         """Write a self-contained folder: pipeline.json + generator/ + tokenizer/ (+ refiner/, drafter/)."""

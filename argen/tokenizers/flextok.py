@@ -48,7 +48,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 from vector_quantize_pytorch import FSQ
 
-from ..checks import check_seed
+from ..checks import check_number, check_seed
 from ..errors import ArgenError
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
@@ -83,15 +83,9 @@ def register_causal_mask(num_patches: int, num_registers: int) -> torch.Tensor:
 def _decoding(steps, guidance_scale, guidance_start=0) -> tuple:
     """(flow steps, guidance scale, first guided step) checked: an integer >= 1, a number in 0..100
     and an integer >= 0 (past the last step: no step is guided)."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 1:
-        raise ArgenError(f"flow steps must be an integer >= 1, got {steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not 0 <= guidance_scale <= 100:
-        raise ArgenError(f"guidance scale must be a number in 0..100, got {guidance_scale!r}")
-    if isinstance(guidance_start, bool) or not isinstance(guidance_start, (int, float)) \
-            or int(guidance_start) != guidance_start or guidance_start < 0:
-        raise ArgenError(f"the first guided flow step must be an integer >= 0, got {guidance_start!r}")
-    return int(steps), float(guidance_scale), int(guidance_start)
+    return (check_number("flow steps", steps, 1, integer=True),
+            check_number("guidance scale", guidance_scale, 0, 100),
+            check_number("the first guided flow step", guidance_start, 0, integer=True))
 
 
 class FlowBlock(nn.Module):
