@@ -264,6 +264,7 @@ def test_tokenizer_init_from_starts_at_the_source_weights(tmp_path, capsys):
     # another architecture, another class: one line each
     with pytest.raises(ArgenError, match="width"):
         train_tokenizer(tmp_path / "w", steps=1, **{**kw, "width": 8}, init_from=str(tmp_path / "src" / "model"))
+    assert not (tmp_path / "w").exists()  # refused before the run folder was made
     with pytest.raises(ArgenError, match="FlexTokTokenizer"):
         train_tokenizer(tmp_path / "v", steps=1, **{k: v for k, v in kw.items() if k not in TINY_FLEXTOK},
                         **TINY_VQ, init_from=str(tmp_path / "src" / "model"))

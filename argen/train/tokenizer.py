@@ -445,6 +445,11 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
 
     accelerator = Accelerator()
+    seed_everything(seed + accelerator.process_index)
+    torch.manual_seed(seed)  # identical init on every process
+    vq = model_cls(**vq_kwargs)
+    # a warm start that does not fit is refused before the run folder is claimed: nothing is left behind
+    init_info = init_tokenizer_weights(vq, init_from) if init_from is not None else None
     out = claim_run_dir(out, resume, accelerator.is_main_process)
     if epochs is not None:
         per_epoch = len(train_images) // (batch_size * accelerator.num_processes)
@@ -455,10 +460,6 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
                       weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
                       ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=progress)
 
-    seed_everything(seed + accelerator.process_index)
-    torch.manual_seed(seed)  # identical init on every process
-    vq = model_cls(**vq_kwargs)
-    init_info = init_tokenizer_weights(vq, init_from) if init_from is not None else None
     torch.manual_seed(seed + accelerator.process_index)
     if decoder_only:
         trainable = freeze_all_but_decoder(vq)
