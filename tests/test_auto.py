@@ -94,6 +94,7 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
     state["costs"][key] = {1: 1.0, 2: 5.0, 4: 9.0, 8: 20.0}  # windows far dearer than their tokens
     out = sampler(model, cond, seeds=[0, 1])
     assert sampler.last_widths == [1] * 15 and out.num_forward_passes == 16
+    assert 0.69 < state["costs"][key][1] < 0.71  # AR's estimate moved toward its real step (~ms, not 1 s)
     state["costs"][key] = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}  # windows free: the widest
     out = sampler(model, cond, seeds=[0, 1])
     assert sampler.last_widths[0] == 8 and out.num_forward_passes < 16
@@ -103,7 +104,18 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
 
 def test_expected_tokens_follows_acceptance():
     assert expected_tokens([], [], 3) == pytest.approx([1.0, 1.5, 1.75])  # prior 0.5 per depth
-    assert expected_tokens([1000.0, 0.0], [1000.0, 1000.0], 3) == pytest.approx([1.0, 1.998, 1.998], abs=1e-2)
+    assert expected_tokens([1e5, 0.0], [1e5, 1e5], 3) == pytest.approx([1.0, 2.0, 2.0], abs=1e-3)
+    # a few early misses do not outvote the prior: 4 rows failing once leave depth 1 near 0.5
+    assert expected_tokens([0.0], [4.0], 2)[1] > 1.4
+
+
+def test_only_predicted_drafts_count_as_acceptance_data():
+    """A blind draft (never predicted by a forward) is not evidence about windows: depth j counts
+    only when j <= informed. Row 0: 3 drafts right, only the first 2 predicted; row 1: all blind."""
+    state = {"costs": {}, "hits": [], "tries": []}
+    n, lengths = torch.tensor([3, 0]), torch.tensor([4, 4])
+    AutoSampler._observe(state, n, lengths, 4, informed=torch.tensor([2, 0]))
+    assert state["tries"] == [1.0, 1.0, 0.0] and state["hits"] == [1.0, 1.0, 0.0]
 
 
 def test_bad_options():

@@ -45,7 +45,11 @@ from .speculative import guidance, leading_accepts, window_inputs
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..]} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 4.0  # per-depth acceptance before any observation (4 pseudo-trials)
+# Per-depth acceptance before any observation, worth PRIOR_WEIGHT trials. The first window steps of
+# an image verify drafts predicted from blind context and nearly all fail; with 4 pseudo-trials,
+# four such misses at batch 4 voted the run to AR, and AR steps add no acceptance data, so it
+# stayed there for the process although windows paid (docs/benchmarks.md, issue 17, "Session 17").
+PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 32.0
 COST_UPDATE = 0.3  # weight of each measured window step in its width's cost estimate
 
 
@@ -233,21 +237,33 @@ class AutoSampler(Sampler):
         seq[:, 0] = (first + noise[:, 0]).argmax(-1)
         drafted = False  # blind drafts are written before the first window step (an AR run needs none)
         emitted = torch.ones(batch, dtype=torch.long, device=device)
+        # image indices below reach[b] have been predicted by some forward; a draft at or past it
+        # is blind (argmax of the noise), so it says nothing about how well windows verify
+        reach = emitted.clone()
         tally, widths = ForwardTally(batch, num_tokens, device, progress), []
         while True:
             low, high = emitted.aminmax()
             left = num_tokens - int(low)
             if left <= 0:
                 break
-            width = min(cap, left) if costs is None else min(self._choose(costs, state, emitted, num_tokens), left)
+            if costs is None:
+                width = min(cap, left)
+            else:
+                # near the image's end, the narrowest probed width that covers what is left, not
+                # `left` itself: a compiled step builds one graph per width, and odd end widths
+                # recompiled for seconds at a time (rows past the image pad, as in ragged batches)
+                width = self._choose(costs, state, emitted, num_tokens)
+                width = min(w for w in costs if w >= min(width, left))
             if width == 1 and int(high) == int(low):
                 # every row at the same token and AR chosen: AR stays the choice to the end (the
                 # rows stay in step, and a window's expected tokens only fall as the image
                 # runs out, while no window step adds acceptance data), so finish with the AR
                 # sampler's loop: one shared position, no per-step choice or bookkeeping
-                start = int(low)
+                start, began = int(low), time.perf_counter()
                 self._ar_rest(model, seq, start, noise, cache, cond_len, num_tokens, params)
                 steps = num_tokens - start
+                if costs is not None:  # AR's real step too, so neither side is judged by a lucky probe
+                    costs[1] = (1 - COST_UPDATE) * costs[1] + COST_UPDATE * (time.perf_counter() - began) / steps
                 tally.record_ar(steps)
                 widths.extend([1] * steps)
                 emitted = torch.full_like(emitted, num_tokens)
@@ -257,16 +273,18 @@ class AutoSampler(Sampler):
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
                                                        params, shared)
             else:
-                began = time.perf_counter()
                 if not drafted:  # no window step yet, so no row has a token at or past `high`
                     seq[:, int(high):] = noise[:, int(high):].argmax(-1)  # one uniform token per position
                     drafted = True
+                began = time.perf_counter()  # (after the one-off blind drafts: they are no step's cost)
+                informed = reach - emitted  # drafts of depth 1 .. informed were predicted
+                reach = torch.maximum(reach, emitted + width)
                 emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
                                                     params)
             tally.record(m, lengths > 0, emitted.min)
             widths.append(width)
             if width > 1:
-                self._observe(state, n, lengths, width)
+                self._observe(state, n, lengths, width, informed)
                 if costs is not None and width in costs:  # (a width cut short at the image end is not a probed one)
                     # the start-up probe times the bare step at its best; a real step also pays
                     # the bookkeeping around it (and the load of the moment): fold what it
@@ -276,10 +294,12 @@ class AutoSampler(Sampler):
         return tally.output(seq[:, :num_tokens].clone())
 
     @staticmethod
-    def _observe(state, n, lengths, width: int) -> None:
-        """Depth j's draft was tested when the j-1 before it were right (and the row had it)."""
+    def _observe(state, n, lengths, width: int, informed) -> None:
+        """Depth j's draft was tested when the j-1 before it were right (and the row had it).
+        Only predicted drafts count (depth j <= informed [B]): a blind draft is a uniform token,
+        no evidence of how well this model's windows verify."""
         depths = torch.arange(1, width, device=n.device)
-        tested = (n[:, None] >= depths - 1) & (depths <= lengths[:, None] - 1)
+        tested = (n[:, None] >= depths - 1) & (depths <= lengths[:, None] - 1) & (depths <= informed[:, None])
         hit = tested & (n[:, None] >= depths)
         t, h = tested.sum(0).tolist(), hit.sum(0).tolist()
         hits, tries = state["hits"], state["tries"]
