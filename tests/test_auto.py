@@ -98,6 +98,7 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
     state["costs"][key] = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}  # windows free: the widest
     out = sampler(model, cond, seeds=[0, 1])
     assert sampler.last_widths[0] == 8 and out.num_forward_passes < 16
+    assert set(sampler.last_widths) <= {1, 2, 4, 8}  # probed widths only, the image's end too (one graph each)
     # a used width's estimate moves toward what its steps really took (here ~ms, not 1 s)
     assert state["costs"][key][8] < 0.75 and state["costs"][key][1] == 1.0
 
