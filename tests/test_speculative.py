@@ -380,3 +380,11 @@ def test_sample_rows_inverts_the_cdf():
     assert sample_rows(probs, torch.tensor([0.0], dtype=torch.float64)).item() == 1
     assert sample_rows(probs, torch.tensor([0.5], dtype=torch.float64)).item() == 3
     assert sample_rows(probs * 3, torch.tensor([0.999], dtype=torch.float64)).item() == 3
+
+
+def test_covering_width_is_the_window_or_a_power_of_two_near_the_end():
+    """Near the image's end the forward stays one of log2(L) + 1 widths (one compiled graph each)."""
+    from argen.samplers.speculative import covering_width
+
+    assert [covering_width(left, 16) for left in (1, 2, 3, 4, 5, 9, 16, 40)] == [1, 2, 4, 4, 8, 16, 16, 16]
+    assert covering_width(5, 6) == 6 and covering_width(3, 6) == 4

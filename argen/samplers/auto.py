@@ -45,7 +45,7 @@ import torch
 from ..checks import check_number
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
-from .speculative import guidance, leading_accepts, window_inputs
+from .speculative import covering_width, guidance, leading_accepts, window_inputs
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..]} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -250,14 +250,8 @@ class AutoSampler(Sampler):
             left = num_tokens - int(low)
             if left <= 0:
                 break
-            if costs is None:
-                width = min(cap, left)
-            else:
-                # near the image's end, the narrowest probed width that covers what is left, not
-                # `left` itself: a compiled step builds one graph per width, and odd end widths
-                # recompiled for seconds at a time (rows past the image pad, as in ragged batches)
-                width = self._choose(costs, state, emitted, num_tokens)
-                width = min(w for w in costs if w >= min(width, left))
+            # near the image's end a power of two (the probed widths), not what is left (`covering_width`)
+            width = covering_width(left, cap if costs is None else self._choose(costs, state, emitted, num_tokens))
             if width == 1 and int(high) == int(low):
                 # every row at the same token and AR chosen: AR stays the choice to the end (the
                 # rows stay in step, and a window's expected tokens only fall as the image

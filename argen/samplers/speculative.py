@@ -78,6 +78,14 @@ def window_lengths(emitted: torch.Tensor, window: int, num_tokens: int) -> torch
     return (num_tokens - emitted).clamp(min=0, max=window)
 
 
+def covering_width(left: int, window: int) -> int:
+    """The forward's width when some row has `left` tokens still to emit: the window, or near the
+    image's end the power of two that covers what is left. Rows past their end pad (as in ragged
+    batches), so no sample depends on it; a compiled step builds one graph per width, and exact
+    end widths (15, 13, 10, ...) each recompiled it for seconds on first use."""
+    return min(window, 1 << max(left - 1, 0).bit_length())
+
+
 def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
     """Tokens [B, width] and positions [B, width] of the window; padding slots sit at the spare
     position cond_len + N - 1 (never attended to by a real query of this image)."""
@@ -264,11 +272,11 @@ class SpeculativeSampler(Sampler):
         win = self.start(probs, streams, num_tokens, model.grid, window)
         tally = ForwardTally(batch, num_tokens, probs.device, progress)
         while True:
-            # the one host read per step: the forward's width is max_b min(L, N - e_b), which is
-            # min(L, N - min_b e_b); 0 when every row is done
-            width = min(window, num_tokens - int(win.emitted.min()))
-            if width <= 0:
+            # the one host read per step: the most any row has left is N - min_b e_b (0: all done)
+            left = num_tokens - int(win.emitted.min())
+            if left <= 0:
                 break
+            width = covering_width(left, window)
             lengths = window_lengths(win.emitted, window, num_tokens)
             m = self.step(model, win, lengths, width, cache, cond_len, num_tokens, params, streams, ctx)
             tally.record(m, lengths > 0, win.emitted.min)
