@@ -283,7 +283,7 @@ class AutoSampler(Sampler):
             widths.append(width)
             if width > 1:
                 self._observe(state, n, lengths, width, informed)
-                if costs is not None and width in costs:  # (a width cut short at the image end is not a probed one)
+                if costs is not None:
                     # the start-up probe times the bare step at its best; a real step also pays
                     # the bookkeeping around it (and the load of the moment): fold what it
                     # really cost into the estimate, so a window that does not pay loses to AR
