@@ -616,8 +616,8 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         A small decode step is dominated by per-op overhead (hundreds of tiny ops around a few
         weight reads); compiling fuses them into a handful of kernels. Each new (batch, window,
         cache length) shape compiles once (about half a minute for GPT-B on a CPU), so this pays
-        off for long sampling runs, not one-off images; speculative samplers, whose windows shrink
-        at the end of an image, compile once per window width. Compiled and eager decoding sample
+        off for long sampling runs, not one-off images; speculative samplers compile once per window
+        width (their window, then powers of two as an image ends: `covering_width`). Compiled and eager decoding sample
         the same tokens (tested for AR, SJD and MC-SJD). Options go to `torch.compile`.
         """
         options = {"fullgraph": True, "dynamic": False, **compile_options}
