@@ -617,8 +617,9 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         weight reads); compiling fuses them into a handful of kernels. Each new (batch, window,
         cache length) shape compiles once (about half a minute for GPT-B on a CPU), so this pays
         off for long sampling runs, not one-off images; speculative samplers compile once per window
-        width (their window, then powers of two as an image ends: `covering_width`). Compiled and eager decoding sample
-        the same tokens (tested for AR, SJD and MC-SJD). Options go to `torch.compile`.
+        width (their window, then powers of two as an image ends: `covering_width`). Compiled and
+        eager decoding sample the same tokens (tested for AR, SJD and MC-SJD). Options go to
+        `torch.compile`.
         """
         options = {"fullgraph": True, "dynamic": False, **compile_options}
         if "mode" not in options and self.tok_embeddings.weight.device.type == "cpu":
