@@ -6,7 +6,7 @@ import torch
 
 from argen.errors import ArgenError
 from argen.samplers import ARSampler, SamplingParams, get_sampler
-from argen.samplers.auto import AutoSampler, expected_tokens, model_state
+from argen.samplers.auto import VERIFY_STEPS, AutoSampler, expected_tokens, model_state
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 from test_speculative import MARKOV_PARAMS, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
@@ -101,6 +101,27 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap():
     assert set(sampler.last_widths) <= {1, 2, 4, 8}  # probed widths only, the image's end too (one graph each)
     # a used width's estimate moves toward what its steps really took (here ~ms, not 1 s)
     assert state["costs"][key][8] < 0.75 and state["costs"][key][1] == 1.0
+
+
+def test_a_window_the_probe_may_have_misjudged_is_verified_by_real_steps():
+    """AR by the estimates, but a window that would pay at PROBE_DOUBT x its probed cost is tried
+    until VERIFY_STEPS real steps back its estimate; a verified one is left alone."""
+    model = tiny_gpt()
+    sampler = AutoSampler(max_window=2)
+    cond = torch.tensor([1, 2])
+    state = model_state(model)
+    sampler(model, cond, seeds=[0, 1])
+    (key,) = state["costs"]
+    state["hits"].clear()
+    state["tries"].clear()
+    state["costs"][key] = {1: 1.0, 2: 1.6}  # prior: 1.5 tokens for 1.6x the cost, 1.5 / (0.7 * 1.6) would pay
+    state["real"][key] = {2: VERIFY_STEPS}
+    sampler(model, cond, seeds=[0, 1])
+    assert sampler.last_widths == [1] * 15  # verified: AR is the choice
+    state["costs"][key] = {1: 1.0, 2: 1.6}
+    state["real"][key] = {}
+    sampler(model, cond, seeds=[0, 1])
+    assert 2 in sampler.last_widths and state["real"][key][2] >= 1
 
 
 def test_expected_tokens_follows_acceptance():

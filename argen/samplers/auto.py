@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -55,6 +55,11 @@ _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # stayed there for the process although windows paid (docs/benchmarks.md, issue 17, "Session 17").
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 32.0
 COST_UPDATE = 0.3  # weight of each measured window step in its width's cost estimate
+# A probed window cost is a few bare steps and can be far off: at batch 4 (bf16, compiled) one probe
+# timed a 4-token step at 3.93 ms that really took 2.85 ms (0.73x), and AR, once chosen, never
+# measures a window again. So a window whose estimate rests on fewer than VERIFY_STEPS real steps is
+# still tried when it would pay at PROBE_DOUBT times its estimate (a window far dearer is not).
+VERIFY_STEPS, PROBE_DOUBT = 5, 0.7
 
 
 def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratch: int = 0) -> torch.Tensor:
@@ -73,9 +78,9 @@ def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratc
 
 def model_state(model) -> dict:
     try:
-        return _STATE.setdefault(model, {"costs": {}, "hits": [], "tries": []})
+        return _STATE.setdefault(model, {"costs": {}, "hits": [], "tries": [], "real": {}})
     except TypeError:  # not weak-referenceable: keep nothing across calls
-        return {"costs": {}, "hits": [], "tries": []}
+        return {"costs": {}, "hits": [], "tries": [], "real": {}}
 
 
 def expected_tokens(hits, tries, widest: int) -> list:
@@ -180,7 +185,8 @@ class AutoSampler(Sampler):
 
     # ---- cost model ----------------------------------------------------------------------
 
-    def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> Dict[int, float]:
+    def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> tuple:
+        """(costs {width: seconds per step}, real {width: real steps folded in}) for this shape."""
         widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w <= min(self.max_window, num_tokens)]
         device = model_device(model)
         key = (cond_all.shape[0], str(device), cond_len, num_tokens, params.uses_cfg, tuple(widths))
@@ -210,16 +216,20 @@ class AutoSampler(Sampler):
                     # under 3), and wider windows cost more still: stop timing them
                     break
             state["costs"][key] = seconds
-        return state["costs"][key]
+        return state["costs"][key], state["real"].setdefault(key, {})
 
-    def _choose(self, costs, state, emitted, num_tokens) -> int:
+    def _choose(self, costs, state, emitted, num_tokens, real=None) -> int:
+        """The width with the most expected tokens per second; with `real` (real steps measured
+        per width), AR's turn goes to a window not yet verified that would pay at PROBE_DOUBT x
+        its estimated cost."""
         active = [r for r in (num_tokens - emitted).tolist() if r > 0]
         gains = expected_tokens(state["hits"], state["tries"], max(costs))
-        best, best_value = 1, -1.0
-        for w, cost in costs.items():
-            value = sum(gains[min(w, r) - 1] for r in active) / cost
-            if value > best_value:
-                best, best_value = w, value
+        values = {w: sum(gains[min(w, r) - 1] for r in active) / cost for w, cost in costs.items()}
+        best = max(values, key=values.get)
+        if best == 1 and real is not None:
+            doubted = {w: v / PROBE_DOUBT for w, v in values.items() if w > 1 and real.get(w, 0) < VERIFY_STEPS}
+            if doubted and max(doubted.values()) > values[1]:
+                return max(doubted, key=doubted.get)
         return best
 
     # ---- loop ----------------------------------------------------------------------------
@@ -228,9 +238,9 @@ class AutoSampler(Sampler):
         cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
         batch, cond_len = cond.shape[0], model.condition_length(cond)
         state = model_state(model)
-        costs = None
+        costs = real = None
         if self.window == "auto":
-            costs = self._costs(model, cond_all, mask_all, cond_len, num_tokens, params, batch, state)
+            costs, real = self._costs(model, cond_all, mask_all, cond_len, num_tokens, params, batch, state)
         cap = self.max_window if self.window == "auto" else self.window
         cap = min(cap, num_tokens)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
@@ -251,7 +261,7 @@ class AutoSampler(Sampler):
             if left <= 0:
                 break
             # near the image's end a power of two (the probed widths), not what is left (`covering_width`)
-            width = covering_width(left, cap if costs is None else self._choose(costs, state, emitted, num_tokens))
+            width = covering_width(left, cap if costs is None else self._choose(costs, state, emitted, num_tokens, real))
             if width == 1 and int(high) == int(low):
                 # every row at the same token and AR chosen: AR stays the choice to the end (the
                 # rows stay in step, and a window's expected tokens only fall as the image
@@ -288,6 +298,7 @@ class AutoSampler(Sampler):
                     # the bookkeeping around it (and the load of the moment): fold what it
                     # really cost into the estimate, so a window that does not pay loses to AR
                     costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * (time.perf_counter() - began)
+                    real[width] = real.get(width, 0) + 1
         self.last_widths = widths
         return tally.output(seq[:, :num_tokens].clone())
 
