@@ -39,23 +39,14 @@ class MarkovCache:
         self.lengths = torch.as_tensor(lengths).expand(len(self.lengths)).clone()
 
 
-class MarkovModel:
-    """Image token k ~ softmax(table[class, k, token k-1]) (token 0: first[class]); the class
-    `classes` is the null condition, so CFG, cfg_interval and the filters all apply. It has
-    exactly the members of the generator contract that samplers use (argen.models.base)."""
+class MarkovContract:
+    """What the Markov-chain generators share: the members of the generator contract that
+    samplers use (argen.models.base), for a class condition whose null class is `classes`.
+    Subclasses set `first` (the logits of position 0 per class), `classes`, `embeddings` and
+    define `decode`."""
 
     supports_cfg = True
-    tokens_per_position = 1
     condition_kind = "class"
-
-    def __init__(self, vocab=6, length=9, classes=2, seed=0, scale=1.5):
-        g = torch.Generator().manual_seed(seed)
-        self.first = torch.randn(classes + 1, vocab, generator=g) * scale
-        self.table = torch.randn(classes + 1, length, vocab, vocab, generator=g) * scale
-        side = int(length ** 0.5)
-        self.num_positions, self.vocab_size, self.grid = length, vocab, (side, length // side)
-        self.embeddings = torch.nn.Embedding(vocab, 3)
-        self.classes = classes
 
     def token_embeddings(self):
         return self.embeddings.weight
@@ -75,6 +66,22 @@ class MarkovModel:
     def prefill(self, cond, cache, cond_mask=None):
         cache.cond = cond
         return self.first[cond]
+
+
+class MarkovModel(MarkovContract):
+    """Image token k ~ softmax(table[class, k, token k-1]) (token 0: first[class]); the class
+    `classes` is the null condition, so CFG, cfg_interval and the filters all apply."""
+
+    tokens_per_position = 1
+
+    def __init__(self, vocab=6, length=9, classes=2, seed=0, scale=1.5):
+        g = torch.Generator().manual_seed(seed)
+        self.first = torch.randn(classes + 1, vocab, generator=g) * scale
+        self.table = torch.randn(classes + 1, length, vocab, vocab, generator=g) * scale
+        side = int(length ** 0.5)
+        self.num_positions, self.vocab_size, self.grid = length, vocab, (side, length // side)
+        self.embeddings = torch.nn.Embedding(vocab, 3)
+        self.classes = classes
 
     def decode(self, tokens, input_pos, cache):
         pos = input_pos.expand_as(tokens)

@@ -22,15 +22,14 @@ from argen.samplers.mcsjd import MCSJDSampler
 from argen.samplers.sjd import SJDSampler
 
 from helpers import randomize
-from test_speculative import MarkovCache, goodness_of_fit
+from test_speculative import MarkovContract, goodness_of_fit
 
 
-class MarkovCodes:
+class MarkovCodes(MarkovContract):
     """Position n emits k codes; code j ~ softmax(table[class, n, state(n-1), j]) where state is
-    the tuple of the previous position's codes (position 0: first[class, j])."""
+    the tuple of the previous position's codes (position 0: first[class, j], so prefill gives
+    [B, k, V])."""
 
-    supports_cfg = True
-    condition_kind = "class"
     grid = None
 
     def __init__(self, vocab=3, k=2, length=5, classes=2, seed=0, scale=1.5):
@@ -39,25 +38,6 @@ class MarkovCodes:
         self.first = torch.randn(classes + 1, k, vocab, generator=g) * scale
         self.table = torch.randn(classes + 1, length, vocab ** k, k, vocab, generator=g) * scale
         self.embeddings = torch.nn.Embedding(vocab, 3)
-
-    def token_embeddings(self):
-        return self.embeddings.weight
-
-    def check_condition(self, cond, cond_mask=None):
-        pass
-
-    def condition_length(self, cond):
-        return 1
-
-    def null_condition(self, cond):
-        return torch.full_like(cond, self.classes)
-
-    def new_cache(self, rows, max_len=None):
-        return MarkovCache(rows, max_len)
-
-    def prefill(self, cond, cache, cond_mask=None):
-        cache.cond = cond
-        return self.first[cond]  # [B, k, V]
 
     def state(self, tokens):
         powers = self.vocab_size ** torch.arange(self.tokens_per_position - 1, -1, -1)
