@@ -27,9 +27,10 @@ windows of an image cannot vote a whole process to AR). T = 1 is plain AR (one t
 forward), so where no window pays, auto runs AR. Width 1 is timed on the loop AR runs on
 (`_ar_rest`). Each measured step, bookkeeping included, is folded into its width's estimate
 (weight COST_UPDATE), AR's as well as the windows', so a start-up probe that flattered either
-side (best of a few bare steps, at a quiet moment) is corrected within a few steps. Near the
-image's end the window stays a probed width (rows past the end pad): a compiled step builds one
-graph per width.
+side (best of a few bare steps, at a quiet moment) is corrected within a few steps; a window
+whose estimate no real step backs yet is still tried while it might pay (`VERIFY_STEPS`), since
+AR steps never measure one. Near the image's end the window stays a probed width (rows past the
+end pad): a compiled step builds one graph per width.
 
 `window=<int>` fixes the width (no timing): the same samples, for measuring compression.
 """
