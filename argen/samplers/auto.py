@@ -19,9 +19,9 @@ Cost model. A T-token forward is not free on a CPU (docs/benchmarks.md: 1.2x to 
 growing with batch). At the first call for a (model, rows, device, condition length, image length)
 the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (best of a few
 repeats; cached for the process), stopping at the first T that costs more than max(2, T/2)
-one-token steps (it would need that many tokens per step to pay; these models give under 3). Then, before each step, it picks the T that maximises
-expected tokens per unit of cost, E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i
-from per-depth acceptance rates a_i observed so far for this model (kept across calls; only drafts
+one-token steps (it would need that many tokens per step to pay; these models give under 3).
+Then, before each step, it picks the T that maximises expected tokens per unit of cost,
+E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i from per-depth acceptance rates a_i observed so far for this model (kept across calls; only drafts
 some forward predicted count, and the prior is worth PRIOR_WEIGHT trials, so the blind first
 windows of an image cannot vote a whole process to AR). T = 1 is plain AR (one token per
 forward), so where no window pays, auto runs AR. Width 1 is timed on the loop AR runs on
@@ -261,8 +261,8 @@ class AutoSampler(Sampler):
             left = num_tokens - int(low)
             if left <= 0:
                 break
-            # near the image's end a power of two (the probed widths), not what is left (`covering_width`)
-            width = covering_width(left, cap if costs is None else self._choose(costs, state, emitted, num_tokens, real))
+            widest = cap if costs is None else self._choose(costs, state, emitted, num_tokens, real)
+            width = covering_width(left, widest)  # near the image's end a power of two (a probed width)
             if width == 1 and int(high) == int(low):
                 # every row at the same token and AR chosen: AR stays the choice to the end (the
                 # rows stay in step, and a window's expected tokens only fall as the image
