@@ -19,18 +19,18 @@ Cost model. A T-token forward is not free on a CPU (docs/benchmarks.md: 1.2x to 
 growing with batch). At the first call for a (model, rows, device, condition length, image length)
 the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (best of a few
 repeats; cached for the process), stopping at the first T that costs more than max(2, T/2)
-one-token steps (it would need that many tokens per step to pay; these models give under 3).
-Then, before each step, it picks the T that maximises expected tokens per unit of cost,
-E[m(T)] / cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i from per-depth acceptance rates a_i observed so far for this model (kept across calls; only drafts
-some forward predicted count, and the prior is worth PRIOR_WEIGHT trials, so the blind first
-windows of an image cannot vote a whole process to AR). T = 1 is plain AR (one token per
-forward), so where no window pays, auto runs AR. Width 1 is timed on the loop AR runs on
-(`_ar_rest`). Each measured step, bookkeeping included, is folded into its width's estimate
-(weight COST_UPDATE), AR's as well as the windows', so a start-up probe that flattered either
-side (best of a few bare steps, at a quiet moment) is corrected within a few steps; a window
-whose estimate no real step backs yet is still tried while it might pay (`VERIFY_STEPS`), since
-AR steps never measure one. Near the image's end the window stays a probed width (rows past the
-end pad): a compiled step builds one graph per width.
+one-token steps (it would need that many tokens per step to pay; these models give under 3). Then,
+before each step, it picks the T that maximises expected tokens per unit of cost, E[m(T)] /
+cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i from per-depth acceptance rates a_i observed
+so far for this model (kept across calls; only drafts some forward predicted count, and the prior
+is worth PRIOR_WEIGHT trials, so the blind first windows of an image cannot vote a whole process to
+AR). T = 1 is plain AR (one token per forward), so where no window pays, auto runs AR. Width 1 is
+timed on the loop AR runs on (`_ar_rest`). Each measured step, bookkeeping included, is folded into
+its width's estimate (weight COST_UPDATE), AR's as well as the windows', so a start-up probe that
+flattered either side (best of a few bare steps, at a quiet moment) is corrected within a few
+steps; a window whose estimate no real step backs yet is still tried while it might pay
+(`VERIFY_STEPS`), since AR steps never measure one. Near the image's end the window stays a probed
+width (rows past the end pad): a compiled step builds one graph per width.
 
 `window=<int>` fixes the width (no timing): the same samples, for measuring compression.
 """
