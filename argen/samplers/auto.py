@@ -257,20 +257,20 @@ class AutoSampler(Sampler):
         reach = emitted.clone()
         tally, widths = ForwardTally(batch, num_tokens, device, progress), []
         while True:
-            low, high = emitted.aminmax()
-            left = num_tokens - int(low)
+            low, high = (int(v) for v in emitted.aminmax())  # the step's host reads, once each
+            left = num_tokens - low
             if left <= 0:
                 break
             widest = cap if costs is None else self._choose(costs, state, emitted, num_tokens, real)
             width = covering_width(left, widest)  # near the image's end a power of two (a probed width)
-            if width == 1 and int(high) == int(low):
+            if width == 1 and high == low:
                 # every row at the same token and AR chosen: AR stays the choice to the end (the
                 # rows stay in step, and a window's expected tokens only fall as the image
                 # runs out, while no window step adds acceptance data), so finish with the AR
                 # sampler's loop: one shared position, no per-step choice or bookkeeping
-                start, began = int(low), time.perf_counter()
-                self._ar_rest(model, seq, start, noise, cache, cond_len, num_tokens, params)
-                steps = num_tokens - start
+                began = time.perf_counter()
+                self._ar_rest(model, seq, low, noise, cache, cond_len, num_tokens, params)
+                steps = num_tokens - low
                 if costs is not None:  # AR's real step too, so neither side is judged by a lucky probe
                     costs[1] = (1 - COST_UPDATE) * costs[1] + COST_UPDATE * (time.perf_counter() - began) / steps
                 tally.record_ar(steps)
@@ -278,12 +278,12 @@ class AutoSampler(Sampler):
                 emitted = torch.full_like(emitted, num_tokens)
                 continue
             if width == 1:
-                shared = int(low) if int(high) == int(low) else None
+                shared = low if high == low else None
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
                                                        params, shared)
             else:
                 if not drafted:  # no window step yet, so no row has a token at or past `high`
-                    seq[:, int(high):] = noise[:, int(high):].argmax(-1)  # one uniform token per position
+                    seq[:, high:] = noise[:, high:].argmax(-1)  # one uniform token per position
                     drafted = True
                 began = time.perf_counter()  # (after the one-off blind drafts: they are no step's cost)
                 informed = reach - emitted  # drafts of depth 1 .. informed were predicted
