@@ -82,6 +82,16 @@ def test_buffered_streams_give_each_generator_its_own_float64_sequence():
     assert torch.equal(part.uniform(9), after)
 
 
+def test_uniform_rows_continue_each_stream_as_uniform_does():
+    """`uniform_rows(n)` yields row i's next n numbers (buffered ones first), one row at a time."""
+    seeds = [3, 99]
+    a, b = RandomStreams.from_seeds(seeds), RandomStreams.from_seeds(seeds)
+    for n in (5, RandomStreams.BLOCK, 3 * RandomStreams.BLOCK + 7, 2):  # from the buffer, past it, fresh
+        rows = torch.stack([row.clone() for row in a.uniform_rows(n)])
+        assert torch.equal(rows, b.uniform(n))
+    assert torch.equal(a.uniform(11), b.uniform(11))
+
+
 def test_make_streams_validation():
     with pytest.raises(ArgenError):
         make_streams(2, seeds=[1])

@@ -17,20 +17,29 @@ never reached hold a blind draft, argmax(g_k) (uniform).
 
 Cost model. A T-token forward is not free on a CPU (docs/benchmarks.md: 1.2x to 12x a 1-token one,
 growing with batch). At the first call for a (model, rows, device, condition length, image length)
-the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (best of a few
-repeats; cached for the process), stopping at the first T that costs more than max(2, T/2)
-one-token steps (it would need that many tokens per step to pay; these models give under 3). Then,
-before each step, it picks the T that maximises expected tokens per unit of cost, E[m(T)] /
-cost(T), with E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i from per-depth acceptance rates a_i observed
-so far for this model (kept across calls; only drafts some forward predicted count, and the prior
-is worth PRIOR_WEIGHT trials, so the blind first windows of an image cannot vote a whole process to
-AR). T = 1 is plain AR (one token per forward), so where no window pays, auto runs AR. Width 1 is
-timed on the loop AR runs on (`_ar_rest`). Each measured step, bookkeeping included, is folded into
-its width's estimate (weight COST_UPDATE), AR's as well as the windows', so a start-up probe that
-flattered either side (best of a few bare steps, at a quiet moment) is corrected within a few
-steps; a window whose estimate no real step backs yet is still tried while it might pay
-(`VERIFY_STEPS`), since AR steps never measure one. Near the image's end the window stays a probed
-width (rows past the end pad): a compiled step builds one graph per width.
+the sampler times one step at each candidate width T in 1, 2, 4, .. max_window (after a few
+untimed AR steps, the best of a few repeats and one interleaved round; cached for the process),
+stopping at the first T that costs more than max(2, T/2) one-token steps (it would need that many
+tokens per step to pay; these models give under 3). Then, before each step, it picks the T that
+maximises the batch's expected progress per unit of cost:
+- A row is expected to emit E[m(T)] = 1 + sum_{j<T} prod_{i<=j} a_i tokens per step, from
+  per-depth acceptance rates a_i observed so far for this model (kept across calls; only drafts
+  some forward predicted count, and the prior is worth PRIOR_WEIGHT trials, so the blind first
+  windows of an image cannot vote a whole process to AR).
+- Acceptance measured at one width underrates a wider one, whose far drafts have been refined over
+  more steps (learnt at width 8, the model promised width 16 2.2 tokens a step; it gave 3.0), so
+  each width's real steps on this shape then take over (the promise is worth PRIOR_STEPS of them).
+- A batch ends with its slowest row, so progress is how far the lowest emitted index moves per
+  step; at batch 16 that is far less than a row's mean (and acceptance learnt at batch 1 picked
+  windows that lost 20% there). The extra tokens are scaled by the ratio of the two measured on
+  this shape (`skew`, exactly 1 at batch 1).
+- T = 1 is plain AR (one token per forward), so where no window pays, auto runs AR. Width 1 is
+  timed on the loop AR runs on (`_ar_rest`). Each real step, the whole loop iteration included, is
+  folded into its width's cost (weight COST_UPDATE), AR's as well as the windows', so a probe that
+  flattered either side is corrected; and since AR, once chosen, never measures a window, a window
+  whose estimates no VERIFY_STEPS real steps back yet is still tried while it might win.
+Near the image's end the window stays a probed width (rows past the end pad): a compiled step
+builds one graph per width.
 
 `window=<int>` fixes the width (no timing): the same samples, for measuring compression.
 """
@@ -48,50 +57,76 @@ from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .speculative import covering_width, guidance, leading_accepts, window_inputs
 
-# model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..]} (dropped with the model)
+# model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"real": {T: steps
+# folded into its cost}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra
+# tokens, a mean row's]}}} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Per-depth acceptance before any observation, worth PRIOR_WEIGHT trials. The first window steps of
 # an image verify drafts predicted from blind context and nearly all fail; with 4 pseudo-trials,
 # four such misses at batch 4 voted the run to AR, and AR steps add no acceptance data, so it
 # stayed there for the process although windows paid (docs/benchmarks.md, issue 17, "Session 17").
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 32.0
-COST_UPDATE = 0.3  # weight of each measured window step in its width's cost estimate
-# A probed window cost is a few bare steps and can be far off: at batch 4 (bf16, compiled) one probe
-# timed a 4-token step at 3.93 ms that really took 2.85 ms (0.73x), and AR, once chosen, never
-# measures a window again. So a window whose estimate rests on fewer than VERIFY_STEPS real steps is
-# still tried when it would pay at PROBE_DOUBT times its estimate (a window far dearer is not).
+COST_UPDATE = 0.3  # weight of each real step in its width's cost estimate
+# A real step counts at most this many times its width's estimate: a step that builds a graph, or
+# that the machine stalls, moves the estimate by at most COST_UPDATE * (STEP_CAP - 1).
+STEP_CAP = 1.5
+# A probed cost is a few bare steps and can be far off: at batch 4 (bf16, compiled) one probe timed a
+# 4-token step at 3.93 ms that really took 2.85 ms (0.73x), and AR, once chosen, never measures a
+# window again. So a window whose estimates rest on fewer than VERIFY_STEPS real steps is still
+# tried when it would win at PROBE_DOUBT times its estimated cost (a window far dearer is not).
 VERIFY_STEPS, PROBE_DOUBT = 5, 0.7
+# The first steps after a prefill run slow, whatever the sampler (default-c2i at batch 16, bf16
+# compiled: 4.4, 4.3, 3.7, 3.4 ms, then 2.75 ms). AR, probed first right after the prefill, read
+# 3.3 ms and lost to a window that did not pay; a window tried at an image's start reads dear. So
+# the probe starts after PROBE_WARMUP untimed AR steps, and a call's first COLD_STEPS are not timed.
+PROBE_WARMUP, COLD_STEPS = 8, 4
+# Window steps in a row before their gain is booked: the first window holds blind drafts, the next
+# ones drafts predicted from blind ones (in a trial at batch 4 a width-4 window gained a mean row 0.5
+# extra tokens a step there, against 0.6 once under way, and the slowest row far less).
+JACOBI_WARMUP = 3
+# Prior of the slowest-row skew (1), worth this many extra tokens of a mean row. At batch 16 a width-2
+# window gained the slowest row 1.24 tokens per step (default-c2i, bf16), far from a mean row's.
+SKEW_PRIOR = 2.0
+PRIOR_STEPS = 4.0  # weight, in real steps of a width, of the acceptance model's promise for it
 
 
 def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratch: int = 0) -> torch.Tensor:
     """[batch, positions + scratch, vocab] float32: Gumbel(0, 1) noise for the positions, sample i
     from stream i, position by position (position k always takes the k-th block of V numbers of
-    its stream), then `scratch` rows of zeros. -log(-log(u)) in float64, computed in place and
-    written once into the preallocated result (this is most of what auto adds to an AR run)."""
-    if streams is None:
-        g = torch.rand(batch, positions, vocab, dtype=torch.float64).log_()
+    its stream), then `scratch` rows of zeros. -log(-log(u)) in float64, one sample at a time in a
+    cache-sized scratch buffer, rounded once into the result. This is most of what auto adds to
+    an AR run: at batch 16, 1M uniforms; building it from [B, N, V] float64 temporaries took 2-3x
+    as long as the draws themselves (fresh 8 MB buffers fault in page by page)."""
+    out = torch.empty(batch, positions + scratch, vocab)
+    out[:, positions:].zero_()
+    if streams is None:  # the global generator, sample after sample (the same numbers as one draw)
+        rows = (torch.rand(positions * vocab, dtype=torch.float64) for _ in range(batch))
     else:
-        g = torch.log(streams.uniform(positions, vocab))  # a new tensor: the streams' buffer is left alone
-    out = torch.zeros(batch, positions + scratch, vocab, device=device)
-    out[:, :positions].copy_(g.neg_().log_().neg_())
-    return out
+        rows = streams.uniform_rows(positions * vocab)
+    for sample, u in zip(out, rows):
+        sample[:positions].view(-1).copy_(u.log_().neg_().log_().neg_())
+    return out.to(device)
 
 
 def model_state(model) -> dict:
     try:
-        return _STATE.setdefault(model, {"costs": {}, "hits": [], "tries": [], "real": {}})
+        return _STATE.setdefault(model, {"costs": {}, "hits": [], "tries": [], "books": {}})
     except TypeError:  # not weak-referenceable: keep nothing across calls
-        return {"costs": {}, "hits": [], "tries": [], "real": {}}
+        return {"costs": {}, "hits": [], "tries": [], "books": {}}
 
 
 def expected_tokens(hits, tries, widest: int) -> list:
     """E[tokens per step] of a width-T window for T = 1..widest (index T-1), under the per-depth
-    acceptance estimates: 1 + sum_{j<T} prod_{i<=j} a_i."""
-    out, total, run = [1.0], 1.0, 1.0
+    acceptance estimates: 1 + sum_{j<T} prod_{i<=j} a_i. Depth 1's prior is PRIOR_ACCEPT, each
+    deeper depth's the estimate of the depth before (worth PRIOR_WEIGHT trials): drafts that far
+    are only tested by windows that wide, and on these models a draft whose predecessors were
+    right is right at least as often (default-c2i: 0.4 at depth 1, 0.6-0.7 deeper)."""
+    out, total, run, rate = [1.0], 1.0, 1.0, PRIOR_ACCEPT
     for depth in range(1, widest):
         h = hits[depth - 1] if depth - 1 < len(hits) else 0.0
         t = tries[depth - 1] if depth - 1 < len(tries) else 0.0
-        run *= (h + PRIOR_ACCEPT * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+        rate = (h + rate * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+        run *= rate
         total += run
         out.append(total)
     return out
@@ -187,7 +222,9 @@ class AutoSampler(Sampler):
     # ---- cost model ----------------------------------------------------------------------
 
     def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> tuple:
-        """(costs {width: seconds per step}, real {width: real steps folded in}) for this shape."""
+        """(costs {width: seconds per step}, book) for this shape: book["real"] {width: real steps
+        folded into its cost}, book["gain"] {width: [a mean row's extra tokens, steps]},
+        book["slow"] (see `skew`)."""
         widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w <= min(self.max_window, num_tokens)]
         device = model_device(model)
         key = (cond_all.shape[0], str(device), cond_len, num_tokens, params.uses_cfg, tuple(widths))
@@ -199,39 +236,70 @@ class AutoSampler(Sampler):
             seq = torch.zeros(batch, num_tokens + extra, dtype=torch.long, device=device)
             noise = torch.zeros(batch, num_tokens + extra, vocab, device=device)
             start = torch.full((batch,), max(1, (num_tokens - max(widths)) // 2), dtype=torch.long, device=device)
+            at = int(start[0])
+
+            def timed(w: int) -> float:
+                t0 = time.perf_counter()
+                if w == 1:  # the path AR runs on (`_ar_rest`), one step
+                    self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
+                else:
+                    self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
+                return time.perf_counter() - t0
+
+            for _ in range(PROBE_WARMUP):  # untimed: the first steps after a prefill run slow
+                timed(1)
             seconds = {}
             for w in widths:
-                best = float("inf")
-                for r in range(self.repeats + 1):  # the first is a warm-up
-                    t0 = time.perf_counter()
-                    if w == 1:  # the path AR runs on (`_ar_rest`), one step
-                        at = int(start[0])
-                        self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
-                    else:
-                        self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
-                    if r:
-                        best = min(best, time.perf_counter() - t0)
-                seconds[w] = best
-                if best > seconds[1] * max(2.0, w / 2):
+                timed(w)  # warm-up (a compiled step builds this width's graph)
+                seconds[w] = min(timed(w) for _ in range(self.repeats))
+                if seconds[w] > seconds[1] * max(2.0, w / 2):
                     # it would need over max(2, w/2) tokens per step to pay (these models give
                     # under 3), and wider windows cost more still: stop timing them
                     break
+            for w in seconds:  # one more round, interleaved: no width timed only early or late
+                seconds[w] = min(seconds[w], timed(w))
             state["costs"][key] = seconds
-        return state["costs"][key], state["real"].setdefault(key, {})
+        return state["costs"][key], state["books"].setdefault(key, {"real": {}, "gain": {}, "slow": [0.0, 0.0]})
 
-    def _choose(self, costs, state, emitted, num_tokens, real=None) -> int:
-        """The width with the most expected tokens per second; with `real` (real steps measured
-        per width), AR's turn goes to a window not yet verified that would pay at PROBE_DOUBT x
-        its estimated cost."""
-        active = [r for r in (num_tokens - emitted).tolist() if r > 0]
-        gains = expected_tokens(state["hits"], state["tries"], max(costs))
-        values = {w: sum(gains[min(w, r) - 1] for r in active) / cost for w, cost in costs.items()}
+    def _choose(self, costs, state, low: int, num_tokens: int, book=None, previous: int = 1) -> int:
+        """The width with the most expected progress of the slowest row (now at index `low`) per
+        second. With a `book`: progress as measured on this shape (each width's mean row, and the
+        slowest row's share, `skew`), and a window whose estimates no VERIFY_STEPS real steps back
+        yet takes the turn if it would win at PROBE_DOUBT x its estimated cost (the `previous` width first, so a trial runs its steps
+        in a row: only steps in a run of one width are timed)."""
+        left = num_tokens - low
+        promised = expected_tokens(state["hits"], state["tries"], max(costs))
+        slow = 1.0 if book is None else skew(book)
+        values = {}
+        for w, cost in costs.items():
+            gained, steps = (0.0, 0) if book is None else book["gain"].get(w, (0.0, 0))
+            extra = (gained + PRIOR_STEPS * (promised[min(w, left) - 1] - 1)) / (steps + PRIOR_STEPS)
+            values[w] = min(1 + extra * slow, left) / cost
         best = max(values, key=values.get)
-        if best == 1 and real is not None:
-            doubted = {w: v / PROBE_DOUBT for w, v in values.items() if w > 1 and real.get(w, 0) < VERIFY_STEPS}
-            if doubted and max(doubted.values()) > values[1]:
-                return max(doubted, key=doubted.get)
+        if book is not None:
+            doubted = {w: v / PROBE_DOUBT for w, v in values.items()
+                       if w not in (1, best) and v / PROBE_DOUBT > values[best]
+                       and min(book["real"].get(w, 0), book["gain"].get(w, (0, 0))[1]) < VERIFY_STEPS}
+            if doubted:
+                return previous if previous in doubted else max(doubted, key=doubted.get)
         return best
+
+    @staticmethod
+    def _book_step(costs, book, width: int, seconds: Optional[float], made: Optional[tuple]) -> None:
+        """Book one real window step: its time (the whole loop iteration) into its width's cost;
+        from `made` (the slowest row's gain, tokens emitted, rows that emitted) a mean row's extra
+        tokens into its width's gain, and the slowest row's and a mean row's into the skew."""
+        if seconds is not None:
+            took = min(seconds, STEP_CAP * costs[width])
+            costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * took
+            book["real"][width] = book["real"].get(width, 0) + 1
+        if made is not None:
+            slowest, tokens, rows = made
+            gain = book["gain"].setdefault(width, [0.0, 0])
+            gain[0] += tokens / rows - 1
+            gain[1] += 1
+            book["slow"][0] += slowest - 1
+            book["slow"][1] += tokens / rows - 1
 
     # ---- loop ----------------------------------------------------------------------------
 
@@ -239,9 +307,9 @@ class AutoSampler(Sampler):
         cond_all, mask_all = cfg_batch(model, cond, cond_mask, params)
         batch, cond_len = cond.shape[0], model.condition_length(cond)
         state = model_state(model)
-        costs = real = None
+        costs = book = None
         if self.window == "auto":
-            costs, real = self._costs(model, cond_all, mask_all, cond_len, num_tokens, params, batch, state)
+            costs, book = self._costs(model, cond_all, mask_all, cond_len, num_tokens, params, batch, state)
         cap = self.max_window if self.window == "auto" else self.window
         cap = min(cap, num_tokens)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
@@ -256,50 +324,63 @@ class AutoSampler(Sampler):
         # is blind (argmax of the noise), so it says nothing about how well windows verify
         reach = emitted.clone()
         tally, widths = ForwardTally(batch, num_tokens, device, progress), []
+        last = None  # (width, lowest index before, start or None, [tokens, rows] or None) of a step to book
+        windows_in_row = 0
         while True:
+            top = time.perf_counter()
             low, high = (int(v) for v in emitted.aminmax())  # the step's host reads, once each
+            if last is not None:
+                width, before, began, made = last
+                self._book_step(costs, book, width, None if began is None else top - began,
+                                None if made is None else (low - before, *made.tolist()))
+                last = None
             left = num_tokens - low
             if left <= 0:
                 break
-            widest = cap if costs is None else self._choose(costs, state, emitted, num_tokens, real)
+            widest = cap if costs is None else self._choose(costs, state, low, num_tokens, book,
+                                                            widths[-1] if widths else 1)
             width = covering_width(left, widest)  # near the image's end a power of two (a probed width)
             if width == 1 and high == low:
                 # every row at the same token and AR chosen: AR stays the choice to the end (the
-                # rows stay in step, and a window's expected tokens only fall as the image
-                # runs out, while no window step adds acceptance data), so finish with the AR
-                # sampler's loop: one shared position, no per-step choice or bookkeeping
-                began = time.perf_counter()
+                # rows stay in step, and a window's prospects only fall as the image runs out,
+                # while AR steps add no acceptance data), so finish with the AR sampler's loop:
+                # one shared position, no per-step choice or bookkeeping
                 self._ar_rest(model, seq, low, noise, cache, cond_len, num_tokens, params)
-                steps = num_tokens - low
+                steps = left
                 if costs is not None:  # AR's real step too, so neither side is judged by a lucky probe
-                    costs[1] = (1 - COST_UPDATE) * costs[1] + COST_UPDATE * (time.perf_counter() - began) / steps
+                    took = min((time.perf_counter() - top) / steps, STEP_CAP * costs[1])
+                    costs[1] = (1 - COST_UPDATE) * costs[1] + COST_UPDATE * took
+                    book["real"][1] = book["real"].get(1, 0) + steps
                 tally.record_ar(steps)
                 widths.extend([1] * steps)
                 emitted = torch.full_like(emitted, num_tokens)
                 continue
-            if width == 1:
-                shared = low if high == low else None
+            if width == 1:  # rows out of step (after windows): AR with a position per row
                 emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
-                                                       params, shared)
+                                                       params, low if high == low else None)
             else:
                 if not drafted:  # no window step yet, so no row has a token at or past `high`
                     seq[:, high:] = noise[:, high:].argmax(-1)  # one uniform token per position
                     drafted = True
-                began = time.perf_counter()  # (after the one-off blind drafts: they are no step's cost)
                 informed = reach - emitted  # drafts of depth 1 .. informed were predicted
                 reach = torch.maximum(reach, emitted + width)
                 emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
                                                     params)
-            tally.record(m, lengths > 0, emitted.min)
-            widths.append(width)
-            if width > 1:
                 self._observe(state, n, lengths, width, informed)
-                if costs is not None:
-                    # the start-up probe times the bare step at its best; a real step also pays
-                    # the bookkeeping around it (and the load of the moment): fold what it
-                    # really cost into the estimate, so a window that does not pay loses to AR
-                    costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * (time.perf_counter() - began)
-                    real[width] = real.get(width, 0) + 1
+            tally.record(m, lengths > 0, emitted.min)
+            windows_in_row = windows_in_row + 1 if width > 1 else 0
+            if costs is not None and width > 1:
+                # Booked: the step's time (to the next iteration's start) if it follows a step of
+                # its width (the first after a change may build a graph) past the call's cold
+                # first steps; what it gained the rows, if it is not a window's first steps after
+                # AR or the image's start (its drafts blind, or predicted from blind ones), nor
+                # cut short by the image's end. Out-of-step AR steps are not booked: AR's cost is
+                # that of the shared-position loop above, which is what it costs at a choice.
+                timed = len(widths) >= max(COLD_STEPS, 1) and widths[-1] == width
+                warm = windows_in_row > JACOBI_WARMUP and left >= width
+                made = torch.stack([m.sum(), (lengths > 0).sum()]) if warm else None
+                last = (width, low, top if timed else None, made) if timed or warm else None
+            widths.append(width)
         self.last_widths = widths
         return tally.output(seq[:, :num_tokens].clone())
 
@@ -319,6 +400,13 @@ class AutoSampler(Sampler):
         for j in range(len(t)):
             tries[j] += t[j]
             hits[j] += h[j]
+
+
+def skew(book) -> float:
+    """The slowest row's extra tokens per window step over a mean row's, on one shape (1 at batch 1;
+    a prior of 1 worth SKEW_PRIOR extra tokens)."""
+    slowest, mean = book["slow"]
+    return min(max((slowest + SKEW_PRIOR) / (mean + SKEW_PRIOR), 0.0), 1.0)
 
 
 def model_device(model) -> torch.device:

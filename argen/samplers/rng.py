@@ -48,6 +48,22 @@ class RandomStreams:
         out._buffer = self._buffer[list(rows), self._offset:].clone()
         return out
 
+    def uniform_rows(self, n: int):
+        """Yield, stream by stream, its next `n` uniforms (float64 [n]): the numbers `uniform(n)`
+        would give row i, without a [B, n] block. Each yielded tensor is one reused scratch buffer
+        (use it, in place if you like, before asking for the next): a Gumbel sampler draws N*V
+        numbers per row (8 MB at batch 16), and fresh buffers that size cost more in page faults
+        than the draws themselves."""
+        take = min(self._buffer.shape[1] - self._offset, n)  # buffered numbers come first
+        buffered = self._buffer[:, self._offset:self._offset + take]
+        self._offset += take
+        scratch = torch.empty(n, dtype=torch.float64)
+        for row, g in enumerate(self.generators):
+            scratch[:take] = buffered[row]
+            if n > take:
+                torch.rand(n - take, generator=g, dtype=torch.float64, out=scratch[take:])
+            yield scratch
+
     def uniform(self, *shape: int, device=None) -> torch.Tensor:
         """[B, *shape] uniforms in [0, 1), row i from generator i."""
         n = 1
