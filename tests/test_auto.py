@@ -7,7 +7,7 @@ import torch
 from argen.errors import ArgenError
 from argen.samplers import ARSampler, SamplingParams, get_sampler
 from argen.samplers import auto
-from argen.samplers.auto import VERIFY_STEPS, AutoSampler, expected_tokens, model_state, skew
+from argen.samplers.auto import TRIAL_STEPS, AutoSampler, expected_tokens, model_state, skew
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 from test_speculative import MARKOV_PARAMS, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
@@ -94,9 +94,9 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap(monkeypatch):
     sampler(model, cond, seeds=[0, 1])  # measures and caches the costs for this shape
     (key,) = state["costs"]
     assert 1 in state["costs"][key] and set(state["costs"][key]) <= {1, 2, 4, 8}
-    def verified():  # no width left to verify (its cost and gain backed by real steps): the estimates decide
-        return {"real": {w: VERIFY_STEPS for w in (1, 2, 4, 8)},
-                "gain": {w: [0.5 * VERIFY_STEPS, VERIFY_STEPS] for w in (2, 4, 8)}, "slow": [0.0, 0.0]}
+    def verified():  # every window tried already (and its gain measured): the estimates decide
+        return {"tried": {w: TRIAL_STEPS for w in (2, 4, 8)},
+                "gain": {w: [0.5 * TRIAL_STEPS, TRIAL_STEPS] for w in (2, 4, 8)}, "slow": [0.0, 0.0]}
 
     state["books"][key] = verified()
     state["costs"][key] = {1: 1.0, 2: 5.0, 4: 9.0, 8: 20.0}  # windows far dearer than their tokens
@@ -126,9 +126,9 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap(monkeypatch):
         assert (state["books"][key]["gain"] == gains) == (warmup == 100)
 
 
-def test_a_window_the_probe_may_have_misjudged_is_verified_by_real_steps():
+def test_a_window_the_probe_may_have_misjudged_is_tried():
     """AR by the estimates, but a window that would pay at PROBE_DOUBT x its probed cost is tried
-    until VERIFY_STEPS real steps back its estimate; a verified one is left alone."""
+    for TRIAL_STEPS steps on this shape; a tried one is left alone."""
     model = tiny_gpt()
     sampler = AutoSampler(max_window=2)
     cond = torch.tensor([1, 2])
@@ -138,14 +138,19 @@ def test_a_window_the_probe_may_have_misjudged_is_verified_by_real_steps():
     state["hits"].clear()
     state["tries"].clear()
     state["costs"][key] = {1: 1.0, 2: 1.6}  # prior: 1.5 tokens for 1.6x the cost, 1.5 / (0.7 * 1.6) would pay
-    verified = {"real": {1: VERIFY_STEPS, 2: VERIFY_STEPS}, "gain": {2: [0.5 * VERIFY_STEPS, VERIFY_STEPS]}}
-    state["books"][key] = {**verified, "slow": [0.0, 0.0]}
+    state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {2: [0.5 * TRIAL_STEPS, TRIAL_STEPS]},
+                           "slow": [0.0, 0.0]}
     sampler(model, cond, seeds=[0, 1])
-    assert sampler.last_widths == [1] * 15  # verified: AR is the choice
+    assert sampler.last_widths == [1] * 15  # tried: AR is the choice
     state["costs"][key] = {1: 1.0, 2: 1.6}
-    state["books"][key] = {"real": {1: VERIFY_STEPS}, "gain": {}, "slow": [0.0, 0.0]}
+    state["books"][key] = {"tried": {}, "gain": {}, "slow": [0.0, 0.0]}
     sampler(model, cond, seeds=[0, 1])
-    assert 2 in sampler.last_widths and state["books"][key]["real"][2] >= 1
+    assert 2 in sampler.last_widths and state["books"][key]["tried"][2] >= 1
+    # a trial that ran its steps is not run again, even if the measured cost ended it early
+    state["costs"][key] = {1: 1.0, 2: 1.6}
+    state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {}, "slow": [0.0, 0.0]}
+    sampler(model, cond, seeds=[0, 1])
+    assert sampler.last_widths == [1] * 15
 
 
 def test_windows_are_judged_by_the_slowest_rows_progress():
@@ -161,16 +166,16 @@ def test_windows_are_judged_by_the_slowest_rows_progress():
     for slow, widths in (([10.0, 100.0], {1}), ([0.0, 0.0], {2})):
         state["hits"][:], state["tries"][:] = [1e6], [1e6]
         state["costs"][key] = {1: 1.0, 2: 1.2}
-        state["books"][key] = {"real": {1: VERIFY_STEPS, 2: VERIFY_STEPS}, "gain": {2: [1.0 * VERIFY_STEPS, VERIFY_STEPS]},
+        state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {2: [1.0 * TRIAL_STEPS, TRIAL_STEPS]},
                                "slow": list(slow)}
         sampler(model, cond, seeds=[0, 1])
         assert set(sampler.last_widths[:5]) == widths
     # and a width's own real steps outweigh the promise: acceptance learnt elsewhere says a
     # width-2 draft is right 10% of the time (no pay), but here it was right in 40 steps of 40
-    for gain, widths in (({2: [40.0, 40]}, {2}), ({2: [0.1 * VERIFY_STEPS, VERIFY_STEPS]}, {1})):
+    for gain, widths in (({2: [40.0, 40]}, {2}), ({2: [0.1 * TRIAL_STEPS, TRIAL_STEPS]}, {1})):
         state["hits"][:], state["tries"][:] = [1e5], [1e6]
         state["costs"][key] = {1: 1.0, 2: 1.2}
-        state["books"][key] = {"real": {1: VERIFY_STEPS, 2: VERIFY_STEPS}, "gain": gain, "slow": [0.0, 0.0]}
+        state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": gain, "slow": [0.0, 0.0]}
         sampler(model, cond, seeds=[0, 1])
         assert set(sampler.last_widths[:5]) == widths
 

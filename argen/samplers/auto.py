@@ -37,7 +37,7 @@ maximises the batch's expected progress per unit of cost:
   timed on the loop AR runs on (`_ar_rest`). Each real step, the whole loop iteration included, is
   folded into its width's cost (weight COST_UPDATE), AR's as well as the windows', so a probe that
   flattered either side is corrected; and since AR, once chosen, never measures a window, a window
-  whose estimates no VERIFY_STEPS real steps back yet is still tried while it might win.
+  run for fewer than TRIAL_STEPS steps on this shape is still tried while it might win.
 Near the image's end the window stays a probed width (rows past the end pad): a compiled step
 builds one graph per width.
 
@@ -57,9 +57,9 @@ from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .speculative import covering_width, guidance, leading_accepts, window_inputs
 
-# model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"real": {T: steps
-# folded into its cost}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra
-# tokens, a mean row's]}}} (dropped with the model)
+# model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"tried": {T: window
+# steps run}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra tokens, a
+# mean row's]}}} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Per-depth acceptance before any observation, worth PRIOR_WEIGHT trials. The first window steps of
 # an image verify drafts predicted from blind context and nearly all fail; with 4 pseudo-trials,
@@ -72,9 +72,10 @@ COST_UPDATE = 0.3  # weight of each real step in its width's cost estimate
 STEP_CAP = 1.5
 # A probed cost is a few bare steps and can be far off: at batch 4 (bf16, compiled) one probe timed a
 # 4-token step at 3.93 ms that really took 2.85 ms (0.73x), and AR, once chosen, never measures a
-# window again. So a window whose estimates rest on fewer than VERIFY_STEPS real steps is still
-# tried when it would win at PROBE_DOUBT times its estimated cost (a window far dearer is not).
-VERIFY_STEPS, PROBE_DOUBT = 5, 0.7
+# window again. So a window run for fewer than TRIAL_STEPS steps on a shape is still tried when it
+# would win at PROBE_DOUBT times its estimated cost (a window far dearer is not). A trial counts
+# its steps even when the measured cost ends it early: otherwise every call would try it again.
+TRIAL_STEPS, PROBE_DOUBT = 10, 0.7
 # The first steps after a prefill run slow, whatever the sampler (default-c2i at batch 16, bf16
 # compiled: 4.4, 4.3, 3.7, 3.4 ms, then 2.75 ms). AR, probed first right after the prefill, read
 # 3.3 ms and lost to a window that did not pay; a window tried at an image's start reads dear. So
@@ -222,9 +223,8 @@ class AutoSampler(Sampler):
     # ---- cost model ----------------------------------------------------------------------
 
     def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> tuple:
-        """(costs {width: seconds per step}, book) for this shape: book["real"] {width: real steps
-        folded into its cost}, book["gain"] {width: [a mean row's extra tokens, steps]},
-        book["slow"] (see `skew`)."""
+        """(costs {width: seconds per step}, book) for this shape: book["tried"] {width: window
+        steps run}, book["gain"] {width: [a mean row's extra tokens, steps]}, book["slow"] (`skew`)."""
         widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w <= min(self.max_window, num_tokens)]
         device = model_device(model)
         key = (cond_all.shape[0], str(device), cond_len, num_tokens, params.uses_cfg, tuple(widths))
@@ -259,13 +259,13 @@ class AutoSampler(Sampler):
             for w in seconds:  # one more round, interleaved: no width timed only early or late
                 seconds[w] = min(seconds[w], timed(w))
             state["costs"][key] = seconds
-        return state["costs"][key], state["books"].setdefault(key, {"real": {}, "gain": {}, "slow": [0.0, 0.0]})
+        return state["costs"][key], state["books"].setdefault(key, {"tried": {}, "gain": {}, "slow": [0.0, 0.0]})
 
     def _choose(self, costs, state, low: int, num_tokens: int, book=None, previous: int = 1) -> int:
         """The width with the most expected progress of the slowest row (now at index `low`) per
         second. With a `book`: progress as measured on this shape (each width's mean row, and the
-        slowest row's share, `skew`), and a window whose estimates no VERIFY_STEPS real steps back
-        yet takes the turn if it would win at PROBE_DOUBT x its estimated cost (the `previous` width first, so a trial runs its steps
+        slowest row's share, `skew`), and a window run for fewer than TRIAL_STEPS steps on this
+        shape takes the turn if it would win at PROBE_DOUBT x its estimated cost (the `previous` width first, so a trial runs its steps
         in a row: only steps in a run of one width are timed)."""
         left = num_tokens - low
         promised = expected_tokens(state["hits"], state["tries"], max(costs))
@@ -279,7 +279,7 @@ class AutoSampler(Sampler):
         if book is not None:
             doubted = {w: v / PROBE_DOUBT for w, v in values.items()
                        if w not in (1, best) and v / PROBE_DOUBT > values[best]
-                       and min(book["real"].get(w, 0), book["gain"].get(w, (0, 0))[1]) < VERIFY_STEPS}
+                       and book["tried"].get(w, 0) < TRIAL_STEPS}
             if doubted:
                 return previous if previous in doubted else max(doubted, key=doubted.get)
         return best
@@ -292,7 +292,6 @@ class AutoSampler(Sampler):
         if seconds is not None:
             took = min(seconds, STEP_CAP * costs[width])
             costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * took
-            book["real"][width] = book["real"].get(width, 0) + 1
         if made is not None:
             slowest, tokens, rows = made
             gain = book["gain"].setdefault(width, [0.0, 0])
@@ -350,7 +349,6 @@ class AutoSampler(Sampler):
                 if costs is not None:  # AR's real step too, so neither side is judged by a lucky probe
                     took = min((time.perf_counter() - top) / steps, STEP_CAP * costs[1])
                     costs[1] = (1 - COST_UPDATE) * costs[1] + COST_UPDATE * took
-                    book["real"][1] = book["real"].get(1, 0) + steps
                 tally.record_ar(steps)
                 widths.extend([1] * steps)
                 emitted = torch.full_like(emitted, num_tokens)
@@ -370,6 +368,7 @@ class AutoSampler(Sampler):
             tally.record(m, lengths > 0, emitted.min)
             windows_in_row = windows_in_row + 1 if width > 1 else 0
             if costs is not None and width > 1:
+                book["tried"][width] = book["tried"].get(width, 0) + 1
                 # Booked: the step's time (to the next iteration's start) if it follows a step of
                 # its width (the first after a change may build a graph) past the call's cold
                 # first steps; what it gained the rows, if it is not a window's first steps after
