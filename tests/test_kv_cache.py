@@ -7,6 +7,7 @@ import torch
 
 from argen.models import GPT, GPTConfig
 from argen.samplers import ARSampler, SamplingParams, get_sampler
+from argen.samplers.auto import model_state
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 
@@ -131,6 +132,12 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     for sampler in (ARSampler(), get_sampler("mcsjd:L=4")):  # one static shape; several window widths
         expect = sampler(eager, labels, params=params, seeds=[3, 4]).tokens
         assert torch.equal(sampler(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
+    # auto compiles its window step (the forward and the Gumbel test as one graph) with decode's options
+    assert compiled.compile_options["fullgraph"] and eager.compile_options is None
+    auto = get_sampler("auto:L=4")
+    expect = auto(eager, labels, params=params, seeds=[3, 4]).tokens
+    assert torch.equal(auto(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
+    assert "window" in model_state(compiled) and "window" not in model_state(eager)
 
 
 # ---- per-query key masks (set_query_mask) ------------------------------------------------------

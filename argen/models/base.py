@@ -43,6 +43,10 @@ Weight formats (optional; samplers never see them)
     set_weight_format(fmt)    convert in place for inference (GPT: "fp32-packed", "bf16", weight-only
                               "int8"); every generator takes "auto" (its fastest format that keeps
                               the fp32 numbers to rounding; fp32 when it has no other)
+
+Compiled decode (optional)
+    compile_options           the torch.compile options `decode` was compiled with, or None (eager);
+                              a sampler may compile its own step around `decode` with them (auto)
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Generator(abc.ABC):
     are also `torch.nn.Module`s, so `.to()`, `.eval()`, `.parameters()` work as usual."""
 
     tokens_per_position: int = 1
+    compile_options: Optional[dict] = None  # see "Compiled decode" above
 
     # ---- structure ------------------------------------------------------------------------
 

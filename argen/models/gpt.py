@@ -618,8 +618,9 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         cache length) shape compiles once (about half a minute for GPT-B on a CPU), so this pays
         off for long sampling runs, not one-off images; speculative samplers compile once per window
         width (their window, then powers of two as an image ends: `covering_width`). Compiled and
-        eager decoding sample the same tokens (tested for AR, SJD and MC-SJD). Options go to
-        `torch.compile`.
+        eager decoding sample the same tokens (tested for AR, SJD, MC-SJD and auto). Options go to
+        `torch.compile` and stay as `compile_options`, for samplers that compile a step around
+        `decode` (auto's window and its Gumbel test, one graph).
         """
         options = {"fullgraph": True, "dynamic": False, **compile_options}
         if "mode" not in options and self.tok_embeddings.weight.device.type == "cpu":
@@ -633,6 +634,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
         self.decode = torch.compile(type(self).decode.__get__(self), **options)
+        self.compile_options = options
         return self
 
     # ---- weight formats (an option of the model; samplers never see it) --------------------
