@@ -7,7 +7,7 @@ import torch
 from argen.errors import ArgenError
 from argen.samplers import ARSampler, SamplingParams, get_sampler
 from argen.samplers import auto
-from argen.samplers.auto import TRIAL_STEPS, AutoSampler, expected_tokens, model_state, skew
+from argen.samplers.auto import TRIAL_STEPS, AutoSampler, acceptance_counts, expected_tokens, model_state, skew
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 from test_speculative import MARKOV_PARAMS, MarkovModel, assert_matches_exact_and_ar, assert_pairs_exact
@@ -198,7 +198,7 @@ def test_only_predicted_drafts_count_as_acceptance_data():
     only when j <= informed. Row 0: 3 drafts right, only the first 2 predicted; row 1: all blind."""
     state = {"costs": {}, "hits": [], "tries": []}
     n, lengths = torch.tensor([3, 0]), torch.tensor([4, 4])
-    AutoSampler._observe(state, n, lengths, 4, informed=torch.tensor([2, 0]))
+    AutoSampler._observe(state, acceptance_counts(n, lengths, 4, informed=torch.tensor([2, 0])))
     assert state["tries"] == [1.0, 1.0, 0.0] and state["hits"] == [1.0, 1.0, 0.0]
 
 

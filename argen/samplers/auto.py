@@ -157,17 +157,19 @@ class AutoSampler(Sampler):
     # ---- one step ------------------------------------------------------------------------
 
     @staticmethod
-    def _step(model, seq, emitted, noise, width: int, cache, cond_len: int, num_tokens: int, params):
-        """Feed a window of `width`, emit the verified tokens, keep the rest as drafts.
-        Returns (emitted [B], m [B] tokens emitted, n [B] drafts accepted, lengths [B])."""
-        emitted, m, n, lengths = window_step(model)(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
-                                                    params)
+    def _step(model, seq, emitted, reach, noise, width: int, cache, cond_len: int, num_tokens: int, params):
+        """Feed a window of `width`, emit the verified tokens, keep the rest as drafts. `reach` [B]:
+        image indices below it have been predicted by some forward (later drafts are blind).
+        Returns (emitted [B], m [B] tokens emitted, lengths [B] window rows in the image, reach,
+        counts [2, width - 1]: drafts tested and drafts right per depth, predicted ones only)."""
+        emitted, m, lengths, reach, counts = window_step(model)(model, seq, emitted, reach, noise, width, cache,
+                                                                cond_len, num_tokens, params)
         kept = cond_len + emitted - 1
         cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
-        return emitted, m, n, lengths
+        return emitted, m, lengths, reach, counts
 
     @staticmethod
-    def _window(model, seq, emitted, noise, width: int, cache, cond_len: int, num_tokens: int, params):
+    def _window(model, seq, emitted, reach, noise, width: int, cache, cond_len: int, num_tokens: int, params):
         """`_step` but the cache's rewind (whose check reads a value back, a graph break)."""
         lengths = (num_tokens - emitted).clamp(0, width)
         tokens, pos = window_inputs(seq, emitted, width, cond_len, num_tokens)
@@ -183,7 +185,8 @@ class AutoSampler(Sampler):
         # y[:, :n+1] are the emitted tokens (y_j == d_j for j < n), y[:, n+1:] the next drafts;
         # rows past the image (finished rows, the end of a short one) write scratch columns
         seq.scatter_(1, index, y)
-        return emitted + m, m, n, lengths
+        counts = acceptance_counts(n, lengths, width, reach - emitted)
+        return emitted + m, m, lengths, torch.maximum(reach, emitted + width), counts
 
     @staticmethod
     def _ar_rest(model, seq, start: int, noise, cache, cond_len: int, num_tokens: int, params,
@@ -224,7 +227,7 @@ class AutoSampler(Sampler):
         logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
         y = (logits + noise[rows, emitted]).argmax(-1)
         seq[rows, emitted] = y  # finished rows write their scratch column N
-        return emitted + active, active.long(), torch.zeros_like(emitted), active.long()
+        return emitted + active, active.long(), active.long()
 
     # ---- cost model ----------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ class AutoSampler(Sampler):
                 if w == 1:  # the path AR runs on (`_ar_rest`), one step
                     self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
                 else:
-                    self._step(model, seq, start, noise, w, cache, cond_len, num_tokens, params)
+                    self._step(model, seq, start, start, noise, w, cache, cond_len, num_tokens, params)
                 return time.perf_counter() - t0
 
             for _ in range(PROBE_WARMUP):  # untimed: the first steps after a prefill run slow
@@ -360,17 +363,15 @@ class AutoSampler(Sampler):
                 emitted = torch.full_like(emitted, num_tokens)
                 continue
             if width == 1:  # rows out of step (after windows): AR with a position per row
-                emitted, m, n, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
-                                                       params, low if high == low else None)
+                emitted, m, lengths = self._ar_step(model, seq, emitted, noise, cache, cond_len, num_tokens,
+                                                    params, low if high == low else None)
             else:
                 if not drafted:  # no window step yet, so no row has a token at or past `high`
                     seq[:, high:] = noise[:, high:].argmax(-1)  # one uniform token per position
                     drafted = True
-                informed = reach - emitted  # drafts of depth 1 .. informed were predicted
-                reach = torch.maximum(reach, emitted + width)
-                emitted, m, n, lengths = self._step(model, seq, emitted, noise, width, cache, cond_len, num_tokens,
-                                                    params)
-                self._observe(state, n, lengths, width, informed)
+                emitted, m, lengths, reach, counts = self._step(model, seq, emitted, reach, noise, width, cache,
+                                                                cond_len, num_tokens, params)
+                self._observe(state, counts)
             tally.record(m, lengths > 0, emitted.min)
             windows_in_row = windows_in_row + 1 if width > 1 else 0
             if costs is not None and width > 1:
@@ -390,14 +391,9 @@ class AutoSampler(Sampler):
         return tally.output(seq[:, :num_tokens].clone())
 
     @staticmethod
-    def _observe(state, n, lengths, width: int, informed) -> None:
-        """Depth j's draft was tested when the j-1 before it were right (and the row had it).
-        Only predicted drafts count (depth j <= informed [B]): a blind draft is a uniform token,
-        no evidence of how well this model's windows verify."""
-        depths = torch.arange(1, width, device=n.device)
-        tested = (n[:, None] >= depths - 1) & (depths <= lengths[:, None] - 1) & (depths <= informed[:, None])
-        hit = tested & (n[:, None] >= depths)
-        t, h = tested.sum(0).tolist(), hit.sum(0).tolist()
+    def _observe(state, counts) -> None:
+        """Add a step's `acceptance_counts` to the model's per-depth tries and hits."""
+        t, h = counts.tolist()
         hits, tries = state["hits"], state["tries"]
         while len(tries) < len(t):
             tries.append(0.0)
@@ -405,6 +401,17 @@ class AutoSampler(Sampler):
         for j in range(len(t)):
             tries[j] += t[j]
             hits[j] += h[j]
+
+
+def acceptance_counts(n, lengths, width: int, informed) -> torch.Tensor:
+    """[2, width - 1]: per depth j, the drafts tested and the drafts right in a step that accepted
+    n [B] of its lengths [B] - 1 drafts. Depth j's draft was tested when the j-1 before it were right
+    (and the row had it). Only predicted drafts count (depth j <= informed [B]): a blind draft is a
+    uniform token, no evidence of how well this model's windows verify."""
+    depths = torch.arange(1, width, device=n.device)
+    tested = (n[:, None] >= depths - 1) & (depths <= lengths[:, None] - 1) & (depths <= informed[:, None])
+    hit = tested & (n[:, None] >= depths)
+    return torch.stack([tested.sum(0), hit.sum(0)])
 
 
 def window_step(model):
