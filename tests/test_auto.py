@@ -126,58 +126,52 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap(monkeypatch):
         assert (state["books"][key]["gain"] == gains) == (warmup == 100)
 
 
+class Width2:
+    """A tiny model whose batch-2 costs (widths 1 and 2) are probed, and a way to run `auto` on it
+    with set estimates and records (acceptance data cleared)."""
+
+    def __init__(self):
+        self.model, self.sampler, self.cond = tiny_gpt(), AutoSampler(max_window=2), torch.tensor([1, 2])
+        self.state = model_state(self.model)
+        self.sampler(self.model, self.cond, seeds=[0, 1])
+        (self.key,) = self.state["costs"]
+        self.state["hits"].clear()
+        self.state["tries"].clear()
+
+    def widths(self, costs, tried=None, gain=None, slow=(0.0, 0.0)) -> list:
+        self.state["costs"][self.key] = dict(costs)
+        self.state["books"][self.key] = {"tried": dict(tried or {}), "slow": list(slow),
+                                         "gain": {w: list(v) for w, v in (gain or {}).items()}}
+        self.sampler(self.model, self.cond, seeds=[0, 1])
+        return self.sampler.last_widths
+
+
 def test_a_window_the_probe_may_have_misjudged_is_tried():
     """AR by the estimates, but a window that would pay at PROBE_DOUBT x its probed cost is tried
     for TRIAL_STEPS steps on this shape; a tried one is left alone."""
-    model = tiny_gpt()
-    sampler = AutoSampler(max_window=2)
-    cond = torch.tensor([1, 2])
-    state = model_state(model)
-    sampler(model, cond, seeds=[0, 1])
-    (key,) = state["costs"]
-    state["hits"].clear()
-    state["tries"].clear()
-    state["costs"][key] = {1: 1.0, 2: 1.6}  # prior: 1.5 tokens for 1.6x the cost, 1.5 / (0.7 * 1.6) would pay
-    state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {2: [0.5 * TRIAL_STEPS, TRIAL_STEPS]},
-                           "slow": [0.0, 0.0]}
-    sampler(model, cond, seeds=[0, 1])
-    assert sampler.last_widths == [1] * 15  # tried: AR is the choice
-    state["costs"][key] = {1: 1.0, 2: 1.6}
-    state["books"][key] = {"tried": {}, "gain": {}, "slow": [0.0, 0.0]}
-    sampler(model, cond, seeds=[0, 1])
-    assert 2 in sampler.last_widths and state["books"][key]["tried"][2] >= 1
+    run = Width2()
+    costs = {1: 1.0, 2: 1.6}  # prior: 1.5 tokens for 1.6x the cost, 1.5 / (0.7 * 1.6) would pay
+    tried = {2: TRIAL_STEPS}
+    assert run.widths(costs, tried, gain={2: [0.5 * TRIAL_STEPS, TRIAL_STEPS]}) == [1] * 15  # tried: AR
+    assert 2 in run.widths(costs) and run.state["books"][run.key]["tried"][2] >= 1
     # a trial that ran its steps is not run again, even if the measured cost ended it early
-    state["costs"][key] = {1: 1.0, 2: 1.6}
-    state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {}, "slow": [0.0, 0.0]}
-    sampler(model, cond, seeds=[0, 1])
-    assert sampler.last_widths == [1] * 15
+    assert run.widths(costs, tried) == [1] * 15
 
 
 def test_windows_are_judged_by_the_slowest_rows_progress():
     """The acceptance model promises a row 2 tokens per width-2 step (learnt elsewhere, e.g. at
     batch 1), which pays at 1.2x AR's cost. On this shape the slowest row has gained a tenth of a
     mean row's extra tokens, so a window does not pay: AR. With no such record, the promise: windows."""
-    model = tiny_gpt()
-    sampler = AutoSampler(max_window=2)
-    cond = torch.tensor([1, 2])
-    state = model_state(model)
-    sampler(model, cond, seeds=[0, 1])
-    (key,) = state["costs"]
+    run = Width2()
+    costs, tried = {1: 1.0, 2: 1.2}, {2: TRIAL_STEPS}
     for slow, widths in (([10.0, 100.0], {1}), ([0.0, 0.0], {2})):
-        state["hits"][:], state["tries"][:] = [1e6], [1e6]
-        state["costs"][key] = {1: 1.0, 2: 1.2}
-        state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {2: [1.0 * TRIAL_STEPS, TRIAL_STEPS]},
-                               "slow": list(slow)}
-        sampler(model, cond, seeds=[0, 1])
-        assert set(sampler.last_widths[:5]) == widths
+        run.state["hits"][:], run.state["tries"][:] = [1e6], [1e6]
+        assert set(run.widths(costs, tried, {2: [1.0 * TRIAL_STEPS, TRIAL_STEPS]}, slow)[:5]) == widths
     # and a width's own real steps outweigh the promise: acceptance learnt elsewhere says a
     # width-2 draft is right 10% of the time (no pay), but here it was right in 40 steps of 40
     for gain, widths in (({2: [40.0, 40]}, {2}), ({2: [0.1 * TRIAL_STEPS, TRIAL_STEPS]}, {1})):
-        state["hits"][:], state["tries"][:] = [1e5], [1e6]
-        state["costs"][key] = {1: 1.0, 2: 1.2}
-        state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": gain, "slow": [0.0, 0.0]}
-        sampler(model, cond, seeds=[0, 1])
-        assert set(sampler.last_widths[:5]) == widths
+        run.state["hits"][:], run.state["tries"][:] = [1e5], [1e6]
+        assert set(run.widths(costs, tried, gain)[:5]) == widths
 
 
 def test_skew_is_one_at_batch_one_and_shrinks_to_the_prior():
