@@ -81,9 +81,11 @@ TRIAL_STEPS, PROBE_DOUBT = 10, 0.7
 # 3.3 ms and lost to a window that did not pay; a window tried at an image's start reads dear. So
 # the probe starts after PROBE_WARMUP untimed AR steps, and a call's first COLD_STEPS are not timed.
 PROBE_WARMUP, COLD_STEPS = 8, 4
-# Window steps in a row before their gain is booked: the first window holds blind drafts, the next
-# ones drafts predicted from blind ones (in a trial at batch 4 a width-4 window gained a mean row 0.5
-# extra tokens a step there, against 0.6 once under way, and the slowest row far less).
+# Steps of one width in a row before their gain is booked: the first window holds blind drafts, the
+# next ones drafts predicted from blind ones (in a trial at batch 4 a width-4 window gained a mean
+# row 0.5 extra tokens a step there, against 0.6 once under way, and the slowest row far less); a
+# window widened from 8 to 16 holds 8 blind drafts (3 such steps booked 0 extra tokens at batch 1,
+# against 1.9 once under way, and kept `auto` at width 8, 6% slower than 16).
 JACOBI_WARMUP = 3
 # Prior of the slowest-row skew (1), worth this many extra tokens of a mean row. At batch 16 a width-2
 # window gained the slowest row 1.24 tokens per step (default-c2i, bf16), far from a mean row's.
@@ -333,7 +335,7 @@ class AutoSampler(Sampler):
         reach = emitted.clone()
         tally, widths = ForwardTally(batch, num_tokens, device, progress), []
         last = None  # (width, lowest index before, start or None, [tokens, rows] or None) of a step to book
-        windows_in_row = 0
+        same_width_in_row = 0
         while True:
             top = time.perf_counter()
             low, high = (int(v) for v in emitted.aminmax())  # the step's host reads, once each
@@ -373,17 +375,17 @@ class AutoSampler(Sampler):
                                                                 cond_len, num_tokens, params)
                 self._observe(state, counts)
             tally.record(m, lengths > 0, emitted.min)
-            windows_in_row = windows_in_row + 1 if width > 1 else 0
+            same_width_in_row = same_width_in_row + 1 if widths and widths[-1] == width else 1
             if costs is not None and width > 1:
                 book["tried"][width] = book["tried"].get(width, 0) + 1
                 # Booked: the step's time (to the next iteration's start) if it follows a step of
                 # its width (the first after a change may build a graph) past the call's cold
-                # first steps; what it gained the rows, if it is not a window's first steps after
-                # AR or the image's start (its drafts blind, or predicted from blind ones), nor
-                # cut short by the image's end. Out-of-step AR steps are not booked: AR's cost is
+                # first steps; what it gained the rows, if it is not among the first steps of its
+                # width (its drafts blind, or predicted from blind ones), nor cut short by the
+                # image's end. Out-of-step AR steps are not booked: AR's cost is
                 # that of the shared-position loop above, which is what it costs at a choice.
                 timed = len(widths) >= max(COLD_STEPS, 1) and widths[-1] == width
-                warm = windows_in_row > JACOBI_WARMUP and left >= width
+                warm = same_width_in_row > JACOBI_WARMUP and left >= width
                 made = torch.stack([m.sum(), (lengths > 0).sum()]) if warm else None
                 last = (width, low, top if timed else None, made) if timed or warm else None
             widths.append(width)
