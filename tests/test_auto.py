@@ -154,8 +154,12 @@ def test_a_window_the_probe_may_have_misjudged_is_tried():
     tried = {2: TRIAL_STEPS}
     assert run.widths(costs, tried, gain={2: [0.5 * TRIAL_STEPS, TRIAL_STEPS]}) == [1] * 15  # tried: AR
     assert 2 in run.widths(costs) and run.state["books"][run.key]["tried"][2] >= 1
-    # a trial that ran its steps is not run again, even if the measured cost ended it early
+    # a trial that ran its steps is not run again
     assert run.widths(costs, tried) == [1] * 15
+    # nor one the estimates ended early: once its measured gain says it loses, the chooser leaves it
+    book = {"tried": {2: 6}, "gain": {2: [0.0, 6]}, "slow": [0.0, 0.0]}  # no draft right in 6 steps
+    assert run.sampler._choose({1: 1.0, 2: 2.0}, run.state, 10, 16, book, previous=2) == 1
+    assert book["tried"][2] == TRIAL_STEPS
 
 
 def test_windows_are_judged_by_the_slowest_rows_progress():

@@ -73,8 +73,8 @@ STEP_CAP = 1.5
 # A probed cost is a few bare steps and can be far off: at batch 4 (bf16, compiled) one probe timed a
 # 4-token step at 3.93 ms that really took 2.85 ms (0.73x), and AR, once chosen, never measures a
 # window again. So a window run for fewer than TRIAL_STEPS steps on a shape is still tried when it
-# would win at PROBE_DOUBT times its estimated cost (a window far dearer is not). A trial counts
-# its steps even when the measured cost ends it early: otherwise every call would try it again.
+# would win at PROBE_DOUBT times its estimated cost (a window far dearer is not). A trial the
+# measured estimates end early is over too: otherwise every call would try it again.
 TRIAL_STEPS, PROBE_DOUBT = 10, 0.7
 # The first steps after a prefill run slow, whatever the sampler (default-c2i at batch 16, bf16
 # compiled: 4.4, 4.3, 3.7, 3.4 ms, then 2.75 ms). AR, probed first right after the prefill, read
@@ -276,8 +276,9 @@ class AutoSampler(Sampler):
         """The width with the most expected progress of the slowest row (now at index `low`) per
         second. With a `book`: progress as measured on this shape (each width's mean row, and the
         slowest row's share, `skew`), and a window run for fewer than TRIAL_STEPS steps on this
-        shape takes the turn if it would win at PROBE_DOUBT x its estimated cost (the `previous` width first, so a trial runs its steps
-        in a row: only steps in a run of one width are timed)."""
+        shape takes the turn if it would win at PROBE_DOUBT x its estimated cost (the `previous`
+        width first, so a trial runs its steps in a row: only steps in a run of one width are
+        timed); a trial left, or cut short by the estimates, is over."""
         left = num_tokens - low
         promised = expected_tokens(state["hits"], state["tries"], max(costs))
         slow = 1.0 if book is None else skew(book)
@@ -287,13 +288,16 @@ class AutoSampler(Sampler):
             extra = (gained + PRIOR_STEPS * (promised[min(w, left) - 1] - 1)) / (steps + PRIOR_STEPS)
             values[w] = min(1 + extra * slow, left) / cost
         best = max(values, key=values.get)
-        if book is not None:
-            doubted = {w: v / PROBE_DOUBT for w, v in values.items()
-                       if w not in (1, best) and v / PROBE_DOUBT > values[best]
-                       and book["tried"].get(w, 0) < TRIAL_STEPS}
-            if doubted:
-                return previous if previous in doubted else max(doubted, key=doubted.get)
-        return best
+        if book is None:
+            return best
+        doubted = {w: v / PROBE_DOUBT for w, v in values.items()
+                   if w not in (1, best) and v / PROBE_DOUBT > values[best] and book["tried"].get(w, 0) < TRIAL_STEPS}
+        choice = (previous if previous in doubted else max(doubted, key=doubted.get)) if doubted else best
+        if previous > 1 and choice != previous:
+            # a trial the estimates end is over for this shape (tried again in every call, the
+            # short trials added up to 10% of a batch-16 call)
+            book["tried"][previous] = max(book["tried"].get(previous, 0), TRIAL_STEPS)
+        return choice
 
     @staticmethod
     def _book_step(costs, book, width: int, seconds: Optional[float], made: Optional[tuple]) -> None:
