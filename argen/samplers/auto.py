@@ -91,11 +91,6 @@ JACOBI_WARMUP = 3
 # window gained the slowest row 1.24 tokens per step (default-c2i, bf16), far from a mean row's.
 SKEW_PRIOR = 2.0
 PRIOR_STEPS = 4.0  # weight, in real steps of a width, of the acceptance model's promise for it
-# A window must promise this much more progress per second than AR to be chosen over it: a window
-# run pays per call what the per-step model leaves out (the blind drafts, rows finishing apart), and
-# the estimates err by a few percent. On flextok-c2i at batch 16 a width-2 window won by 1% in the
-# estimates and lost 6% in wall-clock.
-AR_MARGIN = 1.05
 
 
 def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratch: int = 0) -> torch.Tensor:
@@ -291,7 +286,7 @@ class AutoSampler(Sampler):
         for w, cost in costs.items():
             gained, steps = (0.0, 0) if book is None else book["gain"].get(w, (0.0, 0))
             extra = (gained + PRIOR_STEPS * (promised[min(w, left) - 1] - 1)) / (steps + PRIOR_STEPS)
-            values[w] = min(1 + extra * slow, left) / cost * (AR_MARGIN if w == 1 else 1.0)
+            values[w] = min(1 + extra * slow, left) / cost
         best = max(values, key=values.get)
         if book is None:
             return best
