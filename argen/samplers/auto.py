@@ -386,8 +386,8 @@ class AutoSampler(Sampler):
                 # its width (the first after a change may build a graph) past the call's cold
                 # first steps; what it gained the rows, if it is not among the first steps of its
                 # width (its drafts blind, or predicted from blind ones), nor cut short by the
-                # image's end. Out-of-step AR steps are not booked: AR's cost is
-                # that of the shared-position loop above, which is what it costs at a choice.
+                # image's end. Out-of-step AR steps are not booked: AR's cost is that of the
+                # shared-position loop above, which is what it costs at a choice.
                 timed = len(widths) >= max(COLD_STEPS, 1) and widths[-1] == width
                 warm = same_width_in_row > JACOBI_WARMUP and left >= width
                 made = torch.stack([m.sum(), (lengths > 0).sum()]) if warm else None
