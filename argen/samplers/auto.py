@@ -159,13 +159,14 @@ class AutoSampler(Sampler):
     # ---- one step ------------------------------------------------------------------------
 
     @staticmethod
-    def _step(model, seq, emitted, reach, noise, width: int, cache, cond_len: int, num_tokens: int, params):
-        """Feed a window of `width`, emit the verified tokens, keep the rest as drafts. `reach` [B]:
-        image indices below it have been predicted by some forward (later drafts are blind).
+    def _step(window, model, seq, emitted, reach, noise, width: int, cache, cond_len: int, num_tokens: int, params):
+        """Feed a window of `width`, emit the verified tokens, keep the rest as drafts. `window`: the
+        model's `window_step` (looked up once per call, outside the loop). `reach` [B]: image indices
+        below it have been predicted by some forward (later drafts are blind).
         Returns (emitted [B], m [B] tokens emitted, lengths [B] window rows in the image, reach,
         counts [2, width - 1]: drafts tested and drafts right per depth, predicted ones only)."""
-        emitted, m, lengths, reach, counts = window_step(model)(model, seq, emitted, reach, noise, width, cache,
-                                                                cond_len, num_tokens, params)
+        emitted, m, lengths, reach, counts = window(model, seq, emitted, reach, noise, width, cache, cond_len,
+                                                    num_tokens, params)
         kept = cond_len + emitted - 1
         cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
         return emitted, m, lengths, reach, counts
@@ -242,6 +243,7 @@ class AutoSampler(Sampler):
         if key not in state["costs"]:
             cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
             model.prefill(cond_all, cache, mask_all)
+            window = window_step(model)
             extra = max(widths) + 1
             vocab = model.vocab_size
             seq = torch.zeros(batch, num_tokens + extra, dtype=torch.long, device=device)
@@ -254,7 +256,7 @@ class AutoSampler(Sampler):
                 if w == 1:  # the path AR runs on (`_ar_rest`), one step
                     self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
                 else:
-                    self._step(model, seq, start, start, noise, w, cache, cond_len, num_tokens, params)
+                    self._step(window, model, seq, start, start, noise, w, cache, cond_len, num_tokens, params)
                 return time.perf_counter() - t0
 
             for _ in range(PROBE_WARMUP):  # untimed: the first steps after a prefill run slow
@@ -324,6 +326,7 @@ class AutoSampler(Sampler):
         costs = book = None
         if self.window == "auto":
             costs, book = self._costs(model, cond_all, mask_all, cond_len, num_tokens, params, batch, state)
+        window = window_step(model)
         cap = self.max_window if self.window == "auto" else self.window
         cap = min(cap, num_tokens)
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
@@ -375,10 +378,11 @@ class AutoSampler(Sampler):
                 if not drafted:  # no window step yet, so no row has a token at or past `high`
                     seq[:, high:] = noise[:, high:].argmax(-1)  # one uniform token per position
                     drafted = True
-                emitted, m, lengths, reach, counts = self._step(model, seq, emitted, reach, noise, width, cache,
-                                                                cond_len, num_tokens, params)
+                emitted, m, lengths, reach, counts = self._step(window, model, seq, emitted, reach, noise, width,
+                                                                cache, cond_len, num_tokens, params)
                 self._observe(state, counts)
-            tally.record(m, lengths > 0, emitted.min)
+            active = lengths > 0
+            tally.record(m, active, emitted.min)
             same_width_in_row = same_width_in_row + 1 if widths and widths[-1] == width else 1
             if costs is not None and width > 1:
                 book["tried"][width] = book["tried"].get(width, 0) + 1
@@ -390,7 +394,7 @@ class AutoSampler(Sampler):
                 # shared-position loop above, which is what it costs at a choice.
                 timed = len(widths) >= max(COLD_STEPS, 1) and widths[-1] == width
                 warm = same_width_in_row > JACOBI_WARMUP and left >= width
-                made = torch.stack([m.sum(), (lengths > 0).sum()]) if warm else None
+                made = torch.stack([m.sum(), active.sum()]) if warm else None
                 last = (width, low, top if timed else None, made) if timed or warm else None
             widths.append(width)
         self.last_widths = widths
