@@ -96,7 +96,8 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap(monkeypatch):
     assert 1 in state["costs"][key] and set(state["costs"][key]) <= {1, 2, 4, 8}
     def verified():  # every window tried already (and its gain measured): the estimates decide
         return {"tried": {w: TRIAL_STEPS for w in (2, 4, 8)},
-                "gain": {w: [0.5 * TRIAL_STEPS, TRIAL_STEPS] for w in (2, 4, 8)}, "slow": [0.0, 0.0]}
+                "gain": {w: [0.5 * TRIAL_STEPS, TRIAL_STEPS] for w in (2, 4, 8)}, "slow": [0.0, 0.0],
+                "cold": [0.0, 0]}
 
     state["books"][key] = verified()
     state["costs"][key] = {1: 1.0, 2: 5.0, 4: 9.0, 8: 20.0}  # windows far dearer than their tokens
@@ -124,6 +125,11 @@ def test_cost_model_falls_back_to_ar_and_widens_when_cheap(monkeypatch):
         sampler(model, cond, seeds=[0, 1])
         assert (state["costs"][key] == before) == (cold == 100)
         assert (state["books"][key]["gain"] == gains) == (warmup == 100)
+        # the first run of windows started cold (at the image's start): its warm-up steps are the
+        # cold record (the narrower windows near the image's end follow windows, not AR)
+        widths = sampler.last_widths
+        first_run = next((i for i, w in enumerate(widths) if w != widths[0]), len(widths))
+        assert widths[0] > 1 and state["books"][key]["cold"][1] == min(warmup, first_run)
 
 
 class Width2:
@@ -140,7 +146,7 @@ class Width2:
 
     def widths(self, costs, tried=None, gain=None, slow=(0.0, 0.0)) -> list:
         self.state["costs"][self.key] = dict(costs)
-        self.state["books"][self.key] = {"tried": dict(tried or {}), "slow": list(slow),
+        self.state["books"][self.key] = {"tried": dict(tried or {}), "slow": list(slow), "cold": [0.0, 0],
                                          "gain": {w: list(v) for w, v in (gain or {}).items()}}
         self.sampler(self.model, self.cond, seeds=[0, 1])
         return self.sampler.last_widths
@@ -157,7 +163,7 @@ def test_a_window_the_probe_may_have_misjudged_is_tried():
     # a trial that ran its steps is not run again
     assert run.widths(costs, tried) == [1] * 15
     # nor one the estimates ended early: once its measured gain says it loses, the chooser leaves it
-    book = {"tried": {2: 6}, "gain": {2: [0.0, 6]}, "slow": [0.0, 0.0]}  # no draft right in 6 steps
+    book = {"tried": {2: 6}, "gain": {2: [0.0, 6]}, "slow": [0.0, 0.0], "cold": [0.0, 0]}  # none right in 6 steps
     assert run.sampler._choose({1: 1.0, 2: 2.0}, run.state, 10, 16, book, previous=2) == 1
     assert book["tried"][2] == TRIAL_STEPS
 
@@ -205,3 +211,20 @@ def test_bad_options():
         with pytest.raises(ArgenError):
             get_sampler(bad)
     assert repr(get_sampler("gumbel:L=4")) == "AutoSampler(window=4, max_window=32)"
+
+
+def test_a_cold_start_pays_its_warm_up():
+    """Width 2 makes 2 tokens a step once under way, at 1.8x AR's cost: it wins warm (1.11x AR's
+    rate), but started from AR its first JACOBI_WARMUP steps make 1 token each (the prior), and over
+    the 15 tokens left it loses (16.2 step costs against 15). Measured cold progress near 2 a step
+    makes it pay again; and an image nearly done is not worth a cold start."""
+    run = Width2()
+    costs = {1: 1.0, 2: 1.8}
+    book = {"tried": {2: TRIAL_STEPS}, "gain": {2: [1000.0, 1000]}, "slow": [0.0, 0.0], "cold": [0.0, 0]}
+    assert run.sampler._choose(costs, run.state, 1, 16, book, previous=2) == 2  # under way
+    assert run.sampler._choose(costs, run.state, 1, 16, book, previous=1) == 1  # cold
+    book["cold"] = [30.0, 30]  # warm-up steps have made ~1.9 tokens each on this shape
+    assert run.sampler._choose(costs, run.state, 1, 16, book, previous=1) == 2
+    book["cold"] = [0.0, 0]
+    assert run.sampler._choose({1: 1.0, 2: 1.2}, run.state, 1, 16, book, previous=1) == 2
+    assert run.sampler._choose({1: 1.0, 2: 1.2}, run.state, 14, 16, book, previous=1) == 1

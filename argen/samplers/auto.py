@@ -87,6 +87,12 @@ PROBE_WARMUP, COLD_STEPS = 8, 4
 # window widened from 8 to 16 holds 8 blind drafts (3 such steps booked 0 extra tokens at batch 1,
 # against 1.9 once under way, and kept `auto` at width 8, 6% slower than 16).
 JACOBI_WARMUP = 3
+# Windows started from AR (or at an image's start) pay those warm-up steps again: at batch 16
+# (flextok-c2i, 32 tokens) a width-4 window moved the slowest row 1 token in each of its first 4
+# steps, against 1.9 once under way, and the steady rate alone (within 1-3% of AR's) chose windows
+# that ran 0.84x AR. So a cold start is charged JACOBI_WARMUP steps at the slowest row's measured
+# cold progress (`book["cold"]`; prior: 1 token a step, worth COLD_PRIOR steps).
+COLD_PRIOR = 3.0
 # Prior of the slowest-row skew (1), worth this many extra tokens of a mean row. At batch 16 a width-2
 # window gained the slowest row 1.24 tokens per step (default-c2i, bf16), far from a mean row's.
 SKEW_PRIOR = 2.0
@@ -236,7 +242,8 @@ class AutoSampler(Sampler):
 
     def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> tuple:
         """(costs {width: seconds per step}, book) for this shape: book["tried"] {width: window
-        steps run}, book["gain"] {width: [a mean row's extra tokens, steps]}, book["slow"] (`skew`)."""
+        steps run}, book["gain"] {width: [a mean row's extra tokens, steps]}, book["slow"] (`skew`), book["cold"] (the slowest row's extra tokens in the warm-up
+        steps of cold starts, and their count)."""
         widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w <= min(self.max_window, num_tokens)]
         device = model_device(model)
         key = (cond_all.shape[0], str(device), cond_len, num_tokens, params.uses_cfg, tuple(widths))
@@ -272,23 +279,34 @@ class AutoSampler(Sampler):
             for w in seconds:  # one more round, interleaved: no width timed only early or late
                 seconds[w] = min(seconds[w], timed(w))
             state["costs"][key] = seconds
-        return state["costs"][key], state["books"].setdefault(key, {"tried": {}, "gain": {}, "slow": [0.0, 0.0]})
+        return state["costs"][key], state["books"].setdefault(key, {"tried": {}, "gain": {}, "slow": [0.0, 0.0],
+                                                                      "cold": [0.0, 0]})
 
     def _choose(self, costs, state, low: int, num_tokens: int, book=None, previous: int = 1) -> int:
         """The width with the most expected progress of the slowest row (now at index `low`) per
         second. With a `book`: progress as measured on this shape (each width's mean row, and the
-        slowest row's share, `skew`), and a window run for fewer than TRIAL_STEPS steps on this
-        shape takes the turn if it would win at PROBE_DOUBT x its estimated cost (the `previous`
-        width first, so a trial runs its steps in a row: only steps in a run of one width are
-        timed); a trial left, or cut short by the estimates, is over."""
+        slowest row's share, `skew`); a window that would start cold (`previous` is AR) is judged
+        over the rest of the image with its warm-up steps at the measured cold progress; and a
+        window run for fewer than TRIAL_STEPS steps on this shape takes the turn if it would win at
+        PROBE_DOUBT x its estimated cost (the `previous` width first, so a trial runs its steps in
+        a row: only steps in a run of one width are timed); a trial left, or cut short by the
+        estimates, is over."""
         left = num_tokens - low
         promised = expected_tokens(state["hits"], state["tries"], max(costs))
         slow = 1.0 if book is None else skew(book)
+        cold = None
+        if book is not None and previous == 1:
+            made, steps = book["cold"]
+            cold = 1 + made / (steps + COLD_PRIOR)  # the slowest row's tokens per warm-up step
         values = {}
         for w, cost in costs.items():
             gained, steps = (0.0, 0) if book is None else book["gain"].get(w, (0.0, 0))
             extra = (gained + PRIOR_STEPS * (promised[min(w, left) - 1] - 1)) / (steps + PRIOR_STEPS)
-            values[w] = min(1 + extra * slow, left) / cost
+            rate = min(1 + extra * slow, left)
+            if cold is not None and w > 1:  # tokens per step over the rest of the image, warm-up first
+                warmup = min(JACOBI_WARMUP, left / cold)
+                rate = left / (warmup + (left - warmup * cold) / rate)
+            values[w] = rate / cost
         best = max(values, key=values.get)
         if book is None:
             return best
@@ -302,15 +320,20 @@ class AutoSampler(Sampler):
         return choice
 
     @staticmethod
-    def _book_step(costs, book, width: int, seconds: Optional[float], made: Optional[tuple]) -> None:
+    def _book_step(costs, book, width: int, seconds: Optional[float], slowest: int, made: Optional[tuple],
+                   cold: bool = False) -> None:
         """Book one real window step: its time (the whole loop iteration) into its width's cost;
-        from `made` (the slowest row's gain, tokens emitted, rows that emitted) a mean row's extra
-        tokens into its width's gain, and the slowest row's and a mean row's into the skew."""
+        the slowest row's gain `slowest` into the cold progress if it is a warm-up step of a cold
+        start; from `made` (tokens emitted, rows that emitted) a mean row's extra tokens into its
+        width's gain, and the slowest row's and a mean row's into the skew."""
         if seconds is not None:
             took = min(seconds, STEP_CAP * costs[width])
             costs[width] = (1 - COST_UPDATE) * costs[width] + COST_UPDATE * took
+        if cold:
+            book["cold"][0] += slowest - 1
+            book["cold"][1] += 1
         if made is not None:
-            slowest, tokens, rows = made
+            tokens, rows = made
             gain = book["gain"].setdefault(width, [0.0, 0])
             gain[0] += tokens / rows - 1
             gain[1] += 1
@@ -341,15 +364,16 @@ class AutoSampler(Sampler):
         # is blind (argmax of the noise), so it says nothing about how well windows verify
         reach = emitted.clone()
         tally, widths = ForwardTally(batch, num_tokens, device, progress), []
-        last = None  # (width, lowest index before, start or None, [tokens, rows] or None) of a step to book
-        same_width_in_row = 0
+        # (width, lowest index before, start or None, [tokens, rows] or None, cold warm-up step) of a step to book
+        last = None
+        same_width_in_row, cold_start = 0, False
         while True:
             top = time.perf_counter()
             low, high = (int(v) for v in emitted.aminmax())  # the step's host reads, once each
             if last is not None:
-                width, before, began, made = last
-                self._book_step(costs, book, width, None if began is None else top - began,
-                                None if made is None else (low - before, *made.tolist()))
+                width, before, began, made, cold = last
+                self._book_step(costs, book, width, None if began is None else top - began, low - before,
+                                None if made is None else made.tolist(), cold)
                 last = None
             left = num_tokens - low
             if left <= 0:
@@ -384,6 +408,8 @@ class AutoSampler(Sampler):
             active = lengths > 0
             tally.record(m, active, emitted.min)
             same_width_in_row = same_width_in_row + 1 if widths and widths[-1] == width else 1
+            if same_width_in_row == 1:  # a run of windows that starts from AR, or at the image's start
+                cold_start = width > 1 and (not widths or widths[-1] == 1)
             if costs is not None and width > 1:
                 book["tried"][width] = book["tried"].get(width, 0) + 1
                 # Booked: the step's time (to the next iteration's start) if it follows a step of
@@ -394,8 +420,9 @@ class AutoSampler(Sampler):
                 # shared-position loop above, which is what it costs at a choice.
                 timed = len(widths) >= max(COLD_STEPS, 1) and widths[-1] == width
                 warm = same_width_in_row > JACOBI_WARMUP and left >= width
+                cold = cold_start and same_width_in_row <= JACOBI_WARMUP
                 made = torch.stack([m.sum(), active.sum()]) if warm else None
-                last = (width, low, top if timed else None, made) if timed or warm else None
+                last = (width, low, top if timed else None, made, cold) if timed or warm or cold else None
             widths.append(width)
         self.last_widths = widths
         return tally.output(seq[:, :num_tokens].clone())
