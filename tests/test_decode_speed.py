@@ -192,14 +192,17 @@ def test_cli_generate_compile_draws_the_eager_image(tmp_path, monkeypatch):
 
     compiled = []
     real = ARPipeline.compile_generator
-    monkeypatch.setattr(ARPipeline, "compile_generator", lambda self: compiled.append(self) or real(self))
+    monkeypatch.setattr(ARPipeline, "compile_generator",
+                        lambda self, mode="default": compiled.append((self, mode)) or real(self, mode))
     out = {}
     for flags in ([], ["--compile"]):
         path = tmp_path / f"{len(flags)}.png"
         assert main(["generate", "--class", "3", "--num-images", "1", *flags, "--out", str(path)]) == 0
         out[len(flags)] = path.read_bytes()
-    assert len(compiled) == 1 and "decode" in vars(compiled[0].generator)  # compile_decode replaced it
-    assert out[0] == out[1]
+    assert len(compiled) == 1 and "decode" in vars(compiled[0][0].generator)  # compile_decode replaced it
+    assert compiled[0][1] == "default" and out[0] == out[1]
+    # a mode that does not exist is a one-line error (exit 2), before anything is loaded
+    assert main(["generate", "--class", "3", "--compile", "fastest", "--out", str(tmp_path / "x.png")]) == 2
 
 
 # ------------------------------------------------------------------ the floor and the bench

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from argen.errors import ArgenError
 from argen.models import GPT, GPTConfig
 from argen.samplers import ARSampler, SamplingParams, get_sampler
 from argen.samplers.auto import model_state
@@ -132,8 +133,8 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     for sampler in (ARSampler(), get_sampler("mcsjd:L=4")):  # one static shape; several window widths
         expect = sampler(eager, labels, params=params, seeds=[3, 4]).tokens
         assert torch.equal(sampler(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
-    # auto compiles its window step (the forward and the Gumbel test as one graph) with decode's options
-    assert compiled.compile_options["fullgraph"] and eager.compile_options is None
+    # auto compiles its window step (the forward and the Gumbel test as one graph) as decode was
+    assert compiled.compiled_with[0]["fullgraph"] and eager.compile_step(lambda: None) is None
     auto = get_sampler("auto:L=4")
     expect = auto(eager, labels, params=params, seeds=[3, 4]).tokens
     assert torch.equal(auto(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
@@ -265,3 +266,20 @@ def test_query_mask_shape_is_checked():
     cache.set_query_mask(torch.ones(2, 3, 17, dtype=torch.bool))
     with pytest.raises(ValueError):  # a mask for three queries on a one-token forward
         model.decode(torch.tensor([[1], [2]]), torch.tensor([1]), cache)
+
+
+@torch.no_grad()
+def test_max_autotune_compile_keeps_each_models_weights():
+    """mode "max-autotune" freezes weights into the graphs: two models of one shape must each keep
+    their own (dynamo caches graphs per code object, shared by both instances), to rounding of eager."""
+    first, second = tiny_gpt(), tiny_gpt()
+    second.load_state_dict({k: v * 0.9 for k, v in first.state_dict().items()})
+    cond, tokens = torch.tensor([1, 5]), torch.randint(0, 64, (2, 3))
+    eager = [cached_logits_one_by_one(m, cond, tokens) for m in (first, second)]
+    for model, expect in zip((first, second), eager):
+        model.compile_decode(mode="max-autotune")
+        assert model.compiled_with[1]  # frozen
+        torch.testing.assert_close(cached_logits_one_by_one(model, cond, tokens), expect, **TOL)
+    assert (eager[0] - eager[1]).abs().max() > 0.1  # the two really differ
+    with pytest.raises(ArgenError, match="compile mode"):
+        tiny_gpt().compile_decode(mode="fast")

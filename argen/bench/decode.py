@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgenError
 from ..models import GPT
+from ..models.base import COMPILE_MODES
 from ..models.quant import WEIGHT_FORMATS, onednn_packable
 from ..samplers import ARSampler, SamplingParams
 
@@ -439,17 +440,34 @@ def end_to_end_table(records) -> str:
     return "\n".join(lines)
 
 
-def build_variants(size: str, variants, compile_model: bool, block_size: int = 256) -> dict:
-    """label -> model: each weight format of the same random weights, plus compiled copies."""
+def build_variants(size: str, variants, compile_modes=(), block_size: int = 256) -> dict:
+    """label -> model: each weight format of the same random weights, plus a compiled copy per
+    compile mode (`compiled_label`)."""
     models = {}
     for fmt in variants:
         if fmt not in WEIGHT_FORMATS:
             raise ArgenError(f"unknown variant {fmt!r}; choose from {', '.join(WEIGHT_FORMATS)}")
         models[fmt] = random_gpt(size, block_size=block_size, weights=fmt)
-    if compile_model:
+    for mode in compile_modes:
         for fmt in variants:
-            models[f"{fmt}+compile"] = random_gpt(size, block_size=block_size, weights=fmt).compile_decode()
+            models[compiled_label(fmt, mode)] = random_gpt(size, block_size=block_size, weights=fmt).compile_decode(mode)
     return models
+
+
+def compiled_label(fmt: str, mode: str) -> str:
+    """The variant label of weight format `fmt` compiled in `mode`: "bf16+compile", "bf16+max-autotune"."""
+    return f"{fmt}+compile" if mode == "default" else f"{fmt}+{mode}"
+
+
+def parse_compile_modes(text) -> list:
+    """`--compile` of `argen bench decode`: None (no compiled variants) or comma-separated modes."""
+    if text is None:
+        return []
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad or not modes:
+        raise ArgenError(f"--compile: modes must be among {', '.join(COMPILE_MODES)}, got {text!r}")
+    return modes
 
 
 def to_records(items):

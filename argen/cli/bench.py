@@ -27,7 +27,9 @@ def register(sub):
     d.add_argument("--variants", default="fp32,bf16,int8",
                    help="comma-separated weight formats: fp32 (MKL, the exact reference), fp32-packed (oneDNN), "
                         "bf16, int8 (weight-only, per-channel scales)")
-    d.add_argument("--compile", action="store_true", help="also measure torch.compile'd variants")
+    d.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODES",
+                   help="also measure torch.compile'd variants, one per comma-separated mode (default, "
+                        "max-autotune; default: default)")
     d.add_argument("--llamagen", metavar="PATH", default=None,
                    help="a checkout of the official LlamaGen code: also time its generate() against argen's "
                         "sampler end to end, same weights and seed (GPT sizes only)")
@@ -132,8 +134,9 @@ def run_decode(args) -> int:
 
     import torch
 
-    from ..bench.decode import (bench_decode, bench_end_to_end, build_variants, end_to_end_table, greedy_agreement,
-                                markdown_table, official_twin, random_gpt, to_records)
+    from ..bench.decode import (bench_decode, bench_end_to_end, build_variants, compiled_label, end_to_end_table,
+                                greedy_agreement, markdown_table, official_twin, parse_compile_modes, random_gpt,
+                                to_records)
     from ..bench.load import CpuLoad, probe
     from ..models import GPTConfig
     from ..models.quant import WEIGHT_FORMATS
@@ -145,6 +148,7 @@ def run_decode(args) -> int:
     if unknown or not (variants or args.window_cost):
         raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(WEIGHT_FORMATS)} "
                          "(an empty list is allowed with --window-cost)")
+    compile_modes = parse_compile_modes(args.compile)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -159,12 +163,12 @@ def run_decode(args) -> int:
             return ARPipeline.from_pretrained(args.model, weights=fmt).generator.eval()
 
         models = {fmt: make(fmt) for fmt in variants}
-        if args.compile:
-            models.update({f"{fmt}+compile": make(fmt).compile_decode() for fmt in variants})
+        for mode in compile_modes:
+            models.update({compiled_label(fmt, mode): make(fmt).compile_decode(mode) for fmt in variants})
         tokens = next(iter(models.values())).num_positions if models else args.tokens
         what = f"{args.model} ({sum(p.numel() for p in make('fp32').parameters()) / 1e6:.1f}M parameters)"
     else:
-        models = build_variants(args.size, variants, args.compile, block_size=args.tokens)
+        models = build_variants(args.size, variants, compile_modes, block_size=args.tokens)
         tokens = args.tokens
         what = f"{args.size} with random weights"
     results, e2e, agreement = [], [], {}
@@ -192,9 +196,9 @@ def run_decode(args) -> int:
         if args.agreement_tokens and reference is not None:
             n = min(args.agreement_tokens, tokens)
             for label, model in models.items():
-                # compiled variants are the eager ones traced (same logits); their static-shape
-                # graphs would recompile for every cache length the agreement check uses
-                if label != "fp32" and "+compile" not in label:
+                # compiled variants are the eager ones traced (same logits, or to rounding with frozen
+                # weights); their static-shape graphs would recompile for every cache length the check uses
+                if label != "fp32" and "+" not in label:
                     agreement[label] = greedy_agreement(model, reference, 2, params, n)
     curves = []
     if args.window_cost:
@@ -301,7 +305,7 @@ def run_samplers(args) -> int:
         quality = quality_scorer(args.fid)
     if args.compile:
         for p in pipes.values():
-            p.compile_generator()
+            p.compile_generator(args.compile)
     earlier_quality = None
     # the flow decoders' settings, by model: images depend on them beyond the weights
     decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}
