@@ -256,6 +256,9 @@ class AutoSampler(Sampler):
             seq = torch.zeros(batch, num_tokens + extra, dtype=torch.long, device=device)
             noise = torch.zeros(batch, num_tokens + extra, vocab, device=device)
             start = torch.full((batch,), max(1, (num_tokens - max(widths)) // 2), dtype=torch.long, device=device)
+            # emitted and reach as two tensors, as in a real step: the same tensor twice would make a
+            # compiled window step build other graphs than the ones the loop then uses
+            reach = start.clone()
             at = int(start[0])
 
             def timed(w: int) -> float:
@@ -263,7 +266,7 @@ class AutoSampler(Sampler):
                 if w == 1:  # the path AR runs on (`_ar_rest`), one step
                     self._ar_rest(model, seq, at, noise, cache, cond_len, num_tokens, params, stop=at + 1)
                 else:
-                    self._step(window, model, seq, start, start, noise, w, cache, cond_len, num_tokens, params)
+                    self._step(window, model, seq, start, reach, noise, w, cache, cond_len, num_tokens, params)
                 return time.perf_counter() - t0
 
             for _ in range(PROBE_WARMUP):  # untimed: the first steps after a prefill run slow
