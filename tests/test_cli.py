@@ -66,8 +66,10 @@ def test_cli_weight_formats_mirror_the_model_ones():
 
 
 def test_cli_choice_mirrors_match_the_library():
-    from argen.cli.checked import CFG_SCHEDULES, NESTED_DROPOUT_MODES
+    from argen.cli.checked import CFG_SCHEDULES, COMPILE_MODES, NESTED_DROPOUT_MODES
+    from argen.models.base import COMPILE_MODES as LIBRARY_COMPILE_MODES
     from argen.samplers.logits import CFG_SCHEDULES as LIBRARY_SCHEDULES
     from argen.tokenizers.flextok import NESTED_DROPOUT_MODES as LIBRARY_MODES
 
     assert CFG_SCHEDULES == tuple(LIBRARY_SCHEDULES) and NESTED_DROPOUT_MODES == LIBRARY_MODES
+    assert COMPILE_MODES == LIBRARY_COMPILE_MODES

@@ -7,7 +7,6 @@ import argparse
 
 from ..checks import MAX_SEED, check_number
 from ..errors import ArgenError
-from ..models.base import COMPILE_MODES
 
 
 def number(lo=None, hi=None, *, integer: bool = False, lo_open: bool = False, hi_open: bool = False):
@@ -37,9 +36,11 @@ THREADS = number(0, 4096, integer=True)  # 0 = torch's default
 WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
 AUTO_PACK_MB = 32  # argen.models.quant.AUTO_PACK_BYTES in MiB
-# Mirrors, for the same reason: argen.samplers.logits.CFG_SCHEDULES, argen.tokenizers.flextok.NESTED_DROPOUT_MODES.
+# Mirrors, for the same reason: argen.samplers.logits.CFG_SCHEDULES, argen.tokenizers.flextok.NESTED_DROPOUT_MODES,
+# argen.models.base.COMPILE_MODES.
 CFG_SCHEDULES = ("constant", "linear", "cosine")
 NESTED_DROPOUT_MODES = ("pow2", "pow2-long", "uniform", "uniform-long")
+COMPILE_MODES = ("default", "max-autotune")
 
 
 def add_weights_arg(p, default: str = "fp32") -> None:
