@@ -450,7 +450,8 @@ def build_variants(size: str, variants, compile_modes=(), block_size: int = 256)
         models[fmt] = random_gpt(size, block_size=block_size, weights=fmt)
     for mode in compile_modes:
         for fmt in variants:
-            models[compiled_label(fmt, mode)] = random_gpt(size, block_size=block_size, weights=fmt).compile_decode(mode)
+            model = random_gpt(size, block_size=block_size, weights=fmt)
+            models[compiled_label(fmt, mode)] = model.compile_decode(mode)
     return models
 
 

@@ -623,7 +623,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
 
         mode "max-autotune": the weights are frozen into each graph and inductor picks, per product,
         its own C++ GEMM kernel or ATen's by timing both. For bf16 weights on CPU that halves a small
-        model's step (default-c2i, batch 1: 1.45 -> 0.68 ms; oneDNN's per-call cost dominated a
+        model's step (default-c2i, batch 1: 1.61 -> 0.76 ms; oneDNN's per-call cost dominated a
         2-row product), but each shape then compiles for 10-20 s, and the floats move at rounding
         level (bf16 is not an exact format anyway). Compile after choosing the weight format.
         """

@@ -33,6 +33,9 @@ maximises the batch's expected progress per unit of cost:
   step; at batch 16 that is far less than a row's mean (and acceptance learnt at batch 1 picked
   windows that lost 20% there). The extra tokens are scaled by the ratio of the two measured on
   this shape (`skew`, exactly 1 at batch 1).
+- A window started from AR (or at the image's start) first spends a few steps on drafts that are
+  blind or predicted from blind ones, so a cold start is judged over the rest of the image, its
+  warm-up steps at the slowest row's measured cold progress (at batch 16, 1 token a step).
 - T = 1 is plain AR (one token per forward), so where no window pays, auto runs AR. Width 1 is
   timed on the loop AR runs on (`_ar_rest`). Each real step, the whole loop iteration included, is
   folded into its width's cost (weight COST_UPDATE), AR's as well as the windows', so a probe that
@@ -242,8 +245,8 @@ class AutoSampler(Sampler):
 
     def _costs(self, model, cond_all, mask_all, cond_len, num_tokens, params, batch, state) -> tuple:
         """(costs {width: seconds per step}, book) for this shape: book["tried"] {width: window
-        steps run}, book["gain"] {width: [a mean row's extra tokens, steps]}, book["slow"] (`skew`), book["cold"] (the slowest row's extra tokens in the warm-up
-        steps of cold starts, and their count)."""
+        steps run}, book["gain"] {width: [a mean row's extra tokens, steps]}, book["slow"] (`skew`),
+        book["cold"] [the slowest row's extra tokens in the warm-up steps of cold starts, their count]."""
         widths = [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if w <= min(self.max_window, num_tokens)]
         device = model_device(model)
         key = (cond_all.shape[0], str(device), cond_len, num_tokens, params.uses_cfg, tuple(widths))
