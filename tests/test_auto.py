@@ -228,3 +228,22 @@ def test_a_cold_start_pays_its_warm_up():
     book["cold"] = [0.0, 0]
     assert run.sampler._choose({1: 1.0, 2: 1.2}, run.state, 1, 16, book, previous=1) == 2
     assert run.sampler._choose({1: 1.0, 2: 1.2}, run.state, 14, 16, book, previous=1) == 1
+
+
+def test_a_short_ar_stretch_does_not_move_ars_estimate():
+    """An AR stretch's first step after windows runs slow, and 1-step stretches at images' ends had
+    raised AR's estimate by 40%: such a step is not booked (a longer stretch is, from its 2nd step)."""
+    model, sampler = tiny_gpt(), AutoSampler(max_window=2)
+    state = model_state(model)
+    sampler(model, torch.tensor([1]), seeds=[0])
+    (key,) = state["costs"]
+    ended_in_ar = 0
+    for seed in range(20):  # windows cheap: width 2 until one token is left, then one AR step
+        state["costs"][key] = {1: 1.0, 2: 0.5}
+        state["books"][key] = {"tried": {2: TRIAL_STEPS}, "gain": {2: [5.0, 10]}, "slow": [0.0, 0.0],
+                               "cold": [10.0, 10]}
+        sampler(model, torch.tensor([1]), seeds=[seed])
+        if sampler.last_widths[-1] == 1 and sampler.last_widths[-2] == 2:
+            ended_in_ar += 1
+            assert state["costs"][key][1] == 1.0
+    assert ended_in_ar > 0
