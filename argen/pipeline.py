@@ -359,7 +359,7 @@ class ARPipeline(DiffusionPipeline):
         default-c2i runs 1.6x faster at batch 1 on CPU and 1.2x at 16, but 0.94x at 50: the compiled
         step attends over the cache's full static length, the eager one only over the live prefix.
         The tokens stay those of the eager step. Worth it for many images at small batches.
-        mode "max-autotune" freezes the weights and times inductor's own GEMM kernels against ATen's
+        mode "max-autotune" freezes the weights and lets inductor generate its own GEMM kernels
         (10-20 s per shape; a bf16 step of default-c2i at batch 1 then takes half the time)."""
         if not hasattr(self.generator, "compile_decode"):
             raise ArgenError(f"--compile: the generator {type(self.generator).__name__} has no compile_decode()")

@@ -59,7 +59,7 @@ def add_compile_arg(p) -> None:
                    help="torch.compile the generator's decode step first: a compile of some seconds per batch "
                         "shape, then faster steps at small batches (default-c2i on CPU: 1.6x at batch 1, 1.2x at "
                         "16, 0.94x at 50); for many images. MODE max-autotune freezes the weights and lets "
-                        "inductor time its own GEMM kernels: 10-20 s per shape, then bf16 steps about 2x faster "
+                        "inductor generate its own GEMM kernels: 10-20 s per shape, then bf16 steps about 2x faster "
                         "at batch 1 (default: default)")
 
 

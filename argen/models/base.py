@@ -61,7 +61,7 @@ import torch
 from ..errors import ArgenError
 
 # modes of a compiled decode (GPT.compile_decode): "max-autotune" freezes the weights into each graph
-# and lets inductor time its own C++ GEMM kernels against ATen's
+# and lets inductor generate its own C++ GEMM kernels
 COMPILE_MODES = ("default", "max-autotune")
 
 
