@@ -8,7 +8,7 @@ import torch
 from argen.errors import ArgenError
 from argen.models import GPT, GPTConfig
 from argen.samplers import ARSampler, SamplingParams, get_sampler
-from argen.samplers.auto import model_state
+from argen.samplers.auto import AutoSampler, model_state, window_step
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 
@@ -139,6 +139,11 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     expect = auto(eager, labels, params=params, seeds=[3, 4]).tokens
     assert torch.equal(auto(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
     assert "window" in model_state(compiled) and "window" not in model_state(eager)
+    # compiled again (here in another mode), the model gets a window step compiled like its new decode
+    first = window_step(compiled)
+    assert window_step(compiled) is first
+    compiled.compile_decode(mode="max-autotune")
+    assert window_step(compiled) is not first and window_step(eager) is AutoSampler._window
 
 
 # ---- per-query key masks (set_query_mask) ------------------------------------------------------

@@ -62,7 +62,8 @@ from .speculative import covering_width, guidance, leading_accepts, window_input
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"tried": {T: window
 # steps run}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra tokens, a
-# mean row's]}}} (dropped with the model)
+# mean row's], "cold": [the slowest row's extra tokens in cold starts' warm-up steps, steps]}},
+# "window": (decode, its compiled window step)} (dropped with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Per-depth acceptance before any observation, worth PRIOR_WEIGHT trials. The first window steps of
 # an image verify drafts predicted from blind context and nearly all fail; with 4 pseudo-trials,
@@ -392,20 +393,20 @@ class AutoSampler(Sampler):
                 # rows stay in step, and a window's prospects only fall as the image runs out,
                 # while AR steps add no acceptance data), so finish with the AR sampler's loop:
                 # one shared position, no per-step choice or bookkeeping
-                steps, start = left, low
-                if costs is not None and steps > 1:
-                    # AR's real step is booked too, so neither side is judged by a lucky probe, but
-                    # not the stretch's first step: after windows it runs slow (1.4-1.6 ms against
-                    # 0.85 at batch 1, bf16 max-autotune), and the 1-3 step stretches at images' ends
-                    # had raised AR's estimate by 40% (1.4 ms against a real 0.97)
+                # AR's real steps are booked too, so neither side is judged by a lucky probe, but not
+                # the stretch's first step: after windows it runs slow (1.4-1.6 ms against 0.85 at
+                # batch 1, bf16 max-autotune), and the 1-3 step stretches at images' ends had raised
+                # AR's estimate by 40% (1.4 ms against a real 0.97)
+                booked = costs is not None and left > 1
+                if booked:
                     self._ar_rest(model, seq, low, noise, cache, cond_len, num_tokens, params, stop=low + 1)
-                    start, top = low + 1, time.perf_counter()
-                self._ar_rest(model, seq, start, noise, cache, cond_len, num_tokens, params)
-                if costs is not None and steps > 1:
-                    took = min((time.perf_counter() - top) / (steps - 1), STEP_CAP * costs[1])
+                second = time.perf_counter()
+                self._ar_rest(model, seq, low + 1 if booked else low, noise, cache, cond_len, num_tokens, params)
+                if booked:
+                    took = min((time.perf_counter() - second) / (left - 1), STEP_CAP * costs[1])
                     costs[1] = (1 - COST_UPDATE) * costs[1] + COST_UPDATE * took
-                tally.record_ar(steps)
-                widths.extend([1] * steps)
+                tally.record_ar(left)
+                widths.extend([1] * left)
                 emitted = torch.full_like(emitted, num_tokens)
                 continue
             if width == 1:  # rows out of step (after windows): AR with a position per row
@@ -465,16 +466,21 @@ def acceptance_counts(n, lengths, width: int, informed) -> torch.Tensor:
 
 
 def window_step(model):
-    """`AutoSampler._window` for this model: when its decode is compiled, compiled with the same
-    options as one graph, the forward and the Gumbel test together (cached per model). The test's
-    two dozen small ops then cost little beside the forward: default-c2i, batch 1, a 16-token window,
-    bf16, 3.22 ms a step against 3.7 ms with only the forward compiled (scratch A/B, same tokens)."""
-    if getattr(model, "compiled_with", None) is None:  # (the contract's default: eager)
-        return AutoSampler._window
+    """`AutoSampler._window` for this model: when its decode is compiled, compiled as decode was
+    (the contract's `compile_step`), the forward and the Gumbel test as one graph. The test's two
+    dozen small ops then cost little beside the forward: default-c2i, batch 1, a 16-token window,
+    bf16, 3.22 ms a step against 3.7 ms with only the forward compiled (scratch A/B, same tokens).
+    Cached per model and decode: compiled again in another mode, the model gets a new window step."""
     state = model_state(model)
-    if "window" not in state:
-        state["window"] = model.compile_step(AutoSampler._window)
-    return state["window"]
+    cached = state.get("window")
+    if cached is not None and cached[0] is model.decode:
+        return cached[1]
+    compile_step = getattr(model, "compile_step", None)
+    window = compile_step(AutoSampler._window) if compile_step is not None else None
+    if window is None:  # decode runs eager (the contract's default)
+        return AutoSampler._window
+    state["window"] = (model.decode, window)
+    return window
 
 
 def skew(book) -> float:
