@@ -621,14 +621,14 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         eager decoding sample the same tokens (tested for AR, SJD, MC-SJD and auto). Options go to
         `torch.compile`; `compile_step` compiles a sampler's own step the same way.
 
-        mode "max-autotune": the weights are frozen into each graph and, for bf16 and int8 weights,
-        inductor generates its own C++ GEMM kernels (AMX for bf16). Not timed against ATen's: a choice
-        by timing could differ between runs, and the floats with it; they ran as fast (scratch A/B at
-        2, 32 and 128 rows, within 2%). fp32 weights keep ATen's products (MKL), which inductor's fp32
-        kernel does not beat (at 32 rows 7.25 against 3.73 ms a step). For bf16 weights on CPU this
-        halves a small model's step (default-c2i, batch 1: 1.61 -> 0.78 ms; oneDNN's per-call cost
-        dominated a 2-row product), but each shape then compiles for 10-20 s, and the floats move at
-        rounding level (bf16 is not an exact format anyway). Compile after choosing the weight format.
+        mode "max-autotune": the weights are frozen into each graph and inductor times, for every product
+        shape, its own C++ GEMM kernel against ATen's (MKL / oneDNN) and keeps the faster. Which one wins
+        depends on the CPU and the row count, so neither is forced: default-c2i on an AMD EPYC (AVX-512, no
+        AMX), batch 1 with CFG, inductor's kernels take the step from 1.65 ms (default compile) to 0.60 in fp32
+        and 1.00 to 0.50 in bf16, while at batch 16 they would take a bf16 step from 4.6 to 9.0 ms and ATen's
+        stay (docs/benchmarks.md, issue 12, session 20). Inductor keeps its choices in its on-disk cache, so
+        a machine repeats them run after run; another machine may choose otherwise and round differently, as
+        its MKL would. Each shape compiles for 10-20 s. Compile after choosing the weight format.
         """
         if mode not in COMPILE_MODES:
             raise ArgenError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -641,8 +641,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
             inductor["cpp_wrapper"] = True
         if mode == "max-autotune":
             # (no per-product table on stderr: dozens of lines per shape around a CLI's output)
-            gemms = "CPP" if self.weight_format in ("bf16", "int8") else "ATEN"
-            inductor.update(max_autotune=True, max_autotune_gemm_backends=gemms, autotune_num_choices_displayed=0)
+            inductor.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0)
         if inductor:
             options["options"] = {**inductor, **options.get("options", {})}
         # one graph per (batch, window, position layout): a speculative sampler's shrinking
