@@ -94,6 +94,22 @@ def test_refine_is_deterministic_per_image_seed_and_one_pass():
     assert not torch.allclose(ref(coarse, cond)[:, 0], ref(changed, cond)[:, 0])
 
 
+def test_compiled_pass_draws_the_eager_codes():
+    """compile_pass (the pipeline's --compile) compiles the network and the cluster mask: the same codes as
+    eager for the same seeds, restricted or not; a recompile follows a changed `restrict`."""
+    g = torch.Generator().manual_seed(9)
+    coarse = torch.randint(0, 4, (4, 16), generator=g)
+    cond, seeds = torch.randint(0, 10, (4,), generator=g), [3, 1, 4, 1]
+    eager = _refiner().set_sampling(temperature=1.5)
+    compiled = _refiner().set_sampling(temperature=1.5).compile_pass("max-autotune")
+    for restrict in (True, False):
+        expect = eager.set_sampling(restrict=restrict).refine(coarse, cond, seeds=seeds)
+        assert torch.equal(compiled.set_sampling(restrict=restrict).refine(coarse, cond, seeds=seeds), expect)
+    assert not torch.equal(compiled.code_to_cluster[expect], coarse)  # the unrestricted pass really ran
+    with pytest.raises(ArgenError, match="compile mode"):
+        _refiner().compile_pass("fastest")
+
+
 def test_decoder_dtype_bf16_runs_the_shipped_refiner_in_bf16():
     """decoder_dtype="bf16" casts the refiner with the tokenizer: same coarse labels and seeds, nearly
     the same codes, every code still inside its position's cluster; the generator stays fp32."""

@@ -191,8 +191,8 @@ def test_cli_generate_compile_draws_the_eager_image(tmp_path, monkeypatch):
     from argen.pipeline import ARPipeline
 
     compiled = []
-    real = ARPipeline.compile_generator
-    monkeypatch.setattr(ARPipeline, "compile_generator",
+    real = ARPipeline.compile
+    monkeypatch.setattr(ARPipeline, "compile",
                         lambda self, mode="default": compiled.append((self, mode)) or real(self, mode))
     out = {}
     for flags in ([], ["--compile"]):

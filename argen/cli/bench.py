@@ -305,7 +305,7 @@ def run_samplers(args) -> int:
         quality = quality_scorer(args.fid)
     if args.compile:
         for p in pipes.values():
-            p.compile_generator(args.compile)
+            p.compile(args.compile)
     earlier_quality = None
     # the flow decoders' settings, by model: images depend on them beyond the weights
     decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}

@@ -54,7 +54,7 @@ def add_weights_arg(p, default: str = "fp32") -> None:
 
 
 def add_compile_arg(p) -> None:
-    """`--compile`: torch.compile the generator's decode step (ARPipeline.compile_generator)."""
+    """`--compile`: torch.compile the generator's decode step (ARPipeline.compile)."""
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the generator's decode step first: a compile of some seconds per batch "
                         "shape, then faster steps at small batches (default-c2i on CPU: 1.6x at batch 1, 1.2x at "

@@ -216,7 +216,7 @@ def _sample(args, state, device):
                                       decoding=decoding_args(args), decoder_dtype=args.decoder_dtype)
     num_tokens = pipe.check_num_tokens(args.num_tokens)
     if args.compile:
-        pipe.compile_generator(args.compile)
+        pipe.compile(args.compile)
     params = pipe.sampling_params(args.cfg_scale, cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,

@@ -144,7 +144,7 @@ def run(args) -> int:
                                       decoder_dtype=args.decoder_dtype)
     pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
     if args.compile:
-        pipe.compile_generator(args.compile)
+        pipe.compile(args.compile)
     if args.prompt is not None:
         print_unknown_prompt_note(pipe, args.prompt)
     side = min(pipe.crop or pipe.tokenizer.image_size, pipe.tokenizer.image_size)

@@ -640,8 +640,9 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
             # default-c2i, batch 1: 1.18 ms with the Python wrapper, 1.05 ms with this; eager 1.71)
             inductor["cpp_wrapper"] = True
         if mode == "max-autotune":
-            # (no per-product table on stderr: dozens of lines per shape around a CLI's output)
-            inductor.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0)
+            # (no per-product table or choice summary on stderr: dozens of lines per shape around a CLI's output)
+            inductor.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0,
+                            max_autotune_report_choices_stats=False)
         if inductor:
             options["options"] = {**inductor, **options.get("options", {})}
         # one graph per (batch, window, position layout): a speculative sampler's shrinking

@@ -7,6 +7,7 @@ generator (vocab_size, num_codes) -> refiner (in_vocab_size, num_tokens -> vocab
 tokenizer (vocab_size, num_tokens).
 
     refine(tokens [B, n], cond, cond_mask, *, seeds) -> codes [B, n]   deterministic per image seed
+    compile_pass(mode)         optional: torch.compile its network (the pipeline's --compile)
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class Refiner(abc.ABC):
         generator tokens (GSD's embeddings="codebook") take these instead of the tokenizer's
         codebook, which describes the refiner's output vocabulary, not the generator's."""
         return None
+
+    def compile_pass(self, mode: str = "default") -> "Refiner":
+        """Compile the refiner's network for the pipeline's `--compile` (mode: `COMPILE_MODES`).
+        Optional: a refiner with nothing worth compiling keeps this default, which does nothing."""
+        return self
 
     @abc.abstractmethod
     def refine(self, tokens: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None, *,
