@@ -54,13 +54,13 @@ def add_weights_arg(p, default: str = "fp32") -> None:
 
 
 def add_compile_arg(p) -> None:
-    """`--compile`: torch.compile the generator's decode step (ARPipeline.compile)."""
+    """`--compile`: torch.compile the generator's decode step and the refiner's pass (ARPipeline.compile)."""
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
-                   help="torch.compile the generator's decode step first: a compile of some seconds per batch "
-                        "shape, then faster steps at small batches (default-c2i on CPU: 1.6x at batch 1, 1.2x at "
-                        "16, 0.94x at 50); for many images. MODE max-autotune freezes the weights and lets "
-                        "inductor generate its own GEMM kernels: 10-20 s per shape, then bf16 steps about 2x faster "
-                        "at batch 1 (default: default)")
+                   help="torch.compile the generator's decode step (and a refiner's pass) first: a compile of some "
+                        "seconds per batch shape, then faster steps at small batches (default-c2i on CPU: 1.6x at "
+                        "batch 1, 1.2x at 16, 0.94x at 50); for many images. MODE max-autotune freezes the weights "
+                        "and times inductor's own GEMM kernels against ATen's: 10-20 s per shape, then steps 2-4x "
+                        "faster at batch 1 (default: default)")
 
 
 def add_drafter_arg(p) -> None:

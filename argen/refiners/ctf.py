@@ -109,7 +109,7 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
         # Sampling settings: start from the config, may be changed on a loaded model.
         self.temperature = float(temperature)
         self.restrict = bool(restrict)
-        self._scores = self.scores  # replaced by a compiled version in compile_pass
+        self._compiled_scores = None  # `scores` compiled by compile_pass
 
     # ---- refiner contract -----------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
         timed GEMM choice (max-autotune) gained 4% more there for twice the compile time."""
         if mode not in COMPILE_MODES:
             raise ArgenError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-        self._scores = torch.compile(self.scores, fullgraph=True, dynamic=False)
+        self._compiled_scores = torch.compile(self.scores, fullgraph=True, dynamic=False)
         return self
 
     def loss(self, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
         tokens = tokens.to(self.code_to_cluster.device)
         cond = cond.to(self.code_to_cluster.device)
         self._check(tokens, cond)
-        logits = self._scores(tokens, cond)
+        logits = (self._compiled_scores or self.scores)(tokens, cond)
         if self.temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / self.temperature, dim=-1)
