@@ -8,7 +8,10 @@ import torch
 from argen.errors import ArgenError
 from argen.models import GPT, GPTConfig
 from argen.samplers import ARSampler, SamplingParams, get_sampler
-from argen.samplers.auto import AutoSampler, model_state, window_step
+from argen.samplers.ar import sample_step
+from argen.samplers.auto import AutoSampler, window_step
+from argen.samplers import base as sampler_base
+from argen.samplers.base import compiled_step
 
 from helpers import left_padded_captions, tiny_gpt, tiny_t2i
 
@@ -133,17 +136,21 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     for sampler in (ARSampler(), get_sampler("mcsjd:L=4")):  # one static shape; several window widths
         expect = sampler(eager, labels, params=params, seeds=[3, 4]).tokens
         assert torch.equal(sampler(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
+    assert sample_step in sampler_base._COMPILED_STEPS[compiled]  # AR ran its step compiled whole
     # auto compiles its window step (the forward and the Gumbel test as one graph) as decode was
     assert compiled.compiled_with[0]["fullgraph"] and eager.compile_step(lambda: None) is None
     auto = get_sampler("auto:L=4")
     expect = auto(eager, labels, params=params, seeds=[3, 4]).tokens
     assert torch.equal(auto(compiled, labels, params=params, seeds=[3, 4]).tokens, expect)
-    assert "window" in model_state(compiled) and "window" not in model_state(eager)
-    # compiled again (here in another mode), the model gets a window step compiled like its new decode
-    first = window_step(compiled)
-    assert window_step(compiled) is first
+    # AR's step, sampling included, is compiled with the model too (one graph), and each compiled
+    # step is cached per model; compiled again (here in another mode), the model gets steps compiled
+    # like its new decode
+    assert compiled_step(eager, sample_step) is None and window_step(eager) is AutoSampler._window
+    first, ar_step = window_step(compiled), compiled_step(compiled, sample_step)
+    assert first is not AutoSampler._window and ar_step is not None
+    assert window_step(compiled) is first and compiled_step(compiled, sample_step) is ar_step
     compiled.compile_decode(mode="max-autotune")
-    assert window_step(compiled) is not first and window_step(eager) is AutoSampler._window
+    assert window_step(compiled) is not first and compiled_step(compiled, sample_step) is not ar_step
 
 
 # ---- per-query key masks (set_query_mask) ------------------------------------------------------

@@ -56,14 +56,14 @@ from typing import Optional, Union
 import torch
 
 from ..checks import check_number
-from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, compiled_step
 from .logits import process_logits
 from .speculative import covering_width, guidance, leading_accepts, window_inputs
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"tried": {T: window
 # steps run}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra tokens, a
-# mean row's], "cold": [the slowest row's extra tokens in cold starts' warm-up steps, steps]}},
-# "window": (decode, its compiled window step)} (dropped with the model)
+# mean row's], "cold": [the slowest row's extra tokens in cold starts' warm-up steps, steps]}}} (dropped
+# with the model)
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Per-depth acceptance before any observation, worth PRIOR_WEIGHT trials. The first window steps of
 # an image verify drafts predicted from blind context and nearly all fail; with 4 pseudo-trials,
@@ -467,20 +467,10 @@ def acceptance_counts(n, lengths, width: int, informed) -> torch.Tensor:
 
 def window_step(model):
     """`AutoSampler._window` for this model: when its decode is compiled, compiled as decode was
-    (the contract's `compile_step`), the forward and the Gumbel test as one graph. The test's two
-    dozen small ops then cost little beside the forward: default-c2i, batch 1, a 16-token window,
-    bf16, 3.22 ms a step against 3.7 ms with only the forward compiled (scratch A/B, same tokens).
-    Cached per model and decode: compiled again in another mode, the model gets a new window step."""
-    state = model_state(model)
-    cached = state.get("window")
-    if cached is not None and cached[0] is model.decode:
-        return cached[1]
-    compile_step = getattr(model, "compile_step", None)
-    window = compile_step(AutoSampler._window) if compile_step is not None else None
-    if window is None:  # decode runs eager (the contract's default)
-        return AutoSampler._window
-    state["window"] = (model.decode, window)
-    return window
+    (`compiled_step`), the forward and the Gumbel test as one graph. The test's two dozen small ops
+    then cost little beside the forward: default-c2i, batch 1, a 16-token window, bf16, 3.22 ms a
+    step against 3.7 ms with only the forward compiled (scratch A/B, same tokens)."""
+    return compiled_step(model, AutoSampler._window) or AutoSampler._window
 
 
 def skew(book) -> float:

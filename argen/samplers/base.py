@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence
 
@@ -24,6 +25,30 @@ from tqdm.auto import tqdm
 from ..errors import ArgenError
 from .logits import SamplingParams
 from .rng import GeneratorArg, RandomStreams, make_streams
+
+
+# model -> {fn: (the decode it was compiled beside, fn compiled)}, dropped with the model
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model, fn: Callable) -> Optional[Callable]:
+    """A sampler's own step `fn` compiled as the model's `decode` was (the generator contract's
+    optional `compile_step`), or None while decode runs eager. Cached per model and fn; a model
+    compiled again (say in another mode) gets its steps compiled again, like its new decode."""
+    compile_step = getattr(model, "compile_step", None)
+    if compile_step is None:
+        return None
+    try:
+        steps = _COMPILED_STEPS.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: compile, keep nothing
+        return compile_step(fn)
+    cached = steps.get(fn)
+    if cached is not None and cached[0] is model.decode:
+        return cached[1]
+    step = compile_step(fn)
+    if step is not None:
+        steps[fn] = (model.decode, step)
+    return step
 
 
 @dataclass
