@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import inspect
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence
 
@@ -27,10 +26,6 @@ from .logits import SamplingParams
 from .rng import GeneratorArg, RandomStreams, make_streams
 
 
-# model -> {fn: (the decode it was compiled beside, fn compiled)}, dropped with the model
-_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def compiled_step(model, fn: Callable) -> Optional[Callable]:
     """A sampler's own step `fn` compiled as the model's `decode` was (the generator contract's
     optional `compile_step`), or None while decode runs eager. Cached per model and fn; a model
@@ -38,10 +33,9 @@ def compiled_step(model, fn: Callable) -> Optional[Callable]:
     compile_step = getattr(model, "compile_step", None)
     if compile_step is None:
         return None
-    try:
-        steps = _COMPILED_STEPS.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: compile, keep nothing
-        return compile_step(fn)
+    # kept on the model, as its compiled decode is: dynamo's compiled step refers to the model, so a
+    # cache outside it (even weakly keyed) would keep every model it ever saw alive
+    steps = vars(model).setdefault("_compiled_steps", {})
     cached = steps.get(fn)
     if cached is not None and cached[0] is model.decode:
         return cached[1]
