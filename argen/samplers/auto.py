@@ -209,6 +209,7 @@ class AutoSampler(Sampler):
         Gumbel rule in place of its draw. The same tokens as `_ar_step`."""
         input_pos = torch.tensor([cond_len + start - 1], device=seq.device)
         scheduled = params.uses_cfg and params.cfg_schedule != "constant"
+        step = compiled_step(model, AutoSampler._ar_token) or AutoSampler._ar_token
         for k in range(start, num_tokens if stop is None else stop):
             x = seq[:, k - 1:k]
             if params.uses_cfg:
@@ -217,9 +218,14 @@ class AutoSampler(Sampler):
                 guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
             else:
                 guided = params.guided_at(k)
-            logits = process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided)
-            seq[:, k] = (logits + noise[:, k]).argmax(-1)
+            seq[:, k] = step(model, x, input_pos, cache, params, guided, noise[:, k])
             input_pos += 1
+
+    @staticmethod
+    def _ar_token(model, x, input_pos, cache, params, guided, noise):
+        """`_ar_rest`'s step: the forward, CFG and the Gumbel argmax, one graph with a compiled model (as
+        the AR sampler's `sample_step`: AR's draw and auto's would otherwise cost unlike amounts)."""
+        return (process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided) + noise).argmax(-1)
 
     @staticmethod
     def _ar_step(model, seq, emitted, noise, cache, cond_len: int, num_tokens: int, params, shared=None):
