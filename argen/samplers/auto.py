@@ -223,8 +223,9 @@ class AutoSampler(Sampler):
 
     @staticmethod
     def _ar_token(model, x, input_pos, cache, params, guided, noise):
-        """`_ar_rest`'s step: the forward, CFG and the Gumbel argmax, one graph with a compiled model (as
-        the AR sampler's `sample_step`: AR's draw and auto's would otherwise cost unlike amounts)."""
+        """One token per row [B] under the Gumbel rule: the forward, CFG and the noisy argmax. `_ar_rest`
+        runs it compiled with the model as one graph (as the AR sampler's `sample_step`: AR's draw and
+        auto's would otherwise cost unlike amounts); `_ar_step`'s ragged rows run it as it is."""
         return (process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided) + noise).argmax(-1)
 
     @staticmethod
@@ -243,8 +244,7 @@ class AutoSampler(Sampler):
             pos = pos if shared is not None else torch.cat([pos, pos])
         guided = guidance(params, emitted, 1, num_tokens)
         guided = guided if isinstance(guided, bool) else guided[:, 0]
-        logits = process_logits(model.decode(tokens, pos, cache)[:, 0], params, guided)
-        y = (logits + noise[rows, emitted]).argmax(-1)
+        y = AutoSampler._ar_token(model, tokens, pos, cache, params, guided, noise[rows, emitted])
         seq[rows, emitted] = y  # finished rows write their scratch column N
         return emitted + active, active.long(), active.long()
 
