@@ -593,7 +593,11 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         self.check_condition(cond, cond_mask)
         t = self.condition_length(cond)
         cache.set_condition_mask(t, cond_mask)
-        pos = torch.arange(t, device=cache.device)
+        return self.prefix_logits(cond, torch.arange(t, device=cache.device), cache)
+
+    def prefix_logits(self, cond: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`prefill` after its checks: the forward of the condition at positions `pos`, the part
+        `compile_decode` compiles with the step."""
         x = self._run_cached(self.embed_condition(cond), pos, cache)
         return self.output(self.norm(x[:, -1])).float()
 
@@ -652,6 +656,8 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
         self.compiled_with = (options, mode == "max-autotune")
         self.decode = self.compile_step(type(self).decode.__get__(self))
+        # the prefix's forward too: eager, it costs about five compiled steps (default-c2i, batch 1)
+        self.prefix_logits = self.compile_step(type(self).prefix_logits.__get__(self))
         return self
 
     # ---- weight formats (an option of the model; samplers never see it) --------------------

@@ -206,12 +206,8 @@ class TokenShuffleGPT(GPT):
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
         return super().new_cache(batch_size, max_len or self.gpt_config.seq_len, device, dtype)
 
-    def prefill(self, cond: torch.Tensor, cache: KVCache, cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the condition prefix; logits [B, k, V] of the first window ([B, V] when k = 1)."""
-        self.check_condition(cond, cond_mask)
-        t = self.condition_length(cond)
-        cache.set_condition_mask(t, cond_mask)
-        pos = torch.arange(t, device=cache.device)
+    def prefix_logits(self, cond: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The condition prefix's forward (`prefill`); logits [B, k, V] of the first window ([B, V] when k = 1)."""
         x = self._run_cached(self.embed_condition(cond), pos, cache)
         return self.head(x[:, -1])
 
