@@ -7,7 +7,8 @@
   accepting codes one by one instead of whole positions, or resampling a rejected position's
   accepted codes.
 * A tiny random TokenShuffleGPT (s = 2): each code's marginal at every position must match AR
-  samples (two-sample chi-square), and greedy speculation must give exactly greedy AR.
+  samples (two-sample chi-square), and greedy speculation must give exactly greedy AR; `auto` and
+  `pac` (the Gumbel rule) draw the same codes whatever their window, tree or batch.
 """
 
 import pytest
@@ -17,11 +18,15 @@ from scipy.stats import chi2_contingency
 from argen.errors import ArgenError
 from argen.models import TokenShuffleConfig, TokenShuffleGPT
 from argen.samplers import ARSampler, SamplingParams, logits_to_probs
+from argen.samplers.auto import AutoSampler
+from argen.samplers.draft_pac import DraftPACSampler
 from argen.samplers.gsd import GSDSampler
 from argen.samplers.mcsjd import MCSJDSampler
+from argen.samplers.pac import PACSampler, best_tokens
 from argen.samplers.sjd import SJDSampler
 
 from helpers import randomize
+from test_pac import TreeMarkovCache
 from test_speculative import MarkovContract, goodness_of_fit
 
 
@@ -42,6 +47,9 @@ class MarkovCodes(MarkovContract):
     def state(self, tokens):
         powers = self.vocab_size ** torch.arange(self.tokens_per_position - 1, -1, -1)
         return (tokens * powers).sum(-1)
+
+    def new_cache(self, rows, max_len=None):  # `pac` feeds trees: a position's logits depend on its own codes only
+        return TreeMarkovCache(rows, max_len)
 
     def decode(self, tokens, input_pos, cache):
         assert tokens.shape[-1] == self.tokens_per_position
@@ -79,7 +87,9 @@ SETTINGS = {
 
 
 @pytest.mark.parametrize("sampler", [SJDSampler(window=3), SJDSampler(window=8), MCSJDSampler(window=4),
-                                     GSDSampler(group_size=1, window=4)], ids=repr)
+                                     GSDSampler(group_size=1, window=4), AutoSampler(window=3),
+                                     PACSampler(window=4, branches=3, depth=2),
+                                     PACSampler(window=4, branches=3, depth=2, levels=2)], ids=repr)
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_lossless_on_markov_codes(sampler, setting):
     torch.manual_seed(4321)
@@ -117,15 +127,47 @@ def test_code_marginals_match_ar_on_tiny_shuffle_gpt(name):
         assert chi2_contingency(table.numpy())[1] > 1e-4, f"code {code}"
 
 
-@pytest.mark.parametrize("name", ["sjd", "gsd", "mcsjd"])
+@pytest.mark.parametrize("name", ["sjd", "gsd", "mcsjd", "auto", "pac"])
 def test_greedy_speculation_reproduces_greedy_ar_with_codes(name):
     model = tiny_shuffle()
     params = SamplingParams(cfg_scale=3.0, top_k=1)
     cond = torch.tensor([1, 4, 9])
     greedy = ARSampler(sample=False)(model, cond, params=params).tokens
-    sampler = {"sjd": SJDSampler, "gsd": GSDSampler, "mcsjd": MCSJDSampler}[name](window=3)
+    sampler = {"sjd": SJDSampler, "gsd": GSDSampler, "mcsjd": MCSJDSampler, "auto": AutoSampler,
+               "pac": lambda window: PACSampler(window, depth=2)}[name](window=3)
     out = sampler(model, cond, params=params, seeds=[0, 1, 2])
     assert torch.equal(out.tokens, greedy)
+
+
+def test_gumbel_samplers_draw_the_same_codes_whatever_the_window_tree_or_batch():
+    """`auto` and `pac` on k codes: every code is the argmax of its scores plus its own noise, so the
+    codes are AR's under that noise (auto:L=1) for any window, tree, cost model or batch."""
+    model = tiny_shuffle()
+    params = SamplingParams(cfg_scale=2.0, top_k=6, cfg_schedule="linear")
+    cond, seeds = torch.tensor([1, 4, 9, 2]), [5, 6, 7, 8]
+    ar = AutoSampler(window=1)(model, cond, params=params, seeds=seeds)
+    assert ar.tokens.shape == (4, model.num_codes) and ar.num_forward_passes == model.num_positions
+    others = [AutoSampler(window=2), AutoSampler(window=16), AutoSampler(),
+              PACSampler(window=3, branches=5, depth=2), PACSampler(window=3, branches=3, depth=2, levels=2)]
+    for sampler in others:
+        out = sampler(model, cond, params=params, seeds=seeds)
+        assert torch.equal(out.tokens, ar.tokens), repr(sampler)
+    spread = PACSampler(window=3, branches=5, depth=2)
+    alone = torch.cat([spread(model, cond[i:i + 1], params=params, seeds=seeds[i:i + 1]).tokens for i in range(4)])
+    assert torch.equal(alone, ar.tokens)
+    with pytest.raises(ArgenError, match="does not support generators with several codes"):
+        DraftPACSampler()(model, cond, seeds=seeds)  # a drafter proposes one code per position
+
+
+def test_best_tokens_are_the_top_code_tuples():
+    """`pac`'s alternatives for a k-code position: the best tuples by summed scores, best first."""
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 4, 5)  # [B, F, k, V]
+    every = torch.cartesian_prod(*[torch.arange(5)] * 4)  # all 625 tuples [625, k]
+    totals = scores[:, :, torch.arange(4), every].sum(-1)  # [B, F, 625]
+    for count in (1, 7, 30):
+        assert torch.equal(best_tokens(scores, count), every[totals.topk(count, -1).indices])
+    assert torch.equal(best_tokens(scores[:, :, 0], 3), scores[:, :, 0].topk(3, -1).indices)  # one code
 
 
 def test_a_sample_does_not_depend_on_its_batch():

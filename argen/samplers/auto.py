@@ -9,6 +9,11 @@ tokens are those of "AR with this noise". So the window can change at every step
 timings, without changing a single sample (the determinism contract holds even though timings
 differ from run to run).
 
+A generator with k codes per position (token-shuffle) gets noise for each code of each position
+(code c of position p takes the stream's block p * k + c), each code is the argmax of its own
+scores, and a draft position is right when all its k codes are. The codes of a position are
+independent given the prefix, so this is again an exact sample, and the same rule throughout.
+
 Verification. The window [x_{e-1}, d_e, ..., d_{e+T-2}] gives y_j = argmax(l_{e+j} + g_{e+j})
 for every row; draft d_{e+j} is right iff it equals y_j, and the first n right drafts plus y_n
 are emitted (y_n has an all-correct context). The rows after become the next drafts (Jacobi;
@@ -58,7 +63,7 @@ import torch
 from ..checks import check_number
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, compiled_step
 from .logits import process_logits
-from .speculative import covering_width, guidance, leading_accepts, window_inputs
+from .speculative import covering_width, guidance, leading_accepts, over_codes, per_position, window_inputs
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"tried": {T: window
 # steps run}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra tokens, a
@@ -121,6 +126,15 @@ def gumbel_noise(streams, batch: int, positions: int, vocab: int, device, scratc
     return out.to(device)
 
 
+def position_noise(streams, model, batch: int, positions: int, device, scratch: int) -> torch.Tensor:
+    """`gumbel_noise` for a generator's positions, then `scratch` positions of zeros: [B, positions +
+    scratch, V], or [B, positions + scratch, k, V] with k codes per position (code c of position p
+    takes block p * k + c of its stream)."""
+    k = model.tokens_per_position
+    noise = gumbel_noise(streams, batch, positions * k, model.vocab_size, device, scratch=scratch * k)
+    return noise.view(batch, positions + scratch, *code_axis(model), -1)
+
+
 def model_state(model) -> dict:
     try:
         return _STATE.setdefault(model, {"costs": {}, "hits": [], "tries": [], "books": {}})
@@ -153,6 +167,7 @@ class AutoSampler(Sampler):
 
     name = "auto"
     aliases = ("gumbel",)
+    multi_code = True  # k codes per position: each code has its own noise; a position is right when all its codes are
     option_aliases = {"L": "window"}
 
     def __init__(self, window: Union[str, int] = "auto", max_window: int = 32, repeats: int = 3):
@@ -187,17 +202,20 @@ class AutoSampler(Sampler):
         lengths = (num_tokens - emitted).clamp(0, width)
         tokens, pos = window_inputs(seq, emitted, width, cond_len, num_tokens)
         both_tokens, both_pos = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
-        guided = guidance(params, emitted, width, num_tokens)
+        guided = per_position(guidance(params, emitted, width, num_tokens), seq)
         logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guided)
         index = emitted[:, None] + torch.arange(width, device=seq.device)
         rows = torch.arange(seq.shape[0], device=seq.device)[:, None]
         y = (logits + noise[rows, index.clamp(max=noise.shape[1] - 1)]).argmax(-1)
+        right = tokens[:, 1:] == y[:, :-1]
+        if right.dim() == 3:  # k codes per position: a draft position is right when all its codes are
+            right = right.all(-1)
         has_draft = torch.arange(width - 1, device=seq.device) < (lengths - 1)[:, None]
-        n = leading_accepts((tokens[:, 1:] == y[:, :-1]) & has_draft)
+        n = leading_accepts(right & has_draft)
         m = torch.where(lengths > 0, n + 1, 0)
         # y[:, :n+1] are the emitted tokens (y_j == d_j for j < n), y[:, n+1:] the next drafts;
         # rows past the image (finished rows, the end of a short one) write scratch columns
-        seq.scatter_(1, index, y)
+        seq.scatter_(1, over_codes(index, seq), y)
         counts = acceptance_counts(n, lengths, width, reach - emitted)
         return emitted + m, m, lengths, torch.maximum(reach, emitted + width), counts
 
@@ -223,7 +241,7 @@ class AutoSampler(Sampler):
 
     @staticmethod
     def _ar_token(model, x, input_pos, cache, params, guided, noise):
-        """One token per row [B] under the Gumbel rule: the forward, CFG and the noisy argmax. `_ar_rest`
+        """One token per row [B] ([B, k] with k codes per position) under the Gumbel rule: the forward, CFG and the noisy argmax. `_ar_rest`
         runs it compiled with the model as one graph (as the AR sampler's `sample_step`: AR's draw and
         auto's would otherwise cost unlike amounts); `_ar_step`'s ragged rows run it as it is."""
         return (process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided) + noise).argmax(-1)
@@ -234,7 +252,7 @@ class AutoSampler(Sampler):
         active row, nothing to verify and nothing to rewind (the cache keeps what it wrote)."""
         rows = torch.arange(seq.shape[0], device=seq.device)
         active = emitted < num_tokens
-        tokens = seq.gather(1, (emitted - 1)[:, None])
+        tokens = seq.gather(1, over_codes((emitted - 1)[:, None], seq))
         if shared is not None:  # every row at the same token: one position for all, as the AR sampler
             pos = torch.tensor([cond_len + shared - 1], device=seq.device)  # (the cache's one-kernel write)
         else:
@@ -242,7 +260,7 @@ class AutoSampler(Sampler):
         if params.uses_cfg:
             tokens = torch.cat([tokens, tokens])
             pos = pos if shared is not None else torch.cat([pos, pos])
-        guided = guidance(params, emitted, 1, num_tokens)
+        guided = per_position(guidance(params, emitted, 1, num_tokens), seq)
         guided = guided if isinstance(guided, bool) else guided[:, 0]
         y = AutoSampler._ar_token(model, tokens, pos, cache, params, guided, noise[rows, emitted])
         seq[rows, emitted] = y  # finished rows write their scratch column N
@@ -262,9 +280,9 @@ class AutoSampler(Sampler):
             model.prefill(cond_all, cache, mask_all)
             window = window_step(model)
             extra = max(widths) + 1
-            vocab = model.vocab_size
-            seq = torch.zeros(batch, num_tokens + extra, dtype=torch.long, device=device)
-            noise = torch.zeros(batch, num_tokens + extra, vocab, device=device)
+            codes = code_axis(model)
+            seq = torch.zeros(batch, num_tokens + extra, *codes, dtype=torch.long, device=device)
+            noise = torch.zeros(batch, num_tokens + extra, *codes, model.vocab_size, device=device)
             start = torch.full((batch,), max(1, (num_tokens - max(widths)) // 2), dtype=torch.long, device=device)
             # emitted and reach as two tensors, as in a real step: the same tensor twice would make a
             # compiled window step build other graphs than the ones the loop then uses
@@ -368,8 +386,8 @@ class AutoSampler(Sampler):
         cache = model.new_cache(cond_all.shape[0], cond_len + num_tokens)
         first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
-        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=cap + 1)
-        seq = torch.zeros(noise.shape[:2], dtype=torch.long, device=device)
+        noise = position_noise(streams, model, batch, num_tokens, device, scratch=cap + 1)
+        seq = torch.zeros(noise.shape[:-1], dtype=torch.long, device=device)
         seq[:, 0] = (first + noise[:, 0]).argmax(-1)
         drafted = False  # blind drafts are written before the first window step (an AR run needs none)
         emitted = torch.ones(batch, dtype=torch.long, device=device)
@@ -445,7 +463,7 @@ class AutoSampler(Sampler):
                 last = (width, low, top if timed else None, made, cold) if timed or warm or cold else None
             widths.append(width)
         self.last_widths = widths
-        return tally.output(seq[:, :num_tokens].clone())
+        return tally.output(seq[:, :num_tokens].flatten(1).clone())  # position-major codes
 
     @staticmethod
     def _observe(state, counts) -> None:
@@ -484,6 +502,12 @@ def skew(book) -> float:
     a prior of 1 worth SKEW_PRIOR extra tokens)."""
     slowest, mean = book["slow"]
     return min(max((slowest + SKEW_PRIOR) / (mean + SKEW_PRIOR), 0.0), 1.0)
+
+
+def code_axis(model) -> tuple:
+    """The trailing shape of one position's tokens: () for one code, (k,) for k codes (token-shuffle)."""
+    k = model.tokens_per_position
+    return () if k == 1 else (k,)
 
 
 def model_device(model) -> torch.device:

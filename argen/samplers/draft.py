@@ -76,6 +76,7 @@ class DrafterMixin:
     counts them (`acceptance`)."""
 
     uses_draft = True
+    multi_code = False  # a drafter proposes one code per position
     drafter = None
     _run: Optional[DraftRun] = None
     drafts_accepted, drafts_tested = 0, 0  # over every call of this sampler object (benchmarks)
@@ -140,7 +141,6 @@ class DraftSampler(DrafterMixin, SJDSampler):
     probability below `stop` (0: always draft the whole window)."""
 
     name = "draft"
-    multi_code = False  # the drafter proposes one code per position
 
     def __init__(self, window: int = 6, stop: float = 0.0):
         super().__init__(window=window, init="random")

@@ -43,10 +43,10 @@ import torch
 
 from ..checks import check_number
 from ..errors import ArgenError
-from .auto import gumbel_noise
+from .auto import position_noise
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
-from .speculative import guidance
+from .speculative import guidance, over_codes, per_position
 
 
 MAX_TREE = 2048  # tokens per forward: a guard against K**F trees that could not run anyway
@@ -106,6 +106,28 @@ def alternative_sources(tree: Tree, device: torch.device) -> tuple:
     return levels, branches, torch.tensor(source, device=device)
 
 
+def best_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` (at most) best tokens of each position by its scores, best first: [B, F, V] ->
+    indices [B, F, count]; with k codes per position, [B, F, k, V] -> code tuples [B, F, count, k],
+    ranked by their summed scores (the codes are independent given the context, so a tuple's score
+    is the sum of its codes'). The best tuple is every code's argmax: the Jacobi draft. Exact top
+    tuples by merging one code at a time and keeping the best `count` partial tuples: a prefix of
+    a top tuple is a top partial tuple."""
+    if scores.dim() == 3:
+        return scores.topk(min(count, scores.shape[-1]), dim=-1).indices
+    values, tuples = None, None
+    for code in range(scores.shape[2]):
+        v, i = scores[:, :, code].topk(min(count, scores.shape[-1]), dim=-1)  # [B, F, c]
+        if values is None:
+            values, tuples = v, i[..., None]
+            continue
+        sums = (values[..., :, None] + v[..., None, :]).flatten(-2)  # [B, F, kept * c]
+        values, pick = sums.topk(min(count, sums.shape[-1]), dim=-1)
+        prefix = tuples.gather(2, (pick // v.shape[-1])[..., None].expand(-1, -1, -1, tuples.shape[-1]))
+        tuples = torch.cat([prefix, i.gather(2, pick % v.shape[-1])[..., None]], -1)
+    return tuples
+
+
 class PACSampler(Sampler):
     """PACSampler(window=16, branches=4, depth=3, levels=1): main chain of `window` tokens (root
     included); the first `levels` draft positions branch into `branches` candidates each (every
@@ -115,6 +137,7 @@ class PACSampler(Sampler):
     tree (K-ary over two positions, then the chain)."""
 
     name = "pac"
+    multi_code = True  # k codes per position: a tree token is a position's k codes (`best_tokens`)
     option_aliases = {"L": "window", "K": "branches", "D": "depth", "F": "levels"}
 
     def __init__(self, window: int = 16, branches: int = 4, depth: int = 3, levels: int = 1):
@@ -153,14 +176,14 @@ class PACSampler(Sampler):
         A subclass may draft them another way (`draft-pac`)."""
         window, device = len(tree.paths[0]), seq.device
         levels, branches, source = alternative_sources(tree, device)
-        chain = seq.gather(1, emitted[:, None] + torch.arange(-1, window - 1, device=device))
+        chain = seq.gather(1, over_codes(emitted[:, None] + torch.arange(-1, window - 1, device=device), seq))
         at = emitted[:, None] + torch.arange(levels, device=device)
         rows = torch.arange(seq.shape[0], device=device)[:, None]
-        picks = stale[rows, at].topk(min(branches, stale.shape[-1]), dim=-1).indices[..., 1:]  # [B, F, <= K-1]
-        if picks.shape[-1] < branches - 1:  # a vocabulary smaller than K: repeat (a duplicate never wins)
-            picks = torch.cat([picks, picks[..., :1].expand(-1, -1, branches - 1 - picks.shape[-1])], -1)
+        picks = best_tokens(stale[rows, at], branches)[:, :, 1:]  # [B, F, <= K-1(, k)]
+        if picks.shape[2] < branches - 1:  # fewer tokens than K: repeat (a duplicate never wins)
+            picks = torch.cat([picks, picks[:, :, :1].expand(-1, -1, branches - 1 - picks.shape[2], *picks.shape[3:])], 2)
         # each token's source: its depth's Jacobi draft (rank 0) or one of the F*(K-1) alternatives
-        return torch.cat([chain, picks.flatten(1)], 1)[:, source]
+        return torch.cat([chain, picks.flatten(1, 2)], 1)[:, source]
 
     def _sample(self, model, cond, cond_mask, num_tokens, params, streams, progress) -> SamplerOutput:
         if num_tokens < 2:
@@ -175,7 +198,7 @@ class PACSampler(Sampler):
             raise ArgenError(f"{self!r} needs a cache with set_tree(); this generator's cache has none")
         first = process_logits(model.prefill(cond_all, cache, mask_all), params, params.guidance_at(0, num_tokens))
         device = first.device
-        noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=L + 1)
+        noise = position_noise(streams, model, batch, num_tokens, device, scratch=L + 1)
         # stale[b, k]: the latest scores (logits + noise) computed for image index k, whatever
         # context they had; before any forward, the noise alone. Its argmax is the Jacobi draft
         # in seq, its runner-ups the alternatives (SJD-PAC drafts them from the stale distribution).
@@ -207,14 +230,15 @@ class PACSampler(Sampler):
             pos = torch.where(valid, cond_len + emitted[:, None] - 1 + depth_t, spare)
             guided = guidance(params, emitted, L, num_tokens)
             if not isinstance(guided, bool):
-                guided = guided.gather(1, depth_t[None, :, None].expand(batch, -1, 1))
+                guided = per_position(guided.gather(1, depth_t[None, :, None].expand(batch, -1, 1)), seq)
             cache.set_tree(tree.parents, scratch)
             logits = process_logits(model.decode(cfg2(tokens), cfg2(pos), cache), params, guided)
             scores = logits + noise[rows, (emitted[:, None] + depth_t).clamp(max=noise.shape[1] - 1)]
-            y = scores.argmax(-1)  # [B, T]: the true next token of each tree token's path
-            # a token is right iff it is its parent's y (at most one sibling can be); a path is
-            # accepted while all its tokens are right; the deepest accepted token wins
-            right = (tokens == y[:, parent_t]) & valid
+            y = scores.argmax(-1)  # [B, T(, k)]: the true next token of each tree token's path
+            # a token is right iff it is its parent's y (all k codes of it; at most one sibling can
+            # be); a path is accepted while all its tokens are right; the deepest accepted token wins
+            right = tokens == y[:, parent_t]
+            right = (right.all(-1) if right.dim() == 3 else right) & valid
             right[:, 0] = True
             accepted_path = (~right).float() @ ancestors.T == 0
             winner = torch.where(accepted_path, order, -1).argmax(1)
@@ -223,11 +247,11 @@ class PACSampler(Sampler):
             path_idx = paths[winner]  # [B, L]
             # y along the path: the emitted tokens (depth <= n), then the next Jacobi drafts; the
             # path's scores become the stale scores of those indices
-            seq.scatter_(1, index, y.gather(1, path_idx))
+            seq.scatter_(1, over_codes(index, seq), y.gather(1, over_codes(path_idx, y)))
             stale[rows, index] = scores[rows, path_idx]
             keep = (main[None, :] <= n[:, None]) & (lengths > 0)[:, None]
             cache.keep_path(cfg2(path_idx), cfg2(torch.where(keep, cond_len + emitted[:, None] - 1 + main, spare)))
             emitted = emitted + m
             cache.rewind(cfg2(cond_len + emitted - 1))
             tally.record(m, lengths > 0, emitted.min)
-        return tally.output(seq[:, :num_tokens].clone())
+        return tally.output(seq[:, :num_tokens].flatten(1).clone())  # position-major codes

@@ -87,11 +87,24 @@ def covering_width(left: int, window: int) -> int:
 
 
 def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
-    """Tokens [B, width] and positions [B, width] of the window; padding slots sit at the spare
-    position cond_len + N - 1 (never attended to by a real query of this image)."""
+    """Tokens [B, width] (seq [B, S]) or [B, width, k] (seq [B, S, k]: k codes per position) and
+    positions [B, width] of the window; padding slots sit at the spare position cond_len + N - 1
+    (never attended to by a real query of this image)."""
     index = emitted[:, None] - 1 + torch.arange(width, device=seq.device)
     pos = (cond_len + index).clamp(max=cond_len + num_tokens - 1)
-    return seq.gather(1, index), pos
+    return seq.gather(1, over_codes(index, seq)), pos
+
+
+def over_codes(index: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """A [B, T] position index for gathers and scatters on seq: itself for seq [B, S], expanded
+    over the code axis for seq [B, S, k] (generators with k codes per position)."""
+    return index if seq.dim() == 2 else index[..., None].expand(*index.shape, seq.shape[2])
+
+
+def per_position(guided, seq: torch.Tensor):
+    """`guidance`'s [B, T, 1] scales for logits [B, T, k, V] when seq [B, S, k] has a code axis:
+    one scale for the k codes of a position (bools and k = 1 pass through)."""
+    return guided[..., None] if isinstance(guided, torch.Tensor) and seq.dim() == 3 else guided
 
 
 def guidance(params: SamplingParams, emitted: torch.Tensor, width: int, num_tokens: int = 0):

@@ -30,19 +30,15 @@ from ..errors import ArgenError
 from .base import ForwardTally, SamplerOutput, cfg_batch
 from .logits import logits_to_probs
 from .rng import sample_rows
-from .speculative import (Window, draw_uniforms, guidance, leading_accepts, residual, rows_at, window_lengths)
-
-
-def _expand(index: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, T] slot index -> [B, T, k] for gathers/scatters over the code axis."""
-    return index[..., None].expand(*index.shape, k)
+from .speculative import (Window, draw_uniforms, guidance, leading_accepts, over_codes, per_position, residual,
+                          rows_at, window_inputs, window_lengths)
 
 
 def random_drafts(win: Window, need: torch.Tensor, u: torch.Tensor, q: torch.Tensor) -> None:
     """Uniform random drafts in the slots marked by need [B, S]: codes into win.seq [B, N + L, k],
     their draft distribution (uniform) into q [B, S, k, V]; u: [B, S, k]."""
-    vocab, k = q.shape[-1], q.shape[-2]
-    index = _expand(win.emitted[:, None] + torch.arange(need.shape[1], device=need.device), k)
+    vocab = q.shape[-1]
+    index = over_codes(win.emitted[:, None] + torch.arange(need.shape[1], device=need.device), win.seq)
     tokens = (u * vocab).long().clamp_(max=vocab - 1)
     win.seq.scatter_(1, index, torch.where(need[..., None], tokens, win.seq.gather(1, index)))
     q[need] = 1.0 / vocab
@@ -56,7 +52,7 @@ def propose_residual(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh)
     kept, rejected ones from their residuals) or the bonus position when all were accepted; the
     rows after are fresh samples of their rows (the next drafts, with q = those rows)."""
     fresh = sample_rows(probs, u_fresh)
-    width, k = probs.shape[1], probs.shape[2]
+    width = probs.shape[1]
     if width == 1:
         return fresh
     rejected = n_acc < has_draft.sum(-1)
@@ -66,7 +62,7 @@ def propose_residual(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh)
     extra = torch.where(rejected[:, None], fix, rows_at(fresh, n_acc))
     kept = torch.cat([drafts, fresh[:, -1:]], dim=1)
     out = torch.where((torch.arange(width, device=probs.device) < n_acc[:, None])[..., None], kept, fresh)
-    return out.scatter(1, _expand(n_acc[:, None], k), extra[:, None])
+    return out.scatter(1, over_codes(n_acc[:, None], out), extra[:, None])
 
 
 def propose_coupled(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh) -> torch.Tensor:
@@ -85,7 +81,7 @@ def propose_coupled(probs, q, drafts, accept, has_draft, n_acc, u_res, u_fresh) 
 def commit_codes(win: Window, proposals: torch.Tensor, m: torch.Tensor, probs: torch.Tensor):
     """`speculative.commit` with a code axis: proposals [B, T, k], probs [B, T, k, V]."""
     width, k, vocab = proposals.shape[1], proposals.shape[2], probs.shape[-1]
-    win.seq.scatter_(1, _expand(win.emitted[:, None] + torch.arange(width, device=m.device), k), proposals)
+    win.seq.scatter_(1, over_codes(win.emitted[:, None] + torch.arange(width, device=m.device), win.seq), proposals)
     win.emitted = win.emitted + m
     src = m[:, None] + torch.arange(win.q.shape[1], device=m.device)
     index = src.clamp(max=width - 1)[..., None, None].expand(-1, -1, k, vocab)
@@ -96,12 +92,8 @@ def step_codes(sampler, model, win: Window, lengths, width: int, cache, cond_len
                params, streams, ctx, coupled: bool) -> torch.Tensor:
     """One forward of the k-code loop; returns m [B] (positions emitted per row)."""
     L, k = win.q.shape[1] + 1, win.q.shape[2]
-    index = win.emitted[:, None] - 1 + torch.arange(width, device=win.seq.device)
-    pos = (cond_len + index).clamp(max=cond_len + num_tokens - 1)
-    tokens = win.seq.gather(1, _expand(index, k))  # [B, width, k]
-    guided = guidance(params, win.emitted, width, num_tokens)
-    if isinstance(guided, torch.Tensor):
-        guided = guided[..., None]  # [B, width, 1, 1]: one scale for the k codes of a position
+    tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)  # [B, width, k], [B, width]
+    guided = per_position(guidance(params, win.emitted, width, num_tokens), win.seq)
     x, p = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
     probs = logits_to_probs(model.decode(x, p, cache), params, guided)  # [B, width, k, V]
     u = draw_uniforms(streams, tokens.shape[0], (4 * L - 3) * k, probs.device).view(-1, 4 * L - 3, k)
