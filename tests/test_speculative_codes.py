@@ -111,13 +111,14 @@ def tiny_shuffle(seed=2):
     return randomize(TokenShuffleGPT(cfg), seed)
 
 
-@pytest.mark.parametrize("name", ["sjd", "mcsjd"])
+@pytest.mark.parametrize("name", ["sjd", "mcsjd", "auto", "pac"])
 def test_code_marginals_match_ar_on_tiny_shuffle_gpt(name):
     model = tiny_shuffle()
     params = SamplingParams(cfg_scale=2.0, top_k=6)
     n, conds = 3000, torch.full((3000,), 4)
     torch.manual_seed(11)
-    sampler = SJDSampler(window=4) if name == "sjd" else MCSJDSampler(window=4)
+    sampler = {"sjd": SJDSampler(window=4), "mcsjd": MCSJDSampler(window=4), "auto": AutoSampler(window=4),
+               "pac": PACSampler(window=4, branches=3, depth=2)}[name]
     spec = sampler(model, conds, params=params)
     ar = ARSampler()(model, conds, params=params)
     assert spec.forwards_per_sample.double().mean() < ar.num_forward_passes
