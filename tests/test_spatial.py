@@ -248,3 +248,53 @@ def test_jacobi_samples_the_distribution_of_one_token_per_row(params):
                              for p, t in zip(pairs, (one, out.tokens))])
         table = table[:, table.sum(0) > 0]
         assert chi2_contingency(table.numpy())[1] > 1e-4, f"position {k}"
+
+
+# ---- k codes per grid cell (token-shuffle) ---------------------------------------------------
+
+
+def shuffle_grid():
+    """A tiny random token-shuffle generator: s = 2 over 8 x 8 codes, so a 4 x 4 grid of positions
+    with 4 codes each."""
+    from argen.models import TokenShuffleConfig, TokenShuffleGPT
+
+    from helpers import randomize
+
+    torch.manual_seed(0)
+    cfg = TokenShuffleConfig(shuffle=2, dim=32, n_layer=1, n_head=2, multiple_of=32, vocab_size=8, num_classes=10,
+                             block_size=64, shuffle_mlp_blocks=1)
+    return randomize(TokenShuffleGPT(cfg), 2)
+
+
+def test_codes_per_cell():
+    """On k codes per cell: w >= W with one-hot targets is greedy AR and with Jacobi windows it is
+    `auto`'s codes; one drawn cell per row takes (H - 1) * w + W forwards; unwritten slots stay
+    unread; a sample does not depend on its batch."""
+    model = shuffle_grid()
+    assert model.grid == (4, 4) and model.tokens_per_position == 4
+    cond, seeds = torch.tensor([1, 4, 9]), [3, 4, 5]
+    greedy_params = SamplingParams(cfg_scale=3.0, top_k=1, cfg_schedule="linear")
+    greedy = ARSampler(sample=False)(model, cond, params=greedy_params).tokens
+    assert torch.equal(SpatialSampler(window=4)(model, cond, params=greedy_params, seeds=seeds).tokens, greedy)
+    params = SamplingParams(cfg_scale=2.0, top_k=6)
+    auto = get_sampler("auto:L=1")(model, cond, params=params, seeds=seeds).tokens
+    assert torch.equal(SpatialSampler(window=4, jacobi_window=3)(model, cond, params=params, seeds=seeds).tokens, auto)
+    for w, L in ((1, 1), (2, 1), (1, 3), (2, 4)):
+        out = SpatialSampler(window=w, jacobi_window=L)(model, cond, params=params, seeds=seeds)
+        assert out.tokens.shape == (3, 64)
+        if L == 1:
+            assert out.num_forward_passes == 3 * w + 4
+        alone = SpatialSampler(window=w, jacobi_window=L)(model, cond[1:2], params=params, seeds=seeds[1:2])
+        assert torch.equal(alone.tokens[0], out.tokens[1])
+        original = model.new_cache
+
+        def noisy(*args, **kwargs):
+            cache = original(*args, **kwargs)
+            for t in cache.k + cache.v:
+                t.normal_(0, 100.0)
+            return cache
+
+        model.new_cache = noisy
+        dirty = SpatialSampler(window=w, jacobi_window=L)(model, cond, params=params, seeds=seeds)
+        del model.new_cache
+        assert torch.equal(dirty.tokens, out.tokens)

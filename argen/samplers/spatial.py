@@ -54,11 +54,11 @@ import torch.nn.functional as F
 
 from ..checks import check_number
 from ..errors import ArgenError
-from .auto import gumbel_noise
+from .auto import code_axis, position_noise
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .rng import sample_rows
-from .speculative import draw_uniforms, guidance_of, leading_accepts
+from .speculative import draw_uniforms, guidance_of, leading_accepts, over_codes, per_position
 
 
 class SpatialSampler(Sampler):
@@ -68,6 +68,7 @@ class SpatialSampler(Sampler):
 
     name = "spatial"
     aliases = ("zipar",)
+    multi_code = True  # k codes per position: a grid cell's codes are drawn (or verified) together
     option_aliases = {"w": "window", "L": "jacobi_window"}
 
     def __init__(self, window: int = 2, jacobi_window: int = 1):
@@ -99,13 +100,18 @@ class SpatialSampler(Sampler):
 
         jacobi = self.jacobi_window > 1
         width_cap = min(self.jacobi_window, cols)  # a window never leaves its row
+        codes, k = code_axis(model), model.tokens_per_position  # seq [B, N + 1] or [B, N + 1, k]
+
+        def uniforms():  # a fixed budget per step: one number per grid row and code
+            return draw_uniforms(streams, batch, rows * k, device).view(batch, rows, *codes)
+
         if jacobi:
-            noise = gumbel_noise(streams, batch, num_tokens, model.vocab_size, device, scratch=1)
+            noise = position_noise(streams, model, batch, num_tokens, device, scratch=1)
             seq = noise.argmax(-1)  # blind drafts (auto's); column N: scratch
             seq[:, 0] = (first + noise[:, 0]).argmax(-1)
         else:
-            seq = torch.zeros(batch, num_tokens + 1, dtype=torch.long, device=device)  # column N: scratch
-            seq[:, 0] = sample_rows(F.softmax(first, dim=-1), draw_uniforms(streams, batch, rows, device)[:, 0])
+            seq = torch.zeros(batch, num_tokens + 1, *codes, dtype=torch.long, device=device)  # column N: scratch
+            seq[:, 0] = sample_rows(F.softmax(first, dim=-1), uniforms()[:, 0])
 
         row_ids = torch.arange(rows, device=device)
         row_len = (num_tokens - row_ids * cols).clamp(0, cols)  # a short image (num_tokens) ends mid-grid
@@ -174,11 +180,11 @@ class SpatialSampler(Sampler):
             slot_pos = torch.cat([torch.where(first_of_row, row_ids[:, None] * cols - 1, here).flatten(1),
                                   last.expand(batch, -1)], dim=1)
             slot_col = torch.cat([col.flatten(1), torch.full_like(c, cols)], dim=1)  # a tail sees its whole row
-            slot_tokens = seq.gather(1, slot_src.clamp(0, num_tokens - 1))
+            slot_tokens = seq.gather(1, over_codes(slot_src.clamp(0, num_tokens - 1), seq))
             order = torch.sort((~slot_valid).to(torch.uint8), dim=1, stable=True).indices[:, :width]
             valid = slot_valid.gather(1, order)
             q_row, q_col, q_pos = slot_row[order], slot_col.gather(1, order), slot_pos.gather(1, order)
-            tokens = slot_tokens.gather(1, order)
+            tokens = slot_tokens.gather(1, over_codes(order, seq))
             positions = torch.where(valid, cond_len + q_pos, spare)
 
             # each query's keys: the structure above, its own slot, the condition; padding keeps the cache's rules
@@ -192,20 +198,21 @@ class SpatialSampler(Sampler):
             cache.set_query_mask(both(torch.cat([condition, sees], dim=-1)))
             target = (q_row * cols + q_col).clamp(max=num_tokens - 1)  # image index each query predicts
             logits = process_logits(model.decode(both(tokens), both(positions), cache), params,
-                                    guidance_of(params, target, num_tokens))
+                                    per_position(guidance_of(params, target, num_tokens), seq))
             if jacobi:
                 noise_at = torch.where(valid & is_prediction[order], target, num_tokens)
                 drawn = (logits + noise[torch.arange(batch, device=device)[:, None], noise_at]).argmax(-1)
             else:
-                u = draw_uniforms(streams, batch, rows, device)
-                drawn = sample_rows(F.softmax(logits, dim=-1), u.gather(1, q_row))
+                drawn = sample_rows(F.softmax(logits, dim=-1), uniforms().gather(1, over_codes(q_row, seq)))
 
             # back to the [B, H, L] layout: verify each row's drafts, emit, keep the rest as drafts
-            predicted = torch.zeros_like(slot_tokens).scatter_(1, order, drawn)[:, : rows * width_cap]
-            predicted = predicted.view(batch, rows, width_cap)
+            predicted = torch.zeros_like(slot_tokens).scatter_(1, over_codes(order, seq), drawn)[:, : rows * width_cap]
+            predicted = predicted.view(batch, rows, width_cap, *codes)
             if jacobi:
                 # top down: the drafts a row accepts are keys the rows below may have counted on
-                right = slot_tokens[:, : rows * width_cap].view(batch, rows, width_cap)[..., 1:] == predicted[..., :-1]
+                right = slot_tokens[:, : rows * width_cap].view(batch, rows, width_cap, *codes)[:, :, 1:] == predicted[:, :, :-1]
+                if codes:  # a draft cell is right when all its codes are
+                    right = right.all(-1)
                 keyed, emit = fed.clone(), torch.zeros_like(c)
                 for r in range(rows):
                     complete = torch.minimum(span[:, r], room(keyed, c, [r])[:, 0]).clamp(min=0)
@@ -215,7 +222,7 @@ class SpatialSampler(Sampler):
             else:
                 emit = size
             written = torch.where(j_ids < span[:, :, None], row_ids[:, None] * cols + col, num_tokens)
-            seq.scatter_(1, written.flatten(1), predicted.flatten(1))
+            seq.scatter_(1, over_codes(written.flatten(1), seq), predicted.flatten(1, 2))
             count += emit
             tail_fed |= tail
             emitted = emit.sum(1)
@@ -223,4 +230,4 @@ class SpatialSampler(Sampler):
             if not bool(active.any()):
                 raise RuntimeError(f"{self!r} stalled with rows unfinished")  # a bug, not bad input
             tally.record(emitted, active, lambda: count.sum(1).min())
-        return tally.output(seq[:, :num_tokens].clone())
+        return tally.output(seq[:, :num_tokens].flatten(1).clone())  # position-major codes
