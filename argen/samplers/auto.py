@@ -63,7 +63,8 @@ import torch
 from ..checks import check_number
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, compiled_step
 from .logits import process_logits
-from .speculative import covering_width, guidance, leading_accepts, over_codes, per_position, window_inputs
+from .speculative import (covering_width, guidance, leading_accepts, over_codes, per_position, same_positions,
+                          window_inputs)
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"tried": {T: window
 # steps run}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra tokens, a
@@ -207,11 +208,8 @@ class AutoSampler(Sampler):
         index = emitted[:, None] + torch.arange(width, device=seq.device)
         rows = torch.arange(seq.shape[0], device=seq.device)[:, None]
         y = (logits + noise[rows, index.clamp(max=noise.shape[1] - 1)]).argmax(-1)
-        right = tokens[:, 1:] == y[:, :-1]
-        if right.dim() == 3:  # k codes per position: a draft position is right when all its codes are
-            right = right.all(-1)
         has_draft = torch.arange(width - 1, device=seq.device) < (lengths - 1)[:, None]
-        n = leading_accepts(right & has_draft)
+        n = leading_accepts(same_positions(tokens[:, 1:], y[:, :-1]) & has_draft)
         m = torch.where(lengths > 0, n + 1, 0)
         # y[:, :n+1] are the emitted tokens (y_j == d_j for j < n), y[:, n+1:] the next drafts;
         # rows past the image (finished rows, the end of a short one) write scratch columns
@@ -241,9 +239,10 @@ class AutoSampler(Sampler):
 
     @staticmethod
     def _ar_token(model, x, input_pos, cache, params, guided, noise):
-        """One token per row [B] ([B, k] with k codes per position) under the Gumbel rule: the forward, CFG and the noisy argmax. `_ar_rest`
-        runs it compiled with the model as one graph (as the AR sampler's `sample_step`: AR's draw and
-        auto's would otherwise cost unlike amounts); `_ar_step`'s ragged rows run it as it is."""
+        """One token per row [B] ([B, k] with k codes per position) under the Gumbel rule: the forward,
+        CFG and the noisy argmax. `_ar_rest` runs it compiled with the model as one graph (as the AR
+        sampler's `sample_step`: AR's draw and auto's would otherwise cost unlike amounts); `_ar_step`'s
+        ragged rows run it as it is."""
         return (process_logits(model.decode(x, input_pos, cache)[:, -1], params, guided) + noise).argmax(-1)
 
     @staticmethod

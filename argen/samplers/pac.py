@@ -46,7 +46,7 @@ from ..errors import ArgenError
 from .auto import position_noise
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
-from .speculative import guidance, over_codes, per_position
+from .speculative import guidance, over_codes, per_position, same_positions
 
 
 MAX_TREE = 2048  # tokens per forward: a guard against K**F trees that could not run anyway
@@ -237,8 +237,7 @@ class PACSampler(Sampler):
             y = scores.argmax(-1)  # [B, T(, k)]: the true next token of each tree token's path
             # a token is right iff it is its parent's y (all k codes of it; at most one sibling can
             # be); a path is accepted while all its tokens are right; the deepest accepted token wins
-            right = tokens == y[:, parent_t]
-            right = (right.all(-1) if right.dim() == 3 else right) & valid
+            right = same_positions(tokens, y[:, parent_t]) & valid
             right[:, 0] = True
             accepted_path = (~right).float() @ ancestors.T == 0
             winner = torch.where(accepted_path, order, -1).argmax(1)

@@ -58,7 +58,7 @@ from .auto import code_axis, position_noise
 from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
 from .logits import process_logits
 from .rng import sample_rows
-from .speculative import draw_uniforms, guidance_of, leading_accepts, over_codes, per_position
+from .speculative import draw_uniforms, guidance_of, leading_accepts, over_codes, per_position, same_positions
 
 
 class SpatialSampler(Sampler):
@@ -210,9 +210,8 @@ class SpatialSampler(Sampler):
             predicted = predicted.view(batch, rows, width_cap, *codes)
             if jacobi:
                 # top down: the drafts a row accepts are keys the rows below may have counted on
-                right = slot_tokens[:, : rows * width_cap].view(batch, rows, width_cap, *codes)[:, :, 1:] == predicted[:, :, :-1]
-                if codes:  # a draft cell is right when all its codes are
-                    right = right.all(-1)
+                drafts = slot_tokens[:, : rows * width_cap].view(batch, rows, width_cap, *codes)[:, :, 1:]
+                right = same_positions(drafts.flatten(1, 2), predicted[:, :, :-1].flatten(1, 2)).view(batch, rows, -1)
                 keyed, emit = fed.clone(), torch.zeros_like(c)
                 for r in range(rows):
                     complete = torch.minimum(span[:, r], room(keyed, c, [r])[:, 0]).clamp(min=0)

@@ -101,6 +101,13 @@ def over_codes(index: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     return index if seq.dim() == 2 else index[..., None].expand(*index.shape, seq.shape[2])
 
 
+def same_positions(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, T] whether a and b ([B, T], or [B, T, k] with k codes per position) hold the same token at
+    each position: all k codes equal."""
+    same = a == b
+    return same.all(-1) if same.dim() == 3 else same
+
+
 def per_position(guided, seq: torch.Tensor):
     """`guidance`'s [B, T, 1] scales for logits [B, T, k, V] when seq [B, S, k] has a code axis:
     one scale for the k codes of a position (bools and k = 1 pass through)."""
