@@ -42,19 +42,26 @@ def test_hidden_slots_are_never_read(w, L):
     model = tiny_gpt()
     params = SamplingParams(cfg_scale=2.0)
     cond, seeds = torch.tensor([0, 5, 8]), [1, 2, 3]
-    clean = SpatialSampler(window=w, jacobi_window=L)(model, cond, params=params, seeds=seeds)
+    sampler = SpatialSampler(window=w, jacobi_window=L)
+    clean = sampler(model, cond, params=params, seeds=seeds)
+    assert torch.equal(clean.tokens, sample_over_garbage(sampler, model, cond, params=params, seeds=seeds).tokens)
+
+
+def sample_over_garbage(sampler, model, *args, **kwargs):
+    """`sampler(model, ...)` with every KV cache it makes filled with large random values first."""
     original = model.new_cache
 
-    def noisy(*args, **kwargs):
-        cache = original(*args, **kwargs)
+    def noisy(*cache_args, **cache_kwargs):
+        cache = original(*cache_args, **cache_kwargs)
         for t in cache.k + cache.v:
             t.normal_(0, 100.0)
         return cache
 
     model.new_cache = noisy
-    dirty = SpatialSampler(window=w, jacobi_window=L)(model, cond, params=params, seeds=seeds)
-    del model.new_cache
-    assert torch.equal(clean.tokens, dirty.tokens)
+    try:
+        return sampler(model, *args, **kwargs)
+    finally:
+        del model.new_cache
 
 
 def test_rows_below_see_the_rows_above():
@@ -286,15 +293,5 @@ def test_codes_per_cell():
             assert out.num_forward_passes == 3 * w + 4
         alone = SpatialSampler(window=w, jacobi_window=L)(model, cond[1:2], params=params, seeds=seeds[1:2])
         assert torch.equal(alone.tokens[0], out.tokens[1])
-        original = model.new_cache
-
-        def noisy(*args, **kwargs):
-            cache = original(*args, **kwargs)
-            for t in cache.k + cache.v:
-                t.normal_(0, 100.0)
-            return cache
-
-        model.new_cache = noisy
-        dirty = SpatialSampler(window=w, jacobi_window=L)(model, cond, params=params, seeds=seeds)
-        del model.new_cache
+        dirty = sample_over_garbage(SpatialSampler(window=w, jacobi_window=L), model, cond, params=params, seeds=seeds)
         assert torch.equal(dirty.tokens, out.tokens)
