@@ -158,6 +158,12 @@ def test_gumbel_samplers_draw_the_same_codes_whatever_the_window_tree_or_batch()
     assert torch.equal(alone, ar.tokens)
     with pytest.raises(ArgenError, match="does not support generators with several codes"):
         DraftPACSampler()(model, cond, seeds=seeds)  # a drafter proposes one code per position
+    # more branches than code tuples (3 ** 2 = 9): the alternatives repeat, which changes nothing
+    chain, classes = MarkovCodes(), torch.full((6,), 1)
+    expected = AutoSampler(window=1)(chain, classes, seeds=range(6)).tokens
+    for levels in (1, 2):
+        wide = PACSampler(window=4, branches=20, depth=2, levels=levels)
+        assert torch.equal(wide(chain, classes, seeds=range(6)).tokens, expected)
 
 
 def test_best_tokens_are_the_top_code_tuples():
