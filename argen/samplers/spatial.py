@@ -43,6 +43,10 @@ draft). So the tokens are a fixed function of (seed, model) and the structure ab
 for every L >= 2, and for w >= W exactly `auto`'s (AR with the same noise); only the spatial
 structure is lossy. (L = 1 keeps its own draws, so it samples what it always did.)
 
+A generator with k codes per position (token-shuffle) fills each grid cell with its k codes at once:
+L = 1 draws them with k uniforms (H * k per sample and step), L >= 2 gives each its own noise
+(`argen.samplers.auto.position_noise`) and accepts a draft cell only when all its codes are right.
+
 Queries of a step are packed per sample (T = the largest count in the batch, padding at the spare
 last position, which no real query reads): a sample does not depend on its batch.
 """
