@@ -23,6 +23,24 @@ from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
 
 
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that always runs oneDNN's kernel on the CPU, so an image decodes (and encodes) to the
+    same floats whatever its batch. PyTorch picks a CPU convolution's algorithm by batch size (its own
+    kernel for one small image, oneDNN's for more; 1x1 kernels on one thread only from 16 images), and
+    they round differently: default-vq decoded 64 code maps at batch 1 and at batch 64 up to 1.3e-6
+    apart, which moved 1 uint8 pixel in 65,536 by a level. No public switch selects the algorithm,
+    hence the ATen op. With it, batches of 1, 2, 3 and 16 decode exactly as batch 64 on one thread
+    and on two; a single image costs 1.3 ms more to decode, a batch of 16 the same (default-vq;
+    docs/architecture.md, data flow)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16) \
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                                     self.dilation, self.groups)
+        return super().forward(x)
+
+
 def normalize(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
@@ -31,12 +49,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
         self.norm1 = normalize(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, 1, 1)
         self.norm2 = normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, 1, 1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1, 1, 0)
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -52,10 +70,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = normalize(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x):
         h = self.norm(x)
@@ -71,7 +89,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+        self.conv = Conv2d(channels, channels, 3, 2, 0)
 
     def forward(self, x):
         # LlamaGen quirk: asymmetric zero padding (right and bottom only) before the stride-2 conv.
@@ -81,7 +99,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.conv = Conv2d(channels, channels, 3, 1, 1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -124,7 +142,7 @@ def mid_blocks(channels: int, dropout: float, groups: int) -> nn.ModuleList:
 class Encoder(nn.Module):
     def __init__(self, in_channels, ch, ch_mult, num_res_blocks, z_channels, dropout, groups):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
+        self.conv_in = Conv2d(in_channels, ch, 3, 1, 1)
         widths = [ch * m for m in ch_mult]
         last = len(ch_mult) - 1
         self.conv_blocks = nn.ModuleList()
@@ -135,7 +153,7 @@ class Encoder(nn.Module):
             channels = width
         self.mid = mid_blocks(channels, dropout, groups)
         self.norm_out = normalize(channels, groups)
-        self.conv_out = nn.Conv2d(channels, z_channels, 3, 1, 1)
+        self.conv_out = Conv2d(channels, z_channels, 3, 1, 1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -153,7 +171,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [ch * m for m in reversed(ch_mult)]
         channels = widths[0]
-        self.conv_in = nn.Conv2d(z_channels, channels, 3, 1, 1)
+        self.conv_in = Conv2d(z_channels, channels, 3, 1, 1)
         self.mid = mid_blocks(channels, dropout, groups)
         last = len(ch_mult) - 1
         self.conv_blocks = nn.ModuleList()
@@ -162,7 +180,7 @@ class Decoder(nn.Module):
                                           resample=None if level == last else "up", dropout=dropout, groups=groups))
             channels = width
         self.norm_out = normalize(channels, groups)
-        self.conv_out = nn.Conv2d(channels, out_channels, 3, 1, 1)
+        self.conv_out = Conv2d(channels, out_channels, 3, 1, 1)
 
     def forward(self, z):
         h = self.conv_in(z)
@@ -226,8 +244,8 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig
         self.encoder = Encoder(in_channels, ch, encoder_ch_mult, num_res_blocks, z_channels, dropout_p, norm_groups)
         self.decoder = Decoder(in_channels, ch, decoder_ch_mult, num_res_blocks, z_channels, dropout_p, norm_groups)
         self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, codebook_l2_norm, codebook_show_usage)
-        self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
+        self.quant_conv = Conv2d(z_channels, codebook_embed_dim, 1)
+        self.post_quant_conv = Conv2d(codebook_embed_dim, z_channels, 1)
 
     # Official `VQ ModelArgs` fields; `ch` and `num_res_blocks` are fixed (128, 2) officially.
     @classmethod
