@@ -14,6 +14,7 @@ from argen.data.fashion_mnist import CLASS_NAMES
 from argen.errors import ArgenError
 from argen.hub import ASSETS
 from argen.pipeline import ARPipeline
+from argen.registry import load_component
 from argen.tokenizers import VQTokenizer
 
 from helpers import tiny_gpt
@@ -25,12 +26,12 @@ def tiny_vq():
                        decoder_ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, image_size=16).eval()
 
 
-@pytest.mark.parametrize("which", ["tiny", "default-vq"])
-def test_vq_decodes_an_image_alike_in_any_batch(which):
+@pytest.mark.parametrize("which", ["tiny", "default-vq", "titok-fmnist-k16"])
+def test_conv_tokenizers_decode_an_image_alike_in_any_batch(which):
     """The same floats for an image decoded alone, in threes or in a batch of 24: PyTorch's own choice of
-    CPU convolution algorithm goes by batch size and rounds differently (this failed before
-    `argen.tokenizers.vq.Conv2d`)."""
-    tok = tiny_vq() if which == "tiny" else VQTokenizer.from_pretrained(ASSETS / "default-vq").eval()
+    CPU convolution algorithm goes by batch size and rounds differently (this failed for all three before
+    `argen.tokenizers.layers.Conv2d`)."""
+    tok = tiny_vq() if which == "tiny" else load_component(ASSETS / which).eval()
     codes = torch.randint(0, tok.vocab_size, (24, tok.num_tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         together = tok.decode(codes)

@@ -43,6 +43,7 @@ from ..models.checkpoint import load_into, load_state_dict_file
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
+from .layers import Conv2d
 
 # Official ViT size table (identical in TiTokEncoder and TiTokDecoder): name -> (width, layers, heads).
 OFFICIAL_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -117,7 +118,7 @@ class TiTokEncoder(nn.Module):
         self.num_latent_tokens = num_latent_tokens
         self.token_size = token_size
         self.is_legacy = is_legacy
-        self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.patch_embed = Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size, bias=True)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(1, width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, width))
@@ -125,7 +126,7 @@ class TiTokEncoder(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
-        self.conv_out = nn.Conv2d(width, token_size, kernel_size=1, bias=True)
+        self.conv_out = Conv2d(width, token_size, kernel_size=1, bias=True)
 
     def forward(self, pixel_values: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         b = pixel_values.shape[0]
@@ -184,13 +185,13 @@ class TiTokDecoder(nn.Module):
         self.transformer = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
         if is_legacy:
-            self.ffn = nn.Sequential(nn.Conv2d(width, 2 * width, 1, bias=True), nn.Tanh(),
-                                     nn.Conv2d(2 * width, proxy_codebook_size, 1, bias=True))
+            self.ffn = nn.Sequential(Conv2d(width, 2 * width, 1, bias=True), nn.Tanh(),
+                                     Conv2d(2 * width, proxy_codebook_size, 1, bias=True))
             self.conv_out = nn.Identity()
         else:
-            self.ffn = nn.Sequential(nn.Conv2d(width, patch_size * patch_size * out_channels, 1, bias=True),
+            self.ffn = nn.Sequential(Conv2d(width, patch_size * patch_size * out_channels, 1, bias=True),
                                      PatchesToPixels(patch_size, out_channels))
-            self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=True)
+            self.conv_out = Conv2d(out_channels, out_channels, 3, padding=1, bias=True)
 
     def forward(self, z_quantized: torch.Tensor) -> torch.Tensor:
         b, c, h, w = z_quantized.shape
@@ -266,8 +267,8 @@ class VectorQuantizer(nn.Module):
 # (k - 1) / 2, so a plain Conv2d with `padding=k // 2` computes the same thing.
 
 
-def _same_conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+def _same_conv(cin: int, cout: int, k: int, bias: bool = True) -> Conv2d:
+    return Conv2d(cin, cout, k, padding=k // 2, bias=bias)
 
 
 class PixelResnetBlock(nn.Module):

@@ -21,24 +21,7 @@ from ..models.checkpoint import load_checkpoint_into
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
-
-
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that always runs oneDNN's kernel on the CPU, so an image decodes (and encodes) to the
-    same floats whatever its batch. PyTorch picks a CPU convolution's algorithm by batch size (its own
-    kernel for one small image, oneDNN's for more; 1x1 kernels on one thread only from 16 images), and
-    they round differently: default-vq decoded 64 code maps at batch 1 and at batch 64 up to 1.3e-6
-    apart, which moved 1 uint8 pixel in 65,536 by a level. No public switch selects the algorithm,
-    hence the ATen op. With it, batches of 1, 2, 3 and 16 decode exactly as batch 64 on one thread
-    and on two; a single image costs 1.3 ms more to decode, a batch of 16 the same (default-vq;
-    docs/architecture.md, data flow)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16) \
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
-                                                     self.dilation, self.groups)
-        return super().forward(x)
+from .layers import Conv2d
 
 
 def normalize(channels: int, groups: int) -> nn.GroupNorm:
