@@ -189,12 +189,13 @@ def test_decode_is_deterministic_per_seed_and_independent_of_batch_size(tok):
     codes = tok.encode(images(4))
     together = tok.decode(codes, seeds=[5, 6, 7, 8])
     alone = torch.cat([tok.decode(codes[i:i + 1], seeds=[s]) for i, s in enumerate([5, 6, 7, 8])])
-    assert torch.allclose(together, alone, atol=1e-5)
+    # exactly: one time-embedding row at any batch (`velocity`), so no product's row count depends on it
+    assert torch.equal(together, alone)
     assert torch.equal(tok.decode(codes, seeds=[5, 6, 7, 8]), together)
     other = tok.decode(codes, seeds=[9, 6, 7, 8])
     assert not torch.allclose(other[0], together[0], atol=1e-3) and torch.allclose(other[1:], together[1:], atol=1e-5)
     # without seeds every image decodes from seed 0's noise: again independent of its batch
-    assert torch.allclose(tok.decode(codes), torch.cat([tok.decode(codes[i:i + 1]) for i in range(4)]), atol=1e-5)
+    assert torch.equal(tok.decode(codes), torch.cat([tok.decode(codes[i:i + 1]) for i in range(4)]))
     assert torch.allclose(tok.decode(codes[:1]), tok.decode(codes[:1], seeds=[0]))
 
 
