@@ -64,6 +64,7 @@ def test_c2i_pipeline_seeds_independent_of_batch_size(c2i_dir):
     a = pipe(class_labels=["sneaker", 3], num_images=3, seed=7, batch_size=6, progress=False)
     b = pipe(class_labels=["Sneaker", "3"], num_images=3, seed=7, batch_size=1, progress=False)
     assert torch.equal(a.tokens, b.tokens)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))  # the PNGs too
     assert a.labels == [7, 7, 7, 3, 3, 3] and a.seeds == list(range(7, 13))
     assert len(a.images) == 6 and a.images[0].size == (16, 16) and a.images[0].mode == "L"
     assert a.num_forward_passes == 16  # one batch of 6, 16 tokens each
