@@ -17,8 +17,14 @@ class Conv2d(nn.Conv2d):
     costs about 1.3 ms more to decode, a batch of 16 the same (docs/architecture.md, data flow)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.padding_mode == "zeros" and x.dtype in (torch.float32, torch.bfloat16) \
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        if x.device.type == "cpu" and self.padding_mode == "zeros" and _onednn_takes(x.dtype):
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                                      self.dilation, self.groups)
         return super().forward(x)
+
+
+def _onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether oneDNN is on and runs convolutions in `dtype` on this CPU (bf16 needs AVX-512)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
