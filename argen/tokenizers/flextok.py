@@ -286,14 +286,9 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         return slots + self.dec_register_pos
 
     def velocity(self, noisy_patches: torch.Tensor, sigma: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The decoder: noisy patches [B, P, patch_dim], sigma [B] in [0, 1], register slots
-        [B, K, width] -> predicted velocity [B, P, patch_dim]."""
-        if sigma.dim() == 1 and sigma.numel() > 1 and bool((sigma == sigma[:1]).all()):
-            # every image at one flow time (sampling): one embedding row, broadcast by the blocks. Then
-            # the embedding's and the modulations' products have one row at any batch, and an image
-            # decodes alike alone or in a batch (MKL rounds products of under 4 rows apart from larger
-            # ones: rows 1-3 against 64 differ by 1e-5; B rows here made decodes differ by 1.1e-5)
-            sigma = sigma[:1]
+        """The decoder: noisy patches [B, P, patch_dim], sigma [B] in [0, 1] (or [1], one flow time for
+        every image, embedded once and broadcast by the blocks), register slots [B, K, width] ->
+        predicted velocity [B, P, patch_dim]."""
         temb = self.time_embed(self.time_proj(sigma * 1000).to(slots.dtype))
         x = self.dec_patch_embed(noisy_patches) + self.dec_patch_pos
         x = torch.cat([x, slots], dim=1)
@@ -313,8 +308,8 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         decoder pass over 2B rows; otherwise one plain pass over [B] slots."""
         if scale <= 1.0:
             return self.velocity(noisy_patches, sigma, slots).float()
-        v_cond, v_null = self.velocity(torch.cat([noisy_patches, noisy_patches]), torch.cat([sigma, sigma]),
-                                       slots).float().chunk(2)
+        sigma = sigma if sigma.numel() == 1 else torch.cat([sigma, sigma])
+        v_cond, v_null = self.velocity(torch.cat([noisy_patches, noisy_patches]), sigma, slots).float().chunk(2)
         return v_null + scale * (v_cond - v_null)
 
     def initial_noise(self, seeds: Sequence[int], dtype, device) -> torch.Tensor:
@@ -350,7 +345,11 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         # uniform sigmas 1, 1 - 1/T, ..., 1/T (then 0): T equal Euler steps, the integration FlexTok uses
         scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
         for i, t in enumerate(scheduler.timesteps):
-            sigma = torch.full((b,), float(t) / 1000, device=device)
+            # one flow time for the batch: the time embedding's and the modulations' products then have one
+            # row at any batch, so an image decodes alike alone or in a batch (MKL rounds products of under
+            # 4 rows apart from larger ones: rows 1-3 against 64 differ by 1e-5; B rows made decodes differ
+            # by up to 1.1e-5)
+            sigma = torch.full((1,), float(t) / 1000, device=device)
             guided = both is not None and i >= start
             v = self.guided_velocity(x.to(dtype), sigma, both if guided else slots, scale if guided else 1.0)
             x = scheduler.step(v, t, x, return_dict=False)[0]
@@ -391,7 +390,7 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         if scale > 1.0:
             slots = torch.cat([slots, self.null_slots(b, x0.device)])
         x_s = s * noise + (1 - s) * x0
-        v = self.guided_velocity(x_s, torch.full((b,), s, device=x0.device), slots, scale)
+        v = self.guided_velocity(x_s, torch.full((1,), s, device=x0.device), slots, scale)  # as `decode`: one time
         return self.unpatchify(x_s - s * v)
 
     def forward(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None,
