@@ -79,6 +79,31 @@ def test_restricted_sampling_never_leaves_the_cluster():
     assert torch.equal(ref.code_to_cluster[greedy], coarse)
 
 
+def test_refiner_guidance_mixes_the_conditional_and_null_class_passes():
+    """A refiner trained with class dropout has a null class, and `guidance` g > 1 samples from
+    null + g * (cond - null) before the cluster mask; g = 1 is the conditional pass alone."""
+    ref = _refiner(class_dropout_prob=0.1)
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randint(0, 4, (5, 16), generator=g)
+    cond = torch.randint(0, 10, (5,), generator=g)
+    plain = ref.scores(coarse, cond)
+    assert torch.equal(plain, ref.restricted(ref(coarse, cond), coarse))
+    null = torch.full_like(cond, 10)
+    c, u = ref(coarse, cond), ref._network(coarse, null)  # the null row is not a class a caller may pass
+    guided = ref.set_sampling(guidance=2.5).scores(coarse, cond)
+    assert torch.allclose(guided, ref.restricted(u + 2.5 * (c - u), coarse), atol=1e-5, rtol=0)
+    assert not torch.allclose(guided, plain)  # the null class really differs
+    codes = ref.set_sampling(temperature=2.0).refine(coarse, cond, seeds=list(range(5)))
+    assert torch.equal(ref.code_to_cluster[codes], coarse)  # guided draws stay in their clusters
+    for bad in (0.5, -1, float("inf"), "2"):
+        with pytest.raises(ArgenError, match="refiner guidance"):
+            ref.set_sampling(guidance=bad)
+    with pytest.raises(ArgenError, match="without class dropout"):
+        _refiner().set_sampling(guidance=2.0)  # no null class to guide against
+    with pytest.raises(ArgenError, match="without class dropout"):
+        _refiner(guidance=2.0)
+
+
 def test_refine_is_deterministic_per_image_seed_and_one_pass():
     ref = _refiner()
     g = torch.Generator().manual_seed(7)

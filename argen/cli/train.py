@@ -214,6 +214,9 @@ def register(sub):
     ref.add_argument("--n-layer", type=COUNT, default=4)
     ref.add_argument("--n-head", type=COUNT, default=4)
     ref.add_argument("--dropout", type=number(0, 1, hi_open=True), default=0.0)
+    ref.add_argument("--class-dropout", type=number(0, 1, hi_open=True), default=0.0,
+                     help="share of training items whose class is replaced by the null class, so the refiner can "
+                          "be guided (`guidance` in its config.json; default 0: no null class)")
     ref.add_argument("--temperature", type=number(0), default=1.0, help="sampling temperature stored in the refiner")
     ref.add_argument("--no-restrict", action="store_true", help="sample fine codes from the whole codebook, not "
                                                                  "only the coarse label's cluster")
@@ -284,7 +287,7 @@ def _run_refiner(args) -> int:
     metrics = train_refiner(**_common_kwargs(args), vq=args.vq, num_clusters=args.clusters,
                             kmeans_seed=args.kmeans_seed, normalize=args.normalize, dim=args.dim,
                             n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout,
-                            temperature=args.temperature, restrict=not args.no_restrict, flip=args.flip,
+                            class_dropout=args.class_dropout, temperature=args.temperature, restrict=not args.no_restrict, flip=args.flip,
                             codes_cache=args.codes_cache)
     if metrics:
         t = metrics["test_fp32"]

@@ -8,7 +8,8 @@ forward pass of a bidirectional transformer that reads the whole coarse sequence
     logits(coarse [B, n], cond [B])   -> fine-code logits [B, n, V], one pass
     refine(coarse, cond, seeds=...)   -> codes [B, n]: temperature, optionally restricted to the
                                          codes of each position's cluster; image i draws only
-                                         from seeds[i]
+                                         from seeds[i]; with `guidance` g > 1 (a refiner trained
+                                         with class dropout) from null + g * (class - null)
     compile_pass()                    torch.compile the network and the cluster mask (--compile)
 
 The transformer reuses the generator's blocks (`argen.models.gpt`): the same RoPE, RMSNorm,
@@ -31,6 +32,7 @@ from ..models.base import COMPILE_MODES
 from ..models.gpt import GPTConfig, LabelEmbedder, RMSNorm, TransformerBlock, rope_factors, rope_table_1d, rope_table_2d
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
+from ..samplers.logits import SamplingParams, apply_cfg
 from ..samplers.rng import sample_rows
 from .base import Refiner
 
@@ -82,7 +84,8 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_clusters: int = 64, vocab: int = 1024, tokens: int = 64, grid: Optional[list] = None,
                  dim: int = 256, n_layer: int = 4, n_head: int = 4, num_classes: int = 10, dropout: float = 0.0,
-                 temperature: float = 1.0, restrict: bool = True, kmeans_seed: int = 0, normalized: bool = False):
+                 temperature: float = 1.0, restrict: bool = True, kmeans_seed: int = 0, normalized: bool = False,
+                 class_dropout_prob: float = 0.0, guidance: float = 1.0):
         super().__init__()
         if not 2 <= num_clusters <= vocab:
             raise ArgenError(f"num_clusters must be in 2..{vocab}, got {num_clusters}")
@@ -93,7 +96,8 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
                                        class_dropout_prob=0.0, token_dropout_p=dropout, resid_dropout_p=dropout,
                                        ffn_dropout_p=dropout, multiple_of=64)
         cfg = self.blocks_config
-        self.cls_embedding = LabelEmbedder(num_classes, dim, 0.0)
+        # class dropout in training gives the null class a row, which guidance needs
+        self.cls_embedding = LabelEmbedder(num_classes, dim, class_dropout_prob)
         self.coarse_embeddings = nn.Embedding(num_clusters, dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg, 0.0) for _ in range(n_layer))
         self.norm = RMSNorm(dim, eps=cfg.norm_eps)
@@ -109,6 +113,8 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
         # Sampling settings: start from the config, may be changed on a loaded model.
         self.temperature = float(temperature)
         self.restrict = bool(restrict)
+        self.guidance = 1.0
+        self.set_sampling(guidance=guidance)
         self._compiled_scores = None  # `scores` compiled by compile_pass
 
     # ---- refiner contract -----------------------------------------------------------------
@@ -137,7 +143,15 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
         """[K, dim] vectors of the coarse labels (for samplers that compare tokens, e.g. GSD)."""
         return self.coarse_embeddings.weight
 
-    def set_sampling(self, temperature: Optional[float] = None, restrict: Optional[bool] = None) -> "CTFRefiner":
+    def set_sampling(self, temperature: Optional[float] = None, restrict: Optional[bool] = None,
+                     guidance: Optional[float] = None) -> "CTFRefiner":
+        if guidance is not None:
+            if not (isinstance(guidance, (int, float)) and 1 <= guidance < float("inf")):
+                raise ArgenError(f"refiner guidance must be a number >= 1 (1 = off), got {guidance!r}")
+            if guidance != 1 and not self.cls_embedding.has_null:
+                raise ArgenError("this refiner was trained without class dropout, so it has no unconditional "
+                                 "class to guide against; use guidance 1")
+            self.guidance = float(guidance)
         if temperature is not None:
             if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
                 raise ArgenError(f"refiner temperature must be a number >= 0, got {temperature!r}")
@@ -179,7 +193,12 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
     def scores(self, coarse: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The logits `refine` samples from [B, n, V] (restricted to each position's cluster when
         `restrict`), for checked inputs: what `compile_pass` compiles."""
-        logits = self._network(coarse, cond)
+        if self.guidance == 1:
+            logits = self._network(coarse, cond)
+        else:  # classifier-free guidance: conditional and null-class rows in one pass
+            null = torch.full_like(cond, self.config.num_classes)
+            both = self._network(torch.cat([coarse, coarse]), torch.cat([cond, null]))
+            logits = apply_cfg(both, SamplingParams(cfg_scale=self.guidance), self.guidance)
         return self.restricted(logits, coarse) if self.restrict else logits
 
     def compile_pass(self, mode: str = "default") -> "CTFRefiner":

@@ -33,7 +33,7 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
                   steps: Optional[int] = None, epochs: Optional[float] = None, batch_size: int = 64,
                   lr: float = 1e-3, seed: int = 0, warmup_steps: int = 200, weight_decay: float = 0.05,
                   ema_decay: float = 0.999, grad_clip: float = 1.0, dim: int = 256, n_layer: int = 4, n_head: int = 4,
-                  dropout: float = 0.0, temperature: float = 1.0, restrict: bool = True, flip: bool = False,
+                  dropout: float = 0.0, class_dropout: float = 0.0, temperature: float = 1.0, restrict: bool = True, flip: bool = False,
                   codes_cache=None, limit: Optional[int] = None, ckpt_every: int = 500, log_every: int = 25,
                   resume: bool = False, threads: Optional[int] = None, progress: bool = True,
                   export_dtype: str = "auto", command: Optional[str] = None, eval_items: int = 2000,
@@ -53,7 +53,8 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
     # refuse bad sizes before the run folder is claimed
     model_kwargs = dict(num_clusters=num_clusters, vocab=vq_model.vocab_size, tokens=vq_model.num_tokens, grid=grid,
                         dim=dim, n_layer=n_layer, n_head=n_head, num_classes=len(CLASS_NAMES), dropout=dropout,
-                        temperature=temperature, restrict=restrict, kmeans_seed=kmeans_seed, normalized=normalize)
+                        temperature=temperature, restrict=restrict, kmeans_seed=kmeans_seed, normalized=normalize,
+                        class_dropout_prob=class_dropout)
     CTFRefiner(**{**model_kwargs, "n_layer": 1})
     accelerator = Accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
