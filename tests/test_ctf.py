@@ -121,7 +121,8 @@ def test_refine_is_deterministic_per_image_seed_and_one_pass():
 
 def test_compiled_pass_draws_the_eager_codes():
     """compile_pass (the pipeline's --compile) compiles the network and the cluster mask: the same codes as
-    eager for the same seeds, restricted or not; a recompile follows a changed `restrict`."""
+    eager for the same seeds, restricted or not, guided or not; a recompile follows a changed `restrict`
+    or `guidance`."""
     g = torch.Generator().manual_seed(9)
     coarse = torch.randint(0, 4, (4, 16), generator=g)
     cond, seeds = torch.randint(0, 10, (4,), generator=g), [3, 1, 4, 1]
@@ -131,6 +132,14 @@ def test_compiled_pass_draws_the_eager_codes():
         expect = eager.set_sampling(restrict=restrict).refine(coarse, cond, seeds=seeds)
         assert torch.equal(compiled.set_sampling(restrict=restrict).refine(coarse, cond, seeds=seeds), expect)
     assert not torch.equal(compiled.code_to_cluster[expect], coarse)  # the unrestricted pass really ran
+    # refiner guidance: the compiled pass follows a changed scale (a new graph), as eager does
+    eager, compiled = (_refiner(class_dropout_prob=0.1).set_sampling(temperature=1.5) for _ in range(2))
+    compiled.compile_pass()
+    draws = []
+    for guidance in (1.0, 2.5):
+        draws.append(eager.set_sampling(guidance=guidance).refine(coarse, cond, seeds=seeds))
+        assert torch.equal(compiled.set_sampling(guidance=guidance).refine(coarse, cond, seeds=seeds), draws[-1])
+    assert not torch.equal(draws[0], draws[1])
     with pytest.raises(ArgenError, match="compile mode"):
         _refiner().compile_pass("fastest")
 
