@@ -95,7 +95,7 @@ def test_refiner_guidance_mixes_the_conditional_and_null_class_passes():
     assert not torch.allclose(guided, plain)  # the null class really differs
     codes = ref.set_sampling(temperature=2.0).refine(coarse, cond, seeds=list(range(5)))
     assert torch.equal(ref.code_to_cluster[codes], coarse)  # guided draws stay in their clusters
-    for bad in (0.5, -1, float("inf"), "2"):
+    for bad in (0.5, -1, float("inf"), "2", True):
         with pytest.raises(ArgenError, match="refiner guidance"):
             ref.set_sampling(guidance=bad)
     with pytest.raises(ArgenError, match="without class dropout"):

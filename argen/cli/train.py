@@ -287,8 +287,8 @@ def _run_refiner(args) -> int:
     metrics = train_refiner(**_common_kwargs(args), vq=args.vq, num_clusters=args.clusters,
                             kmeans_seed=args.kmeans_seed, normalize=args.normalize, dim=args.dim,
                             n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout,
-                            class_dropout=args.class_dropout, temperature=args.temperature, restrict=not args.no_restrict, flip=args.flip,
-                            codes_cache=args.codes_cache)
+                            class_dropout=args.class_dropout, temperature=args.temperature,
+                            restrict=not args.no_restrict, flip=args.flip, codes_cache=args.codes_cache)
     if metrics:
         t = metrics["test_fp32"]
         print(f"refiner: {args.out}/model  test loss {t['loss']:.4f}  accuracy {100 * t['accuracy']:.1f}% "

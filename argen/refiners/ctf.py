@@ -146,7 +146,7 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
     def set_sampling(self, temperature: Optional[float] = None, restrict: Optional[bool] = None,
                      guidance: Optional[float] = None) -> "CTFRefiner":
         if guidance is not None:
-            if not (isinstance(guidance, (int, float)) and 1 <= guidance < float("inf")):
+            if isinstance(guidance, bool) or not (isinstance(guidance, (int, float)) and 1 <= guidance < float("inf")):
                 raise ArgenError(f"refiner guidance must be a number >= 1 (1 = off), got {guidance!r}")
             if guidance != 1 and not self.cls_embedding.has_null:
                 raise ArgenError("this refiner was trained without class dropout, so it has no unconditional "
