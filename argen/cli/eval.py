@@ -222,12 +222,9 @@ def _sample(args, state, device):
     summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,
                                seed=args.seed, batch_size=args.batch_size, prompts=prompts, model_name=str(args.model),
                                state=state, log=_log, num_tokens=num_tokens)
-    if state is not None and state.num_processes > 1:
-        from accelerate.utils import gather_object
+    from ..distributed import gather_objects
 
-        parts = gather_object([summary])
-    else:
-        parts = [summary]
+    parts = gather_objects(summary, 1 if state is None else state.num_processes)
     sampled = sum(p["sampled"] for p in parts)
     nfe = [p["nfe_per_image"] * p["sampled"] for p in parts if p["sampled"]]
     total = {"generated": sum(p["generated"] for p in parts), "skipped": sum(p["skipped"] for p in parts),

@@ -251,12 +251,9 @@ def _extract(extractor: FeatureExtractor, source: SampleSource, state=None):
                            first=str(source.files[share[0]]) if source.files is not None else f"image {share[0]}")
     except ArgenError as exc:
         payload["error"] = str(exc)
-    if world > 1:
-        from accelerate.utils import gather_object
+    from ..distributed import gather_objects
 
-        parts = gather_object([payload])
-    else:
-        parts = [payload]
+    parts = gather_objects(payload, world)
     errors = [p["error"] for p in parts if p["error"]]
     if errors:
         raise ArgenError(errors[0])

@@ -376,7 +376,7 @@ def _broadcast_error(error: Optional[str], state) -> Optional[str]:
     """Share an error string from any process with all of them (so no process waits forever)."""
     if state is None or state.num_processes == 1:
         return error
-    from accelerate.utils import gather_object
+    from ..distributed import gather_objects
 
-    errors = [e for e in gather_object([error]) if e]
+    errors = [e for e in gather_objects(error, state.num_processes) if e]
     return errors[0] if errors else None

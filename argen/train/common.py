@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory_write, atomic_write_json, atomic_write_text
+from ..distributed import gather_objects
 from ..errors import ArgenError
 from ..progress import progress
 from .rundir import read_state
@@ -427,7 +428,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Optional[Path]:
         acc = self.accelerator
-        rng_all = _gather_objects(acc, capture_rng())
+        rng_all = gather_objects(capture_rng(), acc.num_processes)
         target = checkpoint_root(self.out) / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         if self.is_main:
             model_state = {k: v.detach().contiguous().cpu() for k, v in self.unwrapped.state_dict().items()}
@@ -625,14 +626,6 @@ class _KeyDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.dataset)
-
-
-def _gather_objects(accelerator, obj) -> list:
-    if accelerator.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
-
-    return gather_object([obj])
 
 
 def export_pretrained(model, folder, dtype=torch.float16, extra_files: Optional[dict] = None) -> Path:
