@@ -58,8 +58,8 @@ def main(argv=None) -> int:
 
 def _close_process_group() -> None:
     """Close a multi-process run's process group (accelerate / torchrun launches) before the interpreter
-    exits: a gloo group left to the interpreter's teardown can abort a process after its work is done
-    ("terminate called without an active exception", exit -6, seen once in CI)."""
+    exits, as torch asks. (It does not stop gloo's worker threads; why they could still abort a finished
+    process, and how that is avoided, is in `argen.distributed`.)"""
     dist = sys.modules.get("torch.distributed")  # never import torch just for this
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
