@@ -122,8 +122,8 @@ def main(argv=None) -> int:
 
     def use(label):  # the pipeline decoding as setting `label` says
         _, s, g, dtype = next(x for x in settings_list if x[0] == label)
-        in_dtype(pipe, toks, dtype).tokenizer.set_decoding(steps=s, guidance_scale=g)
-        return s * (2 if g > 1 else 1)  # decoder passes per image
+        decoder = in_dtype(pipe, toks, dtype).tokenizer.set_decoding(steps=s, guidance_scale=g)
+        return decoder.decoder_passes
     record = {"command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else str(argv),
               "model": args.model, "baseline": args.baseline, "ks": ks, "flow_steps": [x[0] for x in settings_list],
               "decoder_guidance": guidance, "num": args.num, "threads": args.threads,

@@ -257,9 +257,12 @@ def test_guidance_start_leaves_the_noisiest_steps_unguided(tok, monkeypatch):
     try:
         tok.set_decoding(guidance_scale=2.5, guidance_start=1)
         assert tok.decoding_settings == {"flow_steps": 3, "guidance_scale": 2.5, "guidance_start": 1}
+        assert tok.decoder_passes == sum(calls) // 2 == 5  # image-rows through the network, per image
         assert torch.equal(tok.decode(codes, seeds=seeds, num_steps=3), later)
     finally:
         tok.set_decoding(guidance_scale=1.0, guidance_start=0)
+    assert tok.set_decoding(steps=3).decoder_passes == 3 and tok.set_decoding(guidance_scale=2.5).decoder_passes == 6
+    tok.set_decoding(guidance_scale=1.0)
     stored = tiny_flextok(guidance_scale=2.5, guidance_start=1)
     assert torch.equal(stored.decode(codes, seeds=seeds), later)
     for bad in (-1, 1.5, True):
@@ -312,6 +315,28 @@ def test_bad_configs_are_one_line_errors():
         FlexTokTokenizer(**{**TINY, "nested_dropout": "all"})
 
 
+def test_compiled_decoder_draws_eager_images_whatever_the_batch():
+    """`compile_decoder` (the pipeline's --compile): the same images as eager decoding, guided and not, and
+    an image does not depend on its batch; the compiled network serves decode only, never training."""
+    tok = tiny_flextok(guidance_scale=2.5, guidance_start=1)
+    codes, seeds = tok.encode(images(3)), [5, 6, 7]
+    eager = tok.decode(codes[:, :4], seeds=seeds)
+    calls = []
+    tok.compile_decoder()
+    compiled = tok._compiled_velocity
+    tok._compiled_velocity = lambda *args: calls.append(args[0].shape[0]) or compiled(*args)
+    together = tok.decode(codes[:, :4], seeds=seeds)
+    alone = tok.decode(codes[:1, :4], seeds=seeds[:1])
+    assert calls == [3, 6, 6, 1, 2, 2]  # every decoder pass went through the compiled network
+    assert torch.allclose(together, eager, atol=1e-5) and torch.allclose(alone, together[:1], atol=1e-5)
+    slots = tok.register_slots(tok.fsq.indices_to_codes(codes).float(), torch.full((3,), K), 3)
+    x0, noise = torch.rand(3, tok.num_patches, tok.patch_dim), torch.randn(3, tok.num_patches, tok.patch_dim)
+    tok.last_step_images(x0, noise, slots)  # the training path runs the eager network
+    assert len(calls) == 6
+    with pytest.raises(ArgenError, match="compile mode"):
+        tok.compile_decoder("fastest")
+
+
 # ---- num_tokens through the pipeline, every sampler and the CLI ---------------------------------
 
 
@@ -340,6 +365,13 @@ def test_every_sampler_samples_a_prefix(tok, sampler):
         assert torch.equal(part.tokens, full.tokens[:, :3])
     images_ = pipe.tokens_to_images(part.tokens, conds, [0, 1, 2, 3])
     assert images_.shape == (4, 1, 12, 12) and torch.isfinite(images_).all()
+
+
+def test_pipeline_compile_compiles_the_flow_decoder(tok):
+    pipe = _pipeline(tiny_flextok())
+    assert pipe.tokenizer._compiled_velocity is None
+    pipe.compile()
+    assert pipe.tokenizer._compiled_velocity is not None
 
 
 def test_ar_prefix_costs_fewer_forwards(tok):

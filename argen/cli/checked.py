@@ -54,9 +54,11 @@ def add_weights_arg(p, default: str = "fp32") -> None:
 
 
 def add_compile_arg(p) -> None:
-    """`--compile`: torch.compile the generator's decode step and the refiner's pass (ARPipeline.compile)."""
+    """`--compile`: torch.compile the generator's decode step, the refiner's pass and a flow decoder's network
+    (ARPipeline.compile)."""
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
-                   help="torch.compile the generator's decode step (and a refiner's pass) first: a compile of some "
+                   help="torch.compile the generator's decode step (and a refiner's pass, a flow decoder's network) "
+                        "first: a compile of some "
                         "seconds per batch shape, then faster steps at small batches (default-c2i on CPU: 1.6x at "
                         "batch 1, 1.2x at 16, 0.94x at 50); for many images. MODE max-autotune freezes the weights "
                         "and times inductor's own GEMM kernels against ATen's: 10-20 s per shape, then steps 2-4x "

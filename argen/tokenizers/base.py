@@ -81,6 +81,11 @@ class ImageTokenizer(abc.ABC):
     def decoding_settings(self) -> dict:
         return {}
 
+    def compile_decoder(self, mode: str = "default") -> "ImageTokenizer":
+        """Compile the decoder's network for the pipeline's `--compile` (mode: "default" or "max-autotune").
+        Optional: a tokenizer whose decode is a small share of a run keeps this default, which does nothing."""
+        return self
+
     def check_codes(self, codes: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
         """codes as int64 [B, n] with 1 <= n <= max_tokens (default num_tokens) and ids in the
         vocabulary, or a one-line error."""
