@@ -1,8 +1,14 @@
-"""Sharing Python objects between the processes of a multi-process run (`accelerate launch`, torchrun).
+"""The processes of a multi-process run (`accelerate launch`, torchrun): setting them up, and sharing Python
+objects between them. Evaluation and training both go through here.
 
-One helper, `gather_objects`, used by evaluation and training alike. It is written here rather than taken
-from accelerate (`accelerate.utils.gather_object`, i.e. `torch.distributed.all_gather_object`) for one
-reason, traced with gdb on a core dump of an aborted run:
+`process_state` / `make_accelerator`: accelerate's `PartialState` / `Accelerator`, asked for the CPU whenever the
+run is on the CPU. accelerate picks its multi-process CPU backend (gloo) only when asked. Otherwise every process
+of `accelerate launch --multi_gpu --num_processes N` on a CPU machine comes up as a single process of its own, and
+each does all the work into the same output folder. A launch whose processes do not see each other is refused
+in one line.
+
+`gather_objects` is written here rather than taken from accelerate (`accelerate.utils.gather_object`, i.e.
+`torch.distributed.all_gather_object`) for one reason, traced with gdb on a core dump of an aborted run:
 
     gloo runs each collective on a worker thread of its own, and that thread drops its reference to the
     collective's tensors a moment *after* the caller has been woken. `all_gather_object` makes its tensors
@@ -18,8 +24,42 @@ the worker's release is a plain reference count and never needs the GIL.
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
+
+from .errors import ArgenError
+
+
+def runs_on_cpu(device=None) -> bool:
+    """Whether accelerate should be asked for the CPU: ``device`` says so, there is no CUDA device, or the
+    environment asks for it (ACCELERATE_USE_CPU)."""
+    import torch
+
+    return (str(device or "").startswith("cpu") or not torch.cuda.is_available()
+            or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
+
+def process_state(device=None):
+    """accelerate's `PartialState` for this process (one process when not launched with accelerate / torchrun)."""
+    from accelerate import PartialState
+
+    return _checked(PartialState(cpu=runs_on_cpu(device)))
+
+
+def make_accelerator(**kwargs):
+    """accelerate's `Accelerator` for a training run, on the CPU when the run is (see the module's docstring)."""
+    from accelerate import Accelerator
+
+    return _checked(Accelerator(cpu=runs_on_cpu(), **kwargs))
+
+
+def _checked(state):
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and state.num_processes != world:
+        raise ArgenError(f"launched as {world} processes but accelerate set up {state.num_processes}; "
+                         "every process would do all the work")
+    return state
 
 
 def gather_objects(obj, num_processes: int) -> list:

@@ -1,9 +1,17 @@
 """Tiny random models for tests. The official init zeroes the output layer (all logits 0), so
 every weight is redrawn to give the model non-trivial, input-dependent logits."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from argen.models import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def randomize(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -55,3 +63,18 @@ def assert_rows_as_if_alone(sampler, model, cond, params, seeds, batch, ragged: 
         assert alone.num_forward_passes == int(batch.forwards_per_sample[i])
         if batch.draft_forwards_per_sample is not None:
             assert alone.draft_forward_passes == int(batch.draft_forwards_per_sample[i])
+
+
+def launch_two_processes(argv, cwd, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `python -m argen ARGV` as 2 CPU processes, 1 thread each. (`accelerate launch --cpu`
+    always starts a single process; on a CPU machine the multi-process launcher is `--multi_gpu`, and argen then
+    picks the gloo CPU backend.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "argen", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)

@@ -3,9 +3,6 @@ statistics, resumable / multi-process sampling and `argen eval` (one-line errors
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -28,9 +25,8 @@ from argen.pipeline import ARPipeline
 from argen.samplers import SamplingParams
 from argen.tokenizers import VQTokenizer
 
-from helpers import tiny_gpt
+from helpers import launch_two_processes, tiny_gpt
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -372,27 +368,14 @@ def test_quality_scorer_equals_scoring_the_pngs(tmp_path, c2i_dir, fmnist_availa
     assert 1.0 <= score["is"] <= 10.0 and 0.0 <= score["class_accuracy"] <= 1.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_two_processes_match_one_process(tmp_path, capsys, c2i_dir, fmnist_available):
-    """`accelerate launch` with 2 CPU processes: same PNGs and the same metrics as 1 process.
-
-    (`accelerate launch --cpu` always starts a single process; on a CPU machine the
-    multi-process launcher is `--multi_gpu`, and argen then picks the gloo CPU backend.)"""
+    """`accelerate launch` with 2 CPU processes: same PNGs and the same metrics as 1 process."""
     common = ["eval", "fid", "--model", str(c2i_dir), "--num-samples", "8", "--batch-size", "3", "--seed", "3",
               "--threads", "1", "--ref-num", "1000", "--feature-batch-size", "3"]
     one, two = tmp_path / "one", tmp_path / "two"
     code, out, err = run_main(capsys, *common, "--out", str(one), "--npz")
     assert code == 0, err
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "argen", *common, "--out", str(two), "--npz"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    proc = launch_two_processes([*common, "--out", two, "--npz"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 1/2] 3 image(s) to generate" in proc.stderr  # really two processes: blocks {0-2, 6-7}, {3-5}
     assert proc.stdout.count("| FID") == 1  # only the main process reports

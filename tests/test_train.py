@@ -29,6 +29,8 @@ from argen.train.common import (
 from argen.train.gpt import train_gpt
 from argen.train.tokenizer import train_tokenizer
 
+from helpers import launch_two_processes
+
 torch.set_num_threads(1)
 
 TINY_VQ = dict(ch=8, ch_mult=(1, 1, 1, 1), z_channels=8, codebook_size=32, codebook_dim=4, norm_groups=4)
@@ -455,6 +457,37 @@ def test_cli_trains_a_titok(tmp_path, capsys):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["_class_name"] == "TiTokTokenizer" and config["num_latent_tokens"] == 3
     assert config["enc_patch_size"] == 16 and config["dec_width"] == 8
+
+
+def test_cli_refuses_a_guided_export_without_a_null_condition_before_training(tmp_path, capsys, tiny_vq_dir):
+    """The export samples its grid at --cfg-scale; without class dropout there is no null class to guide
+    with, which used to fail only after the whole run."""
+    out = tmp_path / "run"
+    argv = ["train", "gpt", "--model-type", "c2i", "--vq", str(tiny_vq_dir), "--out", str(out), "--steps", "2",
+            "--limit", "32", "--batch-size", "8", "--dim", "16", "--n-layer", "1", "--n-head", "2", "--class-dropout", "0"]
+    assert "--class-dropout" in _one_line_error(capsys, argv) and not out.exists()
+
+
+def test_two_processes_train_as_one_process_with_twice_the_batch(tmp_path, capsys, tiny_vq_dir):
+    """`accelerate launch` with 2 CPU processes is one run: one log and one export, `num_processes` 2 in the
+    checkpoint, and (no dropout) the steps of one process with twice the batch, as global step s takes the
+    same items either way. Before session 23 each process came up alone and trained the whole run twice."""
+    common = ["train", "gpt", "--model-type", "c2i", "--vq", tiny_vq_dir, "--steps", "4", "--limit", "64", "--dim", "16",
+              "--n-layer", "1", "--n-head", "2", "--ckpt-every", "2", "--log-every", "1", "--no-progress",
+              "--threads", "1", "--dropout", "0", "--class-dropout", "0", "--cfg-scale", "1",
+              "--export-dtype", "float32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([str(a) for a in [*common, "--out", one, "--batch-size", "16"]]) == 0
+    capsys.readouterr()
+    proc = launch_two_processes([*common, "--out", two, "--batch-size", "8"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gpt (c2i)") == 1  # only the main process reports
+    log_one, log_two = read_log(one / "log.csv"), read_log(two / "log.csv")
+    assert [r["step"] for r in log_two] == [1, 2, 3, 4] and log_two[-1]["epoch"] == 1
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(log_one, log_two))
+    assert json.loads((latest_checkpoint(two) / "state.json").read_text())["num_processes"] == 2
+    w_one, w_two = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) < 1e-6
 
 
 def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys, tiny_vq_dir):

@@ -153,36 +153,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _state(device):
-    """accelerate's PartialState (one process when not launched with accelerate / torchrun).
-
-    accelerate only picks its multi-CPU (gloo) backend when asked for the CPU, so ``cpu=True``
-    is passed whenever the run is on the CPU (no CUDA, ``--device cpu`` or ACCELERATE_USE_CPU).
-    """
-    import os
-
-    import torch
-
-    try:
-        from accelerate import PartialState
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return None
-    cpu = (str(device or "").startswith("cpu") or not torch.cuda.is_available()
-           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-    state = PartialState(cpu=cpu)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and state.num_processes != world:
-        raise ArgenError(f"launched as {world} processes but accelerate set up {state.num_processes}; "
-                         "every process would do all the work")
-    return state
-
-
 def _setup(args):
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = _state(args.device)
+    from ..distributed import process_state
+
+    state = process_state(args.device)
     device = args.device or (str(state.device) if state is not None else "cpu")
     return state, device
 

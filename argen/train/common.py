@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory_write, atomic_write_json, atomic_write_text
-from ..distributed import gather_objects
+from ..distributed import gather_objects, make_accelerator
 from ..errors import ArgenError
 from ..progress import progress
 from .rundir import read_state
@@ -366,11 +366,9 @@ class Trainer:
                  after_step: Optional[Callable] = None, accelerator=None, run_info: Optional[dict] = None,
                  tokens_per_item: int = 0, no_decay: Optional[Callable[[str], bool]] = None,
                  extra_modules: Optional[dict] = None):
-        from accelerate import Accelerator
-
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator()
         self.loss_fn = loss_fn
         self.loss_names = list(loss_names)
         self.dataset = dataset

@@ -262,12 +262,15 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     `distill_from` (a generator over the same codes): train on `distill_loss` against it at guidance
     `distill_cfg` (default: its pipeline's default guidance) instead of the cross-entropy.
     """
-    from accelerate import Accelerator
+    from ..distributed import make_accelerator
 
     set_threads(threads)
     if model_type not in ("c2i", "t2i"):
         raise ArgenError(f"model type must be c2i or t2i, got {model_type!r}")
     check_run_args(steps, epochs, export_dtype, limit=limit)
+    if cfg_scale > 1 and class_dropout == 0:  # the export samples its grid with guidance
+        raise ArgenError(f"--cfg-scale {cfg_scale:g} (the export's sample grid) needs a null condition: train with "
+                         "--class-dropout above 0, or pass --cfg-scale 1")
     # an unknown size or a width the heads do not divide is refused before the codes cache is written
     GPTConfig.from_name(size) if size else GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head)
     check_codes_cache(codes_cache)
@@ -283,7 +286,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         if shuffle is not None or code_to_cluster is not None:
             raise ArgenError("--distill-from trains a plain GPT on the codes: drop --shuffle / --refiner / --coarse-clusters")
         teacher, distill_params = _load_teacher(distill_from, distill_cfg, model_type, vq_model)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
     t_prep = time.time()

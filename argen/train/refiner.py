@@ -40,7 +40,7 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
                   export_dtype: str = "auto", command: Optional[str] = None, eval_items: int = 2000,
                   data_root=None, stop_at_step: Optional[int] = None) -> dict:
     """Train a CTF refiner for the tokenizer `vq` (folder or shipped name); returns final metrics."""
-    from accelerate import Accelerator
+    from ..distributed import make_accelerator
     import math
 
     set_threads(threads)
@@ -57,7 +57,7 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
                         temperature=temperature, restrict=restrict, kmeans_seed=kmeans_seed, normalized=normalize,
                         class_dropout_prob=class_dropout)
     CTFRefiner(**{**model_kwargs, "n_layer": 1})
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 
     t_prep = time.time()

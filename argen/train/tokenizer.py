@@ -385,7 +385,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     exactly as without it. `decoder_only`: train the decoder
     only (encoder and codebook frozen, so the codes do not change; restarts off).
     """
-    from accelerate import Accelerator
+    from ..distributed import make_accelerator
 
     set_threads(threads)
     check_run_args(steps, epochs, export_dtype, limit=limit, test_limit=test_limit)
@@ -444,7 +444,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     if test_limit is not None:
         test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     seed_everything(seed + accelerator.process_index)
     torch.manual_seed(seed)  # identical init on every process
     vq = model_cls(**vq_kwargs)
