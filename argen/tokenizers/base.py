@@ -84,9 +84,10 @@ class ImageTokenizer(abc.ABC):
     def compile_decoder(self, mode: str = "default") -> "ImageTokenizer":
         """Compile the decoder's network for the pipeline's `--compile` (mode: "default" or "max-autotune").
         Optional, and worth it only where decoding is a large share of a run: compiled products round apart
-        from eager ones, so the images move by float rounding (tokens never do). VQ's decode is 3-7% of a
-        run, so VQ keeps this default, which does nothing, and `--compile` leaves its images exactly eager's
-        (docs/benchmarks.md, session 21); so does TiTok, whose decode share was not measured."""
+        from eager ones, so the images move by float rounding (tokens never do). VQ and TiTok keep this
+        default, which does nothing, and `--compile` leaves their images exactly eager's: their decodes are
+        3-7% (default-c2i) and 7-21% (titok-c2i) of a run at batch 1-16 (docs/flextok.md, session 23), and
+        their convolutions, pinned to oneDNN's kernel (`argen.tokenizers.layers`), do not trace as written."""
         return self
 
     def check_codes(self, codes: torch.Tensor, max_tokens: Optional[int] = None) -> torch.Tensor:
