@@ -75,7 +75,11 @@ def register(sub):
     add_compile_arg(s)
     add_weights_arg(s)
     add_drafter_arg(s)
-    add_decoding_args(s)
+    add_decoding_args(s, dtype=False)
+    s.add_argument("--decoder-dtype", default="fp32", metavar="fp32|bf16[,...]",
+                   help="dtype of the networks that turn tokens into images (the tokenizer's decoder and a refiner): "
+                        "one for every model, or one per --model entry, so that each model can run in its own fastest "
+                        "setting (default fp32)")
     s.add_argument("--num-tokens", type=COUNT, default=None, metavar="K",
                    help="sample only the first K tokens of each image with every model whose tokenizer decodes "
                         "prefixes (flextok-c2i); other models sample whole sequences (default: every token)")
@@ -244,6 +248,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _per_model(text: str, names: list, flag: str, choices: tuple) -> dict:
+    """A flag's value for each model: one value for all, or a comma-separated value per --model entry."""
+    values = [v.strip() for v in text.split(",")]
+    if len(values) not in (1, len(names)) or any(v not in choices for v in values):
+        raise ArgenError(f"{flag} takes one of {', '.join(choices)}, or one per --model entry ({len(names)}), "
+                         f"got {text!r}")
+    return dict(zip(names, values * len(names) if len(values) == 1 else values))
+
+
 def _set_decoding(pipes: dict, decoding: dict) -> None:
     """--flow-steps / --decoder-guidance go to every model whose tokenizer has a flow decoder (a
     comparison may hold others); a one-line error when none has."""
@@ -289,8 +302,10 @@ def run_samplers(args) -> int:
         raise ArgenError(f"--model: give one model or distinct comma-separated models, got {args.model!r}")
     if len(names) > 1 and args.quality_from:
         raise ArgenError("--quality-from takes one model; measure several models' quality with --fid")
+    dtypes = _per_model(args.decoder_dtype, names, "--decoder-dtype", ("fp32", "bf16"))
     pipes = {name: ARPipeline.from_pretrained(name, weights=args.weights, drafter=args.drafter,
-                                              decoder_dtype=args.decoder_dtype) for name in names}
+                                              decoder_dtype=dtypes[name]) for name in names}
+    decoder_dtype = dtypes[names[0]] if len(set(dtypes.values())) == 1 else dtypes  # as recorded
     _set_decoding(pipes, decoding_args(args))
     model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                             top_p=args.top_p, cfg_schedule=args.cfg_schedule)
@@ -311,7 +326,7 @@ def run_samplers(args) -> int:
     decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed,
-                                                           "decoding": decoding, "decoder_dtype": args.decoder_dtype,
+                                                           "decoding": decoding, "decoder_dtype": decoder_dtype,
                                                            "num_tokens": args.num_tokens})
     records = bench_samplers(pipe if len(names) == 1 else pipes, specs, batch_sizes, args.num_images, params,
                              args.rounds, args.seed, quality=quality, quality_images=args.fid,
@@ -344,7 +359,7 @@ def run_samplers(args) -> int:
     meta = {"model": args.model, "cfg_scale": cfg, "cfg_schedule": params.cfg_schedule, "num_images": args.num_images, "rounds": args.rounds,
             "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
-    meta["decoding"], meta["decoder_dtype"], meta["num_tokens"] = decoding, args.decoder_dtype, args.num_tokens
+    meta["decoding"], meta["decoder_dtype"], meta["num_tokens"] = decoding, decoder_dtype, args.num_tokens
     if args.json:
         write_json(records, args.json, meta)
     if args.md:

@@ -61,6 +61,9 @@ CASES = {
     "samplers-threads-negative": (SAMPLERS + ["--threads", "-1"], ["--threads"]),
     "samplers-temperature-nan": (SAMPLERS + ["--temperature", "nan"], ["--temperature", "finite"]),
     "samplers-seed-negative": (SAMPLERS + ["--seed", "-1"], ["--seed"]),
+    "samplers-decoder-dtype-unknown": (SAMPLERS + ["--decoder-dtype", "fp16"], ["--decoder-dtype", "'fp16'"]),
+    "samplers-decoder-dtype-per-model-count": (SAMPLERS + ["--model", "default-c2i,titok-c2i", "--decoder-dtype",
+                                                          "fp32,bf16,fp32"], ["--decoder-dtype", "one per --model"]),
     # bench features
     "features-num-images-one": (["bench", "features", "--num-images", "1"], ["--num-images"]),
     "features-rounds-zero": (FEATURES[:-1] + ["0"], ["--rounds"]),
@@ -106,6 +109,21 @@ def test_bench_samplers_rewrites_its_own_json_md_and_plot(tmp_path, monkeypatch,
         assert outcome.code == 0, outcome.err
     assert all(is_argen_file(tmp_path / name) for name in ("s.json", "s.md", "s.png"))
     assert json.loads((tmp_path / "s.json").read_text())["records"]
+
+
+def test_bench_samplers_takes_a_decoder_dtype_per_model(tmp_path, monkeypatch, tiny_c2i):
+    """`--decoder-dtype fp32,bf16`: each model decodes in its own dtype (recorded per model), so models can be
+    compared each in its fastest setting."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_c2i, tmp_path / "copy")
+    outcome = cli(*SAMPLERS, "--model", f"{tiny_c2i},copy", "--decode", "--decoder-dtype", "fp32,bf16",
+                  "--forward-cost", "", "--threads", "1", "--json", "s.json")
+    assert outcome.code == 0, outcome.err
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["meta"]["decoder_dtype"] == {str(tiny_c2i): "fp32", "copy": "bf16"}
+    assert {r["model"] for r in record["records"]} == {str(tiny_c2i), "copy"}
 
 
 def test_bench_features_rewrites_its_own_json(tmp_path, monkeypatch):
