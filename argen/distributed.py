@@ -47,11 +47,11 @@ def process_state(device=None):
     return _checked(PartialState(cpu=runs_on_cpu(device)))
 
 
-def make_accelerator(**kwargs):
+def make_accelerator():
     """accelerate's `Accelerator` for a training run, on the CPU when the run is (see the module's docstring)."""
     from accelerate import Accelerator
 
-    return _checked(Accelerator(cpu=runs_on_cpu(), **kwargs))
+    return _checked(Accelerator(cpu=runs_on_cpu()))
 
 
 def _checked(state):

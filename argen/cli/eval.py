@@ -161,7 +161,7 @@ def _setup(args):
     from ..distributed import process_state
 
     state = process_state(args.device)
-    device = args.device or (str(state.device) if state is not None else "cpu")
+    device = args.device or str(state.device)
     return state, device
 
 
@@ -202,21 +202,20 @@ def _sample(args, state, device):
                                state=state, log=_log, num_tokens=num_tokens)
     from ..distributed import gather_objects
 
-    parts = gather_objects(summary, 1 if state is None else state.num_processes)
+    parts = gather_objects(summary, state.num_processes)
     sampled = sum(p["sampled"] for p in parts)
     nfe = [p["nfe_per_image"] * p["sampled"] for p in parts if p["sampled"]]
     total = {"generated": sum(p["generated"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
              "nfe_per_image": sum(nfe) / sampled if sampled else None,
              "seconds": max(p["seconds"] for p in parts), "processes": len(parts), "sampler_label": label,
              "tokens_per_image": num_tokens or pipe.generator.num_positions}
-    if state is not None:
-        state.wait_for_everyone()
+    state.wait_for_everyone()
     return total
 
 
 def _write_npz(args, state, samples):
     """The ADM sample batch (arr_0, uint8 RGB) of ``samples``, written by the main process."""
-    if not args.npz or (state is not None and not state.is_main_process):
+    if not args.npz or not state.is_main_process:
         return None
     from ..eval.npz import write_sample_npz
     from ..eval.quality import resolve_samples
@@ -277,7 +276,7 @@ def run_sample(args) -> int:
     state, device = _setup(args)
     summary = _sample(args, state, device)
     _write_npz(args, state, args.out)
-    if state is None or state.is_main_process:
+    if state.is_main_process:
         print(f"{summary['generated']} image(s) generated, {summary['skipped']} already present, "
               f"{summary['processes']} process(es) -> {Path(args.out) / 'samples'}")
     return 0
@@ -303,7 +302,7 @@ def run_fid(args) -> int:
     samples = args.out if args.model is not None else args.samples
     if args.model is not None:
         sampling = _sample(args, state, device)
-    elif args.out and (state is None or state.is_main_process):
+    elif args.out and state.is_main_process:
         from ..eval.sampling import claim_eval_dir
 
         claim_eval_dir(args.out)  # metrics.json (and the npz) of --samples go there: mark it as argen's
@@ -339,7 +338,7 @@ def run_ref_stats(args) -> int:
     from ..eval.reference import load_reference_images, real_data_floor, reference_stats
 
     state, device = _setup(args)
-    if state is not None and not state.is_main_process:
+    if not state.is_main_process:
         return 0
     extractor = _extractor(args, device)
     stats = reference_stats(extractor, args.ref, args.ref_num, refresh=args.refresh, log=_log)

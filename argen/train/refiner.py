@@ -34,9 +34,8 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
                   lr: float = 1e-3, seed: int = 0, warmup_steps: int = 200, weight_decay: float = 0.05,
                   ema_decay: float = 0.999, grad_clip: float = 1.0, dim: int = 256, n_layer: int = 4, n_head: int = 4,
                   dropout: float = 0.0, class_dropout: float = 0.0, temperature: float = 1.0, restrict: bool = True,
-                  flip: bool = False,
-                  codes_cache=None, limit: Optional[int] = None, ckpt_every: int = 500, log_every: int = 25,
-                  resume: bool = False, threads: Optional[int] = None, progress: bool = True,
+                  flip: bool = False, codes_cache=None, limit: Optional[int] = None, ckpt_every: int = 500,
+                  log_every: int = 25, resume: bool = False, threads: Optional[int] = None, progress: bool = True,
                   export_dtype: str = "auto", command: Optional[str] = None, eval_items: int = 2000,
                   data_root=None, stop_at_step: Optional[int] = None) -> dict:
     """Train a CTF refiner for the tokenizer `vq` (folder or shipped name); returns final metrics."""
