@@ -206,7 +206,8 @@ class VectorQuantizer(nn.Module):
 @register
 class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig, ImageTokenizer):
     """2D VQ tokenizer (LlamaGen's VQ architecture). Codes are [B, h*w] in raster order over an
-    h x w grid, h = w = image_size / 2**(len(ch_mult) - 1)."""
+    h x w grid, h = w = image_size / 2**(len(ch_mult) - 1). Like the official model, `encode` also
+    takes other (non-square) sizes, any multiple of that factor, and `decode` their [B, h, w] codes."""
 
     config_name = "config.json"
     # Everything after the codebook lookup (decoder-only fine-tuning trains these, nothing else).
@@ -282,15 +283,27 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig
         return self.decoder(self.post_quant_conv(quant))
 
     def decode(self, codes: torch.Tensor, *, seeds=None) -> torch.Tensor:
-        """codes [B, h*w] (or [B, h, w]) -> images [B, C, H, W], about [-1, 1]. The decoder is
-        deterministic: `seeds` is accepted for the contract and unused."""
+        """codes [B, h*w] on this tokenizer's `grid`, or [B, h, w] on any h x w grid -> images
+        [B, C, h*f, w*f] (f = `downsample_factor`), about [-1, 1]. The decoder is deterministic:
+        `seeds` is accepted for the contract and unused.
+
+        [B, h, w] is the official `decode_code(codes, shape=[B, C, h, w])`: the decoder is fully
+        convolutional (its attention runs over whatever h*w positions it gets), so codes from
+        `encode` of a non-square H x W image decode as `codes.view(B, H // f, W // f)`.
+        """
         if codes.dim() == 3:
-            codes = codes.flatten(1)
-        codes = self.check_codes(codes)
-        if codes.shape[1] != self.num_tokens:
-            raise ArgenError(f"codes must be [B, {self.num_tokens}] for this {self.grid} grid, got {tuple(codes.shape)}")
-        h, w = self.grid
-        quant = self.quantize.codebook()[codes.view(-1, h, w)].permute(0, 3, 1, 2).contiguous()
+            # The grid comes from the codes' shape, not the config: a [B, 2, 8] map is not the 4 x 4 grid.
+            b, h, w = codes.shape
+            if h < 1 or w < 1:
+                raise ArgenError(f"codes [B, h, w] need h, w >= 1, got {tuple(codes.shape)}")
+            codes = self.check_codes(codes.reshape(b, h * w), max_tokens=h * w)
+        else:
+            if codes.dim() == 2 and codes.shape[1] != self.num_tokens:
+                raise ArgenError(f"codes must be [B, {self.num_tokens}] for this {self.grid} grid, or [B, h, w] "
+                                 f"for another grid, got {tuple(codes.shape)}")
+            codes = self.check_codes(codes)
+            h, w = self.grid
+        quant = self.quantize.codebook()[codes.reshape(-1, h, w)].permute(0, 3, 1, 2).contiguous()
         return self.decode_latent(quant)
 
     def forward(self, images: torch.Tensor):
