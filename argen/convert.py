@@ -47,6 +47,13 @@ def convert_llamagen(gpt_checkpoint, vq_checkpoint, out_dir, *, gpt_size: Option
         if text_encoder is None:
             raise ArgenError("a text-to-image GPT needs its text encoder (FLAN-T5 for official t2i weights)")
     gpt = GPT.from_llamagen(gpt_checkpoint, prefer_ema=prefer_ema, **fields)
+    cfg = gpt.gpt_config
+    if cfg.model_type == "t2i":
+        # checked here, not at the first prompt: a mismatched encoder would make a pipeline that cannot generate
+        slots, width = text_encoder.num_slots, text_encoder.feature_dim
+        if (slots, width) != (cfg.cls_token_num, cfg.caption_dim):
+            raise ArgenError(f"the text encoder gives {slots} x {width} caption features, the GPT takes "
+                             f"{cfg.cls_token_num} x {cfg.caption_dim} (cls_token_num x caption_dim)")
     pipe = ARPipeline(gpt, vq, text_encoder, class_names, defaults={"cfg_scale": cfg_scale})
     pipe.save_pretrained(out_dir)
     return pipe

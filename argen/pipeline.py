@@ -444,6 +444,8 @@ class ARPipeline(DiffusionPipeline):
         `known` is False when even the closest is below `KNOWN_PROMPT_SIMILARITY`."""
         if not self.is_text_to_image:
             raise ArgenError("read_prompt needs a text-to-image pipeline")
+        if not self.class_names:
+            raise ArgenError("read_prompt needs the classes the model was trained on; this pipeline names none")
         if getattr(self, "_class_descriptions", None) is None:
             texts, labels = _class_descriptions(self.class_names)
             # Kept on the CPU: the pipeline may move to another device after the first call.

@@ -145,7 +145,8 @@ def run(args) -> int:
     pipe.check_num_tokens(args.num_tokens)  # before the prompt is read or anything is sampled
     if args.compile:
         pipe.compile(args.compile)
-    if args.prompt is not None:
+    # the note reads the prompt as one of the model's classes: an open-vocabulary model (LlamaGen t2i) names none
+    if args.prompt is not None and pipe.class_names:
         print_unknown_prompt_note(pipe, args.prompt)
     side = min(pipe.crop or pipe.tokenizer.image_size, pipe.tokenizer.image_size)
     width, height = grid_size(total, side, args.grid_scale)

@@ -285,6 +285,9 @@ class CaptionEmbedder(nn.Module):
         return self.uncond_embedding[: features.shape[1]].to(features.dtype).expand_as(features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Features come in float32 (the text encoders' output); a model cast to bfloat16 projects them
+        # in bfloat16, as LlamaGen's bf16 sampling does with its bf16 T5 output (same numbers).
+        features = features.to(self.cap_proj.fc1.weight.dtype)
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(features.shape[0], device=features.device) < self.dropout_prob
             features = torch.where(drop[:, None, None], self.null_features(features), features)
@@ -443,6 +446,19 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         if cfg.rope_type == "2d":
             return rope_table_2d(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
         return rope_table_1d(cfg.block_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()` and friends, but the RoPE tables stay float32 whatever the weights are cast to.
+
+        LlamaGen quirk: its table is a plain attribute, so `model.to(torch.bfloat16)` leaves it, and
+        the rotation computed from it, in float32. Cast with the weights, the bf16-rounded cos/sin moved
+        a bf16 forward 0.07 away from the official one (kept float32, it equals the official one on the
+        LlamaGen fixtures). Rebuilt, not cast back: the rounding cannot be undone."""
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.float32:
+            self.freqs_cis = self._rope_table().to(self.freqs_cis.device)
+            self.rope_cos, self.rope_sin = rope_factors(self.freqs_cis)
+        return self
 
     def _init_weights(self):
         std = self.gpt_config.initializer_range
