@@ -78,3 +78,20 @@ def launch_two_processes(argv, cwd, timeout: int = 240) -> subprocess.CompletedP
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", "argen", *map(str, argv)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@torch.no_grad()
+def assert_titok_matches_official(model, io, tol: dict) -> torch.Tensor:
+    """TiTok's path against an official `_io` file: encoder output, codes, quantised latent, the decoder
+    from the latent and from [B, 1, K] tokens (and argen's [B, K]). Returns the decoded latent."""
+    z = model.encode_latent(io["image"])
+    torch.testing.assert_close(z, io["encoder_out"], **tol)
+    z_q, result = model.quantize(z)
+    assert torch.equal(result["min_encoding_indices"], io["indices"])
+    torch.testing.assert_close(z_q, io["z_quantized"], **tol)
+    decoded = model.decode_latent(z_q)
+    assert decoded.shape == io["decoded"].shape
+    torch.testing.assert_close(decoded, io["decoded"], **tol)
+    torch.testing.assert_close(model.decode_tokens(io["indices"]), io["decoded_from_tokens"], **tol)
+    torch.testing.assert_close(model.decode_tokens(io["indices"][:, 0]), io["decoded_from_tokens"], **tol)
+    return decoded

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from argen.errors import ArgenError, CheckpointError
 from argen.tokenizers import TiTokTokenizer
 from argen.tokenizers.titok import config_from_official, read_official_config
+from helpers import assert_titok_matches_official
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("ARGEN_SHARED_DIR", REPO.parent / "shared")) / "fixtures" / "titok"
@@ -59,20 +60,9 @@ def new():
 # ---- parity with the official code ------------------------------------------------------------
 
 
-@torch.no_grad()
 def test_matches_official_outputs(official):
-    model, meta, io = official
-    z = model.encode_latent(io["image"])
-    torch.testing.assert_close(z, io["encoder_out"], **TOL)
-    z_q, result = model.quantize(z)
-    assert torch.equal(result["min_encoding_indices"], io["indices"])
-    torch.testing.assert_close(z_q, io["z_quantized"], **TOL)
-    decoded = model.decode_latent(z_q)
-    assert decoded.shape == io["decoded"].shape
-    torch.testing.assert_close(decoded, io["decoded"], **TOL)
-    torch.testing.assert_close(model.decode_tokens(io["indices"]), io["decoded_from_tokens"], **TOL)
-    # [B, K] codes (argen layout) decode exactly as the official [B, 1, K]
-    torch.testing.assert_close(model.decode_tokens(io["indices"][:, 0]), io["decoded_from_tokens"], **TOL)
+    model, _, io = official
+    assert_titok_matches_official(model, io, TOL)
 
 
 def test_official_key_names_load_unchanged(official):
