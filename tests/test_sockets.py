@@ -219,6 +219,10 @@ def test_refiner_stage_and_vocabulary_chain():
         ARPipeline(gen, tok)  # generator -> tokenizer without the refiner
     with pytest.raises(ArgenError, match="makes 8 codes"):
         ARPipeline(gen, NoisyTokenizer1D(tokens=6), refiner=OffsetRefiner(tokens=6))
+    # fewer codes than the tokenizer decodes: refused when the chain is built, not after sampling
+    with pytest.raises(ArgenError, match="makes 8 codes per image.*decodes exactly 10 .it does not decode prefixes") as err:
+        ARPipeline(gen, NoisyTokenizer1D(tokens=10), refiner=OffsetRefiner())
+    assert "\n" not in str(err.value)
     pipe = ARPipeline(gen, tok, class_names=CLASS_NAMES, refiner=OffsetRefiner())
     conds = pipe.conditions(class_labels=[1, 2])
     tokens = pipe.sample_tokens(conds, [3, 4]).tokens
