@@ -124,6 +124,27 @@ def test_per_sample_seeds_are_batch_size_invariant_t2i():
     assert torch.equal(alone[0], batch[3])
 
 
+@torch.no_grad()
+def test_fp32_logits_of_a_row_are_the_same_bits_at_any_batch_size():
+    """MKL sums products of 1 to 3 rows in another order than larger ones (about 1e-6 apart at
+    default-c2i's shapes), enough to flip a sampled token now and then. The generators' linears pad
+    such products to 4 rows (`BatchInvariantLinear`), so a row's prefill and decode-step logits are
+    the same bits alone, in a pair (one image with CFG) and in a batch of 8."""
+    model = tiny_gpt(dim=256, n_head=4, vocab_size=1024, block_size=16)
+    labels = torch.arange(8)
+    tokens = torch.randint(0, 1024, (8, 4), generator=torch.Generator().manual_seed(0))
+
+    def logits(rows):
+        cache = model.new_cache(len(rows), 6)
+        out = [model.prefill(labels[rows], cache)]
+        out += [model.decode(tokens[rows, t:t + 1], torch.tensor([1 + t]), cache)[:, -1] for t in range(4)]
+        return torch.stack(out, 1)
+
+    batch = logits(list(range(8)))
+    for rows in ([3], [0, 1], [5, 6, 7]):
+        assert torch.equal(logits(rows), batch[rows])
+
+
 def test_same_seed_same_tokens_and_counters():
     model = tiny_gpt()
     a = ARSampler()(model, torch.tensor([1, 2]), seeds=[5, 6])

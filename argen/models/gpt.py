@@ -32,7 +32,7 @@ from .base import COMPILE_MODES, Generator
 from .cache import KVCache
 from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
-from .quant import WEIGHT_FORMATS, auto_weight_format, check_weight_format, convert_linears
+from .quant import WEIGHT_FORMATS, BatchInvariantLinear, auto_weight_format, check_weight_format, convert_linears
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -298,9 +298,9 @@ class FeedForward(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         hidden = config.ffn_hidden_dim
-        self.w1 = nn.Linear(config.dim, hidden, bias=False)
-        self.w3 = nn.Linear(config.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.w1 = BatchInvariantLinear(config.dim, hidden, bias=False)
+        self.w3 = BatchInvariantLinear(config.dim, hidden, bias=False)
+        self.w2 = BatchInvariantLinear(hidden, config.dim, bias=False)
         self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
 
     def forward(self, x):
@@ -315,8 +315,8 @@ class Attention(nn.Module):
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.head_dim
         self.kv_dim = self.n_kv_head * self.head_dim
-        self.wqkv = nn.Linear(config.dim, config.dim + 2 * self.kv_dim, bias=False)
-        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.wqkv = BatchInvariantLinear(config.dim, config.dim + 2 * self.kv_dim, bias=False)
+        self.wo = BatchInvariantLinear(config.dim, config.dim, bias=False)
         self.attn_dropout_p = config.attn_dropout_p
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
 
@@ -387,7 +387,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         rates = [cfg.drop_path_rate * i / max(cfg.n_layer - 1, 1) for i in range(cfg.n_layer)]
         self.layers = nn.ModuleList(TransformerBlock(cfg, rates[i]) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = BatchInvariantLinear(cfg.dim, cfg.vocab_size, bias=False)
         # The RoPE table is derived from the config, so it is a non-persistent buffer: it moves with
         # .to(device) but never enters the state dict (official files may carry it; it is ignored).
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)

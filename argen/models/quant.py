@@ -68,6 +68,37 @@ def onednn_packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
+def with_min_rows(product, x: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """product(x) for a 2D x, with fewer than `min_rows` rows zero-padded to `min_rows` (the padding
+    rows are computed and dropped)."""
+    rows = x.shape[0]
+    if rows >= min_rows:
+        return product(x)
+    return product(F.pad(x, (0, 0, 0, min_rows - rows)))[:rows]
+
+
+class BatchInvariantLinear(nn.Linear):
+    """`nn.Linear` whose products of fewer than 4 rows are zero-padded to 4: the generators' fp32
+    linears (the `fp32` format, MKL's product).
+
+    MKL sums a product of 1 to 3 rows in another order than one of 4 or more, and from 4 rows on
+    each row's result does not depend on the row count (checked from 4 to 512 rows, 1 and 2
+    threads, on every linear shape of the shipped models and GPT-B). So without the padding a
+    decode step at batch 1 (2 rows with CFG) gave each logit ~1e-6 apart from the same row's in a
+    batch, enough to flip a sampled token now and then: 1 of 64 default-c2i images differed between
+    batch 1 and 16 (docs/reliability.md). Padded, a row's logits are the same bits at any batch
+    size. Same parameters and state dict keys as `nn.Linear`; training batches are never this small."""
+
+    min_rows = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= self.min_rows * self.in_features:
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features)
+        y = with_min_rows(lambda rows: F.linear(rows, self.weight, self.bias), flat, self.min_rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class PackedLinear(nn.Module):
     """y = x @ W^T with W prepacked once for oneDNN (`mkldnn._reorder_linear_weight`) in
     `compute_dtype`; x is cast to that dtype for the product, y back to x's dtype.
@@ -95,11 +126,8 @@ class PackedLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The product alone, x already in `compute_dtype` and 2D (what the bench's floor streams)."""
         if self._packed is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            rows = x.shape[0]
-            if rows < self.min_rows:
-                x = F.pad(x, (0, 0, 0, self.min_rows - rows))
-            y = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-            return y if rows >= self.min_rows else y[:rows]
+            return with_min_rows(lambda rows: torch.ops.mkldnn._linear_pointwise(rows, self._packed, None, "none", [], ""),
+                                 x, self.min_rows)
         # Under torch.compile the opaque packed tensor cannot be a graph input (inductor packs
         # constant weights itself when freezing); the plain product is traced instead.
         return F.linear(x, self.weight)

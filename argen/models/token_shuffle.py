@@ -37,6 +37,7 @@ from ..errors import ArgenError
 from ..registry import register
 from .cache import KVCache
 from .gpt import GPT, FeedForward, GPTConfig, RMSNorm, rope_factors, rope_table_2d
+from .quant import BatchInvariantLinear
 
 
 @dataclass
@@ -105,10 +106,10 @@ class TokenShuffleGPT(GPT):
         self.tokens_per_position = s2  # instance attribute: the contract's k
         if s2 > 1:
             part = cfg.dim // s2
-            self.shuffle_compress = nn.Linear(cfg.dim, part)
+            self.shuffle_compress = BatchInvariantLinear(cfg.dim, part)
             self.shuffle_mlp = nn.ModuleList(ResidualMLP(cfg) for _ in range(cfg.shuffle_mlp_blocks))
             self.unshuffle_mlp = nn.ModuleList(ResidualMLP(cfg) for _ in range(cfg.shuffle_mlp_blocks))
-            self.unshuffle_expand = nn.Linear(part, cfg.dim)
+            self.unshuffle_expand = BatchInvariantLinear(part, cfg.dim)
             for module in (self.shuffle_compress, self.unshuffle_expand, self.shuffle_mlp, self.unshuffle_mlp):
                 for m in module.modules():
                     if isinstance(m, nn.Linear):
