@@ -10,7 +10,8 @@ embeddings, logits) stays in the model's dtype, and the samplers never see the d
   products of fewer than 4 rows zero-padded to 4, `PackedLinear`). On CPUs whose MKL 1- and 2-row kernels stream the
   weights slowly (the AMD EPYC measured in docs/benchmarks.md) this reads a large model's weights
   much faster; the results equal MKL's to float32 rounding (another summation order), not bit for
-  bit, so plain ``fp32`` (MKL ``F.linear``) stays the exact reference. For small matrices oneDNN's
+  bit, so plain ``fp32`` (MKL ``F.linear``, its small products padded the same way: `BatchInvariantLinear`)
+  stays the exact reference. For small matrices oneDNN's
   per-call cost outweighs the gain.
 * ``bf16``: the matrix is kept in bfloat16 and prepacked once for oneDNN
   (`torch.ops.mkldnn._reorder_linear_weight`). On this kind of CPU (AVX512-BF16/AMX) the packed
@@ -86,7 +87,7 @@ class BatchInvariantLinear(nn.Linear):
     threads, on every linear shape of the shipped models and GPT-B). So without the padding a
     decode step at batch 1 (2 rows with CFG) gave each logit ~1e-6 apart from the same row's in a
     batch, enough to flip a sampled token now and then: 1 of 64 default-c2i images differed between
-    batch 1 and 16 (docs/reliability.md). Padded, a row's logits are the same bits at any batch
+    batch 1 and 16 (docs/architecture.md, "The generation path"). Padded, a row's logits are the same bits at any batch
     size. Same parameters and state dict keys as `nn.Linear`; training batches are never this small."""
 
     min_rows = 4
