@@ -170,10 +170,10 @@ class ARPipeline(DiffusionPipeline):
             if n_a > n_b:
                 raise ArgenError(f"{a} makes {n_a} codes per image, {b} takes at most {n_b}")
         # fewer codes than the tokenizer's sequence only decode as a prefix; say so now, not after sampling
-        made = stages[-2][2]
-        if made < tok.num_tokens and not tok.accepts_prefixes:
-            raise ArgenError(f"{stages[-2][0]} makes {made} codes per image, {stages[-1][0]} decodes exactly "
-                             f"{tok.num_tokens} (it does not decode prefixes)")
+        (maker, _, made), (decoder, _, wanted) = stages[-2:]
+        if made < wanted and not tok.accepts_prefixes:
+            raise ArgenError(f"{maker} makes {made} codes per image, {decoder} decodes exactly {wanted} "
+                             "(it does not decode prefixes)")
 
     @property
     def gpt(self) -> Generator:
