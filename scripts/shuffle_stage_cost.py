@@ -1,12 +1,14 @@
-"""How much of shuffle-c2i's sampling time its residual MLP blocks cost: images/s of default-c2i and
-of shuffle-c2i with its shuffle / unshuffle stages cut to the first n blocks per side, side by side
-in one process (AR, decoding to images included, interleaved rounds).
+"""How much of a Token-Shuffle model's sampling time its residual MLP blocks cost: images/s of
+default-c2i and of the shuffle model with its shuffle / unshuffle stages cut to the first n blocks per
+side (and, with `n:H`, those blocks replaced by SwiGLU blocks H wide), side by side in one process (AR,
+decoding to images included, interleaved rounds).
 
-Timing only: a cut model is not a trained model (its images are not meaningful), but a decode step
-costs the same whatever the weights, so this measures the wall-clock ceiling a retrained lighter
-stage could reach.
+Timing only: a cut or thinned model is not a trained model (its images are not meaningful), but a
+decode step costs the same whatever the weights, so this measures the wall-clock ceiling a retrained
+lighter stage could reach.
 
     python scripts/shuffle_stage_cost.py --blocks 2,1,0 --batch-sizes 1,16 --rounds 4
+    python scripts/shuffle_stage_cost.py --blocks 1:256,1:128,1:64,0 --rounds 5
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from argen.bench.decode import interleave
+from argen.models.token_shuffle import ResidualMLP
 from argen.pipeline import ARPipeline
 
 
-def cut(pipe: ARPipeline, blocks: int) -> ARPipeline:
+def cut(pipe: ARPipeline, blocks: int, hidden: Optional[int] = None) -> ARPipeline:
     g = pipe.generator
-    g.shuffle_mlp = nn.ModuleList(list(g.shuffle_mlp)[:blocks])
-    g.unshuffle_mlp = nn.ModuleList(list(g.unshuffle_mlp)[:blocks])
+    for side in ("shuffle_mlp", "unshuffle_mlp"):
+        kept = list(getattr(g, side))[:blocks]
+        if hidden:  # fresh blocks of that width (timing only: their weights are untrained)
+            kept = [ResidualMLP(g.gpt_config, hidden).eval() for _ in kept]
+        setattr(g, side, nn.ModuleList(kept))
     return pipe
 
 
@@ -33,7 +40,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="default-c2i")
     p.add_argument("--model", default="shuffle-c2i")
-    p.add_argument("--blocks", default="2,1,0", help="residual MLP blocks kept per side")
+    p.add_argument("--blocks", default="2,1,0",
+                   help="residual MLP blocks kept per side, each as N or N:H (blocks H wide instead)")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4, help="the first round is a warm-up and is dropped")
@@ -42,8 +50,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     pipes = {args.baseline: ARPipeline.from_pretrained(args.baseline)}
-    for n in (int(b) for b in args.blocks.split(",")):
-        pipes[f"{args.model}, {n} block(s) per side"] = cut(ARPipeline.from_pretrained(args.model), n)
+    for spec in args.blocks.split(","):
+        n, _, hidden = spec.partition(":")
+        width = f", {hidden} wide" if hidden else ""
+        pipes[f"{args.model}, {n} block(s) per side{width}"] = cut(ARPipeline.from_pretrained(args.model), int(n),
+                                                                   int(hidden) if hidden else None)
     labels = [i % 10 for i in range(args.num_images)]
 
     print(f"| model | batch | images / s | vs {args.baseline} |\n|---|---|---|---|")

@@ -147,6 +147,42 @@ def test_save_load_by_class(tmp_path):
     assert torch.equal(loaded.loss(codes, cond), model.loss(codes, cond))
 
 
+def test_folded_head_is_the_unfolded_head_and_follows_the_weights():
+    shape = dict(shuffle_mlp_blocks=1, shuffle_mlp_hidden=24, ffn_dropout_p=0.0)  # no dropout: train mode comparable
+    model = tiny_shuffle(2, **shape)
+    assert len(model.shuffle_mlp) == len(model.unshuffle_mlp) == 1
+    assert model.unshuffle_mlp[0].feed_forward.w1.out_features == 24
+    assert model.unshuffle_expand.bias.abs().sum() > 0  # the bias terms of the fold are exercised
+    x = torch.randn(3, 5, 64)
+
+    def unfolded(m):
+        parts = m.unshuffle_mlp[0](x).unflatten(-1, (4, -1))
+        return m.output(m.norm(m.unshuffle_expand(parts))).float()
+
+    with torch.no_grad():
+        folded = model.head(x)  # eval, no grad: the sampling path
+        assert "_fold" in model.__dict__
+        assert folded.shape == (3, 5, 4, 32)
+        assert torch.allclose(folded, unfolded(model), atol=1e-5, rtol=1e-5)
+        # a load (or an optimizer step) changes the weights in place: the fold is rebuilt
+        model.load_state_dict(tiny_shuffle(2, seed=7, **shape).state_dict())
+        reloaded = model.head(x)
+        assert torch.allclose(reloaded, unfolded(model), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(reloaded, folded, atol=1e-2)
+        model.train()  # training computes the unfolded head
+        assert torch.equal(model.head(x), unfolded(model))
+    with pytest.raises(ArgenError, match="shuffle_mlp_hidden must be"):
+        TokenShuffleConfig(shuffle=2, shuffle_mlp_hidden=0, **FIELDS)
+
+
+def test_compiled_folded_head_samples_the_eager_tokens():
+    model = tiny_shuffle(2)
+    eager = ARSampler()(model, torch.tensor([1, 5]), params=SamplingParams(cfg_scale=2.0), seeds=[3, 4]).tokens
+    model.compile_decode()
+    compiled = ARSampler()(model, torch.tensor([1, 5]), params=SamplingParams(cfg_scale=2.0), seeds=[3, 4]).tokens
+    assert torch.equal(compiled, eager)
+
+
 # ---- training -------------------------------------------------------------------------------
 
 
@@ -195,6 +231,10 @@ def test_train_cli_refuses_a_window_that_does_not_divide_the_grid(tmp_path, tiny
     assert code == 2 and len(err.splitlines()) == 1
     assert "--shuffle 3 does not divide the tokenizer's 4x4 code grid" in err
     assert not (tmp_path / "o" / "codes_train.safetensors").exists()
+    code = main(["train", "gpt", "--model-type", "c2i", "--vq", str(tiny_vq_dir), "--out", str(tmp_path / "p"),
+                 "--steps", "2", "--shuffle-blocks", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "add --shuffle S" in err
 
 
 # ---- guidance schedules ----------------------------------------------------------------------

@@ -196,6 +196,10 @@ def register(sub):
     gpt.add_argument("--kmeans-seed", type=SEED, default=0, help="k-means seed with --coarse-clusters")
     gpt.add_argument("--shuffle", type=COUNT, default=None, metavar="S",
                      help="Token-Shuffle: one position per SxS window of codes (S must divide the code grid)")
+    gpt.add_argument("--shuffle-blocks", type=number(0, integer=True), default=None, metavar="N",
+                     help="with --shuffle: residual MLP blocks on each side of the transformer (default 2)")
+    gpt.add_argument("--shuffle-hidden", type=COUNT, default=None, metavar="H",
+                     help="with --shuffle: hidden width of those blocks (default: the transformer's FFN width)")
     gpt.add_argument("--distill-from", default=None, metavar="MODEL",
                      help="train a draft model: KL to this generator's guided next-token distribution instead of "
                           "cross-entropy (pipeline folder or shipped name, same codes)")
@@ -272,7 +276,8 @@ def _run_gpt(args) -> int:
                         text_pooling=args.text_pooling, text_max_length=args.text_max_length,
                         captions=args.captions, init_from=args.init_from,
                         cfg_scale=args.cfg_scale, refiner=args.refiner, coarse_clusters=args.coarse_clusters,
-                        kmeans_seed=args.kmeans_seed, shuffle=args.shuffle, distill_from=args.distill_from,
+                        kmeans_seed=args.kmeans_seed, shuffle=args.shuffle, shuffle_blocks=args.shuffle_blocks,
+                        shuffle_hidden=args.shuffle_hidden, distill_from=args.distill_from,
                         distill_cfg=args.distill_cfg)
     if metrics:
         print(f"gpt ({args.model_type}): {args.out}/model  final loss {metrics['final_train_losses'].get('loss', float('nan')):.4f}"

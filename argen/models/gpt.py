@@ -295,9 +295,9 @@ class CaptionEmbedder(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: Optional[int] = None):
         super().__init__()
-        hidden = config.ffn_hidden_dim
+        hidden = hidden or config.ffn_hidden_dim
         self.w1 = BatchInvariantLinear(config.dim, hidden, bias=False)
         self.w3 = BatchInvariantLinear(config.dim, hidden, bias=False)
         self.w2 = BatchInvariantLinear(hidden, config.dim, bias=False)

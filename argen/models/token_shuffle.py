@@ -47,6 +47,10 @@ class TokenShuffleConfig(GPTConfig):
 
     shuffle: int = 2
     shuffle_mlp_blocks: int = 2
+    # hidden width of those blocks' SwiGLU; None: the transformer's own FFN width. The blocks run at
+    # every step beside only n_layer transformer layers, so on a small model full-width blocks cost
+    # as much as a layer each (docs/benchmarks.md, issue 13, "Session 25")
+    shuffle_mlp_hidden: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,6 +60,9 @@ class TokenShuffleConfig(GPTConfig):
         if isinstance(self.shuffle_mlp_blocks, bool) or not isinstance(self.shuffle_mlp_blocks, int) \
                 or self.shuffle_mlp_blocks < 0:
             raise ArgenError(f"shuffle_mlp_blocks must be an integer >= 0, got {self.shuffle_mlp_blocks!r}")
+        h = self.shuffle_mlp_hidden
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ArgenError(f"shuffle_mlp_hidden must be an integer >= 1 or None, got {h!r}")
         grid = self.grid
         if grid is None:
             raise ArgenError("token-shuffle needs a 2D code grid (rope_type '2d'); 1D tokenizers have no windows")
@@ -79,12 +86,12 @@ class TokenShuffleConfig(GPTConfig):
 
 
 class ResidualMLP(nn.Module):
-    """x + SwiGLU(RMSNorm(x)): the LlamaGen feed-forward block (reused) with its own pre-norm."""
+    """x + SwiGLU(RMSNorm(x)): the LlamaGen feed-forward block (reused, `hidden` wide) with its own pre-norm."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: Optional[int] = None):
         super().__init__()
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = FeedForward(config, hidden)
 
     def forward(self, x):
         return x + self.feed_forward(self.norm(x))
@@ -107,8 +114,9 @@ class TokenShuffleGPT(GPT):
         if s2 > 1:
             part = cfg.dim // s2
             self.shuffle_compress = BatchInvariantLinear(cfg.dim, part)
-            self.shuffle_mlp = nn.ModuleList(ResidualMLP(cfg) for _ in range(cfg.shuffle_mlp_blocks))
-            self.unshuffle_mlp = nn.ModuleList(ResidualMLP(cfg) for _ in range(cfg.shuffle_mlp_blocks))
+            blocks = cfg.shuffle_mlp_blocks
+            self.shuffle_mlp = nn.ModuleList(ResidualMLP(cfg, cfg.shuffle_mlp_hidden) for _ in range(blocks))
+            self.unshuffle_mlp = nn.ModuleList(ResidualMLP(cfg, cfg.shuffle_mlp_hidden) for _ in range(blocks))
             self.unshuffle_expand = BatchInvariantLinear(part, cfg.dim)
             for module in (self.shuffle_compress, self.unshuffle_expand, self.shuffle_mlp, self.unshuffle_mlp):
                 for m in module.modules():
@@ -170,8 +178,62 @@ class TokenShuffleGPT(GPT):
             return self.output(self.norm(x)).float()
         for block in self.unshuffle_mlp:
             x = block(x)
-        x = self.unshuffle_expand(x.unflatten(-1, (k, -1)))  # [..., k, d]
-        return self.output(self.norm(x)).float()
+        parts = x.unflatten(-1, (k, -1))  # [..., k, d/k]
+        if not (self.training or torch.is_grad_enabled()) and self._foldable():
+            return self._folded_head(parts)
+        return self.output(self.norm(self.unshuffle_expand(parts))).float()
+
+    # ---- the output head folded (sampling) ------------------------------------------------
+    #
+    # Each code's logits are W_out (g * e / rms(e)) with e = W_e p + b the code's part p [d/k] expanded
+    # to d: k expansions and k products with the [V, d] head per position, four times a plain GPT's
+    # head at s = 2 and most of what kept a shuffled step dear (docs/benchmarks.md, issue 13, "Session
+    # 25"). Nothing nonlinear sits between the expansion and the head but the norm's 1 / rms(e), a
+    # scalar per code, and ||e||² = pᵀ (W_eᵀ W_e) p + 2 (W_eᵀ b)ᵀ p + bᵀ b is a d/k-sized quadratic form.
+    # So sampling uses logits = ((W_out diag(g) W_e) p + W_out (g * b)) / rms(e): one [V, d/k] product
+    # per code, a plain GPT's head cost per position. The same function of the weights; floats round
+    # otherwise (logits within ~1e-5 of the unfolded head's, tested). Training keeps the unfolded path.
+
+    def _foldable(self) -> bool:
+        # plain float linears only: a converted weight format (`set_weight_format`) keeps the unfolded head
+        return all(type(m) in (nn.Linear, BatchInvariantLinear) for m in (self.output, self.unshuffle_expand))
+
+    def _fold_key(self) -> tuple:
+        tensors = (self.output.weight, self.norm.weight, self.unshuffle_expand.weight, self.unshuffle_expand.bias)
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    @torch.no_grad()
+    def _refresh_fold(self) -> dict:
+        """The folded head's tensors, rebuilt when a weight it is made of changed (an optimizer step, a
+        load, a cast: `_fold_key`). Products in float64; the folded head in the weights' dtype, the
+        norm's quadratic form in float32 (the norm itself runs in float32)."""
+        key = self._fold_key()
+        fold = self.__dict__.get("_fold")
+        if fold is None or fold["key"] != key:
+            w_out, gain = self.output.weight.double(), self.norm.weight.double()
+            w_e, b = self.unshuffle_expand.weight.double(), self.unshuffle_expand.bias.double()
+            dtype = self.output.weight.dtype
+            fold = {"key": key, "weight": ((w_out * gain) @ w_e).to(dtype), "bias": (w_out @ (gain * b)).to(dtype),
+                    "gram": (w_e.T @ w_e).float(), "cross": (2 * w_e.T @ b).float(),
+                    "const": float(b @ b)}
+            self.__dict__["_fold"] = fold  # not a buffer: derived, never saved
+        return fold
+
+    def _folded_head(self, parts: torch.Tensor) -> torch.Tensor:
+        # a compiled step traces the tensors as they were when it was compiled (`compile_decode` refreshes them)
+        fold = self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
+        rows = parts.reshape(-1, parts.shape[-1])
+        # (>= 4 rows always: k = s² >= 4 codes per position, so MKL's row-count-invariant products)
+        wide = rows.float()
+        sq = (wide @ fold["gram"] * wide).sum(-1) + wide @ fold["cross"] + fold["const"]
+        inv_rms = torch.rsqrt(sq / self.gpt_config.dim + self.norm.eps)
+        logits = F.linear(rows, fold["weight"], fold["bias"]).float() * inv_rms.unsqueeze(-1)
+        return logits.reshape(*parts.shape[:-1], -1)
+
+    def compile_decode(self, mode: str = "default", **compile_options) -> "TokenShuffleGPT":
+        if self.tokens_per_position > 1 and self._foldable():
+            self._refresh_fold()
+        return super().compile_decode(mode, **compile_options)
 
     # ---- teacher forcing ------------------------------------------------------------------
 

@@ -249,7 +249,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
               eval_items: int = 2000, accuracy_per_class: int = 30, data_root=None,
               stop_at_step: Optional[int] = None, refiner=None, coarse_clusters: Optional[int] = None,
               kmeans_seed: int = 0, kmeans_normalize: bool = False,
-              shuffle: Optional[int] = None, distill_from: Optional[str] = None,
+              shuffle: Optional[int] = None, shuffle_blocks: Optional[int] = None,
+              shuffle_hidden: Optional[int] = None, distill_from: Optional[str] = None,
               distill_cfg: Optional[float] = None) -> dict:
     """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics.
 
@@ -258,7 +259,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     is the refiner's when its folder exists, else k-means with `kmeans_seed` (the same function
     the refiner's training calls, so both agree); the export needs the refiner (it is copied
     into the exported pipeline), so a run finished before its refiner exports with `--resume`.
-    `shuffle=s` trains a `TokenShuffleGPT` (s x s windows of codes per position) instead.
+    `shuffle=s` trains a `TokenShuffleGPT` (s x s windows of codes per position) instead, with
+    `shuffle_blocks` residual MLP blocks per side (default 2) `shuffle_hidden` wide (default: the FFN's).
     `distill_from` (a generator over the same codes): train on `distill_loss` against it at guidance
     `distill_cfg` (default: its pipeline's default guidance) instead of the cross-entropy.
     """
@@ -281,6 +283,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     code_to_cluster = _coarse_map(vq_model, refiner, coarse_clusters, kmeans_seed, kmeans_normalize, model_type)
     if shuffle is not None:  # refused before any data is encoded
         _check_shuffle(shuffle, grid)
+    elif shuffle_blocks is not None or shuffle_hidden is not None:
+        raise ArgenError("--shuffle-blocks / --shuffle-hidden shape a Token-Shuffle model: add --shuffle S")
     teacher, distill_params = None, None
     if distill_from is not None:
         if shuffle is not None or code_to_cluster is not None:
@@ -324,6 +328,10 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     config_cls, model_cls = (GPTConfig, GPT) if shuffle is None else (TokenShuffleConfig, TokenShuffleGPT)
     if shuffle is not None:
         fields["shuffle"] = shuffle
+        if shuffle_blocks is not None:
+            fields["shuffle_mlp_blocks"] = shuffle_blocks
+        if shuffle_hidden is not None:
+            fields["shuffle_mlp_hidden"] = shuffle_hidden
     gpt_cfg = config_cls.from_name(size, **fields) if size else config_cls(dim=dim, n_layer=n_layer, n_head=n_head,
                                                                            **fields)
     torch.manual_seed(seed)  # identical init on every process
@@ -598,6 +606,11 @@ def _conditions(model_type, labels, encoder, images, caption_set):
     return _encode_all(encoder, texts)
 
 
+def _block_width(g: dict) -> str:
+    hidden = g.get("shuffle_mlp_hidden")
+    return f", SwiGLU hidden width {hidden}" if hidden else ""
+
+
 def _check_shuffle(shuffle, grid) -> None:
     """One line for a window side the tokenizer's grid cannot take (before the codes are encoded)."""
     from ..checks import check_number
@@ -646,7 +659,7 @@ def write_gpt_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict
     arch = ("" if s is None else
             f"\n- Token-Shuffle: s = {s}, each {s}x{s} window of codes is one transformer position "
             f"({g['block_size'] // (s * s)} positions, {s * s} codes each), {g['shuffle_mlp_blocks']} residual MLP "
-            "block(s) on each side (`argen.models.TokenShuffleGPT`).")
+            f"block(s) on each side{_block_width(g)} (`argen.models.TokenShuffleGPT`).")
     name = Path(folder).name if Path(folder).name != "model" else f"{kind} model"
     text = f"""# {name}: {title} GPT for Fashion-MNIST
 
