@@ -124,15 +124,17 @@ def test_per_sample_seeds_are_batch_size_invariant_t2i():
     assert torch.equal(alone[0], batch[3])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @torch.no_grad()
-def test_fp32_logits_of_a_row_are_the_same_bits_at_any_batch_size():
+def test_fp32_logits_of_a_row_are_the_same_bits_at_any_batch_size(threads):
     """MKL sums products of 1 to 3 rows in another order than larger ones (about 1e-6 apart at
-    default-c2i's shapes), enough to flip a sampled token now and then. The generators' linears pad
-    such products to 4 rows (`BatchInvariantLinear`), so a row's prefill and decode-step logits are
-    the same bits alone, in a pair (one image with CFG) and in a batch of 8."""
+    default-c2i's shapes), enough to flip a sampled token now and then, and on two threads it splits
+    5-7 or 9-11 rows into parts of fewer than 4. The generators' linears pad every product to a
+    multiple of 4 rows (`BatchInvariantLinear`), so a row's prefill and decode-step logits are the
+    same bits alone, in a pair (one image with CFG), in odd batches and in a batch of 16."""
     model = tiny_gpt(dim=256, n_head=4, vocab_size=1024, block_size=16)
-    labels = torch.arange(8)
-    tokens = torch.randint(0, 1024, (8, 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 10
+    tokens = torch.randint(0, 1024, (16, 4), generator=torch.Generator().manual_seed(0))
 
     def logits(rows):
         cache = model.new_cache(len(rows), 6)
@@ -140,9 +142,15 @@ def test_fp32_logits_of_a_row_are_the_same_bits_at_any_batch_size():
         out += [model.decode(tokens[rows, t:t + 1], torch.tensor([1 + t]), cache)[:, -1] for t in range(4)]
         return torch.stack(out, 1)
 
-    batch = logits(list(range(8)))
-    for rows in ([3], [0, 1], [5, 6, 7]):
-        assert torch.equal(logits(rows), batch[rows])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = logits(list(range(16)))
+        for rows in ([3], [0, 1], [5, 6, 7], list(range(5)), list(range(2, 8)), list(range(9, 16)),
+                     list(range(1, 10)), list(range(11))):
+            assert torch.equal(logits(rows), batch[rows]), f"{len(rows)} rows on {threads} thread(s)"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_same_seed_same_tokens_and_counters():

@@ -69,34 +69,39 @@ def onednn_packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-def with_min_rows(product, x: torch.Tensor, min_rows: int) -> torch.Tensor:
-    """product(x) for a 2D x, with fewer than `min_rows` rows zero-padded to `min_rows` (the padding
-    rows are computed and dropped)."""
+def with_min_rows(product, x: torch.Tensor, min_rows: int, multiple: int = 1) -> torch.Tensor:
+    """product(x) for a 2D x, zero-padded to at least `min_rows` rows and to a multiple of `multiple`
+    (the padding rows are computed and dropped)."""
     rows = x.shape[0]
-    if rows >= min_rows:
+    target = max(min_rows, -(-rows // multiple) * multiple)
+    if rows == target:
         return product(x)
-    return product(F.pad(x, (0, 0, 0, min_rows - rows)))[:rows]
+    return product(F.pad(x, (0, 0, 0, target - rows)))[:rows]
 
 
 class BatchInvariantLinear(nn.Linear):
-    """`nn.Linear` whose products of fewer than 4 rows are zero-padded to 4: the generators' fp32
+    """`nn.Linear` whose products are zero-padded to a multiple of 4 rows: the generators' fp32
     linears (the `fp32` format, MKL's product).
 
-    MKL sums a product of 1 to 3 rows in another order than one of 4 or more, and from 4 rows on
-    each row's result does not depend on the row count (checked from 4 to 512 rows, 1 and 2
-    threads, on every linear shape of the shipped models and GPT-B). So without the padding a
-    decode step at batch 1 (2 rows with CFG) gave each logit ~1e-6 apart from the same row's in a
-    batch, enough to flip a sampled token now and then: 1 of 64 default-c2i images differed between
-    batch 1 and 16 (docs/architecture.md, "The generation path"). Padded, a row's logits are the same bits at any batch
-    size. Same parameters and state dict keys as `nn.Linear`; training batches are never this small."""
+    MKL sums a product of 1 to 3 rows in another order than one of 4 or more; and on several
+    threads it splits the rows between them, so counts such as 5-7 and 9-11 (on 2 threads; more on
+    16 or 32) leave a thread fewer than 4 and round apart too. Every multiple of 4 gave each row the
+    same bits as in a 300-row product (1, 2, 3, 4, 8, 16 and 32 threads, 1 to 256 rows, every linear shape of the
+    shipped models and GPT-B). Without the padding a decode step at batch 1 (2 rows with CFG) gave
+    each logit ~1e-6 apart from the same row's in a batch, enough to flip a sampled token now and
+    then: 1 of 64 default-c2i images differed between batch 1 and 16, and 1 of 64 between batch 3
+    and 16 on two threads (docs/architecture.md, "The generation path"). Padded, a row's logits are
+    the same bits at any batch size. Same parameters and state dict keys as `nn.Linear`."""
 
-    min_rows = 4
+    row_multiple = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= self.min_rows * self.in_features:
+        rows = x.numel() // self.in_features
+        if rows % self.row_multiple == 0 and rows:
             return super().forward(x)
-        flat = x.reshape(-1, self.in_features)
-        y = with_min_rows(lambda rows: F.linear(rows, self.weight, self.bias), flat, self.min_rows)
+        flat = x.reshape(rows, self.in_features)
+        y = with_min_rows(lambda part: F.linear(part, self.weight, self.bias), flat, self.row_multiple,
+                          self.row_multiple)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
