@@ -37,7 +37,7 @@ from ..errors import ArgenError
 from ..registry import register
 from .cache import KVCache
 from .gpt import GPT, FeedForward, GPTConfig, RMSNorm, rope_factors, rope_table_2d
-from .quant import BatchInvariantLinear
+from .quant import BatchInvariantLinear, with_min_rows
 
 
 @dataclass
@@ -222,13 +222,18 @@ class TokenShuffleGPT(GPT):
     def _folded_head(self, parts: torch.Tensor) -> torch.Tensor:
         # a compiled step traces the tensors as they were when it was compiled (`compile_decode` refreshes them)
         fold = self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
-        rows = parts.reshape(-1, parts.shape[-1])
-        # (>= 4 rows always: k = s² >= 4 codes per position, so MKL's row-count-invariant products)
+        # padded to a multiple of 4 rows as every generator product (`BatchInvariantLinear`); at s = 2 the
+        # k = 4 codes of each position already make one
+        multiple = BatchInvariantLinear.row_multiple
+        logits = with_min_rows(lambda rows: self._folded_logits(rows, fold), parts.reshape(-1, parts.shape[-1]),
+                               multiple, multiple)
+        return logits.reshape(*parts.shape[:-1], -1)
+
+    def _folded_logits(self, rows: torch.Tensor, fold: dict) -> torch.Tensor:
         wide = rows.float()
         sq = (wide @ fold["gram"] * wide).sum(-1) + wide @ fold["cross"] + fold["const"]
         inv_rms = torch.rsqrt(sq / self.gpt_config.dim + self.norm.eps)
-        logits = F.linear(rows, fold["weight"], fold["bias"]).float() * inv_rms.unsqueeze(-1)
-        return logits.reshape(*parts.shape[:-1], -1)
+        return F.linear(rows, fold["weight"], fold["bias"]).float() * inv_rms.unsqueeze(-1)
 
     def compile_decode(self, mode: str = "default", **compile_options) -> "TokenShuffleGPT":
         if self.tokens_per_position > 1 and self._foldable():
