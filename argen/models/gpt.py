@@ -32,8 +32,8 @@ from .base import COMPILE_MODES, Generator
 from .cache import KVCache
 from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
-from .quant import (WEIGHT_FORMATS, BatchInvariantLinear, auto_weight_format, check_weight_format, convert_linears,
-                    with_min_rows)
+from .quant import (ROW_MULTIPLE, WEIGHT_FORMATS, BatchInvariantLinear, auto_weight_format, batch_invariant,
+                    check_weight_format, convert_linears)
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -305,12 +305,11 @@ class FeedForward(nn.Module):
         self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
 
     def forward(self, x):
-        rows, multiple = x.numel() // x.shape[-1], BatchInvariantLinear.row_multiple
-        if rows % multiple and type(self.w1) is BatchInvariantLinear:
+        rows = x.numel() // x.shape[-1]
+        if rows % ROW_MULTIPLE and type(self.w1) is BatchInvariantLinear:
             # pad once here instead of in each of the three products (the same zero rows, the same bits):
             # at batch 1 with CFG the three paddings are 12 small ops per FFN, 14% of default-c2i's step
-            out = with_min_rows(self._swiglu, x.reshape(rows, -1), multiple, multiple)
-            out = out.reshape(*x.shape[:-1], -1)
+            out = batch_invariant(self._swiglu, x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
             out = self._swiglu(x)
         return self.ffn_dropout(out) if self.training else out

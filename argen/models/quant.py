@@ -79,6 +79,16 @@ def with_min_rows(product, x: torch.Tensor, min_rows: int, multiple: int = 1) ->
     return product(F.pad(x, (0, 0, 0, target - rows)))[:rows]
 
 
+ROW_MULTIPLE = 4  # see BatchInvariantLinear
+
+
+def batch_invariant(product, x: torch.Tensor) -> torch.Tensor:
+    """product(x) for a 2D x zero-padded to a multiple of `ROW_MULTIPLE` rows: what makes an fp32
+    product's rows the same bits at any row count (`BatchInvariantLinear`). For several products in a
+    row (an FFN, a folded head), pad once around all of them."""
+    return with_min_rows(product, x, ROW_MULTIPLE, ROW_MULTIPLE)
+
+
 class BatchInvariantLinear(nn.Linear):
     """`nn.Linear` whose products are zero-padded to a multiple of 4 rows: the generators' fp32
     linears (the `fp32` format, MKL's product).
@@ -93,15 +103,11 @@ class BatchInvariantLinear(nn.Linear):
     and 16 on two threads (docs/architecture.md, "The generation path"). Padded, a row's logits are
     the same bits at any batch size. Same parameters and state dict keys as `nn.Linear`."""
 
-    row_multiple = 4
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows % self.row_multiple == 0 and rows:
+        if rows % ROW_MULTIPLE == 0 and rows:
             return super().forward(x)
-        flat = x.reshape(rows, self.in_features)
-        y = with_min_rows(lambda part: F.linear(part, self.weight, self.bias), flat, self.row_multiple,
-                          self.row_multiple)
+        y = batch_invariant(lambda part: F.linear(part, self.weight, self.bias), x.reshape(rows, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -37,7 +37,7 @@ from ..errors import ArgenError
 from ..registry import register
 from .cache import KVCache
 from .gpt import GPT, FeedForward, GPTConfig, RMSNorm, rope_factors, rope_table_2d
-from .quant import BatchInvariantLinear, with_min_rows
+from .quant import BatchInvariantLinear, batch_invariant
 
 
 @dataclass
@@ -222,11 +222,8 @@ class TokenShuffleGPT(GPT):
     def _folded_head(self, parts: torch.Tensor) -> torch.Tensor:
         # a compiled step traces the tensors as they were when it was compiled (`compile_decode` refreshes them)
         fold = self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
-        # padded to a multiple of 4 rows as every generator product (`BatchInvariantLinear`); at s = 2 the
-        # k = 4 codes of each position already make one
-        multiple = BatchInvariantLinear.row_multiple
-        logits = with_min_rows(lambda rows: self._folded_logits(rows, fold), parts.reshape(-1, parts.shape[-1]),
-                               multiple, multiple)
+        # padded as every generator product; at s = 2 the k = 4 codes of each position need none
+        logits = batch_invariant(lambda rows: self._folded_logits(rows, fold), parts.reshape(-1, parts.shape[-1]))
         return logits.reshape(*parts.shape[:-1], -1)
 
     def _folded_logits(self, rows: torch.Tensor, fold: dict) -> torch.Tensor:
