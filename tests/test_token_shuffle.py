@@ -175,6 +175,30 @@ def test_folded_head_is_the_unfolded_head_and_follows_the_weights():
         TokenShuffleConfig(shuffle=2, shuffle_mlp_hidden=0, **FIELDS)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp32-packed"])
+def test_every_weight_format_folds_the_head_it_multiplies_by(fmt):
+    """A converted head is folded too (it once kept the unfolded head, 1.6x a plain GPT's compiled bf16
+    step), from the matrix the format multiplies by: the folded logits are that matrix's float32 logits."""
+    from argen.models.quant import float_weight
+
+    model = tiny_shuffle(2).eval().set_weight_format(fmt)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        folded = model.head(x)
+        assert "_fold" in model.__dict__ and model.__dict__["_fold"]["weight"].dtype == torch.float32
+        for block in model.unshuffle_mlp:
+            x = block(x)
+        parts = x.unflatten(-1, (4, -1))
+        exact = F.linear(model.norm(model.unshuffle_expand(parts)), float_weight(model.output))
+        assert torch.allclose(folded, exact, atol=1e-5, rtol=1e-5)
+        in_format = model.output(model.norm(model.unshuffle_expand(parts))).float()  # bf16 / int8 products round
+        assert torch.allclose(folded, in_format, atol=0.1) and not torch.equal(folded, in_format)
+    eager = ARSampler()(model, torch.tensor([1, 5]), params=SamplingParams(cfg_scale=2.0), seeds=[3, 4]).tokens
+    model.compile_decode()
+    assert torch.equal(ARSampler()(model, torch.tensor([1, 5]), params=SamplingParams(cfg_scale=2.0), seeds=[3, 4]).tokens,
+                       eager)
+
+
 def test_compiled_folded_head_samples_the_eager_tokens():
     model = tiny_shuffle(2)
     eager = ARSampler()(model, torch.tensor([1, 5]), params=SamplingParams(cfg_scale=2.0), seeds=[3, 4]).tokens

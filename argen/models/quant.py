@@ -214,6 +214,19 @@ def quantize_int8(weight: torch.Tensor):
 FORMAT_CLASSES = {"fp32-packed": FP32PackedLinear, "bf16": BF16Linear, "int8": Int8Linear}
 
 
+def weight_format_of(linear: nn.Module) -> str:
+    """The weight format a (converted or plain) linear runs in."""
+    return getattr(linear, "weight_format", "fp32")
+
+
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """The float32 matrix a linear of any format multiplies by (int8 dequantised, bf16 widened)."""
+    if isinstance(linear, Int8Linear):
+        return linear.dequantized()
+    return linear.weight.detach().float()
+
+
+
 def convert_linears(modules: Iterable[tuple], fmt: str) -> int:
     """Replace each (parent, attribute name) nn.Linear by its `fmt` counterpart; returns the count."""
     check_weight_format(fmt)

@@ -37,7 +37,7 @@ from ..errors import ArgenError
 from ..registry import register
 from .cache import KVCache
 from .gpt import GPT, FeedForward, GPTConfig, RMSNorm, rope_factors, rope_table_2d
-from .quant import BatchInvariantLinear, batch_invariant
+from .quant import BatchInvariantLinear, batch_invariant, float_weight, weight_format_of
 
 
 @dataclass
@@ -179,7 +179,7 @@ class TokenShuffleGPT(GPT):
         for block in self.unshuffle_mlp:
             x = block(x)
         parts = x.unflatten(-1, (k, -1))  # [..., k, d/k]
-        if not (self.training or torch.is_grad_enabled()) and self._foldable():
+        if not (self.training or torch.is_grad_enabled()):
             return self._folded_head(parts)
         return self.output(self.norm(self.unshuffle_expand(parts))).float()
 
@@ -193,26 +193,28 @@ class TokenShuffleGPT(GPT):
     # So sampling uses logits = ((W_out diag(g) W_e) p + W_out (g * b)) / rms(e): one [V, d/k] product
     # per code, a plain GPT's head cost per position. The same function of the weights; floats round
     # otherwise (logits within ~1e-5 of the unfolded head's, tested). Training keeps the unfolded path.
-
-    def _foldable(self) -> bool:
-        # plain float linears only: a converted weight format (`set_weight_format`) keeps the unfolded head
-        return all(type(m) in (nn.Linear, BatchInvariantLinear) for m in (self.output, self.unshuffle_expand))
+    # Every weight format folds (session 26: bf16 steps had kept the unfolded head, and a compiled
+    # bf16 step cost 1.6x a plain GPT's).
 
     def _fold_key(self) -> tuple:
-        tensors = (self.output.weight, self.norm.weight, self.unshuffle_expand.weight, self.unshuffle_expand.bias)
+        tensors = (*self.output.parameters(), *self.output.buffers(), self.norm.weight,
+                   self.unshuffle_expand.weight, self.unshuffle_expand.bias)
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     @torch.no_grad()
     def _refresh_fold(self) -> dict:
         """The folded head's tensors, rebuilt when a weight it is made of changed (an optimizer step, a
-        load, a cast: `_fold_key`). Products in float64; the folded head in the weights' dtype, the
-        norm's quadratic form in float32 (the norm itself runs in float32)."""
+        load, a cast: `_fold_key`). Products in float64; the folded head in the head's dtype (float32
+        for a converted head), the norm's quadratic form in float32 (the norm itself runs in float32)."""
         key = self._fold_key()
         fold = self.__dict__.get("_fold")
         if fold is None or fold["key"] != key:
-            w_out, gain = self.output.weight.double(), self.norm.weight.double()
+            w_out, gain = float_weight(self.output).double(), self.norm.weight.double()
             w_e, b = self.unshuffle_expand.weight.double(), self.unshuffle_expand.bias.double()
-            dtype = self.output.weight.dtype
+            # a converted head (bf16, int8, fp32-packed) is folded from the matrix it multiplies by, into
+            # float32: the [V, d/k] fold holds half the bytes of a bf16 [V, d] head, and int8 per-channel
+            # scales on the folded matrix gave 2.5x the unfolded int8 head's logit error (measured)
+            dtype = self.output.weight.dtype if weight_format_of(self.output) == "fp32" else torch.float32
             fold = {"key": key, "weight": ((w_out * gain) @ w_e).to(dtype), "bias": (w_out @ (gain * b)).to(dtype),
                     "gram": (w_e.T @ w_e).float(), "cross": (2 * w_e.T @ b).float(),
                     "const": float(b @ b)}
@@ -230,10 +232,10 @@ class TokenShuffleGPT(GPT):
         wide = rows.float()
         sq = (wide @ fold["gram"] * wide).sum(-1) + wide @ fold["cross"] + fold["const"]
         inv_rms = torch.rsqrt(sq / self.gpt_config.dim + self.norm.eps)
-        return F.linear(rows, fold["weight"], fold["bias"]).float() * inv_rms.unsqueeze(-1)
+        return F.linear(rows.to(fold["weight"].dtype), fold["weight"], fold["bias"]).float() * inv_rms.unsqueeze(-1)
 
     def compile_decode(self, mode: str = "default", **compile_options) -> "TokenShuffleGPT":
-        if self.tokens_per_position > 1 and self._foldable():
+        if self.tokens_per_position > 1:
             self._refresh_fold()
         return super().compile_decode(mode, **compile_options)
 
