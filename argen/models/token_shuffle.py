@@ -193,8 +193,9 @@ class TokenShuffleGPT(GPT):
     # So sampling uses logits = ((W_out diag(g) W_e) p + W_out (g * b)) / rms(e): one [V, d/k] product
     # per code, a plain GPT's head cost per position. The same function of the weights; floats round
     # otherwise (logits within ~1e-5 of the unfolded head's, tested). Training keeps the unfolded path.
-    # Every weight format folds (session 26: bf16 steps had kept the unfolded head, and a compiled
-    # bf16 step cost 1.6x a plain GPT's).
+    # A converted head (`set_weight_format`: bf16, int8, fp32-packed) folds too, from the matrix it
+    # multiplies by, into float32: the [V, d/k] fold is half the bytes of a bf16 [V, d] head, and
+    # per-channel int8 on the folded matrix gave 2.5x the unfolded int8 head's logit error (measured).
 
     def _fold_key(self) -> tuple:
         tensors = (*self.output.parameters(), *self.output.buffers(), self.norm.weight,
@@ -211,9 +212,6 @@ class TokenShuffleGPT(GPT):
         if fold is None or fold["key"] != key:
             w_out, gain = float_weight(self.output).double(), self.norm.weight.double()
             w_e, b = self.unshuffle_expand.weight.double(), self.unshuffle_expand.bias.double()
-            # a converted head (bf16, int8, fp32-packed) is folded from the matrix it multiplies by, into
-            # float32: the [V, d/k] fold holds half the bytes of a bf16 [V, d] head, and int8 per-channel
-            # scales on the folded matrix gave 2.5x the unfolded int8 head's logit error (measured)
             dtype = self.output.weight.dtype if weight_format_of(self.output) == "fp32" else torch.float32
             fold = {"key": key, "weight": ((w_out * gain) @ w_e).to(dtype), "bias": (w_out @ (gain * b)).to(dtype),
                     "gram": (w_e.T @ w_e).float(), "cross": (2 * w_e.T @ b).float(),
