@@ -421,6 +421,7 @@ class ARPipeline(DiffusionPipeline):
                              draft_forwards_per_sample=None if outs[0].draft_forwards_per_sample is None else
                              torch.cat([o.draft_forwards_per_sample for o in outs]))
 
+    @torch.no_grad()
     def tokens_to_images(self, tokens: torch.Tensor, conds: Optional[Conditions] = None,
                          seeds: Optional[Sequence[int]] = None, batch_size: int = 64) -> torch.Tensor:
         """Generator tokens [N, n] -> images [N, C, H, W] in [-1, 1]: refine (when there is a

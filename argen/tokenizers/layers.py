@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Conv2d(nn.Conv2d):
@@ -28,3 +29,21 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """`F.silu`, image by image when sampling, so an image's activations do not depend on its batch.
+
+    ATen's silu (like sigmoid and tanh-GELU) runs its vectorised loop over most elements and a scalar
+    loop over each thread's leftover tail, and the two round differently. A batch splits between
+    threads at boundaries that depend on its size: from three threads on (boundaries off a multiple of
+    16 elements), default-vq decoded 3 of 16 images differently alone than in a batch of 16 (session 26,
+    docs/architecture.md). One image at a time, every image is split the same way whatever its batch,
+    and the floats are those of a whole batch on one or two threads. Training (autograd on) takes the
+    one-call path."""
+    if x.shape[0] == 1 or torch.is_grad_enabled():
+        return F.silu(x)
+    out = torch.empty_like(x)
+    for image, result in zip(x, out):
+        torch.ops.aten.silu.out(image, out=result)
+    return out

@@ -43,7 +43,7 @@ from ..models.checkpoint import load_into, load_state_dict_file
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
-from .layers import Conv2d
+from .layers import Conv2d, silu
 
 # Official ViT size table (identical in TiTokEncoder and TiTokDecoder): name -> (width, layers, heads).
 OFFICIAL_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -285,8 +285,8 @@ class PixelResnetBlock(nn.Module):
             self.nin_shortcut = _same_conv(cout, cout, 1, bias=False)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
         residual = self.nin_shortcut(h) if self.changes_width else x
         return h + residual
 
@@ -336,7 +336,7 @@ class PixelDecoder(nn.Module):
             h = block(h)
         for block in reversed(self.up):
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class PixelQuantizer(nn.Module):

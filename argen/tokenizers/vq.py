@@ -21,7 +21,7 @@ from ..models.checkpoint import load_checkpoint_into
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
-from .layers import Conv2d
+from .layers import Conv2d, silu
 
 
 def normalize(channels: int, groups: int) -> nn.GroupNorm:
@@ -40,8 +40,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv2d(in_channels, out_channels, 1, 1, 0)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(self.dropout(silu(self.norm2(h))))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -144,7 +144,7 @@ class Encoder(nn.Module):
             h = level(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -171,7 +171,7 @@ class Decoder(nn.Module):
             h = block(h)
         for level in self.conv_blocks:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class VectorQuantizer(nn.Module):
