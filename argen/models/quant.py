@@ -226,7 +226,6 @@ def float_weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight.detach().float()
 
 
-
 def convert_linears(modules: Iterable[tuple], fmt: str) -> int:
     """Replace each (parent, attribute name) nn.Linear by its `fmt` counterpart; returns the count."""
     check_weight_format(fmt)
