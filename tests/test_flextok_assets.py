@@ -124,3 +124,25 @@ def test_cli_decoder_settings_change_the_image_and_are_recorded(tmp_path, capsys
     capsys.readouterr()
     assert main(sample + ["--flow-steps", "4", "--decoder-guidance", "1.5", "--decoder-dtype", "bf16"]) == 2
     assert "decoding" in capsys.readouterr().err
+
+
+@needs_tokenizer
+def test_shipped_flextok_decodes_an_image_alike_in_any_batch_on_five_threads():
+    """On five threads ATen's tanh-GELU split a batch of the flow network's activations between threads off
+    its vector width, and all 10 images decoded at batch 1 or 3 differed from batch 10; the activation now
+    runs image by image when sampling (`argen.tokenizers.layers.image_by_image`)."""
+    from argen.tokenizers import FlexTokTokenizer
+
+    tok = FlexTokTokenizer.from_pretrained("default-flextok").float().eval()
+    codes = torch.randint(0, tok.vocab_size, (10, 8), generator=torch.Generator().manual_seed(0))
+    seeds = list(range(10))
+    torch.set_num_threads(5)
+    try:
+        with torch.no_grad():
+            together = tok.decode(codes, seeds=seeds)
+            for size in (1, 3):
+                alone = torch.cat([tok.decode(codes[i:i + size], seeds=seeds[i:i + size])
+                                   for i in range(0, 10, size)])
+                assert torch.equal(alone, together)
+    finally:
+        torch.set_num_threads(1)

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -54,6 +55,7 @@ from ..models.base import COMPILE_MODES
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
+from .layers import image_by_image
 
 # pow2: k uniform over the powers of two; pow2-long: the same values, P(k = 2^i) proportional to i + 1,
 # so long prefixes (whose decodes gain least per step of uniform training) get more of the updates;
@@ -89,6 +91,15 @@ def _decoding(steps, guidance_scale, guidance_start=0) -> tuple:
             check_number("the first guided flow step", guidance_start, 0, integer=True))
 
 
+class ImageByImageGELU(GELU):
+    """diffusers' GELU (its projection, then tanh-GELU) with the activation taken image by image when
+    sampling (`layers.image_by_image`: ATen's tanh-GELU rounds a batch's elements by how the batch splits
+    between threads). The same parameters and state dict."""
+
+    def gelu(self, gate: torch.Tensor) -> torch.Tensor:
+        return image_by_image(lambda part: F.gelu(part, approximate=self.approximate), gate)
+
+
 class FlowBlock(nn.Module):
     """DiT block: adaLN-Zero modulation from the time embedding around attention and the MLP."""
 
@@ -98,6 +109,7 @@ class FlowBlock(nn.Module):
         self.attn = Attention(query_dim=width, heads=heads, dim_head=width // heads, bias=True, out_bias=True)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(width, mult=mlp_ratio, activation_fn="gelu-approximate")
+        self.ff.net[0].__class__ = ImageByImageGELU  # the same module, its activation image by image
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)

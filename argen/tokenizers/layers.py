@@ -31,19 +31,25 @@ def _onednn_takes(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """`F.silu`, image by image when sampling, so an image's activations do not depend on its batch.
+def image_by_image(op, x: torch.Tensor) -> torch.Tensor:
+    """op(x) for an elementwise `op`, one image (index of the first dimension) at a time when sampling, so
+    an image's activations do not depend on its batch.
 
-    ATen's silu (like sigmoid and tanh-GELU) runs its vectorised loop over most elements and a scalar
-    loop over each thread's leftover tail, and the two round differently. A batch splits between
-    threads at boundaries that depend on its size: from three threads on (boundaries off a multiple of
-    16 elements), default-vq decoded 3 of 16 images differently alone than in a batch of 16 (session 26,
-    docs/architecture.md). One image at a time, every image is split the same way whatever its batch,
-    and the floats are those of a whole batch on one or two threads. Training (autograd on) takes the
-    one-call path."""
+    ATen's silu, sigmoid and tanh-GELU run a vectorised loop over most elements and a scalar loop over each
+    thread's leftover tail, and the two round differently (exp, tanh and erf-GELU did not, measured). A
+    batch splits between threads at boundaries that depend on its size, and off a multiple of the vector
+    width an element's rounding then depends on the batch: default-vq decoded 3 of 16 images differently
+    alone than in a batch of 16 on three threads, FlexTok all of 10 on five (session 26,
+    docs/architecture.md). One image at a time, every image is split the same way whatever its batch, and
+    the floats are those of one call wherever its split was aligned (one or two threads here). Training
+    (autograd on) takes the one-call path."""
     if x.shape[0] == 1 or torch.is_grad_enabled():
-        return F.silu(x)
+        return op(x)
     out = torch.empty_like(x)
     for image, result in zip(x, out):
-        torch.ops.aten.silu.out(image, out=result)
+        result.copy_(op(image))
     return out
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return image_by_image(F.silu, x)
