@@ -68,9 +68,8 @@ def run_sampler(pipe, sampler, conds, params: SamplingParams, batch_size: int, s
     start = time.perf_counter()
     out = pipe.sample_tokens(conds, seeds, sampler, params, batch_size, num_tokens=num_tokens)
     if decode:
-        with torch.no_grad():
-            for i in range(0, len(seeds), batch_size):
-                pipe.tokens_to_images(out.tokens[i:i + batch_size], conds[i:i + batch_size], seeds[i:i + batch_size])
+        for i in range(0, len(seeds), batch_size):
+            pipe.tokens_to_images(out.tokens[i:i + batch_size], conds[i:i + batch_size], seeds[i:i + batch_size])
     seconds = time.perf_counter() - start
     drafts = None if out.draft_forwards_per_sample is None else out.draft_forwards_per_sample.float()
     return out.tokens, out.nfe_per_sample.float(), list(out.accepted_per_forward), seconds, drafts
