@@ -321,6 +321,22 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)).mul_(self.w3(x)))
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) v written out, for sampling (a KV-cached step or prefix with its mask).
+
+    Why not `F.scaled_dot_product_attention`: its CPU kernel rounds a row by how the batch splits between
+    threads. On three threads default-t2i's layer-0 attention gave the same query, keys, values and mask
+    other floats (6e-8) at batch 3 than at 16, and 1 image in 16 sampled other tokens; synthetic [B, 4, 1, 64]
+    queries differ between batch sizes on 2-4 threads (session 26, docs/architecture.md). Written out, each
+    (row, head) is its own small product and softmax: the same floats at any batch size (tested on three
+    threads), within ~4e-7 of the fused kernel; the shipped models' recorded tokens and the LlamaGen
+    fixtures are unchanged. Inductor fuses it in a compiled step (session 16 measured that form at the
+    fused kernel's speed or 5% faster). `mask`: boolean (True = attend) or additive float."""
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -345,10 +361,13 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
+        if mask is not None and not self.training:
+            out = masked_attention(q, k, v, mask)
+        else:  # training, and the official full-sequence forward (causal, no mask)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.attn_dropout_p if self.training else 0.0,
+            )
         out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
         return self.resid_dropout(out) if self.training else out
 
