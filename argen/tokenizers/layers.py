@@ -38,7 +38,7 @@ def image_by_image(op, x: torch.Tensor) -> torch.Tensor:
     ATen's silu, sigmoid and tanh-GELU run a vectorised loop over most elements and a scalar loop over each
     thread's leftover tail, and the two round differently (exp, tanh and erf-GELU did not, measured). A
     batch splits between threads at boundaries that depend on its size, and off a multiple of the vector
-    width an element's rounding then depends on the batch: default-vq decoded 3 of 16 images differently
+    width an element's rounding then depends on the batch: default-vq decoded 3-10 of 16 images differently
     alone than in a batch of 16 on three threads, FlexTok all of 10 on five (session 26,
     docs/architecture.md). One image at a time, every image is split the same way whatever its batch, and
     the floats are those of one call wherever its split was aligned (one or two threads here). Training
