@@ -7,6 +7,7 @@ import torch
 
 from argen.errors import ArgenError
 from argen.models import GPT, GPTConfig
+from argen.models.cache import KVCache
 from argen.samplers import ARSampler, SamplingParams, get_sampler
 from argen.samplers.ar import sample_step
 from argen.samplers.auto import AutoSampler, window_step
@@ -151,6 +152,45 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     assert window_step(compiled) is first and compiled_step(compiled, sample_step) is ar_step
     compiled.compile_decode(mode="max-autotune")
     assert window_step(compiled) is not first and compiled_step(compiled, sample_step) is not ar_step
+
+
+class WholeCache(KVCache):
+    """A cache whose every forward attends over all its slots (what compiled steps did before spans)."""
+
+    def attend_upto(self, input_pos, top=None):
+        if not torch.compiler.is_compiling():
+            self.span = self.positions
+
+
+@torch.no_grad()
+def test_a_compiled_step_attends_over_the_span_its_positions_reach_in_one_graph():
+    model = tiny_gpt().compile_decode()
+    whole = tiny_gpt()
+    whole.load_state_dict(model.state_dict())
+    whole.compile_decode()
+
+    def whole_cache(*args, **kwargs):
+        cache = GPT.new_cache(whole, *args, **kwargs)
+        cache.__class__ = WholeCache
+        return cache
+
+    whole.new_cache = whole_cache
+    cond = torch.tensor([1, 5, 10])
+    tokens = torch.randint(0, 64, (3, model.num_positions), generator=torch.Generator().manual_seed(0))
+    spans, graphs = [], []
+    t = model.condition_length(cond)
+    cache = model.new_cache(3, t + tokens.shape[1])
+    out = [model.prefill(cond, cache)]
+    for n in range(tokens.shape[1] - 1):
+        out.append(model.decode(tokens[:, n:n + 1], torch.tensor([t + n]), cache)[:, -1])
+        spans.append(cache.active_len)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    # the host set each step's span before its graph ran: the keys up to the query's position
+    assert spans == list(range(t + 1, t + tokens.shape[1]))
+    # the span is a dynamic size of one graph: no step after the first compiled another
+    assert len(set(graphs)) == 1
+    # keys past a query's position weigh exactly zero: the same floats as attending over every slot
+    assert torch.equal(torch.stack(out, dim=1), cached_logits_one_by_one(whole, cond, tokens))
 
 
 # ---- per-query key masks (set_query_mask) ------------------------------------------------------

@@ -62,7 +62,8 @@ def add_compile_arg(p) -> None:
                         "seconds per batch shape, then faster steps at small batches (default-c2i on CPU: 1.6x at "
                         "batch 1, 1.2x at 16, 0.94x at 50); for many images. MODE max-autotune freezes the weights "
                         "and times inductor's own GEMM kernels against ATen's: 10-20 s per shape, then steps 2-4x "
-                        "faster at batch 1 (default: default)")
+                        "faster at batch 1, but the kernels then differ by batch shape, so an image can differ "
+                        "slightly between batch sizes (default: default)")
 
 
 def add_drafter_arg(p) -> None:

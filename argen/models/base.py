@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -79,7 +80,7 @@ class Generator(abc.ABC):
             return None
         options, freeze = self.compiled_with
         compiled = torch.compile(fn, **options)
-        return with_frozen_weights(compiled) if freeze else compiled
+        return with_attention_span(fn, with_frozen_weights(compiled) if freeze else compiled)
 
     # ---- structure ------------------------------------------------------------------------
 
@@ -176,6 +177,33 @@ class Generator(abc.ABC):
             raise ArgenError(f"expected codes [B, {self.num_codes}], got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
             raise ArgenError(f"code out of range: valid codes are 0..{self.vocab_size - 1}")
+
+
+def with_attention_span(fn: Callable, compiled: Callable) -> Callable:
+    """`compiled` (fn, torch.compile'd) called after the span of its KV cache was set on the host.
+
+    A graph cannot read a position back to size its loops, so without this it attends over the cache's
+    whole static length at every step. fn names its cache `cache` and, when it has them, its positions
+    `input_pos` (a sampler's step that computes positions inside attends over the whole cache).
+    Inside another graph (a sampler's compiled step calling the compiled `decode`) the outer call
+    has set it."""
+    names = list(inspect.signature(fn).parameters)
+    if "cache" not in names:
+        return compiled
+    at_cache = names.index("cache")
+    at_pos = names.index("input_pos") if "input_pos" in names else None
+
+    def argument(args, kwargs, at, name):
+        return args[at] if at < len(args) else kwargs[name]
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            input_pos = None if at_pos is None else argument(args, kwargs, at_pos, "input_pos")
+            argument(args, kwargs, at_cache, "cache").attend_upto(input_pos)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def with_frozen_weights(compiled: Callable) -> Callable:

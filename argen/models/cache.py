@@ -28,24 +28,39 @@ class KVCache:
         self.positions = torch.arange(max_len, device=device)
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.active_len = max_len  # slots a forward attends over (see `attend_upto`)
+        self.span = self.positions  # the slots a forward attends over (see `attend_upto`)
         self.tree = None  # (ancestors [T, T] bool, first scratch slot) while a token tree is fed (`set_tree`)
         self.query_mask = None  # [B, T, max_len] bool for the next forward only (`set_query_mask`)
 
-    def attend_upto(self, input_pos: torch.Tensor, top: Optional[int] = None) -> None:
-        """Limit the next forward's attention to slots < max(input_pos) + 1.
+    def attend_upto(self, input_pos: Optional[torch.Tensor], top: Optional[int] = None) -> None:
+        """Limit the next forward's attention to slots < max(input_pos) + 1 (all slots for None).
 
         On the CPU this halves the attention work of an average decode step for the price of
-        one tiny host read. On accelerators the full static length is kept: static shapes are
-        what CUDA graphs / torch.compile want, and reading the position would force a sync.
+        one tiny host read. A compiled step cannot read a position back to size its loops, so
+        its caller sets the span on the host before the graph runs (`with_attention_span` in
+        argen.models.base) and the graph takes the span's length as a dynamic size: one graph for
+        every span. Keys past a query's position are masked to exact zeros, so how many of them a
+        span includes does not change a row's floats (compiled default-c2i at batch 16 attended
+        over all 65 slots at every step before, 22% of its fp32 step; docs/benchmarks.md, issue 12,
+        session 27). On accelerators the full static length is kept: static shapes are what CUDA
+        graphs want, and reading the position would force a sync.
         """
-        static = input_pos.device.type != "cpu" or torch.compiler.is_compiling()
+        if torch.compiler.is_compiling():
+            return  # set on the host before the graph
         if self.tree is not None:  # the tree's keys sit in scratch slots after every position
-            self.active_len = self.tree[1] + self.tree[0].shape[0]
-        elif static:
-            self.active_len = self.max_len
+            n = self.tree[1] + self.tree[0].shape[0]
+        elif input_pos is None or input_pos.device.type != "cpu":
+            n = self.max_len
         else:
-            self.active_len = (int(input_pos.max()) if top is None else top) + 1  # top: the caller's read of it
+            n = (int(input_pos.max()) if top is None else top) + 1  # top: the caller's read of it
+        self.span = self.positions[:n]
+        if self.device.type == "cpu":
+            torch._dynamo.decorators.mark_unbacked(self.span, 0, min=1, max=self.max_len)
+
+    @property
+    def active_len(self):
+        """How many slots the next forward attends over (an int, or a dynamic size in a compiled graph)."""
+        return self.span.shape[0]
 
     def set_condition_mask(self, cond_len: int, cond_mask: Optional[torch.Tensor]) -> None:
         """Mark which of the first `cond_len` slots hold real condition tokens (t2i padding)."""
@@ -140,7 +155,7 @@ class KVCache:
             visible = torch.cat([before.expand(-1, ancestors.shape[0], -1),
                                  ancestors.expand(before.shape[0], -1, -1)], dim=-1)
         else:
-            positions = self.positions[: self.active_len]
+            positions = self.span
             qpos = input_pos[..., None]  # [T, 1] or [B, T, 1]
             causal = positions <= qpos
             if causal.dim() == 2:

@@ -621,13 +621,12 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         )
 
     def _run_cached(self, x: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        top = None
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # (a compiled step's caller sets the span: `compile_step`)
             top = int(input_pos.max())  # read once: the range check and the attention span both need it
             if top >= self.freqs_cis.shape[0]:
                 raise ArgenError(f"position {top} is past the model's {self.freqs_cis.shape[0]} positions")
+            cache.attend_upto(input_pos, top)
         rope = (self.rope_cos[input_pos], self.rope_sin[input_pos])
-        cache.attend_upto(input_pos, top)
         mask = cache.attention_mask(input_pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, input_pos)
@@ -644,10 +643,10 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         cache.set_condition_mask(t, cond_mask)
         return self.prefix_logits(cond, torch.arange(t, device=cache.device), cache)
 
-    def prefix_logits(self, cond: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """`prefill` after its checks: the forward of the condition at positions `pos`, the part
+    def prefix_logits(self, cond: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`prefill` after its checks: the forward of the condition at positions `input_pos`, the part
         `compile_decode` compiles with the step."""
-        x = self._run_cached(self.embed_condition(cond), pos, cache)
+        x = self._run_cached(self.embed_condition(cond), input_pos, cache)
         return self.output(self.norm(x[:, -1])).float()
 
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -271,9 +271,9 @@ class TokenShuffleGPT(GPT):
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
         return super().new_cache(batch_size, max_len or self.gpt_config.seq_len, device, dtype)
 
-    def prefix_logits(self, cond: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefix_logits(self, cond: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The condition prefix's forward (`prefill`); logits [B, k, V] of the first window ([B, V] when k = 1)."""
-        x = self._run_cached(self.embed_condition(cond), pos, cache)
+        x = self._run_cached(self.embed_condition(cond), input_pos, cache)
         return self.head(x[:, -1])
 
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
