@@ -363,9 +363,9 @@ class ARPipeline(DiffusionPipeline):
         (`Refiner.compile_pass`, when there is one) and the tokenizer's decoder where it has one worth
         compiling (`ImageTokenizer.compile_decoder`: FlexTok's flow network). Each new batch and window
         shape costs a compile once (seconds for the shipped models), after which a step of default-c2i
-        runs 1.6x faster at batch 1 on CPU and 1.2x at 16, but 0.94x at 50: the compiled step attends
-        over the cache's full static length, the eager one only over the live prefix. The tokens stay
-        those of the eager step, and so do the images, except a compiled flow decoder's (within 1e-5).
+        in fp32 runs about 2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
+        (docs/benchmarks.md, issue 12, session 27). The tokens stay those of the eager step, and so do
+        the images, except a compiled flow decoder's (within 1e-5).
         Worth it for many images at small batches. mode "max-autotune" freezes the
         weights and times inductor's own GEMM kernels against ATen's (10-20 s per shape; at batch 1
         a step of default-c2i then takes a quarter to half the time)."""

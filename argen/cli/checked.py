@@ -59,8 +59,8 @@ def add_compile_arg(p) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the generator's decode step (and a refiner's pass, a flow decoder's network) "
                         "first: a compile of some "
-                        "seconds per batch shape, then faster steps at small batches (default-c2i on CPU: 1.6x at "
-                        "batch 1, 1.2x at 16, 0.94x at 50); for many images. MODE max-autotune freezes the weights "
+                        "seconds per batch shape, then faster steps (default-c2i on one CPU thread: 2.4x at "
+                        "batch 1, 1.3x at 16 and 50); for many images. MODE max-autotune freezes the weights "
                         "and times inductor's own GEMM kernels against ATen's: 10-20 s per shape, then steps 2-4x "
                         "faster at batch 1, but the kernels then differ by batch shape, so an image can differ "
                         "slightly between batch sizes (default: default)")
