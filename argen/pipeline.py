@@ -366,7 +366,7 @@ class ARPipeline(DiffusionPipeline):
         in fp32 runs about 2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
         (docs/benchmarks.md, issue 12, session 27). The tokens stay those of the eager step, and so do
         the images, except a compiled flow decoder's (within 1e-5).
-        Worth it for many images at small batches. mode "max-autotune" freezes the
+        Worth it for many images. mode "max-autotune" freezes the
         weights and times inductor's own GEMM kernels against ATen's (10-20 s per shape; at batch 1
         a step of default-c2i then takes a quarter to half the time)."""
         if not hasattr(self.generator, "compile_decode"):

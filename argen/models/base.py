@@ -47,7 +47,9 @@ Weight formats (optional; samplers never see them)
 Compiled decode (optional)
     compile_step(fn)          `fn` torch.compiled as `decode` was (the same options and inductor
                               settings), or None while `decode` runs eager; a sampler compiles its
-                              own step around `decode` with it (auto)
+                              own step around `decode` with it (auto). A step whose arguments are
+                              named `input_pos` and `cache` attends only over the slots its positions
+                              reach; without `input_pos`, over the whole cache
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class KVCache:
             n = (int(input_pos.max()) if top is None else top) + 1  # top: the caller's read of it
         self.span = self.positions[:n]
         if self.device.type == "cpu":
+            # unbacked, the size takes no guards; merely dynamic, a span of the whole cache broke one
+            # (a reshape's check) and the last step compiled a second graph
             torch._dynamo.decorators.mark_unbacked(self.span, 0, min=1, max=self.max_len)
 
     @property
