@@ -193,6 +193,17 @@ def test_a_compiled_step_attends_over_the_span_its_positions_reach_in_one_graph(
     assert torch.equal(torch.stack(out, dim=1), cached_logits_one_by_one(whole, cond, tokens))
 
 
+@torch.no_grad()
+def test_a_compiled_step_gives_a_row_the_same_logits_at_any_batch_size():
+    # docs/architecture.md: default --compile keeps the same-image-at-any-batch rule (max-autotune does not)
+    model = tiny_gpt().compile_decode()
+    cond = torch.tensor([1, 5, 10, 3, 7, 2])
+    tokens = torch.randint(0, 64, (6, model.num_positions), generator=torch.Generator().manual_seed(1))
+    together = cached_logits_one_by_one(model, cond, tokens)
+    for rows in (1, 3):
+        assert torch.equal(cached_logits_one_by_one(model, cond[:rows], tokens[:rows]), together[:rows])
+
+
 # ---- per-query key masks (set_query_mask) ------------------------------------------------------
 
 
