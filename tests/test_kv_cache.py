@@ -157,7 +157,7 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
 class WholeCache(KVCache):
     """A cache whose every forward attends over all its slots (what compiled steps did before spans)."""
 
-    def attend_upto(self, input_pos, top=None):
+    def attend_upto(self, input_pos, top=None, for_graph=False):
         if not torch.compiler.is_compiling():
             self.span = self.positions
 

@@ -202,7 +202,7 @@ def with_attention_span(fn: Callable, compiled: Callable) -> Callable:
     def call(*args, **kwargs):
         if not torch.compiler.is_compiling():
             input_pos = None if at_pos is None else argument(args, kwargs, at_pos, "input_pos")
-            argument(args, kwargs, at_cache, "cache").attend_upto(input_pos)
+            argument(args, kwargs, at_cache, "cache").attend_upto(input_pos, for_graph=True)
         return compiled(*args, **kwargs)
 
     return call

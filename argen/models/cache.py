@@ -32,7 +32,8 @@ class KVCache:
         self.tree = None  # (ancestors [T, T] bool, first scratch slot) while a token tree is fed (`set_tree`)
         self.query_mask = None  # [B, T, max_len] bool for the next forward only (`set_query_mask`)
 
-    def attend_upto(self, input_pos: Optional[torch.Tensor], top: Optional[int] = None) -> None:
+    def attend_upto(self, input_pos: Optional[torch.Tensor], top: Optional[int] = None,
+                    for_graph: bool = False) -> None:
         """Limit the next forward's attention to slots < max(input_pos) + 1 (all slots for None).
 
         On the CPU this halves the attention work of an average decode step for the price of
@@ -43,7 +44,8 @@ class KVCache:
         span includes does not change a row's floats (compiled default-c2i at batch 16 attended
         over all 65 slots at every step before, 22% of its fp32 step; docs/benchmarks.md, issue 12,
         session 27). On accelerators the full static length is kept: static shapes are what CUDA
-        graphs want, and reading the position would force a sync.
+        graphs want, and reading the position would force a sync. `for_graph`: the span goes to a
+        compiled step, which takes it as a dynamic size (an eager forward needs no marking).
         """
         if torch.compiler.is_compiling():
             return  # set on the host before the graph
@@ -54,7 +56,7 @@ class KVCache:
         else:
             n = (int(input_pos.max()) if top is None else top) + 1  # top: the caller's read of it
         self.span = self.positions[:n]
-        if self.device.type == "cpu":
+        if for_graph and self.device.type == "cpu":
             # unbacked, the size takes no guards; merely dynamic, a span of the whole cache broke one
             # (a reshape's check) and the last step compiled a second graph
             torch._dynamo.decorators.mark_unbacked(self.span, 0, min=1, max=self.max_len)
