@@ -366,9 +366,9 @@ class ARPipeline(DiffusionPipeline):
         in fp32 runs about 2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
         (docs/benchmarks.md, issue 12, session 27). The tokens stay those of the eager step, and so do
         the images, except a compiled flow decoder's (within 1e-5).
-        Worth it for many images. mode "max-autotune" freezes the
-        weights and times inductor's own GEMM kernels against ATen's (10-20 s per shape; at batch 1
-        a step of default-c2i then takes a quarter to half the time)."""
+        Worth it for many images. The modes "max-autotune" (ATen's GEMMs) and "max-autotune-cpp" (inductor's
+        own) freeze the weights into the graphs (10-20 s per shape); the second is the fast one at batch 1
+        (`GPT.compile_decode`). Every mode gives a seed the same image at any batch size."""
         if not hasattr(self.generator, "compile_decode"):
             raise ArgenError(f"--compile: the generator {type(self.generator).__name__} has no compile_decode()")
         self.generator.compile_decode(mode)

@@ -29,7 +29,7 @@ def register(sub):
                         "bf16, int8 (weight-only, per-channel scales)")
     d.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODES",
                    help="also measure torch.compile'd variants, one per comma-separated mode (default, "
-                        "max-autotune; default: default)")
+                        "max-autotune, max-autotune-cpp; default: default)")
     d.add_argument("--llamagen", metavar="PATH", default=None,
                    help="a checkout of the official LlamaGen code: also time its generate() against argen's "
                         "sampler end to end, same weights and seed (GPT sizes only)")

@@ -63,9 +63,14 @@ import torch
 
 from ..errors import ArgenError
 
-# modes of a compiled decode (GPT.compile_decode): "max-autotune" freezes the weights into each graph
-# and lets inductor generate its own C++ GEMM kernels
-COMPILE_MODES = ("default", "max-autotune")
+# modes of a compiled decode (GPT.compile_decode). The max-autotune modes freeze the weights into each
+# graph and run every product through one GEMM family, the same at every batch shape (MAX_AUTOTUNE_GEMMS)
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-cpp")
+# inductor's `max_autotune_gemm_backends` per mode. One family each, never a timed choice between them: a
+# family's kernels sum a row in one order at every row count, but inductor's C++ kernels and ATen's sum
+# in different orders, so a choice per product shape (inductor's own "CPP,ATEN") gives a seed a different
+# image at batch 1 than at 16 (docs/architecture.md, "Compiled steps")
+MAX_AUTOTUNE_GEMMS = {"max-autotune": "ATEN", "max-autotune-cpp": "CPP"}
 
 
 class Generator(abc.ABC):

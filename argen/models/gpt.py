@@ -28,7 +28,7 @@ from diffusers import ConfigMixin, ModelMixin
 
 from ..errors import ArgenError
 from ..registry import register
-from .base import COMPILE_MODES, Generator
+from .base import COMPILE_MODES, MAX_AUTOTUNE_GEMMS, Generator
 from .cache import KVCache
 from .checkpoint import load_checkpoint_into
 from .pretrained import PretrainedMixin
@@ -673,14 +673,17 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         eager decoding sample the same tokens (tested for AR, SJD, MC-SJD and auto). Options go to
         `torch.compile`; `compile_step` compiles a sampler's own step the same way.
 
-        mode "max-autotune": the weights are frozen into each graph and inductor times, for every product
-        shape, its own C++ GEMM kernel against ATen's (MKL / oneDNN) and keeps the faster. Which one wins
-        depends on the CPU and the row count, so neither is forced: default-c2i on an AMD EPYC (AVX-512, no
-        AMX), batch 1 with CFG, inductor's kernels take the step from 1.65 ms (default compile) to 0.60 in fp32
-        and 1.00 to 0.50 in bf16, while at batch 16 they would take a bf16 step from 4.6 to 9.0 ms and ATen's
-        stay (docs/benchmarks.md, issue 12, session 20). Inductor keeps its choices in its on-disk cache, so
-        a machine repeats them run after run; another machine may choose otherwise and round differently, as
-        its MKL would. Each shape compiles for 10-20 s. Compile after choosing the weight format.
+        The max-autotune modes freeze the weights into each graph (10-20 s per shape) and run every product
+        through one GEMM family at every batch shape, so a row's logits stay the same bits at any batch size:
+        - "max-autotune": ATen's kernels (MKL / oneDNN). default-c2i on an AMD EPYC (AVX-512, no AMX), 1
+          thread, batch 1 / 16 with CFG, ms a step: fp32 1.63 / 4.21 against "default"'s 1.34 / 4.72, bf16
+          0.73 / 2.02 against 0.97 / 2.41 (docs/benchmarks.md, issue 12, session 28).
+        - "max-autotune-cpp": inductor's own C++ GEMM kernels, the fast mode at batch 1 and slow from batch 4:
+          fp32 0.71 / 6.42, bf16 0.50 / 6.78.
+        Inductor's own max-autotune times both families per product shape and keeps the faster; that mix is
+        not offered, because the two sum a row in different orders and a seed's image would then depend on
+        its batch (bf16: 0 of 16 images the same at batch 1 and 16; session 27). Compile after choosing the
+        weight format.
         """
         if mode not in COMPILE_MODES:
             raise ArgenError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -691,10 +694,10 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
             # Python function: a small model's step is mostly that launch overhead (measured on
             # default-c2i, batch 1: 1.18 ms with the Python wrapper, 1.05 ms with this; eager 1.71)
             inductor["cpp_wrapper"] = True
-        if mode == "max-autotune":
+        if mode in MAX_AUTOTUNE_GEMMS:
             # (no per-product table or choice summary on stderr: dozens of lines per shape around a CLI's output)
-            inductor.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0,
-                            max_autotune_report_choices_stats=False)
+            inductor.update(max_autotune=True, max_autotune_gemm_backends=MAX_AUTOTUNE_GEMMS[mode],
+                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         if inductor:
             options["options"] = {**inductor, **options.get("options", {})}
         # one graph per (batch, window, position layout): a speculative sampler's shrinking
@@ -702,7 +705,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
-        self.compiled_with = (options, mode == "max-autotune")
+        self.compiled_with = (options, mode in MAX_AUTOTUNE_GEMMS)
         self.decode = self.compile_step(type(self).decode.__get__(self))
         # the prefix's forward too: eager, it costs about five compiled steps (default-c2i, batch 1)
         self.prefix_logits = self.compile_step(type(self).prefix_logits.__get__(self))

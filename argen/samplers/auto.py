@@ -418,7 +418,7 @@ class AutoSampler(Sampler):
                 # one shared position, no per-step choice or bookkeeping
                 # AR's real steps are booked too, so neither side is judged by a lucky probe, but not
                 # the stretch's first step: after windows it runs slow (1.4-1.6 ms against 0.85 at
-                # batch 1, bf16 max-autotune), and the 1-3 step stretches at images' ends had raised
+                # batch 1, bf16, inductor's GEMMs), and the 1-3 step stretches at images' ends had raised
                 # AR's estimate by 40% (1.4 ms against a real 0.97)
                 booked = costs is not None and left > 1
                 if booked:

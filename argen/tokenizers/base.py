@@ -82,7 +82,7 @@ class ImageTokenizer(abc.ABC):
         return {}
 
     def compile_decoder(self, mode: str = "default") -> "ImageTokenizer":
-        """Compile the decoder's network for the pipeline's `--compile` (mode: "default" or "max-autotune").
+        """Compile the decoder's network for the pipeline's `--compile` (mode: `COMPILE_MODES`).
         Optional, and worth it only where decoding is a large share of a run: compiled products round apart
         from eager ones, so the images move by float rounding (tokens never do). VQ and TiTok keep this
         default, which does nothing, and `--compile` leaves their images exactly eager's: their decodes are
