@@ -205,6 +205,26 @@ def test_a_compiled_step_gives_a_row_the_same_logits_at_any_batch_size(mode):
     assert torch.equal(cached_logits_one_by_one(model, cond[:1], tokens[:1]), together[:1])
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune"])
+@torch.no_grad()
+def test_a_compiled_window_gives_each_position_the_logits_of_one_token_steps(mode):
+    """A speculative sampler's window and AR's one-token steps compute a position's logits alike, to the
+    bit, when compiled: attention is written as products and sums, which inductor sums in one order at
+    any query count (as matrix products, 1e-6 apart, and bf16 images then depended on the window widths
+    `auto` chose; docs/architecture.md)."""
+    model = tiny_gpt(block_size=36).compile_decode(mode)
+    cond = torch.tensor([1, 5])
+    tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(2))
+    steps = cached_logits_one_by_one(model, cond, tokens)  # steps[:, n] predicts token n
+    for start, width in ((0, 2), (3, 7), (12, 7)):
+        cache = model.new_cache(2)
+        model.prefill(cond, cache)
+        if start:
+            model.decode(tokens[:, :start], torch.arange(1, start + 1), cache)
+        window = model.decode(tokens[:, start:start + width], torch.arange(start + 1, start + width + 1), cache)
+        assert torch.equal(window, steps[:, start + 1:start + width + 1])
+
+
 # ---- per-query key masks (set_query_mask) ------------------------------------------------------
 
 
