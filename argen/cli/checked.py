@@ -61,10 +61,11 @@ def add_compile_arg(p) -> None:
                         "first: a compile of some "
                         "seconds per batch shape, then faster steps (default-c2i on one CPU thread: 2.4x at "
                         "batch 1, 1.3x at 16 and 50); for many images. MODE max-autotune freezes the weights "
-                        "into the graphs (10-20 s per shape) and runs the products through ATen's kernels (bf16: "
-                        "1.2-1.3x default's step); max-autotune-cpp through inductor's own C++ GEMM kernels: 1.9x "
-                        "default's step at batch 1, slower from batch 4. Every mode gives a seed the same image at "
-                        "any batch size (default: default)")
+                        "into the graphs (10-20 s per shape) and runs the products through ATen's kernels "
+                        "(default-c2i: bf16 1.2-1.3x default's step, fp32 1.1x at batch 16 but slower at 1); "
+                        "max-autotune-cpp through inductor's own C++ GEMM kernels: 1.9x default's step at batch 1, "
+                        "slower from batch 4. Every mode gives a seed the same image at any batch size "
+                        "(default: default)")
 
 
 def add_drafter_arg(p) -> None:
