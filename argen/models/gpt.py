@@ -333,19 +333,18 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     fixtures are unchanged. Eager it costs what the fused kernel does (default-c2i: +0.1% at batch 1,
     +2% at 16); compiled, inductor fuses it and a bf16 default-c2i samples 24% faster at batch 16
     (docs/architecture.md). `mask`: boolean (True = attend) or additive float."""
-    scale = q.shape[-1] ** -0.5
-    if torch.compiler.is_compiling() and q.device.type == "cpu":
-        # written as products and sums: inductor fuses them into loops that sum each score over the head
-        # dim and each output over the keys in one order, whatever the query and key counts, so a window's
-        # forward (a speculative sampler's) gives each position the bits of AR's one-token steps. As matrix
-        # products, inductor summed a window's and a step's in different orders (1e-6 apart), and bf16
-        # images then depended on the window widths `auto` chose (docs/architecture.md, "Windows").
-        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * scale
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        return (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
-    scores = (q @ k.transpose(-2, -1)) * scale
+    # Compiled on a CPU, both products are written as products and sums: inductor fuses them into loops
+    # that sum each score over the head dim and each output over the keys in one order, whatever the query
+    # and key counts, so a window's forward (a speculative sampler's) gives each position the bits of AR's
+    # one-token steps. As matrix products, inductor summed a window's and a step's in different orders
+    # (1e-6 apart), and bf16 images then depended on the window widths `auto` chose (docs/architecture.md,
+    # "Windows"). Eager keeps MKL's products: the exact form there cost every AR step 4-5%.
+    as_sums = torch.compiler.is_compiling() and q.device.type == "cpu"
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if as_sums else q @ k.transpose(-2, -1)
+    scores = scores * (q.shape[-1] ** -0.5)
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores, dim=-1) @ v
+    weights = torch.softmax(scores, dim=-1)
+    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if as_sums else weights @ v
 
 
 class Attention(nn.Module):
