@@ -6,8 +6,11 @@ absolute `argen.` imports renamed to `argen_old.`), so both run side by side on 
 
     PYTHONPATH=.:/tmp/old python scripts/compare_decode_versions.py --model default-c2i --batch-sizes 1,16
 
-Reports the median and the fastest tenth of the per-step times of each, and whether the two give
-bit-identical logits (they must: the op cuts of issue 12 may not change a sample).
+`--variants` times several settings of today's generator against the earlier one in the same rounds: a
+weight format, or a format and a `--compile` mode joined by "+" ("fp32+max-autotune", "bf16+compile" for the
+default mode). Reports the median and the fastest tenth of the per-step times of each, and whether eager fp32
+gives the earlier tree's logits to the bit (issue 12's op cuts kept them; later changes that move them on
+purpose, such as session 24's row padding, are recorded in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,40 +41,50 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default-c2i")
     p.add_argument("--old-package", default="argen_old")
+    p.add_argument("--variants", default="fp32", help="comma-separated FORMAT or FORMAT+MODE (default fp32)")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from argen.bench.load import CpuLoad
+    from argen.models.base import COMPILE_MODES
     from argen.pipeline import ARPipeline
 
-    new = ARPipeline.from_pretrained(args.model).generator.eval()
+    def today(variant):
+        fmt, _, mode = variant.partition("+")
+        model = ARPipeline.from_pretrained(args.model, weights=fmt).generator.eval()
+        if mode:
+            mode = "default" if mode == "compile" else mode
+            if mode not in COMPILE_MODES:
+                raise SystemExit(f"unknown compile mode in {variant!r}; choose among compile, {', '.join(COMPILE_MODES[1:])}")
+            model.compile_decode(mode)
+        return model
+
+    models = {variant: today(variant) for variant in args.variants.split(",")}
+    reference = ARPipeline.from_pretrained(args.model).generator.eval()
     old_models = importlib.import_module(f"{args.old_package}.models")
-    old = old_models.GPT(old_models.GPTConfig.from_dict(dict(new.config))).eval() \
-        if hasattr(old_models, "GPTConfig") else None
-    old.load_state_dict(new.state_dict())
-    n = new.num_positions - 1
+    old = old_models.GPT(old_models.GPTConfig.from_dict(dict(reference.config))).eval()
+    old.load_state_dict(reference.state_dict())
+    models["before"] = old
+    n = reference.num_positions - 1
     times = {}
     with torch.no_grad(), CpuLoad() as load:
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
-            cond = torch.arange(bs) % new.num_classes
-            _, a = steps(new, cond, n)
-            _, b = steps(old, cond, n)
-            same = torch.equal(a, b)
-            for r in range(args.rounds):
-                order = [("today", new), ("before", old)] if r % 2 == 0 else [("before", old), ("today", new)]
-                for name, m in order:
-                    times.setdefault((name, bs), []).extend(steps(m, cond, n)[0])
-            print(f"batch {bs}: logits bit-identical: {same}")
-    print(f"\n| version | batch | median ms/step | fastest 10% ms/step |\n|---|---|---|---|")
+            cond = torch.arange(bs) % reference.num_classes
+            same = torch.equal(steps(reference, cond, n)[1], steps(old, cond, n)[1])
+            for model in models.values():  # compiles, and warms every setting once
+                steps(model, cond, n)
+            names = list(models)
+            for r in range(args.rounds):  # the order rotates, so no setting always runs first
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times.setdefault((name, bs), []).extend(steps(models[name], cond, n)[0])
+            print(f"batch {bs}: eager fp32 logits bit-identical to the earlier tree's: {same}")
+    print("\n| version | batch | median ms/step | fastest 10% ms/step | before / this (medians) |\n|---|---|---|---|---|")
     for (name, bs), ts in times.items():
-        ts = sorted(ts)
-        print(f"| {name} | {bs} | {statistics.median(ts) * 1e3:.2f} | {ts[len(ts) // 10] * 1e3:.2f} |")
-    for bs in sorted({k[1] for k in times}):
-        a, b = sorted(times[("today", bs)]), sorted(times[("before", bs)])
-        print(f"batch {bs}: before / today = {statistics.median(b) / statistics.median(a):.2f}x (medians), "
-              f"{b[len(b) // 10] / a[len(a) // 10]:.2f}x (fastest tenth)")
+        ts, before = sorted(ts), statistics.median(times[("before", bs)])
+        print(f"| {name} | {bs} | {statistics.median(ts) * 1e3:.3f} | {ts[len(ts) // 10] * 1e3:.3f} | "
+              f"{before / statistics.median(ts):.2f}x |")
     if load.report:
         print(f"other processes used {load.report.other_cores:.2f} of {load.report.cpus} cores on average")
 

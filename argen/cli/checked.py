@@ -59,11 +59,11 @@ def add_compile_arg(p) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the generator's decode step (and a refiner's pass, a flow decoder's network) "
                         "first: a compile of some "
-                        "seconds per batch shape, then faster steps (default-c2i on one CPU thread: 2.4x at "
+                        "seconds per batch shape, then faster steps (default-c2i on one CPU thread: 1.8x at "
                         "batch 1, 1.3x at 16 and 50); for many images. MODE max-autotune freezes the weights "
-                        "into the graphs (10-20 s per shape) and runs the products through ATen's kernels "
-                        "(default-c2i: bf16 1.2-1.3x default's step, fp32 1.1x at batch 16 but slower at 1); "
-                        "max-autotune-cpp through inductor's own C++ GEMM kernels: 1.9x default's step at batch 1, "
+                        "into the graphs (10-20 s per shape) and runs the products through oneDNN's packed kernels "
+                        "(default-c2i: 1.2-1.6x default's step in fp32 and bf16 at batch 1 and 16); "
+                        "max-autotune-cpp through inductor's own C++ GEMM kernels: 1.9-2.4x default's step at batch 1, "
                         "slower from batch 4. Every mode gives a seed the same image at any batch size "
                         "(default: default)")
 

@@ -69,7 +69,8 @@ COMPILE_MODES = ("default", "max-autotune", "max-autotune-cpp")
 # inductor's `max_autotune_gemm_backends` per mode. One family each, never a timed choice between them: a
 # family's kernels sum a row in one order at every row count, but inductor's C++ kernels and ATen's sum
 # in different orders, so a choice per product shape (inductor's own "CPP,ATEN") gives a seed a different
-# image at batch 1 than at 16 (docs/architecture.md, "Compiled steps")
+# image at batch 1 than at 16 (docs/architecture.md, "Compiled steps"). ATen's family here is oneDNN's packed
+# GEMM in every float format (fp32 moved off MKL's by argen.models.onednn_products)
 MAX_AUTOTUNE_GEMMS = {"max-autotune": "ATEN", "max-autotune-cpp": "CPP"}
 
 

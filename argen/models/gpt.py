@@ -685,11 +685,12 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
 
         The max-autotune modes freeze the weights into each graph (10-20 s per shape) and run every product
         through one GEMM family at every batch shape, so a row's logits stay the same bits at any batch size:
-        - "max-autotune": ATen's kernels (MKL / oneDNN). default-c2i on an AMD EPYC (AVX-512, no AMX), 1
-          thread, batch 1 / 16 with CFG, ms a step: fp32 1.63 / 4.21 against "default"'s 1.34 / 4.72, bf16
-          0.73 / 2.02 against 0.97 / 2.41 (docs/benchmarks.md, issue 12, session 28).
+        - "max-autotune": ATen's kernels, oneDNN's packed GEMM in fp32 as in bf16 (inductor would pick MKL's
+          for fp32; `OneDNNProducts` moves it). default-c2i on an AMD EPYC (AVX-512, no AMX), 1 thread,
+          batch 1 / 16 with CFG, ms a step: fp32 1.20 / 3.75 against "default"'s 1.87 / 5.11 and eager's
+          3.29 / 6.54, bf16 0.77 / 2.22 against 1.07 / 2.69 (docs/benchmarks.md, issue 12, session 29).
         - "max-autotune-cpp": inductor's own C++ GEMM kernels, the fast mode at batch 1 and slow from batch 4:
-          fp32 0.71 / 6.42, bf16 0.50 / 6.78.
+          fp32 0.77 / 6.68, bf16 0.56 / 6.93.
         Inductor's own max-autotune times both families per product shape and keeps the faster; that mix is
         not offered, because the two sum a row in different orders and a seed's image would then depend on
         its batch (bf16: 0 of 16 images the same at batch 1 and 16; session 27). Compile after choosing the

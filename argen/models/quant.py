@@ -141,7 +141,8 @@ class PackedLinear(nn.Module):
             return with_min_rows(lambda rows: torch.ops.mkldnn._linear_pointwise(rows, self._packed, None, "none", [], ""),
                                  x, self.min_rows)
         # Under torch.compile the opaque packed tensor cannot be a graph input (inductor packs
-        # constant weights itself when freezing); the plain product is traced instead.
+        # constant weights itself when freezing, for oneDNN under max-autotune: onednn_products);
+        # the plain product is traced instead.
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
