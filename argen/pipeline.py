@@ -364,9 +364,10 @@ class ARPipeline(DiffusionPipeline):
         compiling (`ImageTokenizer.compile_decoder`: FlexTok's flow network). Each new batch and window
         shape costs a compile once (seconds for the shipped models), after which a step of default-c2i
         in fp32 runs about 2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
-        (docs/benchmarks.md, issue 12, session 27). The tokens stay those of the eager step, and so do
-        the images, except a compiled flow decoder's (within 1e-5).
-        Worth it for many images. The modes "max-autotune" (ATen's GEMMs) and "max-autotune-cpp" (inductor's
+        (docs/benchmarks.md, issue 12, session 27). Compiled products sum in other orders than eager ones, so
+        logits lie ~1e-5 from eager's and 1.6-2.9% of images draw another token near a tie (every mode, 512
+        images; FID unchanged: issue 12, session 29); a compiled flow decoder's images lie within 1e-5.
+        Worth it for many images. The modes "max-autotune" (oneDNN's GEMMs) and "max-autotune-cpp" (inductor's
         own) freeze the weights into the graphs (10-20 s per shape); the second is the fast one at batch 1
         (`GPT.compile_decode`). Every mode gives a seed the same image at any batch size."""
         if not hasattr(self.generator, "compile_decode"):
