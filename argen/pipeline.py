@@ -363,8 +363,8 @@ class ARPipeline(DiffusionPipeline):
         (`Refiner.compile_pass`, when there is one) and the tokenizer's decoder where it has one worth
         compiling (`ImageTokenizer.compile_decoder`: FlexTok's flow network). Each new batch and window
         shape costs a compile once (seconds for the shipped models), after which a step of default-c2i
-        in fp32 runs about 2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
-        (docs/benchmarks.md, issue 12, session 27). Compiled products sum in other orders than eager ones, so
+        in fp32 runs 1.8-2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
+        (docs/benchmarks.md, issue 12, sessions 27 and 29). Compiled products sum in other orders than eager ones, so
         logits lie ~1e-5 from eager's and 1.6-2.9% of images draw another token near a tie (every mode, 512
         images; FID unchanged: issue 12, session 29); a compiled flow decoder's images lie within 1e-5.
         Worth it for many images. The modes "max-autotune" (oneDNN's GEMMs) and "max-autotune-cpp" (inductor's

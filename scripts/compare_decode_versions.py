@@ -49,15 +49,18 @@ def main():
     torch.set_num_threads(args.threads)
     from argen.bench.load import CpuLoad
     from argen.models.base import COMPILE_MODES
+    from argen.models.quant import WEIGHT_FORMATS
     from argen.pipeline import ARPipeline
 
     def today(variant):
         fmt, _, mode = variant.partition("+")
+        if fmt not in WEIGHT_FORMATS:
+            p.error(f"unknown weight format in {variant!r}; choose among {', '.join(WEIGHT_FORMATS)}")
         model = ARPipeline.from_pretrained(args.model, weights=fmt).generator.eval()
         if mode:
             mode = "default" if mode == "compile" else mode
             if mode not in COMPILE_MODES:
-                raise SystemExit(f"unknown compile mode in {variant!r}; choose among compile, {', '.join(COMPILE_MODES[1:])}")
+                p.error(f"unknown compile mode in {variant!r}; choose among compile, {', '.join(COMPILE_MODES[1:])}")
             model.compile_decode(mode)
         return model
 

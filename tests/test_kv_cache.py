@@ -369,6 +369,7 @@ def test_max_autotune_runs_fp32_products_through_onednn(fmt):
     torch.testing.assert_close(logits, eager, **TOL)
 
 
+@torch.no_grad()
 def test_max_autotune_compile_keeps_each_models_weights(capfd):
     """mode "max-autotune" freezes weights into the graphs: two models of one shape must each keep
     their own (dynamo caches graphs per code object, shared by both instances), to rounding of eager."""
