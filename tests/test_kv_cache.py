@@ -356,17 +356,24 @@ def test_query_mask_shape_is_checked():
 @pytest.mark.parametrize("fmt", ["fp32", "fp32-packed"])
 def test_max_autotune_runs_fp32_products_through_onednn(fmt):
     """Inductor packs frozen fp32 linears for MKL; argen's pass (argen.models.onednn_products) moves them
-    to oneDNN's packed kernel, 1.2x a default-c2i step on the EPYC measured. What a step runs, read from
-    the profiler (inductor names each kernel a C++ step calls when asked to)."""
+    to oneDNN's packed kernel, 1.2x a default-c2i step on the EPYC measured, and the FFN's two input
+    products run as one (1.08x at batch 1). What a step runs, read from the profiler (inductor names each
+    kernel a C++ step calls when asked to)."""
     cond, tokens = torch.tensor([1, 5]), torch.randint(0, 64, (2, 4))
     eager = cached_logits_one_by_one(tiny_gpt().set_weight_format(fmt), cond, tokens)
     model = tiny_gpt().set_weight_format(fmt).compile_decode("max-autotune", options={"cpp.enable_kernel_profile": True})
     cached_logits_one_by_one(model, cond, tokens)  # compiles
     with torch.profiler.profile() as prof:
         logits = cached_logits_one_by_one(model, cond, tokens)
-    products = {e.name for e in prof.events() if "linear" in e.name}
-    assert products == {"aoti_torch_cpu__linear_pointwise"}, products
+    products = [e.name for e in prof.events() if "linear" in e.name]
+    assert set(products) == {"aoti_torch_cpu__linear_pointwise"}, set(products)
+    # one product per layer for the FFN's w1 and w3 (inductor's concat_linear): wqkv, wo, w1|w3, w2,
+    # and the head, in the prefill and each of the 3 steps
+    assert len(products) == 4 * (4 * model.gpt_config.n_layer + 1)
     torch.testing.assert_close(logits, eager, **TOL)
+    if fmt == "fp32":  # and the joined product gives each element the floats of the two
+        apart = tiny_gpt().compile_decode("max-autotune", options={"cpp.enable_concat_linear": False})
+        assert torch.equal(cached_logits_one_by_one(apart, cond, tokens), logits)
 
 
 @torch.no_grad()

@@ -709,9 +709,15 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
             # (no per-product table or choice summary on stderr: dozens of lines per shape around a CLI's output)
             inductor.update(max_autotune=True, max_autotune_gemm_backends=MAX_AUTOTUNE_GEMMS[mode],
                             autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-            if MAX_AUTOTUNE_GEMMS[mode] == "ATEN" and torch.backends.mkldnn.is_available():
-                # ATen's fp32 products through oneDNN's packed kernel as its bf16 ones, not MKL's (1.2x a step)
-                inductor["post_grad_custom_post_pass"] = OneDNNProducts()
+            if MAX_AUTOTUNE_GEMMS[mode] == "ATEN":
+                # frozen products that read one input (the FFN's w1 and w3) run as one product on the joined
+                # weights: a call saved, each element the same floats in fp32 and bf16 (default-c2i, batch 1
+                # with CFG: 1.05-1.09x a step; docs/benchmarks.md, issue 12, session 30). Not for inductor's
+                # own GEMMs: its bf16 kernel for the joined shape rounds otherwise (logits 0.05-0.13 apart).
+                inductor["cpp.enable_concat_linear"] = True
+                if torch.backends.mkldnn.is_available():
+                    # ATen's fp32 products through oneDNN's packed kernel as its bf16 ones, not MKL's (1.2x a step)
+                    inductor["post_grad_custom_post_pass"] = OneDNNProducts()
         if inductor:
             options["options"] = {**inductor, **options.get("options", {})}
         # one graph per (batch, window, position layout): a speculative sampler's shrinking
