@@ -686,7 +686,8 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         The max-autotune modes freeze the weights into each graph (10-20 s per shape) and run every product
         through one GEMM family at every batch shape, so a row's logits stay the same bits at any batch size:
         - "max-autotune": ATen's kernels, oneDNN's packed GEMM in fp32 as in bf16 (inductor would pick MKL's
-          for fp32; `OneDNNProducts` moves it). default-c2i on an AMD EPYC (AVX-512, no AMX), 1 thread,
+          for fp32; `OneDNNProducts` moves it), the FFN's w1 and w3 joined into one product (session 30:
+          1.05-1.10x a step at batch 1, the same floats). default-c2i on an AMD EPYC (AVX-512, no AMX), 1 thread,
           batch 1 / 16 with CFG, ms a step: fp32 1.20 / 3.75 against "default"'s 1.87 / 5.11 and eager's
           3.29 / 6.54, bf16 0.77 / 2.22 against 1.07 / 2.69 (docs/benchmarks.md, issue 12, session 29).
         - "max-autotune-cpp": inductor's own C++ GEMM kernels, the fast mode at batch 1 and slow from batch 4:
