@@ -357,7 +357,7 @@ def test_query_mask_shape_is_checked():
 def test_max_autotune_runs_fp32_products_through_onednn(fmt):
     """Inductor packs frozen fp32 linears for MKL; argen's pass (argen.models.onednn_products) moves them
     to oneDNN's packed kernel, 1.2x a default-c2i step on the EPYC measured, and the FFN's two input
-    products run as one (1.08x at batch 1). What a step runs, read from the profiler (inductor names each
+    products run as one (1.06x a step at batch 1). What a step runs, read from the profiler (inductor names each
     kernel a C++ step calls when asked to)."""
     cond, tokens = torch.tensor([1, 5]), torch.randint(0, 64, (2, 4))
     eager = cached_logits_one_by_one(tiny_gpt().set_weight_format(fmt), cond, tokens)
