@@ -354,11 +354,11 @@ def test_query_mask_shape_is_checked():
 
 @torch.no_grad()
 @pytest.mark.parametrize("fmt", ["fp32", "fp32-packed"])
-def test_max_autotune_runs_fp32_products_through_onednn(fmt):
+def test_max_autotune_runs_onednn_products_with_the_ffn_inputs_joined(fmt):
     """Inductor packs frozen fp32 linears for MKL; argen's pass (argen.models.onednn_products) moves them
     to oneDNN's packed kernel, 1.2x a default-c2i step on the EPYC measured, and the FFN's two input
-    products run as one (1.06x a step at batch 1). What a step runs, read from the profiler (inductor names each
-    kernel a C++ step calls when asked to)."""
+    products run as one (1.06x a step at batch 1). What a step runs, read from the profiler (inductor
+    names each kernel a C++ step calls when asked to)."""
     cond, tokens = torch.tensor([1, 5]), torch.randint(0, 64, (2, 4))
     eager = cached_logits_one_by_one(tiny_gpt().set_weight_format(fmt), cond, tokens)
     model = tiny_gpt().set_weight_format(fmt).compile_decode("max-autotune", options={"cpp.enable_kernel_profile": True})
