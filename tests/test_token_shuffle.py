@@ -175,6 +175,34 @@ def test_folded_head_is_the_unfolded_head_and_follows_the_weights():
         TokenShuffleConfig(shuffle=2, shuffle_mlp_hidden=0, **FIELDS)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sampling_looks_up_the_compressed_embeddings_with_the_bits_of_the_compress_layer(threads):
+    """Sampling reads a [V, d/k] table instead of running the compress layer at every step; each entry is
+    the same bits the layer gives that code in a step of any batch, and the table follows the weights."""
+    model = tiny_shuffle(2, vocab_size=512).eval()
+
+    def computed(tokens):  # what a step computed before the table
+        x = model.shuffle_compress(model.tok_embeddings(tokens)).flatten(-2)
+        for block in model.shuffle_mlp:
+            x = block(x)
+        return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for batch in (1, 2, 3, 16):
+                tokens = torch.randint(0, 512, (2 * batch, 3, 4), generator=torch.Generator().manual_seed(batch))
+                looked_up = model.embed_tokens(tokens)
+                assert "_fold" in model.__dict__
+                assert torch.equal(looked_up, computed(tokens))
+            model.shuffle_compress.weight.mul_(2)  # an in-place change (a load, an optimizer step)
+            assert torch.equal(model.embed_tokens(tokens), computed(tokens))
+            assert not torch.equal(model.embed_tokens(tokens), looked_up)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "fp32-packed"])
 def test_every_weight_format_folds_the_head_it_multiplies_by(fmt):
     """A converted head is folded too (it once kept the unfolded head, 1.6x a plain GPT's compiled bf16

@@ -166,7 +166,11 @@ class TokenShuffleGPT(GPT):
             return self.tok_embeddings(tokens if tokens.dim() == 2 else tokens[..., 0])
         if tokens.dim() != 3 or tokens.shape[-1] != k:
             raise ArgenError(f"expected tokens [B, T, {k}], got {tuple(tokens.shape)}")
-        x = self.shuffle_compress(self.tok_embeddings(tokens)).flatten(-2)  # [B, T, k * d/k]
+        if self.training or torch.is_grad_enabled():
+            x = self.shuffle_compress(self.tok_embeddings(tokens))
+        else:  # sampling: each code's compressed embedding, looked up (the folds below)
+            x = F.embedding(tokens, self._fold_now()["embedding"])
+        x = x.flatten(-2)  # [B, T, k * d/k]
         for block in self.shuffle_mlp:
             x = block(x)
         return x
@@ -180,10 +184,15 @@ class TokenShuffleGPT(GPT):
             x = block(x)
         parts = x.unflatten(-1, (k, -1))  # [..., k, d/k]
         if not (self.training or torch.is_grad_enabled()):
-            return self._folded_head(parts)
+            return self._folded_head(parts, self._fold_now())
         return self.output(self.norm(self.unshuffle_expand(parts))).float()
 
-    # ---- the output head folded (sampling) ------------------------------------------------
+    # ---- the compress layer and the output head folded (sampling) --------------------------
+    #
+    # The compress layer is linear and reads one code's embedding: sampling looks up a [V, d/k] table of
+    # compressed embeddings instead of running it, one product fewer per step. The table is that layer's
+    # own product over the whole vocabulary (V rows, a multiple of 4), so each entry is the bits the step's
+    # padded product gives (`BatchInvariantLinear`) and the logits are unchanged (tested).
     #
     # Each code's logits are W_out (g * e / rms(e)) with e = W_e p + b the code's part p [d/k] expanded
     # to d: k expansions and k products with the [V, d] head per position, four times a plain GPT's
@@ -199,14 +208,16 @@ class TokenShuffleGPT(GPT):
 
     def _fold_key(self) -> tuple:
         tensors = (*self.output.parameters(), *self.output.buffers(), self.norm.weight,
-                   self.unshuffle_expand.weight, self.unshuffle_expand.bias)
+                   self.unshuffle_expand.weight, self.unshuffle_expand.bias,
+                   self.tok_embeddings.weight, self.shuffle_compress.weight, self.shuffle_compress.bias)
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     @torch.no_grad()
     def _refresh_fold(self) -> dict:
-        """The folded head's tensors, rebuilt when a weight it is made of changed (an optimizer step, a
-        load, a cast: `_fold_key`). Products in float64; the folded head in the head's dtype (float32
-        for a converted head), the norm's quadratic form in float32 (the norm itself runs in float32)."""
+        """The compressed embedding table and the folded head's tensors, rebuilt when a weight they are
+        made of changed (an optimizer step, a load, a cast: `_fold_key`). The head's products in float64;
+        the folded head in the head's dtype (float32 for a converted head), the norm's quadratic form in
+        float32 (the norm itself runs in float32)."""
         key = self._fold_key()
         fold = self.__dict__.get("_fold")
         if fold is None or fold["key"] != key:
@@ -215,13 +226,16 @@ class TokenShuffleGPT(GPT):
             dtype = self.output.weight.dtype if weight_format_of(self.output) == "fp32" else torch.float32
             fold = {"key": key, "weight": ((w_out * gain) @ w_e).to(dtype), "bias": (w_out @ (gain * b)).to(dtype),
                     "gram": (w_e.T @ w_e).float(), "cross": (2 * w_e.T @ b).float(),
-                    "const": float(b @ b)}
+                    "const": float(b @ b),
+                    "embedding": self.shuffle_compress(self.tok_embeddings.weight)}
             self.__dict__["_fold"] = fold  # not a buffer: derived, never saved
         return fold
 
-    def _folded_head(self, parts: torch.Tensor) -> torch.Tensor:
+    def _fold_now(self) -> dict:
         # a compiled step traces the tensors as they were when it was compiled (`compile_decode` refreshes them)
-        fold = self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
+        return self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
+
+    def _folded_head(self, parts: torch.Tensor, fold: dict) -> torch.Tensor:
         # padded as every generator product; at s = 2 the k = 4 codes of each position need none
         logits = batch_invariant(lambda rows: self._folded_logits(rows, fold), parts.reshape(-1, parts.shape[-1]))
         return logits.reshape(*parts.shape[:-1], -1)
