@@ -108,6 +108,9 @@ def register(sub):
     p.set_defaults(func=lambda args: p.print_help())
 
 
+MAX_LIST_VALUE = 4096  # batch sizes and window lengths; as generate's --batch-size (a huge one overflowed torch)
+
+
 def _int_list(text: str, what: str):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -115,6 +118,8 @@ def _int_list(text: str, what: str):
         raise ArgenError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise ArgenError(f"{what} must be positive integers, got {text!r}")
+    if max(values) > MAX_LIST_VALUE:
+        raise ArgenError(f"{what} values must be at most {MAX_LIST_VALUE}, got {max(values)}")
     return values
 
 

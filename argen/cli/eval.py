@@ -109,12 +109,13 @@ def register(sub):
     pr.add_argument("--model", default="default-t2i", help="pipeline name or folder (a c2i model samples the labels)")
     pr.add_argument("--prompts", default=None, metavar="FILE.jsonl",
                     help="labelled prompts {prompt, label} (default: argen/data/prompts_heldout.jsonl)")
-    pr.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
-    pr.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed SEED + i * N + j")
-    pr.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    pr.add_argument("--num-images", type=COUNT, default=4, help="images per prompt (default 4)")
+    pr.add_argument("--seed", type=SEED, default=0, help="image j of prompt i uses seed SEED + i * N + j")
+    pr.add_argument("--cfg-scale", type=number(0, 100), default=None,
+                    help="classifier-free guidance (default: the model's)")
     pr.add_argument("--sampler", default="ar")
-    pr.add_argument("--batch-size", type=int, default=64)
-    pr.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    pr.add_argument("--batch-size", type=COUNT, default=64)
+    pr.add_argument("--threads", type=THREADS, default=0, help="torch threads (0 = torch default)")
     pr.add_argument("--json", default=None, metavar="PATH", help="write the full result (per prompt too) here")
     pr.set_defaults(func=run_prompts)
 
@@ -156,6 +157,10 @@ def _log(message: str) -> None:
 def _setup(args):
     import torch
 
+    if args.device:  # an unknown name or a missing GPU: one line, not torch's traceback
+        from ..checks import check_device
+
+        check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..distributed import process_state
@@ -249,6 +254,12 @@ def _check_before_work(args, sampling: bool) -> None:
         check_output_file(args.json, (".json",), "--json")
     if getattr(args, "npz", None) not in (None, True):
         check_npz_output(args.npz, "--npz")
+    if getattr(args, "ref", None) is not None:  # a typo in --ref is refused now, not after the sampling
+        from ..eval.reference import list_image_files, parse_ref
+
+        kind, value = parse_ref(args.ref)
+        if kind == "folder":
+            list_image_files(value, "reference folder")
     if sampling:
         _sampler_spec(args)
 
@@ -292,6 +303,9 @@ def run_fid(args) -> int:
     if args.model is not None and args.num_samples < 2:
         raise ArgenError(f"--num-samples must be at least 2 for FID (a covariance needs 2 samples), "
                          f"got {args.num_samples}")
+    if args.model is not None and args.subsets and args.num_samples // args.subsets < 2:
+        raise ArgenError(f"--subsets {args.subsets} leaves {args.num_samples // args.subsets} of --num-samples "
+                         f"{args.num_samples} per subset; need at least 2")
     _check_before_work(args, sampling=args.model is not None)
     from ..eval.quality import evaluate_samples, format_table
 
@@ -368,15 +382,13 @@ def run_ref_stats(args) -> int:
 
 
 def run_prompts(args) -> int:
+    if args.json:  # before any work: never replace the user's file, never write a non-.json one
+        check_output_file(args.json, (".json",), "--json")
     import torch
 
     from ..eval.prompts import format_accuracy, load_labelled_prompts, prompt_accuracy
     from ..pipeline import ARPipeline
 
-    if args.batch_size < 1:
-        raise ArgenError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_images < 1:  # before loading anything
-        raise ArgenError(f"--num-images must be >= 1, got {args.num_images}")
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = load_labelled_prompts(args.prompts)

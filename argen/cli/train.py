@@ -6,6 +6,7 @@ spreads them over several GPUs or machines unchanged (`--batch-size` is per proc
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 
@@ -16,12 +17,16 @@ COUNT = number(1, integer=True)  # steps, batch sizes, intervals
 
 
 def _int_tuple(text: str) -> tuple:
+    """A `type=` for comma-separated positive integers (--ch-mult, --fsq-levels); argparse names the flag
+    (an ArgumentTypeError: a ValueError would be reported as "invalid _int_tuple value")."""
     try:
         values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
-        raise ArgenError(f"expected comma-separated integers such as 1,2,2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2, got {text!r}") from None
     if not values:
-        raise ArgenError("expected at least one integer")
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    if min(values) < 1:  # a zero or negative width reached torch as a traceback
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
@@ -178,7 +183,7 @@ def register(sub):
     gpt.add_argument("--text-encoder", default="minilm", help="t2i caption encoder")
     gpt.add_argument("--text-pooling", choices=["tokens", "mean"], default="tokens",
                      help="t2i condition: one slot per token (LlamaGen) or one sentence-embedding slot")
-    gpt.add_argument("--text-max-length", type=int, default=None, help="t2i: tokens the encoder reads "
+    gpt.add_argument("--text-max-length", type=COUNT, default=None, help="t2i: tokens the encoder reads "
                                                                        "(default: the encoder's)")
     gpt.add_argument("--captions", choices=["basic", "rich"], default="basic",
                      help="t2i training captions: the basic templates or the rich pool (argen.data.captions)")
@@ -266,6 +271,8 @@ def _run_tokenizer(args) -> int:
 
 
 def _run_gpt(args) -> int:
+    if args.distill_cfg is not None and args.distill_from is None:
+        raise ArgenError("--distill-cfg is the guidance of a distilled teacher: add --distill-from MODEL")
     _check_outputs(args)
     from ..train.gpt import train_gpt
 

@@ -80,7 +80,10 @@ def read_prompt_file(path) -> List[tuple]:
     if not path.is_file():
         raise ArgenError(f"prompt file {path} not found")
     out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ArgenError(f"prompt file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -36,6 +36,8 @@ def parse_spec(text: str) -> SamplerSpec:
             raise ArgenError(f"bad sampler option {item!r} in {text!r}: use key=value")
         if not value.strip():
             raise ArgenError(f"sampler option {key.strip()!r} in {text!r} has no value: use key=value")
+        if key.strip() in options:  # "gsd:G=3,G=4" (or --sampler-opt G=4 over it): which one was meant?
+            raise ArgenError(f"sampler option {key.strip()!r} is given twice in {text!r}; give it once")
         options[key.strip()] = _parse_value(value.strip())
     spec = SamplerSpec(name, options, text.strip())
     make_sampler(spec)
@@ -49,7 +51,12 @@ def make_sampler(spec: SamplerSpec):
     if spec.name not in REGISTRY:
         raise ArgenError(f"unknown sampler {spec.name!r}; available: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[spec.name]
-    options = {cls.option_aliases.get(key, key): value for key, value in spec.options.items()}
+    options = {}
+    for key, value in spec.options.items():
+        name = cls.option_aliases.get(key, key)
+        if name in options:  # "gsd:G=3,group_size=4": a short name and its long one
+            raise ArgenError(f"sampler {spec.label!r} sets {name} twice; give it once")
+        options[name] = value
     accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
     unknown = [key for key in options if key not in accepted]
     if unknown:
