@@ -155,6 +155,34 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
     assert window_step(compiled) is not first and compiled_step(compiled, sample_step) is not ar_step
 
 
+@torch.no_grad()
+def test_a_sampling_loop_checks_every_guard_at_its_first_compiled_step_and_outside_it(monkeypatch):
+    """AR's loop checks every dynamo guard at its first compiled step, then only the ones that tell graphs
+    apart (`settled_guards`: same objects, same shapes, so the rest can only pass). Outside the loop all
+    are checked again: a new batch size or guidance scale still gets its own graph and the eager tokens."""
+    import argen.samplers.ar as ar
+    from torch._dynamo import eval_frame
+
+    eager, compiled = tiny_gpt(), tiny_gpt()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_decode()
+    settled, real = [], ar.decode_one_token
+
+    def spy(*args, **kwargs):
+        settled.append(eval_frame._stance.skip_guard_eval_unsafe)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ar, "decode_one_token", spy)
+    for labels, cfg in ((torch.tensor([1, 5]), 2.0), (torch.tensor([1, 5]), 4.0), (torch.tensor([3, 7, 9]), 4.0)):
+        settled.clear()
+        params = SamplingParams(cfg_scale=cfg, top_k=0)
+        seeds = list(range(len(labels)))
+        tokens = ARSampler()(compiled, labels, params=params, seeds=seeds).tokens
+        assert settled == [False] + [True] * (compiled.num_positions - 2)
+        assert not eval_frame._stance.skip_guard_eval_unsafe
+        assert torch.equal(tokens, ARSampler()(eager, labels, params=params, seeds=seeds).tokens)
+
+
 class WholeCache(KVCache):
     """A cache whose every forward attends over all its slots (what compiled steps did before spans)."""
 

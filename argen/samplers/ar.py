@@ -5,13 +5,14 @@ Written as gpt-fast does: `prefill`, `decode_one_token`, `decode_n_tokens`, each
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import ArgenError
-from .base import Sampler, SamplerOutput, cfg_batch, compiled_step
+from .base import Sampler, SamplerOutput, cfg_batch, compiled_step, settled_guards
 from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_from_probs, sample_rows
 
@@ -63,10 +64,13 @@ def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, 
     tokens[:, 0] = first
     input_pos = torch.tensor([cond_len], device=first.device)
     step = compiled_step(model, sample_step)
-    for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
-        tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params,
-                                        params.guidance_at(n, num_tokens), streams, sample, step)
-        input_pos += 1
+    with contextlib.ExitStack() as steps:
+        for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
+            tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params,
+                                            params.guidance_at(n, num_tokens), streams, sample, step)
+            input_pos += 1
+            if n == 1 and step is not None:
+                steps.enter_context(settled_guards())  # the first step checked them all
     return tokens
 
 

@@ -54,6 +54,7 @@ builds one graph per width.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from typing import Optional, Union
@@ -61,7 +62,7 @@ from typing import Optional, Union
 import torch
 
 from ..checks import check_number
-from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, compiled_step
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, compiled_step, settled_guards
 from .logits import process_logits
 from .speculative import (covering_width, guidance, leading_accepts, over_codes, per_position, same_positions,
                           window_inputs)
@@ -225,17 +226,21 @@ class AutoSampler(Sampler):
         Gumbel rule in place of its draw. The same tokens as `_ar_step`."""
         input_pos = torch.tensor([cond_len + start - 1], device=seq.device)
         scheduled = params.uses_cfg and params.cfg_schedule != "constant"
-        step = compiled_step(model, AutoSampler._ar_token) or AutoSampler._ar_token
-        for k in range(start, num_tokens if stop is None else stop):
-            x = seq[:, k - 1:k]
-            if params.uses_cfg:
-                x = torch.cat([x, x])
-            if scheduled:  # the window path's float32 scale table, so the numbers are the same
-                guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
-            else:
-                guided = params.guided_at(k)
-            seq[:, k] = step(model, x, input_pos, cache, params, guided, noise[:, k])
-            input_pos += 1
+        compiled = compiled_step(model, AutoSampler._ar_token)
+        step = compiled or AutoSampler._ar_token
+        with contextlib.ExitStack() as steps:
+            for k in range(start, num_tokens if stop is None else stop):
+                x = seq[:, k - 1:k]
+                if params.uses_cfg:
+                    x = torch.cat([x, x])
+                if scheduled:  # the window path's float32 scale table, so the numbers are the same
+                    guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
+                else:
+                    guided = params.guided_at(k)
+                seq[:, k] = step(model, x, input_pos, cache, params, guided, noise[:, k])
+                input_pos += 1
+                if k == start and compiled is not None:
+                    steps.enter_context(settled_guards())  # as the AR sampler's loop
 
     @staticmethod
     def _ar_token(model, x, input_pos, cache, params, guided, noise):
