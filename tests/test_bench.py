@@ -99,6 +99,9 @@ def test_forward_cost_curve_tiny():
     assert [c["rows"] for c in curves] == [2, 4]
     assert all(c["cost"][1] == 1.0 and c["cost"][4] > 0 and c["ms_t1"] > 0 for c in curves)
     assert forward_cost_table(curves).count("\n") == 3
+    # a bare generator too: `argen bench decode --window-cost` times its random GPT (it once crashed here)
+    bare = forward_cost(tiny_gpt(), [3], windows=(1, 2), repeats=2)
+    assert bare[0]["rows"] == 6 and bare[0]["cost"][2] > 0
 
 
 def test_target_entropy_of_a_flat_model_is_log_vocab():

@@ -198,21 +198,26 @@ def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality
 
 
 @torch.no_grad()
-def forward_cost(pipe, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2, 4, 8, 16), cfg: bool = True,
+def forward_cost(source, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2, 4, 8, 16), cfg: bool = True,
                  repeats: int = 30) -> List[dict]:
     """Time one decode forward of T positions per row against a 1-position forward, interleaved.
 
     This is the price of verifying a window: speculative sampling pays off in wall-clock only as
     far as a T-token forward costs less than T one-token forwards (memory-bound, on big models or
-    accelerators); on a compute-bound CPU it costs nearly T times as much. Returns one record per
+    accelerators); on a compute-bound CPU it costs nearly T times as much. `source`: a pipeline, or
+    a bare class-conditional generator (`argen bench decode`'s random GPT). Returns one record per
     batch size: {batch_size, rows, ms_t1, cost: {T: time(T) / time(1)}}.
     """
-    gen = pipe.generator
+    gen = getattr(source, "generator", source)
     n, codes = gen.num_positions, (gen.tokens_per_position,) if gen.tokens_per_position > 1 else ()
     out = []
     for bs in batch_sizes:
-        conds = benchmark_conditions(pipe, bs)
-        cond, mask = cfg_batch(gen, conds.cond, conds.mask, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
+        if gen is source:
+            labels, label_mask = torch.arange(bs) % gen.num_classes, None
+        else:
+            conds = benchmark_conditions(source, bs)
+            labels, label_mask = conds.cond, conds.mask
+        cond, mask = cfg_batch(gen, labels, label_mask, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
         rows, cond_len = cond.shape[0], gen.condition_length(cond)
         cache = gen.new_cache(rows, cond_len + n)
         gen.prefill(cond, cache, mask)
