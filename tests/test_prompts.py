@@ -140,7 +140,7 @@ def test_cli_eval_prompts(t2i_dir, tmp_path, capsys):
     ("sneakers\n", "p.txt", [], "needs labelled prompts"),
     ('{"prompt": "sneakers"}\n', "p.jsonl", [], "without a label"),
     ('{"prompt": "sneakers", "label": "car"}\n', "p.jsonl", [], "unknown Fashion-MNIST class"),
-    ('{"prompt": "sneakers", "label": 7}\n', "p.jsonl", ["--num-images", "0"], "--num-images must be >= 1"),
+    ('{"prompt": "sneakers", "label": 7}\n', "p.jsonl", ["--num-images", "0"], "--num-images: must be in [1, inf], got 0"),
 ])
 def test_cli_eval_prompts_bad_input(t2i_dir, tmp_path, capsys, content, name, extra, message):
     path = tmp_path / name
