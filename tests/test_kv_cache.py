@@ -181,6 +181,16 @@ def test_a_sampling_loop_checks_every_guard_at_its_first_compiled_step_and_outsi
         assert settled == [False] + [True] * (compiled.num_positions - 2)
         assert not eval_frame._stance.skip_guard_eval_unsafe
         assert torch.equal(tokens, ARSampler()(eager, labels, params=params, seeds=seeds).tokens)
+    # guidance that stops midway (cfg_interval) changes the step's graph midway: that step checks every
+    # guard again (a settled check would have kept the guided graph), and the tokens are eager's
+    settled.clear()
+    labels, params = torch.tensor([2, 6]), SamplingParams(cfg_scale=8.0, cfg_interval=5, top_k=0)
+    tokens = ARSampler()(compiled, labels, params=params, seeds=[5, 6]).tokens
+    assert settled[6] is False and settled[7] is True
+    assert torch.equal(tokens, ARSampler()(eager, labels, params=params, seeds=[5, 6]).tokens)
+    auto_ar = get_sampler("auto:L=1")  # auto's AR stretch settles its guards the same way
+    assert torch.equal(auto_ar(compiled, labels, params=params, seeds=[5, 6]).tokens,
+                       auto_ar(eager, labels, params=params, seeds=[5, 6]).tokens)
 
 
 class WholeCache(KVCache):

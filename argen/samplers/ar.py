@@ -64,13 +64,18 @@ def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, 
     tokens[:, 0] = first
     input_pos = torch.tensor([cond_len], device=first.device)
     step = compiled_step(model, sample_step)
-    with contextlib.ExitStack() as steps:
-        for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
-            tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params,
-                                            params.guidance_at(n, num_tokens), streams, sample, step)
-            input_pos += 1
-            if n == 1 and step is not None:
-                steps.enter_context(settled_guards())  # the first step checked them all
+    # guards are settled (`settled_guards`) once a step with the same graph constants checked them all: the
+    # compiled sample step is built for a guided bool, which cfg_interval turns off midway; a scheduled float
+    # scale runs the eager draw around the compiled decode, whose graph it does not reach
+    checked = set()
+    for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
+        guided = params.guidance_at(n, num_tokens)
+        key = guided if isinstance(guided, bool) else "scale"
+        with settled_guards() if step is not None and key in checked else contextlib.nullcontext():
+            tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params, guided, streams,
+                                            sample, step)
+        checked.add(key)
+        input_pos += 1
     return tokens
 
 

@@ -228,19 +228,20 @@ class AutoSampler(Sampler):
         scheduled = params.uses_cfg and params.cfg_schedule != "constant"
         compiled = compiled_step(model, AutoSampler._ar_token)
         step = compiled or AutoSampler._ar_token
-        with contextlib.ExitStack() as steps:
-            for k in range(start, num_tokens if stop is None else stop):
-                x = seq[:, k - 1:k]
-                if params.uses_cfg:
-                    x = torch.cat([x, x])
-                if scheduled:  # the window path's float32 scale table, so the numbers are the same
-                    guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
-                else:
-                    guided = params.guided_at(k)
+        checked = set()  # guards settled as in the AR sampler's loop (`decode_n_tokens`)
+        for k in range(start, num_tokens if stop is None else stop):
+            x = seq[:, k - 1:k]
+            if params.uses_cfg:
+                x = torch.cat([x, x])
+            if scheduled:  # the window path's float32 scale table, so the numbers are the same
+                guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
+            else:
+                guided = params.guided_at(k)
+            key = guided if isinstance(guided, bool) else "scales"  # a tensor of scales is an input, not a constant
+            with settled_guards() if compiled is not None and key in checked else contextlib.nullcontext():
                 seq[:, k] = step(model, x, input_pos, cache, params, guided, noise[:, k])
-                input_pos += 1
-                if k == start and compiled is not None:
-                    steps.enter_context(settled_guards())  # as the AR sampler's loop
+            checked.add(key)
+            input_pos += 1
 
     @staticmethod
     def _ar_token(model, x, input_pos, cache, params, guided, noise):

@@ -52,7 +52,9 @@ def settled_guards():
     A loop's first step picks (or builds) its graph with every guard checked: the shapes, dtypes and
     objects it reads, the sampling parameters it was specialised on. The steps after it pass the same
     objects with the same shapes (only tensor values move, and the cache's span, a size the graph takes
-    as unbacked), so each of those checks can only pass again. Skipping them made default-c2i's compiled
+    as unbacked), so each of those checks can only pass again. A step whose graph constants change (the
+    guided flag, which cfg_interval turns off midway) must check them all again: the loops enter this
+    only for steps whose constants an earlier step of theirs had. Skipping them made default-c2i's compiled
     AR sampling 1.25x faster at batch 1 and 1.08x at 16 (max-autotune, 1 thread; docs/benchmarks.md, issue
     12, "Session 31"): 0.25-0.45 ms a step, though the same check timed alone takes 17 us (its ~400 guards
     read Python objects that a step's weights have pushed out of the caches, we think). Only for loops
