@@ -158,7 +158,7 @@ def test_compiled_decode_matches_eager_and_samples_the_same_tokens():
 @torch.no_grad()
 def test_a_sampling_loop_checks_every_guard_at_its_first_compiled_step_and_outside_it(monkeypatch):
     """AR's loop checks every dynamo guard at its first compiled step, then only the ones that tell graphs
-    apart (`settled_guards`: same objects, same shapes, so the rest can only pass). Outside the loop all
+    apart (`SettledGuards`: same objects, same shapes, so the rest can only pass). Outside the loop all
     are checked again: a new batch size or guidance scale still gets its own graph and the eager tokens."""
     import argen.samplers.ar as ar
     from torch._dynamo import eval_frame

@@ -19,7 +19,6 @@ tokens must be identical, which the benchmark checks.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from ..models import GPT
 from ..models.base import COMPILE_MODES
 from ..models.quant import WEIGHT_FORMATS, onednn_packable
 from ..samplers import ARSampler, SamplingParams
-from ..samplers.base import settled_guards
+from ..samplers.base import SettledGuards
 
 
 def random_gpt(size: str = "GPT-B", vocab_size: int = 16384, num_classes: int = 1000, block_size: int = 256,
@@ -204,15 +203,14 @@ def _decode_steps(model, cond, params, n_steps: int):
     token = torch.zeros(rows, 1, dtype=torch.long)
     pos = torch.tensor([1])
     times = []
-    with contextlib.ExitStack() as steps:
-        for n in range(n_steps):
+    with SettledGuards(getattr(model, "compiled_with", None) is not None) as settled:  # as sampling loops run
+        for _ in range(n_steps):
+            settled.before_step(None)
             start = time.perf_counter()
             logits = model.decode(token, pos, cache)
             token = logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - start)
             pos += 1
-            if n == 0 and getattr(model, "compiled_with", None) is not None:
-                steps.enter_context(settled_guards())  # as a sampling loop's steps run
     return times
 
 

@@ -5,14 +5,13 @@ Written as gpt-fast does: `prefill`, `decode_one_token`, `decode_n_tokens`, each
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import ArgenError
-from .base import Sampler, SamplerOutput, cfg_batch, compiled_step, settled_guards
+from .base import Sampler, SamplerOutput, SettledGuards, cfg_batch, compiled_step
 from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_from_probs, sample_rows
 
@@ -64,18 +63,15 @@ def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, 
     tokens[:, 0] = first
     input_pos = torch.tensor([cond_len], device=first.device)
     step = compiled_step(model, sample_step)
-    # guards are settled (`settled_guards`) once a step with the same graph constants checked them all: the
-    # compiled sample step is built for a guided bool, which cfg_interval turns off midway; a scheduled float
-    # scale runs the eager draw around the compiled decode, whose graph it does not reach
-    checked = set()
-    for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
-        guided = params.guidance_at(n, num_tokens)
-        key = guided if isinstance(guided, bool) else "scale"
-        with settled_guards() if step is not None and key in checked else contextlib.nullcontext():
+    # the compiled sample step is built for a guided bool (which cfg_interval turns off midway); a scheduled
+    # float scale runs the eager draw around the compiled decode, whose graph it does not reach
+    with SettledGuards(step is not None) as settled:
+        for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
+            guided = params.guidance_at(n, num_tokens)
+            settled.before_step(guided if isinstance(guided, bool) else "scale")
             tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params, guided, streams,
                                             sample, step)
-        checked.add(key)
-        input_pos += 1
+            input_pos += 1
     return tokens
 
 

@@ -54,7 +54,6 @@ builds one graph per width.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import weakref
 from typing import Optional, Union
@@ -62,7 +61,7 @@ from typing import Optional, Union
 import torch
 
 from ..checks import check_number
-from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, compiled_step, settled_guards
+from .base import ForwardTally, Sampler, SamplerOutput, SettledGuards, cfg_batch, compiled_step
 from .logits import process_logits
 from .speculative import (covering_width, guidance, leading_accepts, over_codes, per_position, same_positions,
                           window_inputs)
@@ -228,20 +227,18 @@ class AutoSampler(Sampler):
         scheduled = params.uses_cfg and params.cfg_schedule != "constant"
         compiled = compiled_step(model, AutoSampler._ar_token)
         step = compiled or AutoSampler._ar_token
-        checked = set()  # guards settled as in the AR sampler's loop (`decode_n_tokens`)
-        for k in range(start, num_tokens if stop is None else stop):
-            x = seq[:, k - 1:k]
-            if params.uses_cfg:
-                x = torch.cat([x, x])
-            if scheduled:  # the window path's float32 scale table, so the numbers are the same
-                guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
-            else:
-                guided = params.guided_at(k)
-            key = guided if isinstance(guided, bool) else "scales"  # a tensor of scales is an input, not a constant
-            with settled_guards() if compiled is not None and key in checked else contextlib.nullcontext():
+        with SettledGuards(compiled is not None) as settled:  # as the AR sampler's loop (`decode_n_tokens`)
+            for k in range(start, num_tokens if stop is None else stop):
+                x = seq[:, k - 1:k]
+                if params.uses_cfg:
+                    x = torch.cat([x, x])
+                if scheduled:  # the window path's float32 scale table, so the numbers are the same
+                    guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
+                else:
+                    guided = params.guided_at(k)
+                settled.before_step(guided if isinstance(guided, bool) else "scales")  # scales: a tensor input
                 seq[:, k] = step(model, x, input_pos, cache, params, guided, noise[:, k])
-            checked.add(key)
-            input_pos += 1
+                input_pos += 1
 
     @staticmethod
     def _ar_token(model, x, input_pos, cache, params, guided, noise):

@@ -45,22 +45,47 @@ def compiled_step(model, fn: Callable) -> Optional[Callable]:
     return step
 
 
-def settled_guards():
-    """A context for the steps of one sampling loop after its first, when the model's steps are compiled:
-    dynamo checks only the guards that tell its graphs apart, not every guard of the one it runs.
+class SettledGuards:
+    """Lets a sampling loop's compiled steps skip the dynamo guards they can only pass.
 
-    A loop's first step picks (or builds) its graph with every guard checked: the shapes, dtypes and
-    objects it reads, the sampling parameters it was specialised on. The steps after it pass the same
-    objects with the same shapes (only tensor values move, and the cache's span, a size the graph takes
-    as unbacked), so each of those checks can only pass again. A step whose graph constants change (the
-    guided flag, which cfg_interval turns off midway) must check them all again: the loops enter this
-    only for steps whose constants an earlier step of theirs had. Skipping them made default-c2i's compiled
-    AR sampling 1.25x faster at batch 1 and 1.08x at 16 (max-autotune, 1 thread; docs/benchmarks.md, issue
-    12, "Session 31"): 0.25-0.45 ms a step, though the same check timed alone takes 17 us (its ~400 guards
-    read Python objects that a step's weights have pushed out of the caches, we think). Only for loops
-    whose steps keep one shape: a loop that may need a new graph midway (a speculative sampler's changing
-    window) keeps every check."""
-    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    Use one per loop (`with SettledGuards(compiled) as settled:`) and call `settled.before_step(constants)` before
+    each step, with the Python values its graph is specialised on (the guidance flag; None when there are none).
+    A step whose constants differ from the previous step's checks every guard, so it picks or builds the right
+    graph. The steps after it that have the same constants run under `torch.compiler.set_stance(
+    skip_guard_eval_unsafe=True)`, where dynamo checks only the guards that tell its graphs apart.
+
+    This is safe because those steps pass the same objects with the same shapes. Only tensor values move, and
+    the cache's span, which the graph takes as an unbacked size. So every other check would pass again. The
+    guided flag is the one constant that changes midway: `cfg_interval` turns guidance off.
+
+    Skipping the checks made default-c2i's compiled AR sampling 1.02-1.12x faster at batch 1 and 1.02x at 16
+    (max-autotune, 1 thread; up to 1.25x while the host ran slow; docs/benchmarks.md, issue 12, "Session 31"),
+    though the same check timed alone takes 17 us. The stance is held across steps, not set per step: entering and
+    leaving it costs about 0.5 ms. Only for loops whose steps keep one shape: a loop that may need a new graph
+    midway (a speculative sampler's changing window) keeps every check."""
+
+    def __init__(self, compiled: bool):
+        self.compiled, self.previous, self.stance = compiled, object(), None
+
+    def __enter__(self) -> "SettledGuards":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._check_all()
+
+    def before_step(self, constants) -> None:
+        if self.compiled and constants == self.previous:
+            if self.stance is None:
+                self.stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                self.stance.__enter__()
+        else:
+            self._check_all()
+        self.previous = constants
+
+    def _check_all(self) -> None:
+        if self.stance is not None:
+            self.stance.__exit__(None, None, None)
+            self.stance = None
 
 
 @dataclass
