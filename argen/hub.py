@@ -37,6 +37,8 @@ SHIPPED_MODELS = {
 def resolve_model_dir(name_or_path) -> Path:
     """Turn a shipped model name or a directory into an existing directory, or fail in one line."""
     text = os.fspath(name_or_path)
+    if not text.strip():  # Path("") is the working directory: never load whatever happens to be there
+        raise ArgenError("empty model name: give a shipped model name or a folder")
     if text in SHIPPED_MODELS:
         path = ASSETS / SHIPPED_MODELS[text]
         if not path.is_dir():

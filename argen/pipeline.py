@@ -229,10 +229,12 @@ class ARPipeline(DiffusionPipeline):
         folder, meta = found.folder, found.meta
 
         def component(ref, kind):
+            if not str(ref).strip():  # folder / "" is the pipeline's own folder
+                raise ArgenError(f"empty name for a {kind.__name__}: give a shipped name or a folder")
             path = folder / ref if (folder / str(ref)).is_dir() else resolve_model_dir(ref)
             return load_component(path, kind, device=device)
 
-        tok_ref = tokenizer or meta.get("tokenizer")
+        tok_ref = tokenizer if tokenizer is not None else meta.get("tokenizer")
         if tok_ref is None:
             raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; pass --tokenizer NAME_OR_FOLDER")
         generator = load_component(found.gpt_dir, Generator, device=device)

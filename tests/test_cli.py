@@ -163,12 +163,23 @@ def test_prompt_file_that_is_not_utf8(workdir, capsys):
      ["--text-max-length"]),
     # silently ignored without a teacher
     (["train", "gpt", "--model-type", "c2i", "--vq", "default-vq", "--distill-cfg", "2"], ["--distill-from"]),
-], ids=["ch-mult-zero", "ch-mult-letter", "text-max-length-zero", "distill-cfg-alone"])
+    # refused only after the codes cache was written
+    (["train", "gpt", "--model-type", "c2i", "--vq", "default-vq", "--init-from", "nosuch"], ["nosuch"]),
+], ids=["ch-mult-zero", "ch-mult-letter", "text-max-length-zero", "distill-cfg-alone", "init-from-missing"])
 def test_train_refuses_before_any_work(workdir, capsys, argv, fragments):
     line = _refused(capsys, [*argv, "--steps", "1", "--out", "run", "--threads", "1", "--limit", "4",
                              "--batch-size", "2", "--no-progress"], *fragments)
     assert "_int_tuple" not in line
     assert not (workdir / "run").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model", ""], "empty model name"),  # fell back to default-c2i
+    (["--tokenizer", ""], "empty name"),  # loaded the pipeline's own folder as its tokenizer
+])
+def test_generate_refuses_an_empty_name(workdir, capsys, argv, fragment):
+    _refused(capsys, ["generate", *argv, "--class", "sneaker", "--num-images", "1", "--out", "x.png"], fragment)
+    assert not (workdir / "x.png").exists()
 
 
 def test_bench_list_values_are_bounded(workdir, capsys):

@@ -95,12 +95,12 @@ def check_model(args) -> tuple:
     from ..data.classes import resolve_model_class
     from ..hub import inspect_model_dir
 
-    model = args.model or ("default-t2i" if args.prompt is not None else "default-c2i")
+    model = args.model if args.model is not None else ("default-t2i" if args.prompt is not None else "default-c2i")
     try:
         found = inspect_model_dir(model)
     except ArgenError as err:
         raise ArgenError(f"--model {model}: {err}") from None
-    if not args.tokenizer and found.meta.get("tokenizer") is None:
+    if args.tokenizer is None and found.meta.get("tokenizer") is None:
         raise ArgenError(f"--model {model}: no tokenizer recorded in {found.folder / 'pipeline.json'}; "
                          f"give one with --tokenizer NAME_OR_FOLDER")
     if found.is_text_to_image and args.classes:

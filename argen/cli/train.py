@@ -273,6 +273,10 @@ def _run_tokenizer(args) -> int:
 def _run_gpt(args) -> int:
     if args.distill_cfg is not None and args.distill_from is None:
         raise ArgenError("--distill-cfg is the guidance of a distilled teacher: add --distill-from MODEL")
+    if args.init_from is not None:  # a typo is refused now, not after the codes cache is built
+        from ..hub import resolve_model_dir
+
+        resolve_model_dir(args.init_from)
     _check_outputs(args)
     from ..train.gpt import train_gpt
 
