@@ -397,6 +397,9 @@ def test_cli_ref_stats_on_a_folder(tmp_path, capsys, fmnist_available):
     capsys.readouterr()
     assert main(["eval", "ref-stats", "--ref", str(ref), "--ref-num", "1"]) == 2
     assert "--ref-num" in capsys.readouterr().err
+    # more than the folder holds: refused (it was capped silently, and cached under the asked-for count)
+    assert main(["eval", "ref-stats", "--ref", str(ref), "--ref-num", "9", "--refresh"]) == 2
+    assert "holds 8" in capsys.readouterr().err
 
 
 def test_inception_weights_are_never_unpickled_unsafely(inception_weights):

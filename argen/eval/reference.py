@@ -167,13 +167,16 @@ def parse_ref(spec: str) -> tuple[str, str]:
 
 
 def load_reference_images(spec: str, num: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray], str]:
-    """``(uint8 images [N, H, W, C], labels or None, canonical dataset name)`` for a spec."""
+    """``(uint8 images [N, H, W, C], labels or None, canonical dataset name)`` for a spec; ``num`` (at most
+    the reference's size: a statistic of fewer images than asked for would be recorded under the asked-for
+    count) keeps that many."""
     kind, value = parse_ref(spec)
     if kind == "fashion-mnist":
         from argen.data.fashion_mnist import load_fashion_mnist
 
         images, labels = load_fashion_mnist(value)
         images, labels = images.numpy(), labels.numpy()
+        _check_count(num, len(images), f"fashion-mnist:{value}")
         if num is not None and num < len(images):
             idx = balanced_indices(labels, num)
             images, labels = images[idx], labels[idx]
@@ -183,9 +186,15 @@ def load_reference_images(spec: str, num: Optional[int] = None) -> tuple[np.ndar
         labels = None
     else:
         images, labels = read_sample_npz(value), None
+    _check_count(num, len(images), value)
     if num is not None and num < len(images):
         images = images[:num]
     return images, labels, str(Path(value).resolve())
+
+
+def _check_count(num: Optional[int], size: int, name: str) -> None:
+    if num is not None and num > size:
+        raise ArgenError(f"{num} reference images asked for (--ref-num), but {name} holds {size}")
 
 
 def _folder_fingerprint(folder: Path) -> str:
