@@ -229,9 +229,8 @@ class ARPipeline(DiffusionPipeline):
         folder, meta = found.folder, found.meta
 
         def component(ref, kind):
-            if not str(ref).strip():  # folder / "" is the pipeline's own folder
-                raise ArgenError(f"empty name for a {kind.__name__}: give a shipped name or a folder")
-            path = folder / ref if (folder / str(ref)).is_dir() else resolve_model_dir(ref)
+            # an empty name is not the pipeline's own folder (folder / ""): resolve_model_dir refuses it
+            path = folder / ref if str(ref).strip() and (folder / str(ref)).is_dir() else resolve_model_dir(ref)
             return load_component(path, kind, device=device)
 
         tok_ref = tokenizer if tokenizer is not None else meta.get("tokenizer")

@@ -175,7 +175,7 @@ def test_train_refuses_before_any_work(workdir, capsys, argv, fragments):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--model", ""], "empty model name"),  # fell back to default-c2i
-    (["--tokenizer", ""], "empty name"),  # loaded the pipeline's own folder as its tokenizer
+    (["--tokenizer", ""], "empty model name"),  # loaded the pipeline's own folder as its tokenizer
 ])
 def test_generate_refuses_an_empty_name(workdir, capsys, argv, fragment):
     _refused(capsys, ["generate", *argv, "--class", "sneaker", "--num-images", "1", "--out", "x.png"], fragment)

@@ -194,7 +194,7 @@ def test_sampling_looks_up_the_compressed_embeddings_with_the_bits_of_the_compre
             for batch in (1, 2, 3, 16):
                 tokens = torch.randint(0, 512, (2 * batch, 3, 4), generator=torch.Generator().manual_seed(batch))
                 looked_up = model.embed_tokens(tokens)
-                assert "_fold" in model.__dict__
+                assert "_table" in model.__dict__
                 assert torch.equal(looked_up, computed(tokens))
             model.shuffle_compress.weight.mul_(2)  # an in-place change (a load, an optimizer step)
             assert torch.equal(model.embed_tokens(tokens), computed(tokens))

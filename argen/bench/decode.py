@@ -205,7 +205,7 @@ def _decode_steps(model, cond, params, n_steps: int):
     times = []
     with SettledGuards(getattr(model, "compiled_with", None) is not None) as settled:  # as sampling loops run
         for _ in range(n_steps):
-            settled.before_step(None)
+            settled.before_step()
             start = time.perf_counter()
             logits = model.decode(token, pos, cache)
             token = logits[:, -1:].argmax(-1)

@@ -169,7 +169,7 @@ class TokenShuffleGPT(GPT):
         if self.training or torch.is_grad_enabled():
             x = self.shuffle_compress(self.tok_embeddings(tokens))
         else:  # sampling: each code's compressed embedding, looked up (the folds below)
-            x = F.embedding(tokens, self._fold_now()["embedding"])
+            x = F.embedding(tokens, self._compressed_table())
         x = x.flatten(-2)  # [B, T, k * d/k]
         for block in self.shuffle_mlp:
             x = block(x)
@@ -184,7 +184,7 @@ class TokenShuffleGPT(GPT):
             x = block(x)
         parts = x.unflatten(-1, (k, -1))  # [..., k, d/k]
         if not (self.training or torch.is_grad_enabled()):
-            return self._folded_head(parts, self._fold_now())
+            return self._folded_head(parts)
         return self.output(self.norm(self.unshuffle_expand(parts))).float()
 
     # ---- the compress layer and the output head folded (sampling) --------------------------
@@ -192,7 +192,8 @@ class TokenShuffleGPT(GPT):
     # The compress layer is linear and reads one code's embedding: sampling looks up a [V, d/k] table of
     # compressed embeddings instead of running it, one product fewer per step. The table is that layer's
     # own product over the whole vocabulary (V rows, a multiple of 4), so each entry is the bits the step's
-    # padded product gives (`BatchInvariantLinear`) and the logits are unchanged (tested).
+    # padded product gives (`BatchInvariantLinear`) and the logits are unchanged (tested). It has its own
+    # key (three tensors), so a step checks each derived tensor against only the weights it is made of.
     #
     # Each code's logits are W_out (g * e / rms(e)) with e = W_e p + b the code's part p [d/k] expanded
     # to d: k expansions and k products with the [V, d] head per position, four times a plain GPT's
@@ -207,17 +208,14 @@ class TokenShuffleGPT(GPT):
     # per-channel int8 on the folded matrix gave 2.5x the unfolded int8 head's logit error (measured).
 
     def _fold_key(self) -> tuple:
-        tensors = (*self.output.parameters(), *self.output.buffers(), self.norm.weight,
-                   self.unshuffle_expand.weight, self.unshuffle_expand.bias,
-                   self.tok_embeddings.weight, self.shuffle_compress.weight, self.shuffle_compress.bias)
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        return _weights_key((*self.output.parameters(), *self.output.buffers(), self.norm.weight,
+                             self.unshuffle_expand.weight, self.unshuffle_expand.bias))
 
     @torch.no_grad()
     def _refresh_fold(self) -> dict:
-        """The compressed embedding table and the folded head's tensors, rebuilt when a weight they are
-        made of changed (an optimizer step, a load, a cast: `_fold_key`). The head's products in float64;
-        the folded head in the head's dtype (float32 for a converted head), the norm's quadratic form in
-        float32 (the norm itself runs in float32)."""
+        """The folded head's tensors, rebuilt when a weight it is made of changed (an optimizer step, a
+        load, a cast: `_fold_key`). Products in float64; the folded head in the head's dtype (float32
+        for a converted head), the norm's quadratic form in float32 (the norm itself runs in float32)."""
         key = self._fold_key()
         fold = self.__dict__.get("_fold")
         if fold is None or fold["key"] != key:
@@ -226,16 +224,25 @@ class TokenShuffleGPT(GPT):
             dtype = self.output.weight.dtype if weight_format_of(self.output) == "fp32" else torch.float32
             fold = {"key": key, "weight": ((w_out * gain) @ w_e).to(dtype), "bias": (w_out @ (gain * b)).to(dtype),
                     "gram": (w_e.T @ w_e).float(), "cross": (2 * w_e.T @ b).float(),
-                    "const": float(b @ b),
-                    "embedding": self.shuffle_compress(self.tok_embeddings.weight)}
+                    "const": float(b @ b)}
             self.__dict__["_fold"] = fold  # not a buffer: derived, never saved
         return fold
 
-    def _fold_now(self) -> dict:
-        # a compiled step traces the tensors as they were when it was compiled (`compile_decode` refreshes them)
-        return self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
+    @torch.no_grad()
+    def _compressed_table(self) -> torch.Tensor:
+        """[V, d/k]: the compress layer applied to every code's embedding, rebuilt when those weights change."""
+        if torch.compiler.is_compiling():  # traced as it was at compile time (`compile_decode` refreshes it)
+            return self.__dict__["_table"][1]
+        key = _weights_key((self.tok_embeddings.weight, self.shuffle_compress.weight, self.shuffle_compress.bias))
+        cached = self.__dict__.get("_table")
+        if cached is None or cached[0] != key:
+            cached = (key, self.shuffle_compress(self.tok_embeddings.weight))
+            self.__dict__["_table"] = cached  # not a buffer: derived, never saved
+        return cached[1]
 
-    def _folded_head(self, parts: torch.Tensor, fold: dict) -> torch.Tensor:
+    def _folded_head(self, parts: torch.Tensor) -> torch.Tensor:
+        # a compiled step traces the tensors as they were when it was compiled (`compile_decode` refreshes them)
+        fold = self.__dict__["_fold"] if torch.compiler.is_compiling() else self._refresh_fold()
         # padded as every generator product; at s = 2 the k = 4 codes of each position need none
         logits = batch_invariant(lambda rows: self._folded_logits(rows, fold), parts.reshape(-1, parts.shape[-1]))
         return logits.reshape(*parts.shape[:-1], -1)
@@ -249,6 +256,7 @@ class TokenShuffleGPT(GPT):
     def compile_decode(self, mode: str = "default", **compile_options) -> "TokenShuffleGPT":
         if self.tokens_per_position > 1:
             self._refresh_fold()
+            self._compressed_table()
         return super().compile_decode(mode, **compile_options)
 
     # ---- teacher forcing ------------------------------------------------------------------
@@ -295,3 +303,8 @@ class TokenShuffleGPT(GPT):
         logits [B, T, k, V] ([B, T, V]); row j predicts the window after input_pos[j]."""
         x = self._run_cached(self.embed_tokens(tokens), input_pos, cache)
         return self.head(x)
+
+
+def _weights_key(tensors) -> tuple:
+    """What changes when a weight is loaded, stepped or cast in place: a derived tensor's cache key."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)

@@ -63,12 +63,10 @@ def decode_n_tokens(model, first, cond_len, num_tokens, cache, params, streams, 
     tokens[:, 0] = first
     input_pos = torch.tensor([cond_len], device=first.device)
     step = compiled_step(model, sample_step)
-    # the compiled sample step is built for a guided bool (which cfg_interval turns off midway); a scheduled
-    # float scale runs the eager draw around the compiled decode, whose graph it does not reach
     with SettledGuards(step is not None) as settled:
         for n in tqdm(range(1, num_tokens), disable=not progress, desc="tokens", leave=False):
             guided = params.guidance_at(n, num_tokens)
-            settled.before_step(guided if isinstance(guided, bool) else "scale")
+            settled.before_step(guided)
             tokens[:, n] = decode_one_token(model, tokens[:, n - 1], input_pos, cache, params, guided, streams,
                                             sample, step)
             input_pos += 1

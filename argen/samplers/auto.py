@@ -236,7 +236,7 @@ class AutoSampler(Sampler):
                     guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
                 else:
                     guided = params.guided_at(k)
-                settled.before_step(guided if isinstance(guided, bool) else "scales")  # scales: a tensor input
+                settled.before_step(guided)
                 seq[:, k] = step(model, x, input_pos, cache, params, guided, noise[:, k])
                 input_pos += 1
 

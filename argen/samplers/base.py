@@ -48,11 +48,12 @@ def compiled_step(model, fn: Callable) -> Optional[Callable]:
 class SettledGuards:
     """Lets a sampling loop's compiled steps skip the dynamo guards they can only pass.
 
-    Use one per loop (`with SettledGuards(compiled) as settled:`) and call `settled.before_step(constants)` before
-    each step, with the Python values its graph is specialised on (the guidance flag; None when there are none).
-    A step whose constants differ from the previous step's checks every guard, so it picks or builds the right
-    graph. The steps after it that have the same constants run under `torch.compiler.set_stance(
-    skip_guard_eval_unsafe=True)`, where dynamo checks only the guards that tell its graphs apart.
+    Use one per loop (`with SettledGuards(compiled) as settled:`) and call `settled.before_step(guided)` before
+    each step with the guidance it passes. A guided bool is a constant of the compiled graph; a scale (a float
+    the eager draw reads, or a tensor input) is not. A step whose guided bool differs from the previous step's
+    (or the loop's first step) checks every guard, so it picks or builds the right graph. The steps after it
+    with the same bool run under `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, where dynamo checks
+    only the guards that tell its graphs apart.
 
     This is safe because those steps pass the same objects with the same shapes. Only tensor values move, and
     the cache's span, which the graph takes as an unbacked size. So every other check would pass again. The
@@ -73,7 +74,8 @@ class SettledGuards:
     def __exit__(self, *exc) -> None:
         self._check_all()
 
-    def before_step(self, constants) -> None:
+    def before_step(self, guided=None) -> None:
+        constants = guided if isinstance(guided, bool) else None
         if self.compiled and constants == self.previous:
             if self.stance is None:
                 self.stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
