@@ -18,6 +18,7 @@ plugs in without an edit here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
 
-from .atomic import atomic_directory_write
+from .atomic import atomic_directory_write, atomic_write
 from .checks import MAX_SEED, check_device, check_number, check_seed
 from .errors import ArgenError
 from .hub import PIPELINE_FILE, inspect_model_dir, resolve_model_dir
@@ -137,6 +140,55 @@ def _class_descriptions(class_names: Sequence[str]) -> tuple:
 
 
 
+
+#: The sentence embeddings of a text-to-image pipeline's class descriptions, saved beside its
+#: pipeline.json: reading a prompt (`ARPipeline.read_prompt`, behind the note `argen generate` prints)
+#: would otherwise embed every description (441 texts for Fashion-MNIST, about 2 s on one of our
+#: CPUs) at each start.
+CLASS_DESCRIPTIONS_FILE = "class_descriptions.safetensors"
+
+
+def class_description_embeddings(text_encoder, class_names: Sequence[str]) -> tuple:
+    """(unit sentence embeddings [N, D] float32 on the CPU, class ids [N]) of the class descriptions."""
+    texts, labels = _class_descriptions(class_names)
+    return text_encoder.sentence_embeddings(texts).float().cpu(), torch.tensor(labels)
+
+
+def _descriptions_key(text_encoder, class_names: Sequence[str]) -> str:
+    texts, labels = _class_descriptions(class_names)
+    what = {"texts": texts, "labels": labels, "encoder": text_encoder.name, "dim": text_encoder.feature_dim}
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def save_class_descriptions(folder, text_encoder, class_names: Sequence[str]) -> Path:
+    """Write `CLASS_DESCRIPTIONS_FILE` into `folder` (atomically)."""
+    embeddings, labels = class_description_embeddings(text_encoder, class_names)
+    data = save_safetensors({"embeddings": embeddings.contiguous(), "labels": labels},
+                            metadata={"key": _descriptions_key(text_encoder, class_names)})
+    return atomic_write(Path(folder) / CLASS_DESCRIPTIONS_FILE, lambda handle: handle.write(data))
+
+
+def load_class_descriptions(folder, text_encoder, class_names: Sequence[str]) -> Optional[tuple]:
+    """The saved embeddings of `folder`, or None when there are none or they are not this encoder's
+    embeddings of these descriptions: the key names the texts and the encoder, and the first
+    description, embedded again (one short text), must land on its saved row, which catches other
+    weights under the same encoder name."""
+    path = Path(folder) / CLASS_DESCRIPTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            if (handle.metadata() or {}).get("key") != _descriptions_key(text_encoder, class_names):
+                return None
+            embeddings, labels = handle.get_tensor("embeddings"), handle.get_tensor("labels")
+    except (OSError, KeyError, SafetensorError):  # unreadable: computed instead
+        return None
+    probe = text_encoder.sentence_embeddings(_class_descriptions(class_names)[0][:1]).float().cpu()
+    if embeddings.dim() != 2 or len(embeddings) != len(labels) or probe.shape[1] != embeddings.shape[1] \
+            or not torch.allclose(probe[0], embeddings[0], atol=1e-4):
+        return None
+    return embeddings, labels
+
 class ARPipeline(DiffusionPipeline):
     def __init__(self, generator: Generator, tokenizer: ImageTokenizer, text_encoder=None,
                  class_names: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
@@ -154,6 +206,7 @@ class ARPipeline(DiffusionPipeline):
         if generator.is_text_conditional and text_encoder is None:
             raise ArgenError("a text-conditional generator needs a text encoder")
         self._prompt_features = {}
+        self._folder = None  # the folder it was loaded from: saved class-description embeddings
 
     def _check_chain(self) -> None:
         """Vocabularies and lengths must agree along generator -> refiner -> tokenizer."""
@@ -263,6 +316,7 @@ class ARPipeline(DiffusionPipeline):
                     torch.nn.Module.to(network, DECODER_DTYPES[decoder_dtype])
         pipe = cls(generator, image_tokenizer, encoder, meta.get("class_names"), defaults, meta.get("crop"), refiner,
                    draft_model)
+        pipe._folder = folder
         try:  # the sampling defaults are checked where they are read, naming the file
             pipe.sampling_params()
         except ArgenError as err:
@@ -285,6 +339,8 @@ class ARPipeline(DiffusionPipeline):
                                  defaults=self.defaults, crop=self.crop,
                                  text_encoder=self.text_encoder.config() if self.text_encoder is not None else None)
             (tmp / PIPELINE_FILE).write_text(text)
+            if self.is_text_to_image and self.class_names:
+                save_class_descriptions(tmp, self.text_encoder, self.class_names)
 
         atomic_directory_write(Path(save_directory), write, kind="pipeline")
 
@@ -365,7 +421,7 @@ class ARPipeline(DiffusionPipeline):
         compiling (`ImageTokenizer.compile_decoder`: FlexTok's flow network). Each new batch and window
         shape costs a compile once (seconds for the shipped models), after which a step of default-c2i
         in fp32 runs 1.8-2.4x faster than eager at batch 1 on one CPU thread and 1.3x at 16 and 50
-        (docs/benchmarks.md, issue 12, sessions 27 and 29). Compiled products sum in other orders than eager ones, so
+        (docs/history/decode.md, sessions 27 and 29). Compiled products sum in other orders than eager ones, so
         logits lie ~1e-5 from eager's and 1.6-2.9% of images draw another token near a tie (every mode, 512
         images; FID unchanged: issue 12, session 29); a compiled flow decoder's images lie within 1e-5.
         Worth it for many images. The modes "max-autotune" (oneDNN's GEMMs) and "max-autotune-cpp" (inductor's
@@ -455,9 +511,10 @@ class ARPipeline(DiffusionPipeline):
         if not self.class_names:
             raise ArgenError("read_prompt needs the classes the model was trained on; this pipeline names none")
         if getattr(self, "_class_descriptions", None) is None:
-            texts, labels = _class_descriptions(self.class_names)
             # Kept on the CPU: the pipeline may move to another device after the first call.
-            self._class_descriptions = (self.text_encoder.sentence_embeddings(texts).cpu(), torch.tensor(labels))
+            saved = None if self._folder is None else load_class_descriptions(self._folder, self.text_encoder,
+                                                                                 self.class_names)
+            self._class_descriptions = saved or class_description_embeddings(self.text_encoder, self.class_names)
         embeddings, labels = self._class_descriptions
         similarity = (self.text_encoder.sentence_embeddings([prompt]).cpu() @ embeddings.T)[0]
         best = int(similarity.argmax())

@@ -10,7 +10,7 @@ absolute `argen.` imports renamed to `argen_old.`), so both run side by side on 
 weight format, or a format and a `--compile` mode joined by "+" ("fp32+max-autotune", "bf16+compile" for the
 default mode). Reports the median and the fastest tenth of the per-step times of each, and whether eager fp32
 gives the earlier tree's logits to the bit (issue 12's op cuts kept them; later changes that move them on
-purpose, such as session 24's row padding, are recorded in docs/benchmarks.md).
+purpose, such as session 24's row padding, are recorded in docs/history/decode.md).
 """
 
 from __future__ import annotations

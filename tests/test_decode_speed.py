@@ -91,7 +91,7 @@ def test_weight_formats_are_invisible_to_samplers(fmt):
 def test_packed_rows_do_not_depend_on_the_row_count(cls, in_features):
     """Each row's result is the same whether it goes alone, with CFG's twin or in a batch: fewer than
     4 rows are padded to 4, and oneDNN's kernels for 4+ rows give every row the same bits (its 1-row
-    kernel does not, for 2048 inputs on the EPYC of docs/benchmarks.md)."""
+    kernel does not, for 2048 inputs on the EPYC of docs/history/decode.md)."""
     torch.manual_seed(0)
     lin = cls(nn.Linear(in_features, 48, bias=False))
     x = torch.randn(33, in_features)

@@ -4,12 +4,15 @@ prompt set, `argen eval prompts`, and the notice for prompts that name nothing t
 import json
 import os
 import re
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from argen.cli.main import main
 from argen.data import captions
@@ -17,7 +20,7 @@ from argen.data.fashion_mnist import CLASS_NAMES
 from argen.errors import ArgenError
 from argen.eval.prompts import HELDOUT_PROMPT_FILE, load_labelled_prompts, prompt_accuracy
 from argen.hub import ASSETS
-from argen.pipeline import ARPipeline
+from argen.pipeline import CLASS_DESCRIPTIONS_FILE, ARPipeline, _class_descriptions, save_class_descriptions
 from argen.text import load_text_encoder, text_encoder_from_config
 from argen.tokenizers import VQTokenizer
 
@@ -178,6 +181,65 @@ def test_every_heldout_prompt_is_read_as_known(t2i_dir):
     pipe = ARPipeline.from_pretrained(t2i_dir)
     prompts = load_labelled_prompts(HELDOUT_PROMPT_FILE)
     assert all(pipe.read_prompt(p).known for p, _ in prompts)
+
+
+def _embedded_texts(pipe, monkeypatch) -> list:
+    """Record how many texts each call of the pipeline's sentence encoder embeds."""
+    calls, embed = [], pipe.text_encoder.sentence_embeddings
+    monkeypatch.setattr(pipe.text_encoder, "sentence_embeddings", lambda texts: calls.append(len(texts)) or embed(texts))
+    return calls
+
+
+def test_a_saved_pipeline_reads_prompts_from_its_saved_class_descriptions(t2i_dir, monkeypatch):
+    """save_pretrained embeds the class descriptions once; a loaded pipeline reads prompts against the
+    saved embeddings (one probe description and the prompt are all it embeds) with the readings of
+    embedding every description again."""
+    assert (t2i_dir / CLASS_DESCRIPTIONS_FILE).is_file()
+    pipe = ARPipeline.from_pretrained(t2i_dir)
+    calls = _embedded_texts(pipe, monkeypatch)
+    prompts = ["a pair of running shoes", "a red sports car", "a warm winter coat"]
+    readings = [pipe.read_prompt(p) for p in prompts]
+    assert calls == [1, 1, 1, 1]  # the probe, then each prompt
+
+    fresh = ARPipeline.from_pretrained(t2i_dir)
+    fresh._folder = None  # as a pipeline built in memory: every description embedded
+    fresh_calls = _embedded_texts(fresh, monkeypatch)
+    for prompt, reading in zip(prompts, readings):
+        again = fresh.read_prompt(prompt)
+        assert (again.label, again.known) == (reading.label, reading.known)
+        assert abs(again.similarity - reading.similarity) < 1e-5
+    assert fresh_calls[0] == len(_class_descriptions(CLASS_NAMES)[0]) > 400
+
+
+@pytest.mark.parametrize("damage", ["other-embeddings", "other-classes", "not-safetensors"])
+def test_saved_class_descriptions_that_do_not_match_are_embedded_again(t2i_dir, tmp_path, monkeypatch, damage):
+    """A saved file that is not this encoder's embeddings of these descriptions is never used."""
+    folder = tmp_path / "copy"
+    shutil.copytree(t2i_dir, folder)
+    path = folder / CLASS_DESCRIPTIONS_FILE
+    if damage == "other-embeddings":  # the key matches, the numbers do not (other weights, same name)
+        with safe_open(str(path), "pt") as handle:
+            metadata, labels = handle.metadata(), handle.get_tensor("labels")
+            embeddings = handle.get_tensor("embeddings")
+        save_file({"embeddings": embeddings.roll(1, dims=0).contiguous(), "labels": labels}, str(path), metadata)
+    elif damage == "other-classes":
+        pipe = ARPipeline.from_pretrained(folder)
+        save_class_descriptions(folder, pipe.text_encoder, ["Sneaker", "Bag"])
+    else:
+        path.write_bytes(b"not a safetensors file")
+    pipe = ARPipeline.from_pretrained(folder)
+    calls = _embedded_texts(pipe, monkeypatch)
+    reading = pipe.read_prompt("a pair of running shoes")
+    assert reading.known and reading.class_name == "Sneaker"
+    assert len(_class_descriptions(CLASS_NAMES)[0]) in calls
+
+
+@pytest.mark.skipif(not (ASSETS / "default-t2i" / "pipeline.json").is_file(), reason="shipped models not built yet")
+def test_the_shipped_t2i_pipeline_has_its_class_descriptions_saved(monkeypatch):
+    pipe = ARPipeline.from_pretrained("default-t2i")
+    calls = _embedded_texts(pipe, monkeypatch)
+    assert pipe.read_prompt("a pair of running shoes").class_name == "Sneaker"
+    assert calls == [1, 1]
 
 
 # -- the README's prompt with the shipped model ------------------------------------------

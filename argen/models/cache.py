@@ -43,7 +43,7 @@ class KVCache:
         every span. Keys past a query's position are masked to exact zeros, and a compiled step sums over
         the keys in order, so there how many of them a span includes does not change a row's floats
         (eager MKL products can round by the key count, ~1e-6; compiled default-c2i at batch 16 attended
-        over all 65 slots at every step before, 22% of its fp32 step; docs/benchmarks.md, issue 12,
+        over all 65 slots at every step before, 22% of its fp32 step; docs/history/decode.md,
         session 27). On accelerators the full static length is kept: static shapes are what CUDA
         graphs want, and reading the position would force a sync. `for_graph`: the span goes to a
         compiled step, which takes it as a dynamic size (an eager forward needs no marking).

@@ -689,7 +689,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
           for fp32; `OneDNNProducts` moves it), the FFN's w1 and w3 joined into one product (session 30:
           1.06-1.10x a step at batch 1, the same floats). default-c2i on an AMD EPYC (AVX-512, no AMX), 1 thread,
           batch 1 / 16 with CFG, ms a step: fp32 1.20 / 3.75 against "default"'s 1.87 / 5.11 and eager's
-          3.29 / 6.54, bf16 0.77 / 2.22 against 1.07 / 2.69 (docs/benchmarks.md, issue 12, session 29).
+          3.29 / 6.54, bf16 0.77 / 2.22 against 1.07 / 2.69 (docs/history/decode.md, session 29).
         - "max-autotune-cpp": inductor's own C++ GEMM kernels, the fast mode at batch 1 and slow from batch 4:
           fp32 0.77 / 6.68, bf16 0.56 / 6.93.
         Inductor's own max-autotune times both families per product shape and keeps the faster; that mix is
@@ -713,7 +713,7 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
             if MAX_AUTOTUNE_GEMMS[mode] == "ATEN":
                 # frozen products that read one input (the FFN's w1 and w3) run as one product on the joined
                 # weights: a call saved, each element the same floats in fp32 and bf16 (default-c2i, batch 1
-                # with CFG: 1.06-1.10x a step; docs/benchmarks.md, issue 12, session 30). Not for inductor's
+                # with CFG: 1.06-1.10x a step; docs/history/decode.md, session 30). Not for inductor's
                 # own GEMMs: its bf16 kernel for the joined shape rounds otherwise (logits 0.05-0.13 apart).
                 inductor["cpp.enable_concat_linear"] = True
                 if torch.backends.mkldnn.is_available():

@@ -4,7 +4,7 @@ When inductor freezes a graph's weights (argen's max-autotune modes) it prepacks
 weight. For bf16 it packs for oneDNN; for fp32 it packs for MKL's packed GEMM (`mkl._mkl_linear`)
 whenever torch has MKL, and turns to oneDNN only when the batch size is dynamic or the graph is
 compiled ahead of time. No setting picks oneDNN for a static fp32 graph. On the AMD EPYC of
-docs/benchmarks.md, oneDNN's fp32 kernel is the faster one at every row count a decode step has:
+docs/history/decode.md, oneDNN's fp32 kernel is the faster one at every row count a decode step has:
 default-c2i's 21 products at 32 rows (batch 16 with CFG) take 2.6 ms against MKL's 3.3-3.5 ms, and a
 whole compiled step is 1.2x faster (issue 12, session 29). So `OneDNNProducts` rewrites every
 `mkl._mkl_linear` node into the oneDNN node inductor emits itself for a dynamic batch,

@@ -16,7 +16,7 @@ embeddings, logits) stays in the model's dtype, and the samplers never see the d
 * ``bf16``: the matrix is kept in bfloat16 and prepacked once for oneDNN
   (`torch.ops.mkldnn._reorder_linear_weight`). On this kind of CPU (AVX512-BF16/AMX) the packed
   bf16 GEMV streams at fp32's bandwidth, so a step reads half the bytes; the plain bf16
-  `F.linear` path is ~1.5x slower than packed (measured, docs/benchmarks.md).
+  `F.linear` path is ~1.5x slower than packed (measured, docs/history/decode.md).
 * ``int8``: per-output-channel symmetric quantisation, as gpt-fast's ``WeightOnlyInt8Linear``:
   ``w ≈ int8 * scale[out]`` with ``scale = max|w_row| / 127``. The product runs in
   `torch._weight_int8pack_mm`, torch's own CPU kernel for weight-only int8 (the one torchao's
@@ -41,7 +41,7 @@ WEIGHT_FORMATS = ("fp32", "fp32-packed", "bf16", "int8")
 WEIGHT_CHOICES = ("auto",) + WEIGHT_FORMATS
 
 # Decode-step fp32 weights of at least this many bytes (the last-level cache of the EPYC of
-# docs/benchmarks.md) are streamed from memory at every step, where oneDNN's packed kernel reads
+# docs/history/decode.md) are streamed from memory at every step, where oneDNN's packed kernel reads
 # them faster than MKL's 2-row product: a step at batch 1 with CFG was 1.3-1.4x faster packed at 34
 # and 60 MiB, 1.8-2.1x for GPT-B (372 MiB); a smaller model's weights stay in cache and oneDNN's
 # per-call cost makes it slower (default-c2i, 13 MiB: 0.8-0.95x).
@@ -117,7 +117,7 @@ class PackedLinear(nn.Module):
 
     Products of fewer than `min_rows` rows are zero-padded to `min_rows` (the padding rows are
     computed and dropped): oneDNN's packed kernel for a handful of rows streams the weights faster
-    than its 1- and 2-row kernels (measured, docs/benchmarks.md), and each row's result is then
+    than its 1- and 2-row kernels (measured, docs/history/decode.md), and each row's result is then
     the same whatever the batch size, 1 row included (oneDNN's 1-row kernel sums differently from
     its many-row ones for some shapes; tested). A subclass fixes the dtype and the format name;
     0 or 1 `min_rows` turns padding off."""

@@ -49,7 +49,7 @@ class TokenShuffleConfig(GPTConfig):
     shuffle_mlp_blocks: int = 2
     # hidden width of those blocks' SwiGLU; None: the transformer's own FFN width. The blocks run at
     # every step beside only n_layer transformer layers, so on a small model full-width blocks cost
-    # as much as a layer each (docs/benchmarks.md, issue 13, "Session 25")
+    # as much as a layer each (docs/history/token-shuffle.md, "Session 25")
     shuffle_mlp_hidden: Optional[int] = None
 
     def __post_init__(self):
@@ -197,7 +197,7 @@ class TokenShuffleGPT(GPT):
     #
     # Each code's logits are W_out (g * e / rms(e)) with e = W_e p + b the code's part p [d/k] expanded
     # to d: k expansions and k products with the [V, d] head per position, four times a plain GPT's
-    # head at s = 2 and most of what kept a shuffled step dear (docs/benchmarks.md, issue 13, "Session
+    # head at s = 2 and most of what kept a shuffled step dear (docs/history/token-shuffle.md, "Session
     # 25"). Nothing nonlinear sits between the expansion and the head but the norm's 1 / rms(e), a
     # scalar per code, and ||e||² = pᵀ (W_eᵀ W_e) p + 2 (W_eᵀ b)ᵀ p + bᵀ b is a d/k-sized quadratic form.
     # So sampling uses logits = ((W_out diag(g) W_e) p + W_out (g * b)) / rms(e): one [V, d/k] product

@@ -204,7 +204,7 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
     def compile_pass(self, mode: str = "default") -> "CTFRefiner":
         """torch.compile `scores` (static shapes: one graph per batch size). The pass is a few large
         products plus ~200 small ops; fused, it takes 49 against 82 ms for 16 images in bf16 on an
-        AMD EPYC (docs/benchmarks.md, issue 14, session 20). Every mode compiles alike: inductor's
+        AMD EPYC (docs/history/ctf.md, session 20). Every mode compiles alike: inductor's
         timed GEMM choice (max-autotune) gained 4% more there for twice the compile time."""
         if mode not in COMPILE_MODES:
             raise ArgenError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")

@@ -74,7 +74,7 @@ _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Per-depth acceptance before any observation, worth PRIOR_WEIGHT trials. The first window steps of
 # an image verify drafts predicted from blind context and nearly all fail; with 4 pseudo-trials,
 # four such misses at batch 4 voted the run to AR, and AR steps add no acceptance data, so it
-# stayed there for the process although windows paid (docs/benchmarks.md, issue 17, "Session 17").
+# stayed there for the process although windows paid (docs/history/speculative.md, "Session 17").
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.5, 32.0
 COST_UPDATE = 0.3  # weight of each real step in its width's cost estimate
 # A real step counts at most this many times its width's estimate: a step that builds a graph, or

@@ -60,7 +60,7 @@ class SettledGuards:
     guided flag is the one constant that changes midway: `cfg_interval` turns guidance off.
 
     Skipping the checks made default-c2i's compiled AR sampling 1.02-1.12x faster at batch 1 and 1.02x at 16
-    (max-autotune, 1 thread; up to 1.25x while the host ran slow; docs/benchmarks.md, issue 12, "Session 31"),
+    (max-autotune, 1 thread; up to 1.25x while the host ran slow; docs/history/decode.md, "Session 31"),
     though the same check timed alone takes 17 us. The stance is held across steps, not set per step: entering and
     leaving it costs about 0.5 ms. Only for loops whose steps keep one shape: a loop that may need a new graph
     midway (a speculative sampler's changing window) keeps every check."""

@@ -45,10 +45,11 @@ from ..hub import PIPELINE_FILE, SHIPPED_MODELS, inspect_model_dir, resolve_mode
 from ..models.base import Generator
 from ..models.gpt import GPT, GPTConfig
 from ..models.token_shuffle import TokenShuffleConfig, TokenShuffleGPT
-from ..pipeline import ARPipeline, pipeline_json
+from ..pipeline import CLASS_DESCRIPTIONS_FILE, ARPipeline, pipeline_json, save_class_descriptions
 from ..registry import load_component
 from ..tokenizers.base import ImageTokenizer
-from .common import Trainer, TrainConfig, check_run_args, seed_everything, set_threads, write_json
+from .common import (Trainer, TrainConfig, check_run_args, check_trainable_size, seed_everything, set_threads,
+                     write_json)
 from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
 
 CODES_NAME = "codes_train.safetensors"
@@ -290,31 +291,9 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         if shuffle is not None or code_to_cluster is not None:
             raise ArgenError("--distill-from trains a plain GPT on the codes: drop --shuffle / --refiner / --coarse-clusters")
         teacher, distill_params = _load_teacher(distill_from, distill_cfg, model_type, vq_model)
-    accelerator = make_accelerator()
-    out = claim_run_dir(out, resume, accelerator.is_main_process)
-
-    t_prep = time.time()
-    images, labels, codes = training_codes(vq_model, vq_dir, out, accelerator, codes_cache, flip, limit, progress,
-                                           data_root)
-    if code_to_cluster is not None:
-        codes = code_to_cluster[codes.long()].to(torch.int16)  # stage 1 learns the coarse labels only
-    num_items = len(codes)
-
-    encoder, caption_set, enc_config = None, None, None
-    if model_type == "t2i":
+    encoder = None
+    if model_type == "t2i":  # its width shapes the model
         encoder = _load_encoder(text_encoder, text_max_length, text_pooling)
-        caption_set = caption_table(encoder, captions, seed)
-        cap_feats, cap_masks = caption_set.feats, caption_set.masks
-        enc_config = dict(encoder.config())
-        if enc_config.get("name") == "minilm":
-            enc_config["path"] = None  # found again from the installed package
-    prep_s = time.time() - t_prep
-
-    if epochs is not None:
-        steps = max(1, math.ceil(epochs * (num_items // (batch_size * accelerator.num_processes))))
-    cfg = TrainConfig(out=str(out), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                      weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
-                      ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=progress)
 
     # 2D RoPE over a tokenizer's grid (grid_size only when it is not square), 1D RoPE for 1D codes
     grid_fields = dict(rope_type="1d") if grid is None else dict(grid_size=tuple(grid) if grid[0] != grid[1] else None)
@@ -334,6 +313,33 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
             fields["shuffle_mlp_hidden"] = shuffle_hidden
     gpt_cfg = config_cls.from_name(size, **fields) if size else config_cls(dim=dim, n_layer=n_layer, n_head=n_head,
                                                                            **fields)
+    check_trainable_size(lambda: model_cls(gpt_cfg), "this GPT")
+
+    accelerator = make_accelerator()
+    out = claim_run_dir(out, resume, accelerator.is_main_process)
+
+    t_prep = time.time()
+    images, labels, codes = training_codes(vq_model, vq_dir, out, accelerator, codes_cache, flip, limit, progress,
+                                           data_root)
+    if code_to_cluster is not None:
+        codes = code_to_cluster[codes.long()].to(torch.int16)  # stage 1 learns the coarse labels only
+    num_items = len(codes)
+
+    caption_set, enc_config = None, None
+    if model_type == "t2i":
+        caption_set = caption_table(encoder, captions, seed)
+        cap_feats, cap_masks = caption_set.feats, caption_set.masks
+        enc_config = dict(encoder.config())
+        if enc_config.get("name") == "minilm":
+            enc_config["path"] = None  # found again from the installed package
+    prep_s = time.time() - t_prep
+
+    if epochs is not None:
+        steps = max(1, math.ceil(epochs * (num_items // (batch_size * accelerator.num_processes))))
+    cfg = TrainConfig(out=str(out), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      weight_decay=weight_decay, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
+                      ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=progress)
+
     torch.manual_seed(seed)  # identical init on every process
     model = model_cls(gpt_cfg)
     k = model.tokens_per_position
@@ -437,7 +443,9 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
         write_json(out / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_json(folder / "metrics.json", {**metrics, "train_config": cfg.to_dict(), "run": run_info})
         write_gpt_card(folder, metrics, cfg, run_info, pipeline)
-        list_in_marker(folder, ["samples.png", "metrics.json", "MODEL_CARD.md", "refiner"])
+        if model_type == "t2i":  # read_prompt's class descriptions, embedded once here
+            save_class_descriptions(folder, encoder, CLASS_NAMES)
+        list_in_marker(folder, ["samples.png", "metrics.json", "MODEL_CARD.md", "refiner", CLASS_DESCRIPTIONS_FILE])
     accelerator.wait_for_everyone()
     return metrics
 

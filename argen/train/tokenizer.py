@@ -52,7 +52,8 @@ from ..errors import ArgenError
 from ..tokenizers.flextok import FlexTokTokenizer, powers_of_two
 from ..tokenizers.titok import TiTokTokenizer
 from ..tokenizers.vq import VQTokenizer
-from .common import Trainer, TrainConfig, check_run_args, set_threads, seed_everything, write_json
+from .common import (Trainer, TrainConfig, check_run_args, check_trainable_size, set_threads, seed_everything,
+                     write_json)
 from .gan import AdversarialLoss, decoder_last_layer
 from .rundir import check_run_dir, claim_run_dir, list_in_marker
 
@@ -436,6 +437,8 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
         model_cls, config_key, kind = FlexTokTokenizer, "flextok_config", "flextok-tokenizer"
         codebook_size = math.prod(vq_kwargs["fsq_levels"])
         restart_every = 0  # FSQ has no codebook entries to move: every grid point is a code
+
+    check_trainable_size(lambda: model_cls(**vq_kwargs), "this tokenizer")
 
     train_images, _ = load_fashion_mnist("train", data_root)
     test_images, test_labels = load_fashion_mnist("test", data_root)

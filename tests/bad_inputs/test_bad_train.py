@@ -66,6 +66,14 @@ CASES = {
     # refused before the codes cache is written (item 7)
     "gpt-size-unknown": (GPT + ["--out", "new", "--size", "GPT-ZZ"], ["GPT-ZZ"]),
     "gpt-heads-do-not-divide": (GPT + ["--out", "new", "--dim", "30", "--n-head", "4"], ["not divisible"]),
+    # a model whose training state cannot fit in memory: refused before any data is encoded
+    "gpt-too-big": (GPT + ["--out", "new", "--dim", "100000000", "--n-layer", "1", "--n-head", "1"],
+                    ["this GPT has", "GiB", "smaller model"]),
+    "refiner-too-big": (["train", "refiner", "--vq", "default-vq", "--steps", "2", "--out", "new", "--dim", "100000000"],
+                        ["this refiner has", "GiB"]),
+    "vq-too-big": (TOK + ["--out", "new", "--ch", "1000000", "--threads", "1"], ["this tokenizer has", "GiB"]),
+    "flextok-too-big": (TOK + ["--out", "new", "--arch", "flextok", "--width", "10000000", "--threads", "1"],
+                        ["this tokenizer does not fit", "GiB"]),
     "codes-cache-not-safetensors": (GPT + ["--out", "new", "--codes-cache", "notes.txt"], [".safetensors"]),
     "codes-cache-a-folder": (GPT + ["--out", "new", "--codes-cache", "folder.safetensors"], ["is a folder"]),
     "codes-cache-user-file": (GPT + ["--out", "new", "--codes-cache", "mycache.safetensors"],
