@@ -135,6 +135,15 @@ def test_quality_from_an_earlier_run_is_matched_by_sampler_and_settings(tmp_path
     assert load_quality(tmp_path / "q.json", {"model": "default-c2i", "decoding": {}})
     with pytest.raises(ArgenError, match="decoding"):
         load_quality(tmp_path / "q.json", {"model": "default-c2i", "decoding": {"m": {"flow_steps": 4}}})
+    # sampling settings: a JSON without them was measured at the defaults, with its recorded schedule
+    default = {"cfg_interval": -1, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert load_quality(tmp_path / "q.json", {"model": "default-c2i", "sampling": default})
+    for change in ({"temperature": 0.5}, {"top_k": 100}, {"top_p": 0.9}, {"cfg_interval": 10},
+                   {"cfg_schedule": "linear"}):
+        with pytest.raises(ArgenError, match="sampling"):
+            load_quality(tmp_path / "q.json", {"model": "default-c2i", "sampling": {**default, **change}})
+    write_json([rec("ar", {}, 12.0)], tmp_path / "ramp.json", {"model": "ctf-c2i", "cfg_schedule": "linear"})
+    assert load_quality(tmp_path / "ramp.json", {"sampling": {**default, "cfg_schedule": "linear"}})
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ArgenError, match="not a sampler-benchmark JSON"):
         load_quality(tmp_path / "bad.json", {})

@@ -287,9 +287,12 @@ def load_quality(path, expect: dict) -> dict:
         meta, earlier = data["meta"], data["records"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArgenError(f"--quality-from {path}: not a sampler-benchmark JSON ({exc})") from None
-    # JSONs from before these were recorded: right for one-pass decoders (fp32, nothing to set);
-    # a flow decoder's settings are then unknown and the comparison refuses
-    absent = {"decoding": {}, "decoder_dtype": "fp32", "num_tokens": None}
+    # JSONs from before these were recorded: right for one-pass decoders (fp32, nothing to set); a flow
+    # decoder's settings are then unknown and the comparison refuses. Sampling settings other than the
+    # guidance schedule (recorded on its own before) were then the defaults.
+    absent = {"decoding": {}, "decoder_dtype": "fp32", "num_tokens": None,
+              "sampling": {"cfg_interval": -1, "cfg_schedule": meta.get("cfg_schedule", "constant"),
+                           "temperature": 1.0, "top_k": 0, "top_p": 1.0}}
     for key, value in expect.items():
         earlier_value = meta.get(key, absent.get(key, value))
         if earlier_value != value:

@@ -7,8 +7,8 @@ import sys
 from ..atomic import atomic_write_json, atomic_write_text, check_output_file, sign_json, sign_text
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import (CFG_SCHEDULES, SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg,
-                      add_weights_arg, decoding_args, number)
+from .checked import (SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg, add_sampling_args,
+                      add_weights_arg, decoding_args, number, sampling_args)
 
 COUNT = number(1, integer=True)
 
@@ -57,13 +57,7 @@ def register(sub):
     s.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     s.add_argument("--num-images", type=COUNT, default=32, help="images per setting and round (default 32)")
     s.add_argument("--rounds", type=COUNT, default=3, help="timed rounds after a warm-up (default 3)")
-    s.add_argument("--cfg-scale", type=number(0), default=None, help="guidance (default: the model's)")
-    s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
-                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
-                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
-    s.add_argument("--temperature", type=number(0), default=1.0)
-    s.add_argument("--top-k", type=number(0, integer=True), default=0)
-    s.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
+    add_sampling_args(s)
     s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--fid", type=number(0, integer=True), default=0, metavar="N",
                    help="also sample N images per sampler (untimed, at the largest batch size) and score them "
@@ -312,9 +306,7 @@ def run_samplers(args) -> int:
                                               decoder_dtype=dtypes[name]) for name in names}
     decoder_dtype = dtypes[names[0]] if len(set(dtypes.values())) == 1 else dtypes  # as recorded
     _set_decoding(pipes, decoding_args(args))
-    model_params = {name: p.sampling_params(args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                            top_p=args.top_p, cfg_schedule=args.cfg_schedule)
-                    for name, p in pipes.items()}
+    model_params = {name: p.sampling_params(args.cfg_scale, **sampling_args(args)) for name, p in pipes.items()}
     pipe = pipes[names[0]]
     params = model_params[names[0]]
     cfg = params.cfg_scale if len(names) == 1 else {n: p.cfg_scale for n, p in model_params.items()}
@@ -329,10 +321,12 @@ def run_samplers(args) -> int:
     earlier_quality = None
     # the flow decoders' settings, by model: images depend on them beyond the weights
     decoding = {n: p.tokenizer.decoding_settings for n, p in pipes.items() if p.tokenizer.decoding_settings}
+    # the rest of the sampling settings (the scale is `cfg`): quality measured under others is not copied
+    sampling = {k: getattr(params, k) for k in ("cfg_interval", "cfg_schedule", "temperature", "top_k", "top_p")}
     if args.quality_from:  # checked before hours of timing, used after
         earlier_quality = load_quality(args.quality_from, {"model": args.model, "cfg_scale": cfg, "seed": args.seed,
                                                            "decoding": decoding, "decoder_dtype": decoder_dtype,
-                                                           "num_tokens": args.num_tokens})
+                                                           "num_tokens": args.num_tokens, "sampling": sampling})
     records = bench_samplers(pipe if len(names) == 1 else pipes, specs, batch_sizes, args.num_images, params,
                              args.rounds, args.seed, quality=quality, quality_images=args.fid,
                              log=lambda m: print(m, flush=True), decode=args.decode, model_params=model_params,
@@ -365,6 +359,7 @@ def run_samplers(args) -> int:
             "fid_images": args.fid, "compile": args.compile, "decode_included": args.decode, "quality_from": args.quality_from, "seed": args.seed, "forward_cost": curves, "target_entropy": entropy,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     meta["decoding"], meta["decoder_dtype"], meta["num_tokens"] = decoding, decoder_dtype, args.num_tokens
+    meta["sampling"] = sampling
     if args.json:
         write_json(records, args.json, meta)
     if args.md:

@@ -68,6 +68,34 @@ def add_compile_arg(p) -> None:
                         "(default: default)")
 
 
+def add_sampling_args(p) -> None:
+    """The sampling settings every sampling command takes (generate, eval fid, bench samplers), with one
+    range and one help text each: `--cfg-scale`, `--cfg-interval`, `--cfg-schedule`, `--temperature`,
+    `--top-k`, `--top-p` (argen.samplers.SamplingParams)."""
+    p.add_argument("--cfg-scale", type=number(0, 100), default=None,
+                   help="classifier-free guidance scale, 0..100; 1 or less turns guidance off "
+                        "(default: the model's)")
+    p.add_argument("--cfg-interval", type=number(-1, None, integer=True), default=-1, metavar="N",
+                   help="guide only image tokens 0..N+1, then sample unguided (LlamaGen semantics); "
+                        "-1 (default) guides every token, 0 only the first two")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
+                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
+    p.add_argument("--temperature", type=number(0, None), default=1.0,
+                   help="softmax temperature >= 0 (default 1.0; 0 picks the most likely token)")
+    p.add_argument("--top-k", type=number(0, None, integer=True), default=0, metavar="K",
+                   help="sample from the K most likely tokens; 0 (default) keeps all")
+    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens holding probability P, in (0, 1]; "
+                        "1.0 (default) keeps all")
+
+
+def sampling_args(args) -> dict:
+    """The `SamplingParams` keywords of `add_sampling_args` other than the guidance scale."""
+    return dict(cfg_interval=args.cfg_interval, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p)
+
+
 def add_drafter_arg(p) -> None:
     """`--drafter`: the draft model of the `draft` sampler, instead of the pipeline's own."""
     p.add_argument("--drafter", metavar="MODEL", default=None,

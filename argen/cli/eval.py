@@ -26,8 +26,8 @@ from pathlib import Path
 from ..atomic import atomic_write_json, check_output_file, sign_json
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import (CFG_SCHEDULES, SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg,
-                      add_weights_arg, decoding_args, number)
+from .checked import (SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg, add_sampling_args,
+                      add_weights_arg, decoding_args, number, sampling_args)
 
 COUNT = number(1, integer=True)
 
@@ -60,14 +60,7 @@ def _add_sampling_args(p, required_out: bool):
                    help="sampler option (repeatable), e.g. --sampler-opt G=10")
     p.add_argument("--num-samples", type=COUNT, default=10000, help="images to generate (default 10000)")
     p.add_argument("--batch-size", type=COUNT, default=16, help="images per sampler call and process (default 16)")
-    p.add_argument("--cfg-scale", type=number(0), default=None, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--cfg-interval", type=number(-1, integer=True), default=-1)
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
-                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
-                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
-    p.add_argument("--temperature", type=number(0), default=1.0)
-    p.add_argument("--top-k", type=number(0, integer=True), default=0)
-    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0)
+    add_sampling_args(p)
     p.add_argument("--seed", type=SEED, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--num-tokens", type=number(1, None, integer=True), default=None, metavar="K",
                    help="sample only the first K tokens and decode that prefix (tokenizers that decode prefixes, "
@@ -200,8 +193,7 @@ def _sample(args, state, device):
     num_tokens = pipe.check_num_tokens(args.num_tokens)
     if args.compile:
         pipe.compile(args.compile)
-    params = pipe.sampling_params(args.cfg_scale, cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    params = pipe.sampling_params(args.cfg_scale, **sampling_args(args))
     summary = generate_samples(pipe, args.out, args.num_samples, sampler=name, sampler_options=options, params=params,
                                seed=args.seed, batch_size=args.batch_size, prompts=prompts, model_name=str(args.model),
                                state=state, log=_log, num_tokens=num_tokens)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checks import MAX_SEED
 from ..errors import ArgenError
-from .checked import (CFG_SCHEDULES, SEED, add_compile_arg, add_decoding_args, add_drafter_arg, add_weights_arg,
+from .checked import (SEED, add_compile_arg, add_decoding_args, add_drafter_arg, add_sampling_args, add_weights_arg,
                       decoding_args, number)
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
@@ -36,22 +36,7 @@ def register(sub):
                         "An existing file or folder there is replaced only if argen wrote it")
     p.add_argument("--sampler", default="ar",
                    help="sampler name or spec with options (default ar), e.g. mcsjd:L=8 or gsd:G=10")
-    p.add_argument("--cfg-scale", type=number(0, 100), default=None,
-                   help="classifier-free guidance scale, 0..100; 1 or less turns guidance off "
-                        "(default: the model's)")
-    p.add_argument("--cfg-interval", type=number(-1, None, integer=True), default=-1, metavar="N",
-                   help="guide only image tokens 0..N+1, then sample unguided (LlamaGen semantics); "
-                        "-1 (default) guides every token, 0 only the first two")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
-                   help="guidance over the image: constant, linear or cosine (ramp from 1 at the first position to "
-                        "--cfg-scale at the last); default: the model's (constant unless its pipeline.json says otherwise)")
-    p.add_argument("--temperature", type=number(0, None), default=1.0,
-                   help="softmax temperature >= 0 (default 1.0; 0 picks the most likely token)")
-    p.add_argument("--top-k", type=number(0, None, integer=True), default=0, metavar="K",
-                   help="sample from the K most likely tokens; 0 (default) keeps all")
-    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, metavar="P",
-                   help="sample from the smallest set of tokens holding probability P, in (0, 1]; "
-                        "1.0 (default) keeps all")
+    add_sampling_args(p)
     p.add_argument("--num-tokens", type=number(1, None, integer=True), default=None, metavar="K",
                    help="generate only the first K tokens and decode that prefix (models whose tokenizer "
                         "decodes prefixes, such as flextok-c2i); default: every token")
