@@ -139,8 +139,6 @@ def _class_descriptions(class_names: Sequence[str]) -> tuple:
     return texts, labels
 
 
-
-
 #: The sentence embeddings of a text-to-image pipeline's class descriptions, saved beside its
 #: pipeline.json: reading a prompt (`ARPipeline.read_prompt`, behind the note `argen generate` prints)
 #: would otherwise embed every description (441 texts for Fashion-MNIST, about 2 s on one of our
@@ -180,7 +178,7 @@ def load_class_descriptions(folder, text_encoder, class_names: Sequence[str]) ->
         with safe_open(str(path), "pt") as handle:
             if (handle.metadata() or {}).get("key") != _descriptions_key(text_encoder, class_names):
                 return None
-            embeddings, labels = handle.get_tensor("embeddings"), handle.get_tensor("labels")
+            embeddings, labels = handle.get_tensor("embeddings").float(), handle.get_tensor("labels")
     except (OSError, KeyError, SafetensorError):  # unreadable: computed instead
         return None
     probe = text_encoder.sentence_embeddings(_class_descriptions(class_names)[0][:1]).float().cpu()

@@ -14,7 +14,8 @@ COUNT = number(1, integer=True)
 
 
 def register(sub):
-    p = sub.add_parser("bench", help="benchmarks (decode speed vs roofline, ...)")
+    p = sub.add_parser("bench", help="benchmarks: decode steps against the weight floor, samplers and "
+                                      "generators side by side, feature extraction")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND")
     d = kinds.add_parser("decode", help="ms per decode step and tokens/s against the memory floor "
                                         "(the model's own matrices streamed at 1 row)")

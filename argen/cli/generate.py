@@ -24,7 +24,8 @@ def register(sub):
     p.add_argument("prompt", nargs="?", help="text prompt (text-to-image)")
     p.add_argument("--class", dest="classes", action="append", metavar="CLASS",
                    help="class name or id (class-conditional); repeat for several")
-    p.add_argument("--model", help="shipped model name (default-t2i, default-c2i) or a pipeline/model folder")
+    p.add_argument("--model", help="shipped pipeline (default-t2i, default-c2i, shuffle-c2i, titok-c2i, ctf-c2i, "
+                                  "flextok-c2i) or a pipeline/model folder")
     p.add_argument("--tokenizer", help="override the model's recorded tokenizer (name or folder)")
     p.add_argument("--num-images", type=number(1, 4096, integer=True), default=16, metavar="N",
                    help="images per class or per prompt, 1..4096 (default 16): "
