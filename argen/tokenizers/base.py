@@ -86,7 +86,7 @@ class ImageTokenizer(abc.ABC):
         Optional, and worth it only where decoding is a large share of a run: compiled products round apart
         from eager ones, so the images move by float rounding (tokens never do). VQ and TiTok keep this
         default, which does nothing, and `--compile` leaves their images exactly eager's: their decodes are
-        3-7% (default-c2i) and 7-21% (titok-c2i) of a run at batch 1-16 (docs/flextok.md, session 23), and
+        3-7% (default-c2i) and 7-21% (titok-c2i) of a run at batch 1-16 (docs/history/flextok.md, session 23), and
         their convolutions, pinned to oneDNN's kernel (`argen.tokenizers.layers`), do not trace as written."""
         return self
 

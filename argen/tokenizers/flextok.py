@@ -135,7 +135,7 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
     model; `decode` takes others per call (`num_steps=`, `guidance_scale=`, `guidance_start=`), and
     `set_decoding` changes the defaults of a loaded model (the pipeline calls `decode(codes, seeds=...)`
     only). `guidance_start` s leaves the first s Euler steps unguided: one decoder pass each instead
-    of two. Guidance matters least at the noisiest steps (docs/flextok.md, "Session 15").
+    of two. Guidance matters least at the noisiest steps (docs/history/flextok.md, "Session 15").
     """
 
     config_name = "config.json"
@@ -322,7 +322,7 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         """torch.compile `velocity` for `decode` (static shapes: one graph per row count, i.e. per batch size
         and guided or not). The decoder is most of flextok-c2i's time at batch 16 and a step of it is a
         few small products and many small ops; fused, a 16-image decode of 4 tokens takes 278 against 368 ms
-        (1 thread, AMD EPYC, docs/flextok.md, session 23). The images stay within 1e-5 of eager's (a pixel
+        (1 thread, AMD EPYC, docs/history/flextok.md, session 23). The images stay within 1e-5 of eager's (a pixel
         in about 17,000 moves by one grey level) and, as eager's, do not depend on the batch (tested).
         max-autotune gained nothing there, so every mode compiles alike."""
         if mode not in COMPILE_MODES:

@@ -269,7 +269,7 @@ FSQ_ACTIVE_RANGE = 2.0
 
 def fsq_saturation(latent: torch.Tensor) -> torch.Tensor:
     """mean(relu(|z| - 2)^2) over the registers before FSQ: zero inside the range where tanh still has a
-    slope, growing outside it. Measured on FlexTok (docs/flextok.md): without it, 85% of the latents
+    slope, growing outside it. Measured on FlexTok (docs/history/flextok.md): without it, 85% of the latents
     were past |z| = 2 after 200 steps (81% after 850), most codes pinned to the extreme levels of
     each dimension, 43 of 1,000 codes in use."""
     return F.relu(latent.abs() - FSQ_ACTIVE_RANGE).pow(2).mean()
