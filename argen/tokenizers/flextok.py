@@ -186,7 +186,11 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
             for _ in range(enc_layers)])
         self.enc_norm = nn.LayerNorm(enc_width)
         self.to_fsq = nn.Linear(enc_width, len(levels))
-        self.fsq = FSQ(levels)  # no projections (dim = len(levels)), no persistent buffers
+        # no projections (dim = len(levels)), no persistent buffers. FSQ reads its levels' values as it is
+        # built, which the meta device cannot give (argen's size check before training builds models there),
+        # so its few buffers are made on the CPU; they move with the model.
+        with torch.device("cpu"):
+            self.fsq = FSQ(levels)
         self.register_buffer("attn_mask", register_causal_mask(self.num_patches, num_registers), persistent=False)
         # decoder
         self.dec_patch_embed = nn.Linear(self.patch_dim, dec_width)

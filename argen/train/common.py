@@ -651,32 +651,16 @@ TRAINING_BYTES_PER_PARAMETER = 20
 def check_trainable_size(build: Callable[[], torch.nn.Module], what: str) -> None:
     """Refuse, in one line and before any data is prepared, a model whose training state cannot fit in
     this machine's memory. Without it an absurd width (`--dim 100000000`) passed every check, encoded the
-    training set for minutes and then died in a raw allocator traceback. `build` runs on the meta device
-    (nothing allocated); a model that cannot be built there (FSQ reads its levels' values) is built for
-    real, and an allocation that fails is refused the same way."""
-    try:
-        with torch.device("meta"):
-            model = build()
-    except (RuntimeError, NotImplementedError) as error:
-        if "meta" not in str(error):
-            raise
-        try:
-            model = build()
-        except RuntimeError as oom:
-            if "can't allocate memory" not in str(oom):
-                raise
-            raise ArgenError(f"{what} does not fit in this machine's memory ({_memory_bytes() / 2**30:,.0f} GiB); "
-                             "choose a smaller model") from None
-    parameters = sum(p.numel() for p in model.parameters())
+    training set for minutes and then died in a raw allocator traceback. `build` runs on the meta device:
+    nothing is allocated."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build().parameters())
     need = parameters * TRAINING_BYTES_PER_PARAMETER
-    if need > _memory_bytes():
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
         raise ArgenError(f"{what} has {parameters:,} parameters: training it needs about {need / 2**30:,.0f} GiB "
                          f"(weights, gradients, Adam moments and EMA in float32), and this machine has "
-                         f"{_memory_bytes() / 2**30:,.0f} GiB; choose a smaller model")
-
-
-def _memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                         f"{memory / 2**30:,.0f} GiB; choose a smaller model")
 
 
 def _short(value, limit: int = 120) -> str:

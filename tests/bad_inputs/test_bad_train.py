@@ -73,7 +73,7 @@ CASES = {
                         ["this refiner has", "GiB"]),
     "vq-too-big": (TOK + ["--out", "new", "--ch", "1000000", "--threads", "1"], ["this tokenizer has", "GiB"]),
     "flextok-too-big": (TOK + ["--out", "new", "--arch", "flextok", "--width", "10000000", "--threads", "1"],
-                        ["this tokenizer does not fit", "GiB"]),
+                        ["this tokenizer has", "GiB"]),
     "codes-cache-not-safetensors": (GPT + ["--out", "new", "--codes-cache", "notes.txt"], [".safetensors"]),
     "codes-cache-a-folder": (GPT + ["--out", "new", "--codes-cache", "folder.safetensors"], ["is a folder"]),
     "codes-cache-user-file": (GPT + ["--out", "new", "--codes-cache", "mycache.safetensors"],
