@@ -396,6 +396,12 @@ def test_gpt_t2i_resume_is_bit_exact(tmp_path, tiny_vq_dir):
     folder = tmp_path / "a" / "model"
     assert json.loads((folder / "text_encoder.json").read_text())["feature_dim"] == 384
     assert json.loads((folder / "pipeline.json").read_text())["text_encoder"]["name"] == "minilm"
+    # the export embeds the class descriptions once, and the loaded pipeline reads prompts against them
+    from argen.pipeline import CLASS_DESCRIPTIONS_FILE, ARPipeline, load_class_descriptions
+
+    pipe = ARPipeline.from_pretrained(folder)
+    assert (folder / CLASS_DESCRIPTIONS_FILE).is_file()
+    assert load_class_descriptions(folder, pipe.text_encoder, pipe.class_names) is not None
 
 
 # -- CLI -----------------------------------------------------------------------------------
