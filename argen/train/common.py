@@ -532,7 +532,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             log.truncate_after(self.step)
-            (self.out / "train_config.json").write_text(json.dumps(
+            atomic_write_text(self.out / "train_config.json", json.dumps(
                 {"train": cfg.to_dict(), "run": self.run_info, "num_processes": acc.num_processes}, indent=1))
         if self.finished:
             return

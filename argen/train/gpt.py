@@ -39,7 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..data import captions as captions_mod
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, pad_image, to_model_range
-from ..atomic import atomic_write
+from ..atomic import atomic_write, atomic_write_text
 from ..errors import ArgenError
 from ..hub import PIPELINE_FILE, SHIPPED_MODELS, inspect_model_dir, resolve_model_dir
 from ..models.base import Generator
@@ -707,7 +707,7 @@ from argen.pipeline import ARPipeline
 pipe = ARPipeline.from_pretrained("<this folder or its shipped name>")
 ```
 """
-    (folder / "MODEL_CARD.md").write_text(text)
+    atomic_write_text(folder / "MODEL_CARD.md", text)
 
 
 def _objective_text(run_info: dict, g: dict) -> str:

@@ -47,6 +47,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_text
 from ..data.fashion_mnist import load_fashion_mnist, pad_image, to_model_range
 from ..errors import ArgenError
 from ..tokenizers.flextok import FlexTokTokenizer, powers_of_two
@@ -706,7 +707,7 @@ codes = vq.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, {side}, {side}]
 images = vq.decode(codes)
 ```
 """
-    (folder / "MODEL_CARD.md").write_text(text)
+    atomic_write_text(folder / "MODEL_CARD.md", text)
 
 
 def write_titok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict) -> None:
@@ -753,7 +754,7 @@ codes = tok.encode(images)   # [B, 1, 32, 32] in [-1, 1] -> [B, {k}]
 images = tok.decode(codes)
 ```
 """
-    (folder / "MODEL_CARD.md").write_text(text)
+    atomic_write_text(folder / "MODEL_CARD.md", text)
 
 
 def write_flextok_card(folder: Path, metrics: dict, cfg: TrainConfig, run_info: dict) -> None:
@@ -807,4 +808,4 @@ codes = tok.encode(images)                     # [B, 1, 32, 32] in [-1, 1] -> [B
 images = tok.decode(codes[:, :4], seeds=[0, 1, ...])   # any prefix; num_steps=, guidance_scale= optional
 ```
 """
-    (folder / "MODEL_CARD.md").write_text(text)
+    atomic_write_text(folder / "MODEL_CARD.md", text)
