@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -25,6 +26,13 @@ def save_png_atomic(image: Image.Image, path) -> None:
     info = PngInfo()
     info.add_text(SIGNATURE, __version__)
     atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+
+
+def save_grey_figure(pixels, path, scale: int = 2) -> None:
+    """A grey [H, W] tensor in [-1, 1] as a PNG with each pixel scale x scale, written atomically: the
+    sample and reconstruction figures training leaves beside its exports."""
+    img = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    save_png_atomic(Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST), path)
 
 
 def make_grid(images: Sequence[Image.Image], columns: int = 0, scale: int = 1, pad: int = 2) -> Image.Image:

@@ -40,6 +40,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..data import captions as captions_mod
 from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, pad_image, to_model_range
 from ..atomic import atomic_write, atomic_write_text
+from ..imageio import save_grey_figure
 from ..errors import ArgenError
 from ..hub import PIPELINE_FILE, SHIPPED_MODELS, inspect_model_dir, resolve_model_dir
 from ..models.base import Generator
@@ -224,13 +225,10 @@ def sample_grid(pipe, labels: torch.Tensor, prompts=None, seeds=None) -> torch.T
 
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
-    from PIL import Image
-
     B, _, H, W = images.shape
     cols = B // rows
     grid = images[: rows * cols, 0].reshape(rows, cols, H, W).permute(0, 2, 1, 3).reshape(rows * H, cols * W)
-    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+    save_grey_figure(grid, path, scale)
 
 
 # --------------------------------------------------------------------------------------------

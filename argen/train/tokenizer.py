@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
+from ..imageio import save_grey_figure
 from ..data.fashion_mnist import load_fashion_mnist, pad_image, to_model_range
 from ..errors import ArgenError
 from ..tokenizers.flextok import FlexTokTokenizer, powers_of_two
@@ -203,22 +204,17 @@ class CodeRestarter:
 
 def _save_recon_grid(vq, images_uint8: torch.Tensor, path: Path, n: int = 16) -> None:
     """Rows: originals / reconstructions, 2 pairs of rows, for the model card."""
-    from PIL import Image
-
     n = max(1, min(n, len(images_uint8) // 2))
     x = ImageBatches(images_uint8).batch(torch.arange(2 * n))
     with torch.no_grad():
         recon = vq.decode(vq.encode(x)).float().clamp(-1, 1)
     rows = [x[:n], recon[:n], x[n:], recon[n:]]
     grid = torch.cat([torch.cat(list(r[:, 0]), dim=1) for r in rows], dim=0)
-    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
+    save_grey_figure(grid, path)
 
 
 def save_prefix_grid(tok, images_uint8: torch.Tensor, path: Path, n: int = 12) -> None:
     """FlexTok card figure: row 0 the originals, then one row per prefix length k = 1, 2, 4, ..., K."""
-    from PIL import Image
-
     n = max(1, min(n, len(images_uint8)))
     x = ImageBatches(images_uint8).batch(torch.arange(n))
     rows = [x]
@@ -227,8 +223,7 @@ def save_prefix_grid(tok, images_uint8: torch.Tensor, path: Path, n: int = 12) -
         for k in powers_of_two(tok.num_tokens):
             rows.append(tok.decode(codes[:, :k], seeds=list(range(n))).float().clamp(-1, 1))
     grid = torch.cat([torch.cat(list(r[:, 0]), dim=1) for r in rows], dim=0)
-    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(path)
+    save_grey_figure(grid, path)
 
 
 def titok_kwargs(*, num_latent_tokens: int, patch_size: int, width: int, enc_layers: int, dec_layers: int,
