@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import ConfigMixin, FlowMatchEulerDiscreteScheduler, ModelMixin
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
@@ -380,6 +380,10 @@ class FlexTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromC
         slots = self.register_slots(values, torch.full((b,), n, device=device), b)
         both = torch.cat([slots, self.null_slots(b, device)]) if scale > 1.0 and start < steps else None
         x = self.initial_noise(seeds, torch.float32, device)
+        # imported here: diffusers' scheduler module imports scipy.stats (0.6-0.8 s), which every argen command
+        # would otherwise pay at start, FlexTok or not
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
         # uniform sigmas 1, 1 - 1/T, ..., 1/T (then 0): T equal Euler steps, the integration FlexTok uses
         scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
