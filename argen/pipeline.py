@@ -152,17 +152,16 @@ def class_description_embeddings(text_encoder, class_names: Sequence[str]) -> tu
     return text_encoder.sentence_embeddings(texts).float().cpu(), torch.tensor(labels)
 
 
-def _descriptions_key(text_encoder, class_names: Sequence[str]) -> str:
-    texts, labels = _class_descriptions(class_names)
-    what = {"texts": texts, "labels": labels, "encoder": text_encoder.name, "dim": text_encoder.feature_dim}
+def _descriptions_key(text_encoder, texts: Sequence[str], labels: Sequence[int]) -> str:
+    what = {"texts": list(texts), "labels": list(labels), "encoder": text_encoder.name, "dim": text_encoder.feature_dim}
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 def save_class_descriptions(folder, text_encoder, class_names: Sequence[str]) -> Path:
     """Write `CLASS_DESCRIPTIONS_FILE` into `folder` (atomically)."""
     embeddings, labels = class_description_embeddings(text_encoder, class_names)
-    data = save_safetensors({"embeddings": embeddings.contiguous(), "labels": labels},
-                            metadata={"key": _descriptions_key(text_encoder, class_names)})
+    key = _descriptions_key(text_encoder, *_class_descriptions(class_names))
+    data = save_safetensors({"embeddings": embeddings.contiguous(), "labels": labels}, metadata={"key": key})
     return atomic_write(Path(folder) / CLASS_DESCRIPTIONS_FILE, lambda handle: handle.write(data))
 
 
@@ -174,18 +173,20 @@ def load_class_descriptions(folder, text_encoder, class_names: Sequence[str]) ->
     path = Path(folder) / CLASS_DESCRIPTIONS_FILE
     if not path.is_file():
         return None
+    texts, labels = _class_descriptions(class_names)
     try:
         with safe_open(str(path), "pt") as handle:
-            if (handle.metadata() or {}).get("key") != _descriptions_key(text_encoder, class_names):
+            if (handle.metadata() or {}).get("key") != _descriptions_key(text_encoder, texts, labels):
                 return None
-            embeddings, labels = handle.get_tensor("embeddings").float(), handle.get_tensor("labels")
+            embeddings, saved_labels = handle.get_tensor("embeddings").float(), handle.get_tensor("labels")
     except (OSError, KeyError, SafetensorError):  # unreadable: computed instead
         return None
-    probe = text_encoder.sentence_embeddings(_class_descriptions(class_names)[0][:1]).float().cpu()
-    if embeddings.dim() != 2 or len(embeddings) != len(labels) or probe.shape[1] != embeddings.shape[1] \
+    probe = text_encoder.sentence_embeddings(texts[:1]).float().cpu()
+    if embeddings.shape != (len(texts), probe.shape[1]) or not torch.equal(saved_labels, torch.tensor(labels)) \
             or not torch.allclose(probe[0], embeddings[0], atol=1e-4):
         return None
-    return embeddings, labels
+    return embeddings, saved_labels
+
 
 class ARPipeline(DiffusionPipeline):
     def __init__(self, generator: Generator, tokenizer: ImageTokenizer, text_encoder=None,
