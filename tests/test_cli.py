@@ -196,3 +196,27 @@ def test_sampler_option_given_twice(workdir, capsys, spec, fragment):
     _refused(capsys, ["generate", "--class", "1", "--num-images", "1", "--out", "new.png", "--sampler", spec],
              fragment)
     assert not (workdir / "new.png").exists()
+
+
+def test_generate_imports_its_libraries_with_the_collector_paused_then_frozen(tmp_path):
+    """`argen generate` imports torch, diffusers and the pipeline through `import_libraries`: their objects end up
+    frozen (no collection walks them again, at exit neither) and the collector runs again for the sampling."""
+    probe = ("import gc, sys\n"
+             "from argen.cli.main import main\n"
+             f"code = main(['generate', '--model', 'default-c2i', '--class', 'sneaker', '--num-images', '1', "
+             f"'--out', {str(tmp_path / 'grid.png')!r}])\n"
+             "print(code, gc.isenabled(), gc.get_freeze_count())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    code, collecting, frozen = out.stdout.split()[-3:]
+    assert code == "0" and collecting == "True"
+    assert int(frozen) > 200_000  # torch and diffusers alone make about 500,000 objects
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_import_libraries_leaves_a_paused_collector_paused():
+    probe = ("import gc\nfrom argen.cli.startup import import_libraries\n"
+             "gc.disable(); import_libraries(); print(gc.isenabled(), gc.get_freeze_count() > 200_000)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["False", "True"]

@@ -9,6 +9,7 @@ from ..checks import MAX_SEED
 from ..errors import ArgenError
 from .checked import (SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg, add_sampling_args,
                       add_weights_arg, decoding_args, number, sampling_args)
+from .startup import import_libraries
 
 COUNT = number(1, integer=True)
 
@@ -136,6 +137,7 @@ def run_decode(args) -> int:
     if args.llamagen and args.model:
         raise ArgenError("--llamagen compares official GPT sizes with random weights; drop --model")
 
+    import_libraries()
     import torch
 
     from ..bench.decode import (bench_decode, bench_end_to_end, build_variants, compiled_label, end_to_end_table,
@@ -285,6 +287,7 @@ def run_samplers(args) -> int:
         check_output_file(args.md, (".md",), "--md")
     if args.plot:
         check_output_file(args.plot, (".png",), "--plot")
+    import_libraries()
     from ..samplers.spec import parse_spec
 
     specs = [parse_spec(text) for text in args.samplers]  # a bad spec is refused before the model loads
@@ -372,6 +375,7 @@ def run_samplers(args) -> int:
 
 def run_features(args) -> int:
     _check_json(args)
+    import_libraries()
     import torch
 
     from ..bench.features import bench_features

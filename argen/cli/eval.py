@@ -28,6 +28,7 @@ from ..checks import MAX_SEED
 from ..errors import ArgenError
 from .checked import (SEED, THREADS, add_compile_arg, add_decoding_args, add_drafter_arg, add_sampling_args,
                       add_weights_arg, decoding_args, number, sampling_args)
+from .startup import import_libraries
 
 COUNT = number(1, integer=True)
 
@@ -148,6 +149,7 @@ def _log(message: str) -> None:
 
 
 def _setup(args):
+    import_libraries()
     import torch
 
     if args.device:  # an unknown name or a missing GPU: one line, not torch's traceback
@@ -340,6 +342,7 @@ def run_ref_stats(args) -> int:
     if args.out:
         check_npz_output(args.out, "--out")
     _check_before_work(args, sampling=False)
+    import_libraries()
     from ..eval.npz import write_stats_npz
     from ..eval.reference import load_reference_images, real_data_floor, reference_stats
 
@@ -376,6 +379,7 @@ def run_ref_stats(args) -> int:
 def run_prompts(args) -> int:
     if args.json:  # before any work: never replace the user's file, never write a non-.json one
         check_output_file(args.json, (".json",), "--json")
+    import_libraries()
     import torch
 
     from ..eval.prompts import format_accuracy, load_labelled_prompts, prompt_accuracy
@@ -405,6 +409,7 @@ def run_tokenizer(args) -> int:
     from ..hub import resolve_model_dir
 
     folder = resolve_model_dir(args.tokenizer)
+    import_libraries()
     import torch
 
     from ..data.fashion_mnist import load_fashion_mnist

@@ -13,6 +13,7 @@ from ..checks import MAX_SEED
 from ..errors import ArgenError
 from .checked import (SEED, add_compile_arg, add_decoding_args, add_drafter_arg, add_sampling_args, add_weights_arg,
                       decoding_args, number)
+from .startup import import_libraries
 
 MAX_GRID_PIXELS = 100_000_000  # the grid PNG; 4096 images at the default --grid-scale 4 are ~55 megapixels
 
@@ -116,6 +117,7 @@ def run(args) -> int:
     out, folder = check_outputs(args.out)
 
     # ---- heavy part -------------------------------------------------------------------------
+    import_libraries()
     from ..atomic import is_argen_file
     from ..checks import check_device
     from ..imageio import make_grid, save_images_folder, save_png_atomic

@@ -12,6 +12,7 @@ import sys
 
 from ..errors import ArgenError
 from .checked import NESTED_DROPOUT_MODES, SEED, number
+from .startup import import_libraries
 
 COUNT = number(1, integer=True)  # steps, batch sizes, intervals
 
@@ -253,6 +254,7 @@ def _check_outputs(args) -> None:
 def _run_tokenizer(args) -> int:
     options = _arch_options(args)
     _check_outputs(args)
+    import_libraries()
     from ..train.tokenizer import train_tokenizer
 
     books = {k: v for k, v in (("codebook_size", args.codebook_size), ("codebook_dim", args.codebook_dim))
@@ -278,6 +280,7 @@ def _run_gpt(args) -> int:
 
         resolve_model_dir(args.init_from)
     _check_outputs(args)
+    import_libraries()
     from ..train.gpt import train_gpt
 
     metrics = train_gpt(**_common_kwargs(args), model_type=args.model_type, vq=args.vq, size=args.size,
@@ -298,6 +301,7 @@ def _run_gpt(args) -> int:
 
 def _run_refiner(args) -> int:
     _check_outputs(args)
+    import_libraries()
     from ..train.refiner import train_refiner
 
     metrics = train_refiner(**_common_kwargs(args), vq=args.vq, num_clusters=args.clusters,
