@@ -51,6 +51,28 @@ def test_bench_samplers_records_and_outputs(tmp_path):
     assert markdown_table(records).count("\n") == 5
 
 
+def test_bench_samplers_interleaves_the_settings_batch_by_batch(monkeypatch):
+    """Each batch of images runs in every setting before the next batch starts, in alternating order (the hosts
+    drift within seconds), and a setting's counters are those of all its images sampled in one call."""
+    import argen.bench.samplers as bench
+
+    pipe = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
+    specs = [parse_spec("ar"), parse_spec("sjd:L=4")]
+    calls, real = [], bench.run_sampler
+    monkeypatch.setattr(bench, "run_sampler", lambda p, sampler, conds, params, bs, seeds, *rest:
+                        calls.append((sampler.name, list(seeds))) or real(p, sampler, conds, params, bs, seeds, *rest))
+    params = SamplingParams(cfg_scale=2.0)
+    records = bench_samplers(pipe, specs, [2], 6, params, rounds=1, log=lambda m: None)
+    timed = calls[2:]  # after one warm-up batch per setting
+    assert timed == [("ar", [0, 1]), ("sjd", [0, 1]), ("sjd", [2, 3]), ("ar", [2, 3]), ("ar", [4, 5]), ("sjd", [4, 5])]
+    _, nfe, accepted, _, _ = real(pipe, bench.make_sampler(specs[1]), bench.benchmark_conditions(pipe, 6), params, 2,
+                                  list(range(6)))
+    sjd = records[1]
+    assert sjd.sampler == "sjd" and sjd.nfe_per_image == pytest.approx(nfe.mean().item())
+    assert sjd.accepted_per_forward == pytest.approx(sum(accepted) / len(accepted))
+    assert records[0].nfe_per_image == 16 and sjd.nfe_per_image < 16
+
+
 def test_bench_samplers_scores_a_separate_quality_set_once_per_setting():
     pipe = ARPipeline(tiny_gpt(), tiny_vq(), class_names=CLASS_NAMES)
     specs = [parse_spec("ar"), parse_spec("sjd:L=4")]

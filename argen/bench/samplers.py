@@ -103,7 +103,8 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
                    model_params: Optional[dict] = None, num_tokens: Optional[int] = None) -> List[Record]:
     """Measure every spec at every batch size.
 
-    Speed: `num_images` images per setting, `rounds` interleaved timed rounds after a warm-up.
+    Speed: `num_images` images per setting, `rounds` timed rounds after a warm-up, each interleaving the
+    settings batch by batch.
     `decode`: the timed region also turns the tokens into images (the tokenizer's decode).
     Quality (when `quality(images, labels) -> {fid, is, class_accuracy}` is given): each setting
     samples `quality_images` images once, untimed, at the largest batch size (a sample does not
@@ -143,12 +144,23 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
         times = {key: [] for key in runs}
         results = {}
         for r in range(rounds):
-            for key, (p, sampler) in runs.items():
-                tokens, nfe, accepted, seconds, drafts = run_sampler(p, sampler, conds[key[0]][:num_images],
-                                                                     par[key[0]], bs, seeds[:num_images], decode,
-                                                                     prefix[key[0]])
-                times[key].append(seconds)
-                results[key] = (nfe, accepted, drafts)
+            # Interleaved batch by batch, not setting by setting: the hosts' speed drifts by tens of percent
+            # within seconds, and a setting that ran all its images in one stretch would meet another phase of
+            # the host than the setting it is compared with. Each batch of images runs once in every setting,
+            # in alternating order, and a round's time for a setting is the sum over its batches.
+            seconds = {key: 0.0 for key in runs}
+            parts = {key: [] for key in runs}
+            for i, lo in enumerate(range(0, num_images, bs)):
+                hi = min(lo + bs, num_images)
+                for key in (list(runs) if i % 2 == 0 else list(reversed(runs))):
+                    p, sampler = runs[key]
+                    _, nfe, accepted, spent, drafts = run_sampler(p, sampler, conds[key[0]][lo:hi], par[key[0]], bs,
+                                                                  seeds[lo:hi], decode, prefix[key[0]])
+                    seconds[key] += spent
+                    parts[key].append((nfe, accepted, drafts))
+            for key in runs:
+                times[key].append(seconds[key])
+                results[key] = _joined(parts[key])
             log(f"batch {bs} round {r + 1}/{rounds}: " + ", ".join(f"{tag(k)} {v[-1]:.2f}s" for k, v in times.items()))
         first_ar = statistics.median(times[(first, "ar")])
         for name in pipes:
@@ -170,6 +182,15 @@ def bench_samplers(pipe, specs: Sequence[SamplerSpec], batch_sizes: Sequence[int
             _add_quality(p, specs, mine, conds[name][:quality_images], seeds[:quality_images], par[name],
                          max(batch_sizes), quality, log, prefix[name])
     return records
+
+
+def _joined(parts: list) -> tuple:
+    """(NFE per image, accepted per forward, draft forwards per image or None) of a setting over its batches,
+    from each batch's (nfe, accepted, drafts)."""
+    nfe = torch.cat([part[0] for part in parts])
+    accepted = [a for part in parts for a in part[1]]
+    drafts = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
+    return nfe, accepted, drafts
 
 
 @torch.no_grad()
