@@ -255,6 +255,7 @@ def _check_before_work(args, sampling: bool) -> None:
         if kind == "folder":
             list_image_files(value, "reference folder")
     if sampling:
+        import_libraries()
         _sampler_spec(args)
 
 
