@@ -1,9 +1,9 @@
 """Wall time of whole `argen` commands, today's tree against an earlier one, runs interleaved.
 
 What a user of `argen generate` waits for is mostly start-up (imports, loading) and exit, not sampling, so this
-times the whole process: each round runs every command once with each tree, alternating which goes first, and
-the table gives the median seconds of each and their ratio. The earlier tree is a checkout, for example
-`git worktree add /tmp/argen-before <commit>`:
+times the whole process: each round runs every command once with each tree, the order rotating from round to
+round (`argen.bench.decode.interleave`), and the table gives the median seconds of each and their ratio. The
+earlier tree is a checkout, for example `git worktree add /tmp/argen-before <commit>`:
 
     python scripts/bench_startup.py --before /tmp/argen-before --rounds 7
 
@@ -49,14 +49,12 @@ def main() -> None:
         p.error(f"--before {args.before}: no argen/ package there")
     commands = args.command or COMMANDS
     trees = {"before": args.before.resolve(), "today": TODAY}
-    times = {(name, c): [] for name in trees for c in commands}
+    from argen.bench.decode import interleave  # after the argument checks: it imports torch
+
     with tempfile.TemporaryDirectory() as scratch:
-        for r in range(args.rounds):
-            order = list(trees) if r % 2 == 0 else list(reversed(trees))
-            for command in commands:
-                for name in order:
-                    times[name, command].append(wall_seconds(trees[name], command, Path(scratch)))
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        tasks = {(name, command): (lambda tree=tree, command=command: [wall_seconds(tree, command, Path(scratch))])
+                 for command in commands for name, tree in trees.items()}
+        times = interleave(tasks, args.rounds)
     print("| command | before, s | today, s | today's speed-up |")
     print("|---|---|---|---|")
     for command in commands:
