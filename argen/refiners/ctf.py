@@ -218,8 +218,10 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
 
     def restricted(self, logits: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Logits with every code outside its position's cluster set to -inf."""
-        allowed = self.code_to_cluster.view(1, 1, -1) == coarse.unsqueeze(-1)
-        return logits.masked_fill(~allowed, float("-inf"))
+        # one [K, V] table of "code outside cluster", looked up per position: a single pass over the
+        # [B, n, V] logits' worth of booleans where comparing and inverting took two
+        outside = torch.arange(self.config.num_clusters, device=coarse.device)[:, None] != self.code_to_cluster
+        return logits.masked_fill(outside[coarse], float("-inf"))
 
     @torch.no_grad()
     def refine(self, tokens: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None, *,
@@ -232,7 +234,7 @@ class CTFRefiner(Refiner, PretrainedMixin, ModelMixin, ConfigMixin):
         logits = (self._compiled_scores or self.scores)(tokens, cond)
         if self.temperature == 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        probs = torch.softmax(logits if self.temperature == 1 else logits / self.temperature, dim=-1)  # x / 1 == x
         if seeds is None:
             u = torch.rand(tokens.shape, dtype=torch.float64)
         else:
