@@ -189,6 +189,25 @@ def test_same_seed_same_tokens_and_counters():
     assert a.num_forward_passes == 16 and a.mean_accepted_per_forward == 1.0
 
 
+@pytest.mark.parametrize("spec", ["ar", "auto:L=4", "mcsjd:L=4"])
+def test_sampling_runs_in_inference_mode_and_hands_back_ordinary_tensors(spec):
+    """The loop runs in inference mode (its speed: a dispatcher layer less per op), yet the caller gets
+    tensors it may update in place and feed to autograd, and the tokens of a no_grad run."""
+    model = tiny_gpt()
+    modes = []
+    hook = model.layers[0].register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    sampler = get_sampler(spec)
+    out = sampler(model, torch.tensor([1, 2]), params=SamplingParams(cfg_scale=2.0), seeds=[5, 6])
+    hook.remove()
+    assert modes and all(modes)
+    assert not out.tokens.is_inference() and not out.nfe_per_sample.is_inference()
+    out.tokens.add_(0)  # an inference tensor refuses this outside inference mode
+    with torch.no_grad():
+        old = sampler._sample(model, torch.tensor([1, 2]), None, model.num_positions, SamplingParams(cfg_scale=2.0),
+                              make_streams(2, [5, 6], None), False)
+    assert torch.equal(old.tokens, out.tokens)
+
+
 def test_ar_sampler_matches_teacher_forced_distribution_greedy():
     """Greedy AR tokens are the argmax of the teacher-forced logits of their own sequence."""
     model = tiny_gpt()

@@ -225,7 +225,7 @@ def interleave(tasks: dict, rounds: int) -> dict:
     return samples
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the samplers run their steps (`Sampler.__call__`)
 def bench_decode(models: dict, batch_sizes, params: SamplingParams, tokens: int = 256, rounds: int = 5,
                  old_roofline: bool = True) -> list:
     """Decode steps of every model (label -> generator) at every batch size, interleaved with the
@@ -369,7 +369,7 @@ def bench_end_to_end(models: dict, official, generate, batch_sizes, params: Samp
 # ------------------------------------------------------------------ greedy agreement
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the samplers run their steps (`Sampler.__call__`)
 def greedy_agreement(model, reference, batch_size: int, params: SamplingParams, tokens: int) -> dict:
     """Greedy tokens of `model` against `reference` (fp32), two ways:
 

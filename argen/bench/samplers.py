@@ -218,7 +218,7 @@ def _add_quality(pipe, specs, records, conds, seeds, params, batch_size, quality
                 record.nfe_images = len(seeds)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the samplers run their steps (`Sampler.__call__`)
 def forward_cost(source, batch_sizes: Sequence[int], windows: Sequence[int] = (1, 2, 4, 8, 16), cfg: bool = True,
                  repeats: int = 30) -> List[dict]:
     """Time one decode forward of T positions per row against a 1-position forward, interleaved.
