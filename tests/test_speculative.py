@@ -25,6 +25,7 @@ from argen.samplers import SAMPLERS
 SPECULATIVE_SAMPLERS = {k: v for k, v in SAMPLERS.items() if k != "ar"}
 from argen.samplers.sjd import SJDSampler
 from argen.samplers.rng import sample_rows
+from argen.samplers.speculative import cfg_rows, window_inputs
 
 from helpers import assert_rows_as_if_alone, left_padded_captions, tiny_gpt, tiny_t2i
 
@@ -285,6 +286,20 @@ def test_ragged_batch_equals_batch_of_one(sampler, params):
     cond, seeds = torch.tensor([3, 3, 6, 1, 9]), [21, 22, 23, 24, 25]
     batch = sampler(model, cond, params=params, seeds=seeds)
     assert_rows_as_if_alone(sampler, model, cond, params, seeds, batch)
+
+
+def test_one_row_feeds_shared_positions_and_cfg_doubles_only_per_row_ones():
+    """A window of one row takes the cache's shared-position path (the rows above show it gives the
+    same samples as a batch's per-row positions); CFG doubles the tokens and only per-row positions."""
+    seq = torch.arange(48).view(2, 24)  # 20 image tokens and scratch columns, as the samplers keep them
+    tokens, pos = window_inputs(seq[:1], torch.tensor([5]), 4, 1, 20)
+    assert torch.equal(tokens, seq[:1, 4:8]) and torch.equal(pos, torch.arange(5, 9))
+    both_tokens, both_pos = cfg_rows(tokens, pos, True)
+    assert both_tokens.shape == (2, 4) and torch.equal(both_pos, pos)
+    tokens, pos = window_inputs(seq, torch.tensor([5, 18]), 4, 1, 20)
+    assert torch.equal(pos, torch.tensor([[5, 6, 7, 8], [18, 19, 20, 20]]))  # past the image: the spare slot
+    assert torch.equal(cfg_rows(tokens, pos, True)[1], torch.cat([pos, pos]))
+    assert cfg_rows(tokens, pos, False)[1] is pos
 
 
 @pytest.mark.parametrize("name", ["sjd", "gsd", "mcsjd"])

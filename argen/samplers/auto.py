@@ -63,8 +63,8 @@ import torch
 from ..checks import check_number
 from .base import ForwardTally, Sampler, SamplerOutput, SettledGuards, cfg_batch, compiled_step
 from .logits import process_logits
-from .speculative import (covering_width, guidance, leading_accepts, over_codes, per_position, same_positions,
-                          window_inputs)
+from .speculative import (cfg_rows, covering_width, guidance, leading_accepts, over_codes, per_position,
+                          same_positions, window_inputs)
 
 # model -> {"costs": {key: {T: seconds}}, "hits": [..], "tries": [..], "books": {key: {"tried": {T: window
 # steps run}, "gain": {T: [a mean row's extra tokens, steps]}, "slow": [the slowest row's extra tokens, a
@@ -202,7 +202,7 @@ class AutoSampler(Sampler):
         """`_step` but the cache's rewind (whose check reads a value back, a graph break)."""
         lengths = (num_tokens - emitted).clamp(0, width)
         tokens, pos = window_inputs(seq, emitted, width, cond_len, num_tokens)
-        both_tokens, both_pos = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
+        both_tokens, both_pos = cfg_rows(tokens, pos, params.uses_cfg)
         guided = per_position(guidance(params, emitted, width, num_tokens), seq)
         logits = process_logits(model.decode(both_tokens, both_pos, cache), params, guided)
         index = emitted[:, None] + torch.arange(width, device=seq.device)

@@ -43,7 +43,7 @@ from .base import SamplerOutput, cfg_batch
 from .logits import SamplingParams, logits_to_probs
 from .rng import sample_rows
 from .sjd import SJDSampler
-from .speculative import Window, guidance
+from .speculative import Window, cfg_rows, guidance
 
 MISSING_DRAFTER = ("sampler '{name}' needs a draft model: name a small generator trained on the same codes as "
                    "\"drafter\" in the model's pipeline.json (a folder beside it or a shipped name), or pass "
@@ -210,8 +210,7 @@ class DraftSampler(DrafterMixin, SJDSampler):
     @staticmethod
     def _draft_probs(run: DraftRun, tokens, pos, index) -> torch.Tensor:
         """One drafter forward; its processed distribution of image index `index` [B] -> [B, V]."""
-        if run.params.uses_cfg:
-            tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+        tokens, pos = cfg_rows(tokens, pos, run.params.uses_cfg)
         logits = run.model.decode(tokens, pos, run.cache)[:, -1:]
         run.forwards += 1
         guided = guidance(run.params, index, 1, run.num_tokens)

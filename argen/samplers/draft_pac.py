@@ -34,7 +34,7 @@ import torch
 from .draft import DrafterMixin
 from .logits import process_logits
 from .pac import PACSampler, Tree
-from .speculative import guidance, leading_accepts
+from .speculative import cfg_rows, guidance, leading_accepts
 
 
 class DraftPACSampler(DrafterMixin, PACSampler):
@@ -78,8 +78,7 @@ class DraftPACSampler(DrafterMixin, PACSampler):
         steps = min(window - 1, n - 1 - int(emitted.min()))  # drafts the widest window can verify
         for j in range(steps):
             at = emitted + j  # the image index this forward scores
-            if params.uses_cfg:
-                tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+            tokens, pos = cfg_rows(tokens, pos, params.uses_cfg)
             logits = run.model.decode(tokens, pos, run.cache)[:, -1:]
             scores = process_logits(logits, params, guidance(params, at, 1, n))[:, 0] + noise[rows, at]
             stale[rows, at] = scores

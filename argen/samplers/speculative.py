@@ -89,10 +89,21 @@ def covering_width(left: int, window: int) -> int:
 def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
     """Tokens [B, width] (seq [B, S]) or [B, width, k] (seq [B, S, k]: k codes per position) and
     positions [B, width] of the window; padding slots sit at the spare position cond_len + N - 1
-    (never attended to by a real query of this image)."""
+    (never attended to by a real query of this image). One row gets shared positions [width]:
+    the cache then writes each layer's keys in one kernel and builds the attention mask once for
+    every row, the same logits for 5% less of a batch-1 window step (docs/history/speculative.md,
+    "Session 37")."""
     index = emitted[:, None] - 1 + torch.arange(width, device=seq.device)
     pos = (cond_len + index).clamp(max=cond_len + num_tokens - 1)
-    return seq.gather(1, over_codes(index, seq)), pos
+    return seq.gather(1, over_codes(index, seq)), pos[0] if pos.shape[0] == 1 else pos
+
+
+def cfg_rows(tokens: torch.Tensor, pos: torch.Tensor, uses_cfg: bool):
+    """A forward's tokens and positions for both CFG halves (conditional rows first, as `cfg_batch`):
+    the tokens twice, per-row positions [B, T] twice, shared positions [T] as they are."""
+    if not uses_cfg:
+        return tokens, pos
+    return torch.cat([tokens, tokens]), pos if pos.dim() == 1 else torch.cat([pos, pos])
 
 
 def over_codes(index: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
@@ -133,8 +144,7 @@ def guidance_of(params: SamplingParams, index: torch.Tensor, num_tokens: int):
 
 def target_probs(model, tokens, pos, cache, params: SamplingParams, guided) -> torch.Tensor:
     """One forward over the window (both CFG halves get the same tokens and positions)."""
-    if params.uses_cfg:
-        tokens, pos = torch.cat([tokens, tokens]), torch.cat([pos, pos])
+    tokens, pos = cfg_rows(tokens, pos, params.uses_cfg)
     return logits_to_probs(model.decode(tokens, pos, cache), params, guided)
 
 

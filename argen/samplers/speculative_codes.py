@@ -30,7 +30,7 @@ from ..errors import ArgenError
 from .base import ForwardTally, SamplerOutput, cfg_batch
 from .logits import logits_to_probs
 from .rng import sample_rows
-from .speculative import (Window, draw_uniforms, guidance, leading_accepts, over_codes, per_position, residual,
+from .speculative import (Window, cfg_rows, draw_uniforms, guidance, leading_accepts, over_codes, per_position, residual,
                           rows_at, window_inputs, window_lengths)
 
 
@@ -92,9 +92,9 @@ def step_codes(sampler, model, win: Window, lengths, width: int, cache, cond_len
                params, streams, ctx, coupled: bool) -> torch.Tensor:
     """One forward of the k-code loop; returns m [B] (positions emitted per row)."""
     L, k = win.q.shape[1] + 1, win.q.shape[2]
-    tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)  # [B, width, k], [B, width]
+    tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)  # [B, width, k], [B, width] or [width]
     guided = per_position(guidance(params, win.emitted, width, num_tokens), win.seq)
-    x, p = (torch.cat([tokens, tokens]), torch.cat([pos, pos])) if params.uses_cfg else (tokens, pos)
+    x, p = cfg_rows(tokens, pos, params.uses_cfg)
     probs = logits_to_probs(model.decode(x, p, cache), params, guided)  # [B, width, k, V]
     u = draw_uniforms(streams, tokens.shape[0], (4 * L - 3) * k, probs.device).view(-1, 4 * L - 3, k)
     u_acc, u_res, u_fresh, u_init = u.split([L - 1, L - 1, L, L - 1], dim=1)
