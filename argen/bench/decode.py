@@ -34,7 +34,7 @@ from ..models import GPT
 from ..models.base import COMPILE_MODES
 from ..models.quant import WEIGHT_FORMATS, onednn_packable
 from ..samplers import ARSampler, SamplingParams
-from ..samplers.base import SettledGuards
+from ..samplers.base import SettledGuards, cfg_halves
 
 
 def random_gpt(size: str = "GPT-B", vocab_size: int = 16384, num_classes: int = 1000, block_size: int = 256,
@@ -404,7 +404,7 @@ def _forced_greedy(model, cond, ref_tokens, params):
     t = model.condition_length(cond)
     for k in range(ref_tokens.shape[1] - 1):
         tok = ref_tokens[:, k:k + 1]
-        tok = torch.cat([tok, tok]) if params.uses_cfg else tok
+        tok = cfg_halves(tok, params.uses_cfg)
         logits = model.decode(tok, torch.tensor([t + k]), cache)[:, -1]
         out.append(pick(logits))
     return torch.stack(out, 1)

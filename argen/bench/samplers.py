@@ -19,7 +19,7 @@ import torch
 from ..atomic import SIGNATURE, atomic_write, atomic_write_json, sign_json
 from ..errors import ArgenError
 from ..samplers import SamplingParams
-from ..samplers.base import cfg_batch
+from ..samplers.base import cfg_batch, cfg_halves
 from ..samplers.spec import SamplerSpec, make_sampler, parse_spec  # noqa: F401  (re-exported)
 
 
@@ -276,8 +276,7 @@ def target_entropy(pipe, num_images: int, params: SamplingParams, seed: int = 0)
     tokens = pipe.sample_tokens(conds, list(range(seed, seed + num_images)), "ar", params, num_images).tokens
     positions = tokens.view(num_images, gen.num_positions, -1).squeeze(-1)
     cond, mask = cfg_batch(gen, conds.cond, conds.mask, params)
-    if params.uses_cfg:
-        positions = torch.cat([positions, positions])
+    positions = cfg_halves(positions, params.uses_cfg)
     cache = gen.new_cache(cond.shape[0], gen.condition_length(cond) + gen.num_positions)
     first = gen.prefill(cond, cache, mask)
     start = gen.condition_length(cond)

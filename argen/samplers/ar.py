@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ArgenError
-from .base import Sampler, SamplerOutput, SettledGuards, cfg_batch, compiled_step
+from .base import Sampler, SamplerOutput, SettledGuards, cfg_batch, cfg_halves, compiled_step
 from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_from_probs, sample_rows
 
@@ -42,10 +42,7 @@ def decode_one_token(model, token, input_pos, cache, params, guided, streams, sa
 
 def next_logits(model, token, input_pos, cache, params) -> torch.Tensor:
     """The model's logits [B', V] (or [B', k, V]) for the position after `token`, both CFG halves."""
-    x = token.unsqueeze(1)
-    if params.uses_cfg:
-        x = torch.cat([x, x])
-    return model.decode(x, input_pos, cache)[:, -1]
+    return model.decode(cfg_halves(token.unsqueeze(1), params.uses_cfg), input_pos, cache)[:, -1]
 
 
 def sample_step(model, token, input_pos, cache, params, guided, u) -> torch.Tensor:

@@ -61,7 +61,7 @@ from typing import Optional, Union
 import torch
 
 from ..checks import check_number
-from .base import ForwardTally, Sampler, SamplerOutput, SettledGuards, cfg_batch, compiled_step
+from .base import ForwardTally, Sampler, SamplerOutput, SettledGuards, cfg_batch, cfg_halves, compiled_step
 from .logits import process_logits
 from .speculative import (cfg_rows, covering_width, guidance, leading_accepts, over_codes, per_position,
                           same_positions, window_inputs)
@@ -194,7 +194,7 @@ class AutoSampler(Sampler):
         emitted, m, lengths, reach, counts = window(model, seq, emitted, reach, noise, width, cache, cond_len,
                                                     num_tokens, params)
         kept = cond_len + emitted - 1
-        cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
+        cache.rewind(cfg_halves(kept, params.uses_cfg))
         return emitted, m, lengths, reach, counts
 
     @staticmethod
@@ -229,9 +229,7 @@ class AutoSampler(Sampler):
         step = compiled or AutoSampler._ar_token
         with SettledGuards(compiled is not None) as settled:  # as the AR sampler's loop (`decode_n_tokens`)
             for k in range(start, num_tokens if stop is None else stop):
-                x = seq[:, k - 1:k]
-                if params.uses_cfg:
-                    x = torch.cat([x, x])
+                x = cfg_halves(seq[:, k - 1:k], params.uses_cfg)
                 if scheduled:  # the window path's float32 scale table, so the numbers are the same
                     guided = guidance(params, torch.full((1,), k, device=seq.device), 1, num_tokens)[:, 0]
                 else:
@@ -259,9 +257,7 @@ class AutoSampler(Sampler):
             pos = torch.tensor([cond_len + shared - 1], device=seq.device)  # (the cache's one-kernel write)
         else:
             pos = (cond_len + emitted - 1).clamp(max=cond_len + num_tokens - 1)[:, None]
-        if params.uses_cfg:
-            tokens = torch.cat([tokens, tokens])
-            pos = pos if shared is not None else torch.cat([pos, pos])
+        tokens, pos = cfg_rows(tokens, pos, params.uses_cfg)  # a shared position [1] is not doubled
         guided = per_position(guidance(params, emitted, 1, num_tokens), seq)
         guided = guided if isinstance(guided, bool) else guided[:, 0]
         y = AutoSampler._ar_token(model, tokens, pos, cache, params, guided, noise[rows, emitted])

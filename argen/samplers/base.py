@@ -160,12 +160,18 @@ class ForwardTally:
                              forwards_per_sample=self.forwards.cpu())
 
 
+def cfg_halves(x: torch.Tensor, uses_cfg: bool) -> torch.Tensor:
+    """x for both CFG halves of a forward: twice along the batch when guidance is on (the conditional
+    rows first, as `cfg_batch`), else x. Tokens, per-row positions, cache lengths and tree paths alike."""
+    return torch.cat([x, x]) if uses_cfg else x
+
+
 def cfg_batch(model, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], params: SamplingParams):
     """[cond ; null(cond)] when guidance is on (conditional half first, as LlamaGen), else cond."""
     if not params.uses_cfg:
         return cond, cond_mask
     both = torch.cat([cond, model.null_condition(cond)])
-    mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
+    mask = None if cond_mask is None else cfg_halves(cond_mask, True)
     return both, mask
 
 

@@ -31,6 +31,7 @@ from functools import lru_cache
 
 import torch
 
+from .base import cfg_halves
 from .draft import DrafterMixin
 from .logits import process_logits
 from .pac import PACSampler, Tree
@@ -101,7 +102,8 @@ class DraftPACSampler(DrafterMixin, PACSampler):
         rows = torch.arange(tokens.shape[0], device=device)[:, None]
         active, last = emitted < n, n - 2 - int(emitted.min())  # a level t is needed while t + 1 < N - e
         guided = guidance(params, emitted, len(tree.paths[0]), n)
-        cfg2 = (lambda x: torch.cat([x, x])) if params.uses_cfg else (lambda x: x)
+        def cfg2(x):
+            return cfg_halves(x, params.uses_cfg)
         none = torch.zeros(cfg2(emitted).shape[0], 0, dtype=torch.long, device=device)
         for level in branch_levels(tree):
             if level.t > last:

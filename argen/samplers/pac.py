@@ -44,7 +44,7 @@ import torch
 from ..checks import check_number
 from ..errors import ArgenError
 from .auto import position_noise
-from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, cfg_halves
 from .logits import process_logits
 from .speculative import guidance, over_codes, per_position, same_positions
 
@@ -217,7 +217,8 @@ class PACSampler(Sampler):
         rows = torch.arange(batch, device=device)[:, None]
         main = torch.arange(L, device=device)
         spare = cond_len + num_tokens - 1  # never a real tree position (the last token is never fed)
-        cfg2 = (lambda x: torch.cat([x, x])) if params.uses_cfg else (lambda x: x)
+        def cfg2(x):
+            return cfg_halves(x, params.uses_cfg)
 
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         tally = ForwardTally(batch, num_tokens, device, progress)

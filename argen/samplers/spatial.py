@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from ..checks import check_number
 from ..errors import ArgenError
 from .auto import code_axis, position_noise
-from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, cfg_halves
 from .logits import process_logits
 from .rng import sample_rows
 from .speculative import draw_uniforms, guidance_of, leading_accepts, over_codes, per_position, same_positions
@@ -100,7 +100,7 @@ class SpatialSampler(Sampler):
         device = first.device
 
         def both(x):  # CFG: both halves get the same tokens, positions and masks
-            return torch.cat([x, x]) if params.uses_cfg else x
+            return cfg_halves(x, params.uses_cfg)
 
         jacobi = self.jacobi_window > 1
         width_cap = min(self.jacobi_window, cols)  # a window never leaves its row

@@ -34,7 +34,7 @@ import torch
 
 from ..checks import check_number
 from ..errors import ArgenError
-from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch
+from .base import ForwardTally, Sampler, SamplerOutput, cfg_batch, cfg_halves
 from .logits import SamplingParams, logits_to_probs
 from .rng import RandomStreams, sample_rows
 
@@ -101,9 +101,7 @@ def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
 def cfg_rows(tokens: torch.Tensor, pos: torch.Tensor, uses_cfg: bool):
     """A forward's tokens and positions for both CFG halves (conditional rows first, as `cfg_batch`):
     the tokens twice, per-row positions [B, T] twice, shared positions [T] as they are."""
-    if not uses_cfg:
-        return tokens, pos
-    return torch.cat([tokens, tokens]), pos if pos.dim() == 1 else torch.cat([pos, pos])
+    return cfg_halves(tokens, uses_cfg), pos if pos.dim() == 1 else cfg_halves(pos, uses_cfg)
 
 
 def over_codes(index: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
@@ -344,5 +342,5 @@ class SpeculativeSampler(Sampler):
         from_rows, win.q = commit(win, proposals, m, probs)
         self.init_drafts(win, ~from_rows, u_init, model.grid, win.q)
         kept = cond_len + win.emitted - 1
-        cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
+        cache.rewind(cfg_halves(kept, params.uses_cfg))
         return m

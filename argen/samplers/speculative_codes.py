@@ -27,11 +27,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgenError
-from .base import ForwardTally, SamplerOutput, cfg_batch
+from .base import ForwardTally, SamplerOutput, cfg_batch, cfg_halves
 from .logits import logits_to_probs
 from .rng import sample_rows
-from .speculative import (Window, cfg_rows, draw_uniforms, guidance, leading_accepts, over_codes, per_position, residual,
-                          rows_at, window_inputs, window_lengths)
+from .speculative import (Window, cfg_rows, draw_uniforms, guidance, leading_accepts, over_codes, per_position,
+                          residual, rows_at, window_inputs, window_lengths)
 
 
 def random_drafts(win: Window, need: torch.Tensor, u: torch.Tensor, q: torch.Tensor) -> None:
@@ -108,7 +108,7 @@ def step_codes(sampler, model, win: Window, lengths, width: int, cache, cond_len
     from_rows, win.q = commit_codes(win, proposals, m, probs)
     random_drafts(win, ~from_rows, u_init, win.q)
     kept = cond_len + win.emitted - 1
-    cache.rewind(torch.cat([kept, kept]) if params.uses_cfg else kept)
+    cache.rewind(cfg_halves(kept, params.uses_cfg))
     return m
 
 
