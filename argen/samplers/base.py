@@ -171,7 +171,7 @@ def cfg_batch(model, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], para
     if not params.uses_cfg:
         return cond, cond_mask
     both = torch.cat([cond, model.null_condition(cond)])
-    mask = None if cond_mask is None else cfg_halves(cond_mask, True)
+    mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
     return both, mask
 
 
@@ -238,7 +238,7 @@ class Sampler(abc.ABC):
         streams = make_streams(cond.shape[0], seeds, generator)
         # Inference mode, not no_grad: tensors made in it keep no version counter and no view
         # tracking, which is a dispatcher layer less on each of the ~1,000 small ops of a decode step.
-        # Eager AR sampling of default-c2i at batch 1 ran 1.05-1.11x faster (docs/history/decode.md,
+        # Eager AR sampling of default-c2i at batch 1 ran 1.03-1.11x faster (docs/history/decode.md,
         # "Session 37"); the same floats, so the same samples.
         with torch.inference_mode():
             out = self._sample(model, cond, cond_mask, num_tokens, params, streams, progress)

@@ -27,7 +27,7 @@ then one draft per forward. NFE counts target forwards; the drafter's are counte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
@@ -102,8 +102,7 @@ class DraftPACSampler(DrafterMixin, PACSampler):
         rows = torch.arange(tokens.shape[0], device=device)[:, None]
         active, last = emitted < n, n - 2 - int(emitted.min())  # a level t is needed while t + 1 < N - e
         guided = guidance(params, emitted, len(tree.paths[0]), n)
-        def cfg2(x):
-            return cfg_halves(x, params.uses_cfg)
+        cfg2 = partial(cfg_halves, uses_cfg=params.uses_cfg)
         none = torch.zeros(cfg2(emitted).shape[0], 0, dtype=torch.long, device=device)
         for level in branch_levels(tree):
             if level.t > last:

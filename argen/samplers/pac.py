@@ -37,7 +37,7 @@ re-verified; nothing else is needed for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
@@ -217,8 +217,7 @@ class PACSampler(Sampler):
         rows = torch.arange(batch, device=device)[:, None]
         main = torch.arange(L, device=device)
         spare = cond_len + num_tokens - 1  # never a real tree position (the last token is never fed)
-        def cfg2(x):
-            return cfg_halves(x, params.uses_cfg)
+        cfg2 = partial(cfg_halves, uses_cfg=params.uses_cfg)
 
         emitted = torch.ones(batch, dtype=torch.long, device=device)
         tally = ForwardTally(batch, num_tokens, device, progress)
