@@ -289,13 +289,14 @@ def test_ragged_batch_equals_batch_of_one(sampler, params):
 
 
 def test_one_row_feeds_shared_positions_and_cfg_doubles_only_per_row_ones():
-    """A window of one row takes the cache's shared-position path (the rows above show it gives the
+    """A forward of one row takes the cache's shared-position path (the rows above show it gives the
     same samples as a batch's per-row positions); CFG doubles the tokens and only per-row positions."""
     seq = torch.arange(48).view(2, 24)  # 20 image tokens and scratch columns, as the samplers keep them
     tokens, pos = window_inputs(seq[:1], torch.tensor([5]), 4, 1, 20)
-    assert torch.equal(tokens, seq[:1, 4:8]) and torch.equal(pos, torch.arange(5, 9))
-    both_tokens, both_pos = cfg_rows(tokens, pos, True)
-    assert both_tokens.shape == (2, 4) and torch.equal(both_pos, pos)
+    assert torch.equal(tokens, seq[:1, 4:8]) and torch.equal(pos, torch.arange(5, 9)[None])
+    for cfg in (True, False):
+        both_tokens, both_pos = cfg_rows(tokens, pos, cfg)
+        assert both_tokens.shape == (2 if cfg else 1, 4) and torch.equal(both_pos, torch.arange(5, 9))
     tokens, pos = window_inputs(seq, torch.tensor([5, 18]), 4, 1, 20)
     assert torch.equal(pos, torch.tensor([[5, 6, 7, 8], [18, 19, 20, 20]]))  # past the image: the spare slot
     assert torch.equal(cfg_rows(tokens, pos, True)[1], torch.cat([pos, pos]))

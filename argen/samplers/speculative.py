@@ -89,18 +89,21 @@ def covering_width(left: int, window: int) -> int:
 def window_inputs(seq, emitted, width: int, cond_len: int, num_tokens: int):
     """Tokens [B, width] (seq [B, S]) or [B, width, k] (seq [B, S, k]: k codes per position) and
     positions [B, width] of the window; padding slots sit at the spare position cond_len + N - 1
-    (never attended to by a real query of this image). One row gets shared positions [width]:
-    the cache then writes each layer's keys in one kernel and builds the attention mask once for
-    every row, the same logits for 5% less of a batch-1 window step (docs/history/speculative.md,
-    "Session 37")."""
+    (never attended to by a real query of this image)."""
     index = emitted[:, None] - 1 + torch.arange(width, device=seq.device)
     pos = (cond_len + index).clamp(max=cond_len + num_tokens - 1)
-    return seq.gather(1, over_codes(index, seq)), pos[0] if pos.shape[0] == 1 else pos
+    return seq.gather(1, over_codes(index, seq)), pos
 
 
 def cfg_rows(tokens: torch.Tensor, pos: torch.Tensor, uses_cfg: bool):
     """A forward's tokens and positions for both CFG halves (conditional rows first, as `cfg_batch`):
-    the tokens twice, per-row positions [B, T] twice, shared positions [T] as they are."""
+    the tokens twice, per-row positions [B, T] twice, shared positions [T] as they are.
+
+    One row's positions [1, T] become shared ones [T]: the cache then writes each layer's keys in one
+    kernel and builds the attention mask once for every row, the same logits for an 8-token forward
+    about 4% cheaper at batch 1 (docs/history/speculative.md, "Session 37"); a drafter's steps too."""
+    if pos.dim() == 2 and pos.shape[0] == 1:
+        pos = pos[0]
     return cfg_halves(tokens, uses_cfg), pos if pos.dim() == 1 else cfg_halves(pos, uses_cfg)
 
 

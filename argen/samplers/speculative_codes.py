@@ -92,7 +92,7 @@ def step_codes(sampler, model, win: Window, lengths, width: int, cache, cond_len
                params, streams, ctx, coupled: bool) -> torch.Tensor:
     """One forward of the k-code loop; returns m [B] (positions emitted per row)."""
     L, k = win.q.shape[1] + 1, win.q.shape[2]
-    tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)  # [B, width, k], [B, width] or [width]
+    tokens, pos = window_inputs(win.seq, win.emitted, width, cond_len, num_tokens)  # [B, width, k], [B, width]
     guided = per_position(guidance(params, win.emitted, width, num_tokens), win.seq)
     x, p = cfg_rows(tokens, pos, params.uses_cfg)
     probs = logits_to_probs(model.decode(x, p, cache), params, guided)  # [B, width, k, V]
