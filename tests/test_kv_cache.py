@@ -106,6 +106,41 @@ def test_cache_is_not_left_on_the_model():
     torch.testing.assert_close(model(tokens[:, :-1], cond), before, atol=0, rtol=0)
 
 
+def prefix_forward(model, cond, cache):
+    """The condition's own forward into `cache`: what `prefill` runs for a prefix it does not remember."""
+    cache.set_condition_mask(1, None)
+    return model.prefix_logits(cond, torch.arange(1), cache)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "token-shuffle"])
+def test_a_remembered_class_prefix_is_the_forwards_bits_and_follows_the_weights(kind):
+    from test_token_shuffle import tiny_shuffle
+
+    model = tiny_gpt(num_classes=40) if kind == "gpt" else tiny_shuffle(num_classes=40)
+    batches = [[3], [3, 40], [39, 17, 40, 3, 0, 0], list(range(41))]  # 40 is the null class; ids in 3 blocks
+
+    def check_against_the_forward():
+        for ids in batches:
+            cond = torch.tensor(ids)
+            with torch.inference_mode():
+                remembered, fresh = model.new_cache(len(ids), 8), model.new_cache(len(ids), 8)
+                logits = model.prefill(cond, remembered)
+                assert torch.equal(logits, prefix_forward(model, cond, fresh))
+            assert all(torch.equal(a, b) for a, b in zip(remembered.k + remembered.v, fresh.k + fresh.v))
+            assert torch.equal(remembered.lengths, fresh.lengths)
+
+    check_against_the_forward()
+    calls = []
+    model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    with torch.inference_mode():
+        model.prefill(torch.tensor([5, 40, 22]), model.new_cache(3, 8))
+    assert not calls  # every id's prefix came from memory: no forward ran
+    with torch.no_grad():
+        model.layers[1].attention.wqkv.weight.mul_(1.5)  # a weight stepped in place
+    check_against_the_forward()
+    assert calls  # the changed weights were run
+
+
 def test_named_sizes_have_official_parameter_counts():
     # exact counts from the official constructors (shared/docs/llamagen.md, table 2.1)
     expected = {"GPT-B": 110_888_448, "GPT-L": 342_910_976}
@@ -406,8 +441,8 @@ def test_max_autotune_runs_onednn_products_with_the_ffn_inputs_joined(fmt):
     products = [e.name for e in prof.events() if "linear" in e.name]
     assert set(products) == {"aoti_torch_cpu__linear_pointwise"}, set(products)
     # one product per layer for the FFN's w1 and w3 (inductor's concat_linear): wqkv, wo, w1|w3, w2,
-    # and the head, in the prefill and each of the 3 steps
-    assert len(products) == 4 * (4 * model.gpt_config.n_layer + 1)
+    # and the head, in each of the 3 steps (the prefix is remembered from the first call: no forward)
+    assert len(products) == 3 * (4 * model.gpt_config.n_layer + 1)
     torch.testing.assert_close(logits, eager, **TOL)
     if fmt == "fp32":  # and the joined product gives each element the floats of the two
         apart = tiny_gpt().compile_decode("max-autotune", options={"cpp.enable_concat_linear": False})

@@ -227,3 +227,8 @@ def with_frozen_weights(compiled: Callable) -> Callable:
             return compiled(*args, **kwargs)
 
     return call
+
+
+def weights_key(tensors) -> tuple:
+    """What changes when a weight is loaded, stepped, cast or moved: the key of a tensor derived from them."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgenError
 from ..registry import register
+from .base import weights_key
 from .cache import KVCache
 from .gpt import GPT, FeedForward, GPTConfig, RMSNorm, rope_factors, rope_table_2d
 from .quant import BatchInvariantLinear, batch_invariant, float_weight, weight_format_of
@@ -208,7 +209,7 @@ class TokenShuffleGPT(GPT):
     # per-channel int8 on the folded matrix gave 2.5x the unfolded int8 head's logit error (measured).
 
     def _fold_key(self) -> tuple:
-        return _weights_key((*self.output.parameters(), *self.output.buffers(), self.norm.weight,
+        return weights_key((*self.output.parameters(), *self.output.buffers(), self.norm.weight,
                              self.unshuffle_expand.weight, self.unshuffle_expand.bias))
 
     @torch.no_grad()
@@ -233,7 +234,7 @@ class TokenShuffleGPT(GPT):
         """[V, d/k]: the compress layer applied to every code's embedding, rebuilt when those weights change."""
         if torch.compiler.is_compiling():  # traced as it was at compile time (`compile_decode` refreshes it)
             return self.__dict__["_table"][1]
-        key = _weights_key((self.tok_embeddings.weight, self.shuffle_compress.weight, self.shuffle_compress.bias))
+        key = weights_key((self.tok_embeddings.weight, self.shuffle_compress.weight, self.shuffle_compress.bias))
         cached = self.__dict__.get("_table")
         if cached is None or cached[0] != key:
             cached = (key, self.shuffle_compress(self.tok_embeddings.weight))
@@ -304,7 +305,3 @@ class TokenShuffleGPT(GPT):
         x = self._run_cached(self.embed_tokens(tokens), input_pos, cache)
         return self.head(x)
 
-
-def _weights_key(tensors) -> tuple:
-    """What changes when a weight is loaded, stepped or cast in place: a derived tensor's cache key."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
