@@ -117,6 +117,10 @@ def test_a_remembered_class_prefix_is_the_forwards_bits_and_follows_the_weights(
     from test_token_shuffle import tiny_shuffle
 
     model = tiny_gpt(num_classes=40) if kind == "gpt" else tiny_shuffle(num_classes=40)
+    with torch.inference_mode():  # a bare model runs every prefix's forward (its hooks see each call)
+        model.prefill(torch.tensor([3]), model.new_cache(1, 8))
+    assert "_prefix_memo" not in model.__dict__
+    model.remembers_class_prefixes = True  # as a pipeline sets it
     batches = [[3], [3, 40], [39, 17, 40, 3, 0, 0], list(range(41))]  # 40 is the null class; ids in 3 blocks
 
     def check_against_the_forward():
@@ -441,8 +445,8 @@ def test_max_autotune_runs_onednn_products_with_the_ffn_inputs_joined(fmt):
     products = [e.name for e in prof.events() if "linear" in e.name]
     assert set(products) == {"aoti_torch_cpu__linear_pointwise"}, set(products)
     # one product per layer for the FFN's w1 and w3 (inductor's concat_linear): wqkv, wo, w1|w3, w2,
-    # and the head, in each of the 3 steps (the prefix is remembered from the first call: no forward)
-    assert len(products) == 3 * (4 * model.gpt_config.n_layer + 1)
+    # and the head, in the prefill and each of the 3 steps
+    assert len(products) == 4 * (4 * model.gpt_config.n_layer + 1)
     torch.testing.assert_close(logits, eager, **TOL)
     if fmt == "fp32":  # and the joined product gives each element the floats of the two
         apart = tiny_gpt().compile_decode("max-autotune", options={"cpp.enable_concat_linear": False})

@@ -101,6 +101,11 @@ def test_c2i_pipeline_seeds_independent_of_batch_size(c2i_dir):
     assert len(a.images) == 6 and a.images[0].size == (16, 16) and a.images[0].mode == "L"
     assert a.num_forward_passes == 16  # one batch of 6, 16 tokens each
     assert not torch.equal(a.tokens[0], a.tokens[1])
+    # the pipeline's generator served the class prefixes from memory; its own forwards sample the same tokens
+    assert pipe.generator.remembers_class_prefixes and "_prefix_memo" in pipe.generator.__dict__
+    pipe.generator.remembers_class_prefixes = False
+    assert torch.equal(pipe(class_labels=["sneaker", 3], num_images=3, seed=7, batch_size=1, progress=False).tokens,
+                       a.tokens)
 
 
 def test_decoder_dtype_bf16_decodes_the_same_tokens_to_nearly_the_same_images(c2i_dir):

@@ -22,6 +22,8 @@ Conditions
 Cached forward (what samplers call; the cache belongs to the sampling call)
     cache = new_cache(batch_size, max_len)
     logits = prefill(cond, cache, cond_mask)   [B, V] (k = 1) or [B, k, V]: the first position
+                                               (with `remembers_class_prefixes`, a class id's prefix
+                                               may come from memory: the same bits, no forward)
     logits = decode(tokens, input_pos, cache)  tokens [B, T] (k = 1) or [B, T, k] at sequence
                                                positions input_pos ([T] or [B, T]) ->
                                                [B, T, V] or [B, T, k, V]; several positions per
@@ -79,6 +81,9 @@ class Generator(abc.ABC):
     are also `torch.nn.Module`s, so `.to()`, `.eval()`, `.parameters()` work as usual."""
 
     tokens_per_position: int = 1
+    # may a prefill copy remembered per-class prefixes (the same bits) instead of running the forward? Off on
+    # a bare model, so hooks and traces see every forward; `ARPipeline` turns it on (GPT: `prefill`)
+    remembers_class_prefixes: bool = False
     # (torch.compile options, inductor weight freezing) once `decode` is compiled; see "Compiled decode"
     compiled_with: Optional[tuple] = None
 

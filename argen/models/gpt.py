@@ -688,11 +688,14 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
     # first asked for it and in whatever weight format, compiled or not (a compiled model would otherwise
     # compile the prefix's shape too). In fp32 they are the bits the batch's own forward gives (batch-
     # invariant products and attention), so no sample changes (tested). Kept per weights (`weights_key`),
-    # never saved. t2i conditions are caption features, not ids: their prefix runs its forward.
+    # never saved. t2i conditions are caption features, not ids: their prefix runs its forward. Off on a
+    # bare model (`Generator.remembers_class_prefixes`), whose forward hooks then see every prefill as the
+    # official code runs it; a pipeline turns it on.
 
     def _remembers_prefix(self, cache: KVCache) -> bool:
         weight = self.tok_embeddings.weight
-        return (self.gpt_config.model_type == "c2i" and not self.training and not torch.is_grad_enabled()
+        return (self.remembers_class_prefixes and self.gpt_config.model_type == "c2i" and not self.training
+                and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and cache.dtype == weight.dtype
                 and cache.device == weight.device)
 
