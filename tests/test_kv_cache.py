@@ -145,6 +145,26 @@ def test_a_remembered_class_prefix_is_the_forwards_bits_and_follows_the_weights(
     assert calls  # the changed weights were run
 
 
+@pytest.mark.parametrize("kind", ["gpt", "token-shuffle"])
+def test_a_model_loaded_in_inference_mode_samples_as_one_loaded_outside_it(kind):
+    """Weights made in inference mode keep no version counter: the derived tensors' keys (remembered prefixes,
+    token-shuffle's folded head) must still work, and the samples are the same."""
+    from test_token_shuffle import tiny_shuffle
+
+    def build():
+        model = tiny_gpt() if kind == "gpt" else tiny_shuffle()
+        model.remembers_class_prefixes = True
+        return model
+
+    params, cond = SamplingParams(cfg_scale=2.0), torch.tensor([1, 4])
+    outside = ARSampler()(build(), cond, params=params, seeds=[0, 1]).tokens
+    with torch.inference_mode():
+        model = build()
+        assert all(p.is_inference() for p in model.parameters())
+        inside = ARSampler()(model, cond, params=params, seeds=[0, 1]).tokens
+    assert torch.equal(inside, outside)
+
+
 def test_named_sizes_have_official_parameter_counts():
     # exact counts from the official constructors (shared/docs/llamagen.md, table 2.1)
     expected = {"GPT-B": 110_888_448, "GPT-L": 342_910_976}

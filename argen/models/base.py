@@ -235,5 +235,6 @@ def with_frozen_weights(compiled: Callable) -> Callable:
 
 
 def weights_key(tensors) -> tuple:
-    """What changes when a weight is loaded, stepped, cast or moved: the key of a tensor derived from them."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    """What changes when a weight is loaded, stepped, cast or moved: the key of a tensor derived from them.
+    Weights made in inference mode keep no version counter (they can then change in place only inside it)."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
