@@ -682,8 +682,8 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
     #
     # A class-conditional prefix is one position whose keys, values and first logits depend on the class id
     # and the weights alone, so each id's are computed once and copied into the cache at every later
-    # prefill: a forward fewer per sampling call, about one decode step (default-c2i at batch 1: 3.5 ms of a
-    # 0.24 s image; shuffle-c2i's 16 steps: 5%; docs/history/decode.md, session 38). Ids are computed in
+    # prefill: a forward fewer per sampling call, about one decode step (images/s at batch 1: default-c2i +2-3%,
+    # shuffle-c2i +4%, flextok-c2i at 4 tokens +9-11%; docs/history/decode.md, session 38). Ids are computed in
     # fixed blocks (PREFIX_BLOCK ids, one eager forward each), so an id gets the same bits whatever batch
     # first asked for it and in whatever weight format, compiled or not (a compiled model would otherwise
     # compile the prefix's shape too). In fp32 they are the bits the batch's own forward gives (batch-
@@ -695,9 +695,8 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
     def _remembers_prefix(self, cache: KVCache) -> bool:
         weight = self.tok_embeddings.weight
         return (self.remembers_class_prefixes and self.gpt_config.model_type == "c2i" and not self.training
-                and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and cache.dtype == weight.dtype
-                and cache.device == weight.device)
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and cache.dtype == weight.dtype and cache.device == weight.device)
 
     def _remembered_class_prefix(self, labels: torch.Tensor, cache: KVCache) -> torch.Tensor:
         memo = self.__dict__.get("_prefix_memo")

@@ -210,7 +210,7 @@ class TokenShuffleGPT(GPT):
 
     def _fold_key(self) -> tuple:
         return weights_key((*self.output.parameters(), *self.output.buffers(), self.norm.weight,
-                             self.unshuffle_expand.weight, self.unshuffle_expand.bias))
+                            self.unshuffle_expand.weight, self.unshuffle_expand.bias))
 
     @torch.no_grad()
     def _refresh_fold(self) -> dict:
