@@ -198,9 +198,9 @@ class ARPipeline(DiffusionPipeline):
         super().__init__()
         self.crop = crop
         self.register_modules(generator=generator, tokenizer=tokenizer, refiner=refiner, drafter=drafter)
-        for model in (generator, drafter):  # sampling here: a class id's prefix is a copy, not a forward
+        for model in (generator, drafter):  # sampling here: prefixes remembered, weights laid out for it
             if model is not None:
-                model.remembers_class_prefixes = True
+                model.prepare_for_sampling()
         self.text_encoder = text_encoder  # not a torch module of ours: moved by `to()` below
         self.class_names = list(class_names or [])
         self.defaults = dict(defaults or {})

@@ -9,6 +9,7 @@ from argen.errors import ArgenError
 from argen.models import GPT, GPTConfig
 from argen.models.base import COMPILE_MODES
 from argen.models.cache import KVCache
+from argen.models.quant import BatchInvariantLinear
 from argen.samplers import ARSampler, SamplingParams, get_sampler
 from argen.samplers.ar import sample_step
 from argen.samplers.auto import AutoSampler, window_step
@@ -163,6 +164,37 @@ def test_a_model_loaded_in_inference_mode_samples_as_one_loaded_outside_it(kind)
         assert all(p.is_inference() for p in model.parameters())
         inside = ARSampler()(model, cond, params=params, seeds=[0, 1]).tokens
     assert torch.equal(inside, outside)
+
+
+def window_logits(model, cond, tokens):
+    """Prefill, then one forward over every token (logits of each position)."""
+    with torch.inference_mode():
+        cache = model.new_cache(cond.shape[0], 1 + tokens.shape[1])
+        first = model.prefill(cond, cache)
+        return first, model.decode(tokens, torch.arange(1, 1 + tokens.shape[1]), cache)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "token-shuffle"])
+def test_prepared_for_sampling_the_linears_are_column_major_and_every_logit_is_the_same(kind):
+    from test_token_shuffle import tiny_shuffle
+
+    def build():
+        return tiny_gpt() if kind == "gpt" else tiny_shuffle()
+
+    model = build()
+    k = model.tokens_per_position
+    cond = torch.tensor([1, 4, 10, 10])  # the last two: CFG's null class
+    tokens = torch.randint(0, model.vocab_size, (4, 3) if k == 1 else (4, 3, k), generator=torch.Generator().manual_seed(0))
+    bare = window_logits(model, cond, tokens)
+    model.prepare_for_sampling()
+    linears = [m for m in model.modules() if type(m) is BatchInvariantLinear]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    prepared = window_logits(model, cond, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(bare, prepared))
+    # a weight format converts from the layout it was written for: as from a bare model
+    model.set_weight_format("bf16")
+    reference = build().set_weight_format("bf16")
+    assert all(torch.equal(a, b) for a, b in zip(window_logits(model, cond, tokens), window_logits(reference, cond, tokens)))
 
 
 def test_named_sizes_have_official_parameter_counts():

@@ -22,7 +22,7 @@ Conditions
 Cached forward (what samplers call; the cache belongs to the sampling call)
     cache = new_cache(batch_size, max_len)
     logits = prefill(cond, cache, cond_mask)   [B, V] (k = 1) or [B, k, V]: the first position
-                                               (with `remembers_class_prefixes`, a class id's prefix
+                                               (after `prepare_for_sampling`, a class id's prefix
                                                may come from memory: the same bits, no forward)
     logits = decode(tokens, input_pos, cache)  tokens [B, T] (k = 1) or [B, T, k] at sequence
                                                positions input_pos ([T] or [B, T]) ->
@@ -82,7 +82,7 @@ class Generator(abc.ABC):
 
     tokens_per_position: int = 1
     # may a prefill copy remembered per-class prefixes (the same bits) instead of running the forward? Off on
-    # a bare model, so hooks and traces see every forward; `ARPipeline` turns it on (GPT: `prefill`)
+    # a bare model, so hooks and traces see every forward; `prepare_for_sampling` turns it on (GPT: `prefill`)
     remembers_class_prefixes: bool = False
     # (torch.compile options, inductor weight freezing) once `decode` is compiled; see "Compiled decode"
     compiled_with: Optional[tuple] = None
@@ -94,6 +94,13 @@ class Generator(abc.ABC):
         options, freeze = self.compiled_with
         compiled = torch.compile(fn, **options)
         return with_attention_span(fn, with_frozen_weights(compiled) if freeze else compiled)
+
+    def prepare_for_sampling(self):
+        """What `ARPipeline` does to its generator before sampling: the choices that keep every sample's bits
+        but would surprise a bare model's user (no forward for a remembered class prefix, weights in another
+        memory layout). Returns self."""
+        self.remembers_class_prefixes = True
+        return self
 
     # ---- structure ------------------------------------------------------------------------
 

@@ -255,6 +255,7 @@ class TokenShuffleGPT(GPT):
         return F.linear(rows.to(fold["weight"].dtype), fold["weight"], fold["bias"]).float() * inv_rms.unsqueeze(-1)
 
     def compile_decode(self, mode: str = "default", **compile_options) -> "TokenShuffleGPT":
+        self._store_linears_column_major(False)  # the layout the compiled step traces (`GPT.compile_decode`)
         if self.tokens_per_position > 1:
             self._refresh_fold()
             self._compressed_table()
