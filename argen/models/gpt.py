@@ -681,9 +681,10 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
     # ---- sampling -------------------------------------------------------------------------
 
     def prepare_for_sampling(self) -> "GPT":
-        """Class prefixes remembered (below) and the fp32 linears' weights stored column-major."""
+        """Class prefixes remembered (below) and, on a CPU, the fp32 linears' weights stored column-major."""
         self.remembers_class_prefixes = True
-        self._store_linears_column_major(True)
+        if self.tok_embeddings.weight.device.type == "cpu":  # measured there (MKL); other devices keep theirs
+            self._store_linears_column_major(True)
         return self
 
     def _store_linears_column_major(self, column_major: bool) -> None:
