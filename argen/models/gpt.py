@@ -688,15 +688,9 @@ class GPT(Generator, PretrainedMixin, ModelMixin, ConfigMixin):
         return self
 
     def _store_linears_column_major(self, column_major: bool) -> None:
-        # MKL multiplies x by Wᵀ (W [out, in] row-major, as trained and saved) as an "NT" product; with W stored
-        # column-major (Wᵀ contiguous) the same product is a plain "NN" one, which the AMD EPYC measured runs
-        # 1.1-1.2x faster inside a decode step, bit for bit the same (every linear shape of the shipped models,
-        # 4 to 256 rows, 1 and 2 threads; docs/history/decode.md, session 38). Eager fp32 linears only: the
-        # weight formats and compiled steps convert from the row-major layout they were written for.
         for m in self.modules():
             if type(m) is BatchInvariantLinear:
-                w = m.weight.data
-                m.weight.data = w.t().contiguous().t() if column_major else w.contiguous()
+                m.store_column_major(column_major)
 
     # ---- class prefixes, remembered --------------------------------------------------------
     #

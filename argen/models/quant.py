@@ -110,6 +110,17 @@ class BatchInvariantLinear(nn.Linear):
         y = batch_invariant(lambda part: F.linear(part, self.weight, self.bias), x.reshape(rows, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def store_column_major(self, column_major: bool = True) -> None:
+        """Keep the weight [out, in] column-major (its transpose contiguous), or row-major as trained and saved.
+
+        MKL multiplies x by a row-major W's transpose as an "NT" product; column-major, the same product is a
+        plain "NN" one, which the AMD EPYC measured runs 1.1-1.2x faster inside a decode step, bit for bit the
+        same (every linear shape of the shipped models, 4 to 256 rows, 1 and 2 threads; docs/history/decode.md,
+        session 38), so the padding argument above holds unchanged. The other weight formats and compiled steps
+        convert from the row-major layout they were written for (`GPT.set_weight_format`, `compile_decode`)."""
+        w = self.weight.data
+        self.weight.data = w.t().contiguous().t() if column_major else w.contiguous()
+
 
 class PackedLinear(nn.Module):
     """y = x @ W^T with W prepacked once for oneDNN (`mkldnn._reorder_linear_weight`) in
