@@ -17,6 +17,11 @@ change of code or weights, record this machine's samples beside the others:
     python scripts/record_reference_tokens.py --this-cpu
 
 Each differing case gains an alternative tagged with this CPU's model name; nothing is replaced.
+
+When a tokenizer's decoding changes on purpose and the tokens do not, re-hash every recorded sample's
+images, alternatives included, from its recorded tokens (the test then checks the new decoding):
+
+    python scripts/record_reference_tokens.py --images
 """
 
 import argparse
@@ -29,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.pipeline import ARPipeline
+from argen.pipeline import ARPipeline, to_pil
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_tokens.json"
 SAMPLERS = ("ar", "sjd:L=8", "mcsjd:L=16", "gsd:G=10,L=8", "sjd:L=8,init=above", "auto", "pac", "spatial:w=2")
@@ -47,6 +52,25 @@ def record(model: str, samplers=SAMPLERS, weights: str = "fp32") -> dict:
         pixels = np.stack([np.asarray(im) for im in result.images])
         out[sampler] = {"tokens": result.tokens.tolist(), "images_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
     return out
+
+
+def images_sha256(pipe, model: str, tokens: list) -> str:
+    """The hash `record` gives a sample's images, from its recorded tokens (image i decoded with seed 11 + i)."""
+    conds = pipe.conditions(CASES[model].get("prompt"), CASES[model].get("class_labels"), CASES[model]["num_images"])
+    seeds = [11 + i for i in range(len(conds))]
+    images = to_pil(pipe.tokens_to_images(torch.tensor(tokens), conds, seeds))
+    return hashlib.sha256(np.stack([np.asarray(im) for im in images]).tobytes()).hexdigest()
+
+
+def rehash_images(data: dict) -> None:
+    for model, entry in data.items():
+        pipe = ARPipeline.from_pretrained(model)
+        for sampler, expected in entry["samplers"].items():
+            for sample in [expected] + expected.get("alternatives", []):
+                new = images_sha256(pipe, model, sample["tokens"])
+                if new != sample["images_sha256"]:
+                    print(f"{model} {sampler}{' (' + sample['cpu'] + ')' if 'cpu' in sample else ''}: images re-hashed")
+                sample["images_sha256"] = new
 
 
 def cpu_name() -> str:
@@ -78,9 +102,16 @@ def main():
                         help="record only this sampler spec, keeping every other entry as it is")
     parser.add_argument("--this-cpu", action="store_true",
                         help="keep the record; add this CPU's samples where they differ (same code, same weights)")
+    parser.add_argument("--images", action="store_true",
+                        help="keep every recorded token; re-hash each sample's images from them (a decoder changed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    if args.images:
+        rehash_images(data)
+        OUT.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+        print(f"wrote {OUT}")
+        return
     if args.this_cpu:  # the test runs at torch's default thread count and with both fp32 kernels
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
 """ARPipeline and `argen generate` end to end on tiny saved pipelines (and the shipped ones when present)."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -55,6 +56,33 @@ def test_conv_tokenizers_decode_an_image_alike_in_any_batch_on_three_threads(whi
             together = tok.decode(codes)
             for size in (1, 5):
                 assert torch.equal(torch.cat([tok.decode(codes[i:i + size]) for i in range(0, 16, size)]), together)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_conv_tokenizers_decode_alike_on_one_thread_or_two_and_follow_their_weights():
+    """Sampling convolutions run on weights packed once (`layers.Conv2d`): an image decodes to the same floats
+    on one thread and on two, and a load into the tokenizer is decoded with, not the packed copy of the old
+    weights. A deepcopy (an EMA) leaves the packed weights behind."""
+    tok, other = tiny_vq(), tiny_vq()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    codes = torch.randint(0, tok.vocab_size, (6, tok.num_tokens), generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            images = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                images.append(tok.decode(codes))
+            assert torch.equal(*images)
+            expected = other.decode(codes)
+            assert not torch.equal(expected, images[0])
+            copied = copy.deepcopy(tok)
+            tok.load_state_dict(other.state_dict())
+            assert torch.equal(tok.decode(codes), expected)
+            assert torch.equal(copied.decode(codes), images[0])
     finally:
         torch.set_num_threads(before)
 
