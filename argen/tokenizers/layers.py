@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from ..models.base import weights_key
 
 
+PACKED_SHAPES = 4
+
+
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` that always runs oneDNN's kernel on the CPU, so an image decodes (and encodes) to the
     same floats whatever its batch (VQ and TiTok). PyTorch picks a CPU convolution's algorithm by batch
@@ -17,12 +20,15 @@ class Conv2d(nn.Conv2d):
     to 1.3e-6 apart, which moved 1 uint8 pixel in 65,536 by a level. No public switch selects the
     algorithm, hence the ATen ops (docs/architecture.md, data flow).
 
-    Without autograd (sampling, evaluation) the weight is also packed once into oneDNN's blocked layout:
-    the public op reorders it at every call, which at batch 1 is a quarter of a default-vq decode
-    (bf16 decoder 4.6 -> 3.4 ms an image, fp32 alike; batch 16 unchanged; docs/history/token-shuffle.md,
-    session 39). The packed op returns channels-last activations, on which the GroupNorm that follows
-    rounds by batch on two threads (session 33), so they are made contiguous again; then images decode
-    alike in any batch and on one thread or two (tested). Training runs the op with a backward."""
+    Without autograd (sampling, evaluation) the weight is also packed once into oneDNN's blocked layout
+    (`_convolution_pointwise` on a reordered weight, what inductor's freezing calls): the public op reorders
+    it at every call, a quarter of a default-vq decode at batch 1. The packed op returns channels-last
+    activations, which the next convolution takes as they are; `GroupNorm` below makes them contiguous, as
+    its channels-last kernel rounds by batch on two threads (what made sessions 26 and 37's packed decoders
+    batch-dependent). Images then decode alike in any batch, on one thread or two (tested), fp32 within 2e-6
+    of the public op's floats; default-vq decodes 1.22-1.31x faster at batch 1 and 1.16-1.20x at batch 16
+    (docs/history/token-shuffle.md, session 39). Training runs the public op, which has a backward.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self.padding_mode == "zeros" and _onednn_takes(x.dtype):
@@ -30,26 +36,42 @@ class Conv2d(nn.Conv2d):
                 return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                                          self.dilation, self.groups)
             return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(x), self.bias, self.padding,
-                                                          self.stride, self.dilation, self.groups, "none", [],
-                                                          "").contiguous()
+                                                          self.stride, self.dilation, self.groups, "none", [], "")
         return super().forward(x)
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight in the layout oneDNN picks for one image of x's shape (the same layout for every batch:
-        batch invariance), rebuilt when the weight changes (`weights_key`: a load, an optimizer step, a cast)."""
-        key = (tuple(x.shape[1:]), weights_key((self.weight,) if self.bias is None else (self.weight, self.bias)))
+        """The weight in the layout oneDNN picks for x's shape, rebuilt when the weight changes (`weights_key`: a
+        load, an optimizer step, a cast). Per shape, because a weight packed for one image decoded fp32 batches
+        of 16 at 0.82x the speed of one packed for 16 (two threads); the floats are the same either way (tested
+        per batch size). The last PACKED_SHAPES shapes are kept (default-vq's decoder: 3 MB a shape)."""
+        key = weights_key((self.weight,) if self.bias is None else (self.weight, self.bias))
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.detach().to_mkldnn(), self.padding,
-                                                              self.stride, self.dilation, self.groups,
-                                                              [1, *x.shape[1:]])
-            cached = (key, packed)
+            cached = (key, {})
             self.__dict__["_packed"] = cached  # not a buffer: derived, never saved
-        return cached[1]
+        shapes = cached[1]
+        shape = tuple(x.shape)
+        packed = shapes.pop(shape, None)
+        if packed is None:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.detach().to_mkldnn(), self.padding,
+                                                              self.stride, self.dilation, self.groups, list(shape))
+            while len(shapes) >= PACKED_SHAPES:
+                del shapes[next(iter(shapes))]  # the least recently used
+        shapes[shape] = packed  # last: the most recently used
+        return packed
 
     def __getstate__(self) -> dict:
         # a packed weight is an opaque oneDNN tensor, which neither copies nor pickles (an EMA's deepcopy)
         return {k: v for k, v in super().__getstate__().items() if k != "_packed"}
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` on a contiguous copy of a channels-last input (`Conv2d`'s packed outputs): its channels-last
+    CPU kernel splits work between threads by batch size, and an image then normalises to other floats alone than
+    in a batch (session 33). On NCHW input it rounds alike in any batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous())
 
 
 def _onednn_takes(dtype: torch.dtype) -> bool:

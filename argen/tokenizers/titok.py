@@ -43,7 +43,7 @@ from ..models.checkpoint import load_into, load_state_dict_file
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
-from .layers import Conv2d, silu
+from .layers import Conv2d, GroupNorm, silu
 
 # Official ViT size table (identical in TiTokEncoder and TiTokDecoder): name -> (width, layers, heads).
 OFFICIAL_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -275,9 +275,9 @@ class PixelResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.changes_width = cin != cout
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6, affine=True)
+        self.norm1 = GroupNorm(groups, cin, eps=1e-6, affine=True)
         self.conv1 = _same_conv(cin, cout, 3, bias=False)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6, affine=True)
+        self.norm2 = GroupNorm(groups, cout, eps=1e-6, affine=True)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = _same_conv(cout, cout, 3, bias=False)
         if self.changes_width:
@@ -327,7 +327,7 @@ class PixelDecoder(nn.Module):
         for level in range(len(mult)):
             cin = hidden_channels * (mult[-1] if level == len(mult) - 1 else mult[level + 1])
             self.up.append(PixelUpBlock(cin, hidden_channels * mult[level], num_res_blocks, level != 0, groups))
-        self.norm_out = nn.GroupNorm(groups, hidden_channels * mult[0], eps=1e-6, affine=True)
+        self.norm_out = GroupNorm(groups, hidden_channels * mult[0], eps=1e-6, affine=True)
         self.conv_out = _same_conv(hidden_channels * mult[0], out_channels, 3)
 
     def forward(self, z):
@@ -432,11 +432,11 @@ class TiTokTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromCon
     def decode_latent(self, z_quantized: torch.Tensor) -> torch.Tensor:
         """Official `TiTok.decode`: [B, token_size, 1, K] -> legacy stage 1: proxy-code logits
         [B, n_proxy, g, g]; otherwise RGB about [0, 1], not clamped."""
-        out = self.decoder(z_quantized)
+        out = self.decoder(z_quantized).contiguous()  # packed convolutions end channels-last (`layers.Conv2d`)
         if self.config.finetune_decoder:
             # Stage 2: the softmax over proxy codes mixes the MaskGIT-VQGAN codebook vectors.
             soft = torch.einsum("nchw,cd->ndhw", out.softmax(1), self.pixel_quantize.embedding.weight)
-            out = self.pixel_decoder(soft)
+            out = self.pixel_decoder(soft).contiguous()
         return out
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ from ..models.checkpoint import load_checkpoint_into
 from ..models.pretrained import PretrainedMixin
 from ..registry import register
 from .base import ImageShapeFromConfig, ImageTokenizer
-from .layers import Conv2d, silu
+from .layers import Conv2d, GroupNorm, silu
 
 
-def normalize(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+def normalize(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -280,7 +280,7 @@ class VQTokenizer(PretrainedMixin, ModelMixin, ConfigMixin, ImageShapeFromConfig
         return self.quantize.nearest(self.encode_latent(images))[0].flatten(1)
 
     def decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(quant)).contiguous()  # packed convolutions end channels-last
 
     def decode(self, codes: torch.Tensor, *, seeds=None) -> torch.Tensor:
         """codes [B, h*w] on this tokenizer's `grid`, or [B, h, w] on any h x w grid -> images
