@@ -41,9 +41,10 @@ class Conv2d(nn.Conv2d):
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight in the layout oneDNN picks for x's shape, rebuilt when the weight changes (`weights_key`: a
-        load, an optimizer step, a cast). Per shape, because a weight packed for one image decoded fp32 batches
-        of 16 at 0.82x the speed of one packed for 16 (two threads); the floats are the same either way (tested
-        per batch size). The last PACKED_SHAPES shapes are kept (default-vq's decoder: 3 MB a shape)."""
+        load, an optimizer step, a cast). Per shape: packed for one image, fp32 batches of 16 decoded at 0.82x
+        the public op's speed on two threads, packed for their shape at 0.97x (session 39, before the channels-
+        last activations); the floats are the same either way. The last PACKED_SHAPES shapes are kept
+        (default-vq's decoder: 3 MB a shape)."""
         key = weights_key((self.weight,) if self.bias is None else (self.weight, self.bias))
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
