@@ -62,8 +62,8 @@ def test_conv_tokenizers_decode_an_image_alike_in_any_batch_on_three_threads(whi
 
 def test_conv_tokenizers_decode_alike_on_one_thread_or_two_and_follow_their_weights():
     """Sampling convolutions run on weights packed once (`layers.Conv2d`): an image decodes to the same floats
-    on one thread and on two, and a load into the tokenizer is decoded with, not the packed copy of the old
-    weights. A deepcopy (an EMA) leaves the packed weights behind."""
+    on one thread and on two and in inference mode, and a load into the tokenizer is decoded with, not the packed
+    copy of the old weights. A deepcopy (an EMA) leaves the packed weights behind."""
     tok, other = tiny_vq(), tiny_vq()
     with torch.no_grad():
         for p in other.parameters():
@@ -77,6 +77,9 @@ def test_conv_tokenizers_decode_alike_on_one_thread_or_two_and_follow_their_weig
                 torch.set_num_threads(threads)
                 images.append(tok.decode(codes))
             assert torch.equal(*images)
+        with torch.inference_mode():  # inference tensors keep no version counter (`weights_key`)
+            assert torch.equal(tok.decode(codes), images[0])
+        with torch.no_grad():
             expected = other.decode(codes)
             assert not torch.equal(expected, images[0])
             copied = copy.deepcopy(tok)
