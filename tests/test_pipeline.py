@@ -17,6 +17,7 @@ from argen.hub import ASSETS
 from argen.pipeline import ARPipeline
 from argen.registry import load_component
 from argen.tokenizers import VQTokenizer
+from argen.tokenizers.layers import PACKED_SHAPES, Conv2d
 
 from helpers import tiny_gpt
 
@@ -79,6 +80,11 @@ def test_conv_tokenizers_decode_alike_on_one_thread_or_two_and_follow_their_weig
             assert torch.equal(*images)
         with torch.inference_mode():  # inference tensors keep no version counter (`weights_key`)
             assert torch.equal(tok.decode(codes), images[0])
+        with torch.no_grad():  # more batch sizes than packed shapes kept: the oldest go, the floats stay
+            for size in range(1, PACKED_SHAPES + 3):
+                assert torch.equal(tok.decode(codes[:size]), images[0][:size])
+        decoding = [m for m in tok.modules() if isinstance(m, Conv2d) and "_packed" in m.__dict__]  # not the encoder's
+        assert decoding and all(len(m.__dict__["_packed"][1]) == PACKED_SHAPES for m in decoding)
         with torch.no_grad():
             expected = other.decode(codes)
             assert not torch.equal(expected, images[0])

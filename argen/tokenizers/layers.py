@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,18 +50,17 @@ class Conv2d(nn.Conv2d):
         key = weights_key((self.weight,) if self.bias is None else (self.weight, self.bias))
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
-            cached = (key, {})
+            cached = (key, OrderedDict())
             self.__dict__["_packed"] = cached  # not a buffer: derived, never saved
-        shapes = cached[1]
-        shape = tuple(x.shape)
-        packed = shapes.pop(shape, None)
-        if packed is None:
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.detach().to_mkldnn(), self.padding,
-                                                              self.stride, self.dilation, self.groups, list(shape))
-            while len(shapes) >= PACKED_SHAPES:
-                del shapes[next(iter(shapes))]  # the least recently used
-        shapes[shape] = packed  # last: the most recently used
-        return packed
+        by_shape, shape = cached[1], tuple(x.shape)
+        if shape in by_shape:
+            by_shape.move_to_end(shape)  # the most recently used last
+        else:
+            if len(by_shape) == PACKED_SHAPES:
+                by_shape.popitem(last=False)
+            by_shape[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.weight.detach().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(shape))
+        return by_shape[shape]
 
     def __getstate__(self) -> dict:
         # a packed weight is an opaque oneDNN tensor, which neither copies nor pickles (an EMA's deepcopy)
