@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from argen.atomic import atomic_write_text
 from argen.pipeline import ARPipeline, to_pil
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_tokens.json"
@@ -49,17 +50,20 @@ def record(model: str, samplers=SAMPLERS, weights: str = "fp32") -> dict:
     out = {}
     for sampler in samplers:
         result = pipe(**CASES[model], sampler=sampler, seed=11, batch_size=3, progress=False)
-        pixels = np.stack([np.asarray(im) for im in result.images])
-        out[sampler] = {"tokens": result.tokens.tolist(), "images_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
+        out[sampler] = {"tokens": result.tokens.tolist(), "images_sha256": pixels_sha256(result.images)}
     return out
+
+
+def pixels_sha256(images) -> str:
+    """The record's hash of a sample's PIL images (what `tests/test_reference_tokens.py` compares)."""
+    return hashlib.sha256(np.stack([np.asarray(im) for im in images]).tobytes()).hexdigest()
 
 
 def images_sha256(pipe, model: str, tokens: list) -> str:
     """The hash `record` gives a sample's images, from its recorded tokens (image i decoded with seed 11 + i)."""
     conds = pipe.conditions(CASES[model].get("prompt"), CASES[model].get("class_labels"), CASES[model]["num_images"])
     seeds = [11 + i for i in range(len(conds))]
-    images = to_pil(pipe.tokens_to_images(torch.tensor(tokens), conds, seeds))
-    return hashlib.sha256(np.stack([np.asarray(im) for im in images]).tobytes()).hexdigest()
+    return pixels_sha256(to_pil(pipe.tokens_to_images(torch.tensor(tokens), conds, seeds)))
 
 
 def rehash_images(data: dict) -> None:
@@ -109,23 +113,18 @@ def main():
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     if args.images:
         rehash_images(data)
-        OUT.write_text(json.dumps(data, separators=(",", ":")) + "\n")
-        print(f"wrote {OUT}")
-        return
-    if args.this_cpu:  # the test runs at torch's default thread count and with both fp32 kernels
+    elif args.this_cpu:  # the test runs at torch's default thread count and with both fp32 kernels
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             for weights in ("fp32", "fp32-packed"):
                 add_this_cpu(data, weights)
-        OUT.write_text(json.dumps(data, separators=(",", ":")) + "\n")
-        print(f"wrote {OUT}")
-        return
-    for model in [args.only] if args.only else CASES:
-        if args.add:
-            data[model]["samplers"].update(record(model, args.add))
-        else:
-            data[model] = {"case": CASES[model], "samplers": record(model)}
-    OUT.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    else:
+        for model in [args.only] if args.only else CASES:
+            if args.add:
+                data[model]["samplers"].update(record(model, args.add))
+            else:
+                data[model] = {"case": CASES[model], "samplers": record(model)}
+    atomic_write_text(OUT, json.dumps(data, separators=(",", ":")) + "\n")
     print(f"wrote {OUT}")
 
 
