@@ -288,10 +288,12 @@ class ARPipeline(DiffusionPipeline):
             path = folder / ref if str(ref).strip() and (folder / str(ref)).is_dir() else resolve_model_dir(ref)
             return load_component(path, kind, device=device)
 
-        tok_ref = tokenizer if tokenizer is not None else meta.get("tokenizer")
-        if tok_ref is None:
-            raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; pass --tokenizer NAME_OR_FOLDER")
+        # the generator first: a tokenizer's or classifier's folder given as a model is named as such
         generator = load_component(found.gpt_dir, Generator, device=device)
+        tok_ref = tokenizer if tokenizer is not None else meta.get("tokenizer")
+        if tok_ref is None:  # (eval and bench have no --tokenizer: name the pipeline file to fix)
+            raise ArgenError(f"{folder}: {PIPELINE_FILE} names no tokenizer; record one there (\"tokenizer\": NAME_OR_FOLDER)"
+                             f" or give one (argen generate --tokenizer, ARPipeline.from_pretrained(tokenizer=...))")
         if weights != "fp32":  # an option of generators that offer it (GPT); fp32 is every model's own
             if hasattr(generator, "set_weight_format"):
                 generator.set_weight_format(weights)

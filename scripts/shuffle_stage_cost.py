@@ -1,7 +1,7 @@
 """How much of a Token-Shuffle model's sampling time its residual MLP blocks cost: images/s of
 default-c2i and of the shuffle model with its shuffle / unshuffle stages cut to the first n blocks per
-side (and, with `n:H`, those blocks replaced by SwiGLU blocks H wide), side by side in one process (AR,
-decoding to images included, interleaved rounds).
+side (and, with `n:H`, those blocks replaced by SwiGLU blocks H wide; `n:H:plain`, by plain blocks,
+x + W2 silu(W1 x)), side by side in one process (AR, decoding to images included, interleaved rounds).
 
 Timing only: a cut or thinned model is not a trained model (its images are not meaningful), but a
 decode step costs the same whatever the weights, so this measures the wall-clock ceiling a retrained
@@ -9,6 +9,7 @@ lighter stage could reach.
 
     python scripts/shuffle_stage_cost.py --blocks 2,1,0 --batch-sizes 1,16 --rounds 4
     python scripts/shuffle_stage_cost.py --blocks 1:256,1:128,1:64,0 --rounds 5
+    python scripts/shuffle_stage_cost.py --blocks 1,1:128:plain,0 --batch-sizes 1 --rounds 6
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import torch
 import torch.nn as nn
 
 from argen.bench.decode import interleave
-from argen.models.token_shuffle import ResidualMLP
+from argen.models.token_shuffle import MLP_KINDS
 from argen.pipeline import ARPipeline
 
 
-def cut(pipe: ARPipeline, blocks: int, hidden: Optional[int] = None) -> ARPipeline:
+def cut(pipe: ARPipeline, blocks: int, hidden: Optional[int] = None, kind: str = "swiglu") -> ARPipeline:
     g = pipe.generator
     for side in ("shuffle_mlp", "unshuffle_mlp"):
         kept = list(getattr(g, side))[:blocks]
-        if hidden:  # fresh blocks of that width (timing only: their weights are untrained)
-            kept = [ResidualMLP(g.gpt_config, hidden).eval() for _ in kept]
+        if hidden:  # fresh blocks of that width and kind (timing only: their weights are untrained)
+            kept = [MLP_KINDS[kind](g.gpt_config, hidden).eval() for _ in kept]
         setattr(g, side, nn.ModuleList(kept))
     return pipe
 
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--baseline", default="default-c2i")
     p.add_argument("--model", default="shuffle-c2i")
     p.add_argument("--blocks", default="2,1,0",
-                   help="residual MLP blocks kept per side, each as N or N:H (blocks H wide instead)")
+                   help="residual MLP blocks kept per side, each as N, N:H (blocks H wide instead) or N:H:plain")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4, help="the first round is a warm-up and is dropped")
@@ -51,10 +52,10 @@ def main() -> None:
 
     pipes = {args.baseline: ARPipeline.from_pretrained(args.baseline)}
     for spec in args.blocks.split(","):
-        n, _, hidden = spec.partition(":")
-        width = f", {hidden} wide" if hidden else ""
+        n, hidden, kind = (spec.split(":") + ["", ""])[:3]
+        width = f", {kind or 'swiglu'} {hidden} wide" if hidden else ""
         pipes[f"{args.model}, {n} block(s) per side{width}"] = cut(ARPipeline.from_pretrained(args.model), int(n),
-                                                                   int(hidden) if hidden else None)
+                                                                   int(hidden) if hidden else None, kind or "swiglu")
     labels = [i % 10 for i in range(args.num_images)]
 
     print(f"| model | batch | images / s | vs {args.baseline} |\n|---|---|---|---|")

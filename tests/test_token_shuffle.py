@@ -175,6 +175,38 @@ def test_folded_head_is_the_unfolded_head_and_follows_the_weights():
         TokenShuffleConfig(shuffle=2, shuffle_mlp_hidden=0, **FIELDS)
 
 
+def test_plain_blocks_are_two_products_and_keep_a_row_the_same_at_any_batch():
+    model = tiny_shuffle(2, shuffle_mlp_blocks=1, shuffle_mlp_hidden=24, shuffle_mlp_kind="plain")
+    block = model.unshuffle_mlp[0]
+    assert sorted(n for n, _ in block.named_parameters()) == ["w1.weight", "w2.weight"]
+    assert block.w1.weight.shape == (24, 64) and block.w2.weight.shape == (64, 24)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(block(x), x + F.linear(F.silu(F.linear(x, block.w1.weight)), block.w2.weight),
+                              atol=1e-6)
+        # a step's logits: a row alone (2 rows with CFG, padded to 4) has the bits it has in a batch of 5
+        cond, tokens = torch.tensor([1, 4, 9, 2, 0]), torch.randint(0, 32, (5, 1, 4))
+        cache = model.new_cache(5)
+        model.prefill(cond, cache)
+        batch = model.decode(tokens, torch.tensor([1]), cache)
+        for i in range(5):
+            one = model.new_cache(1)
+            model.prefill(cond[i:i + 1], one)
+            assert torch.equal(model.decode(tokens[i:i + 1], torch.tensor([1]), one), batch[i:i + 1])
+    # cached decoding is teacher forcing, as for the SwiGLU blocks
+    codes = torch.randint(0, 32, (2, 16))
+    tokens = model.codes_to_tokens(codes).view(2, 4, 4)
+    full = model(tokens[:, :-1], cond[:2])
+    cache = model.new_cache(2)
+    first = model.prefill(cond[:2], cache)
+    rest = model.decode(tokens[:, :-1], torch.arange(1, 4), cache)
+    assert torch.allclose(torch.cat([first[:, None], rest], 1), full, atol=1e-5)
+    # saved and loaded by its config
+    assert TokenShuffleConfig.from_dict(model.config).shuffle_mlp_kind == "plain"
+    with pytest.raises(ArgenError, match="shuffle_mlp_kind must be one of swiglu, plain, got 'gelu'"):
+        TokenShuffleConfig(shuffle=2, shuffle_mlp_kind="gelu", **FIELDS)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sampling_looks_up_the_compressed_embeddings_with_the_bits_of_the_compress_layer(threads):
     """Sampling reads a [V, d/k] table instead of running the compress layer at every step; each entry is
@@ -285,6 +317,10 @@ def test_train_cli_refuses_a_window_that_does_not_divide_the_grid(tmp_path, tiny
     assert not (tmp_path / "o" / "codes_train.safetensors").exists()
     code = main(["train", "gpt", "--model-type", "c2i", "--vq", str(tiny_vq_dir), "--out", str(tmp_path / "p"),
                  "--steps", "2", "--shuffle-blocks", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "add --shuffle S" in err
+    code = main(["train", "gpt", "--model-type", "c2i", "--vq", str(tiny_vq_dir), "--out", str(tmp_path / "q"),
+                 "--steps", "2", "--shuffle-mlp", "plain"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "add --shuffle S" in err
 

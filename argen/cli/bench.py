@@ -136,13 +136,15 @@ def run_decode(args) -> int:
     _check_json(args)
     if args.llamagen and args.model:
         raise ArgenError("--llamagen compares official GPT sizes with random weights; drop --model")
+    if not args.llamagen and (args.e2e_variants or args.e2e_tokens):
+        raise ArgenError("--e2e-variants and --e2e-tokens set the --llamagen comparison: add --llamagen PATH")
 
     import_libraries()
     import torch
 
     from ..bench.decode import (bench_decode, bench_end_to_end, build_variants, compiled_label, end_to_end_table,
-                                greedy_agreement, markdown_table, official_twin, parse_compile_modes, random_gpt,
-                                to_records)
+                                greedy_agreement, load_official, markdown_table, official_twin, parse_compile_modes,
+                                random_gpt, to_records)
     from ..bench.load import CpuLoad, probe
     from ..models import GPTConfig
     from ..models.quant import WEIGHT_FORMATS
@@ -155,6 +157,8 @@ def run_decode(args) -> int:
         raise ArgenError(f"unknown variant(s) {unknown}; choose from {', '.join(WEIGHT_FORMATS)} "
                          "(an empty list is allowed with --window-cost)")
     compile_modes = parse_compile_modes(args.compile)
+    if args.llamagen:  # a wrong checkout is refused now, not after the timing
+        load_official(args.llamagen)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -177,6 +181,13 @@ def run_decode(args) -> int:
         models = build_variants(args.size, variants, compile_modes, block_size=args.tokens)
         tokens = args.tokens
         what = f"{args.size} with random weights"
+    chosen = []
+    if args.llamagen and models:  # as is a variant that is not timed
+        chosen = ([v.strip() for v in args.e2e_variants.split(",") if v.strip()] if args.e2e_variants
+                  else [label for label in models if "+" not in label])
+        missing = [v for v in chosen if v not in models]
+        if missing:
+            raise ArgenError(f"--e2e-variants {missing} are not among the timed variants {list(models)}")
     results, e2e, agreement = [], [], {}
     with CpuLoad() as load:
         if models:
@@ -187,11 +198,6 @@ def run_decode(args) -> int:
         if args.llamagen and models:
             fp32 = models.get("fp32") or random_gpt(args.size, block_size=args.tokens)
             official, generate = official_twin(fp32, args.size, args.llamagen)
-            chosen = ([v.strip() for v in args.e2e_variants.split(",") if v.strip()] if args.e2e_variants
-                      else [label for label in models if "+" not in label])
-            missing = [v for v in chosen if v not in models]
-            if missing:
-                raise ArgenError(f"--e2e-variants {missing} are not among the timed variants {list(models)}")
             e2e_tokens = min(args.e2e_tokens or tokens, tokens)
             e2e = bench_end_to_end({v: models[v] for v in chosen}, official, generate, e2e_batch_sizes, params,
                                    e2e_tokens, args.rounds)

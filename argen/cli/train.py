@@ -206,6 +206,8 @@ def register(sub):
                      help="with --shuffle: residual MLP blocks on each side of the transformer (default 2)")
     gpt.add_argument("--shuffle-hidden", type=COUNT, default=None, metavar="H",
                      help="with --shuffle: hidden width of those blocks (default: the transformer's FFN width)")
+    gpt.add_argument("--shuffle-mlp", choices=("swiglu", "plain"), default=None,
+                     help="with --shuffle: each block x + SwiGLU(RMSNorm(x)) (default) or x + W2 silu(W1 x)")
     gpt.add_argument("--distill-from", default=None, metavar="MODEL",
                      help="train a draft model: KL to this generator's guided next-token distribution instead of "
                           "cross-entropy (pipeline folder or shipped name, same codes)")
@@ -291,7 +293,8 @@ def _run_gpt(args) -> int:
                         captions=args.captions, init_from=args.init_from,
                         cfg_scale=args.cfg_scale, refiner=args.refiner, coarse_clusters=args.coarse_clusters,
                         kmeans_seed=args.kmeans_seed, shuffle=args.shuffle, shuffle_blocks=args.shuffle_blocks,
-                        shuffle_hidden=args.shuffle_hidden, distill_from=args.distill_from,
+                        shuffle_hidden=args.shuffle_hidden, shuffle_mlp=args.shuffle_mlp,
+                        distill_from=args.distill_from,
                         distill_cfg=args.distill_cfg)
     if metrics:
         print(f"gpt ({args.model_type}): {args.out}/model  final loss {metrics['final_train_losses'].get('loss', float('nan')):.4f}"

@@ -5,7 +5,7 @@ No official code exists; this follows the paper's description (`shared/docs/toke
 
 * token-shuffle: each code of a window is embedded (`tok_embeddings`, d), compressed d -> d/s²
   by one shared linear layer, the s² parts are concatenated (window raster order) to d, and
-  `shuffle_mlp_blocks` residual MLP blocks mix them;
+  `shuffle_mlp_blocks` residual MLP blocks (`shuffle_mlp_kind`: SwiGLU with a pre-norm, or plain) mix them;
 * the LlamaGen transformer (`argen.models.gpt` blocks, reused) runs over the (R/s) x (C/s) grid of
   windows with 2D RoPE over that grid, after the condition prefix exactly as in `GPT`;
 * token-unshuffle: `shuffle_mlp_blocks` residual MLP blocks, a split into s² parts of d/s²,
@@ -52,6 +52,10 @@ class TokenShuffleConfig(GPTConfig):
     # every step beside only n_layer transformer layers, so on a small model full-width blocks cost
     # as much as a layer each (docs/history/token-shuffle.md, "Session 25")
     shuffle_mlp_hidden: Optional[int] = None
+    # what a block is: "swiglu", x + SwiGLU(RMSNorm(x)) (LlamaGen's feed-forward, three products); or
+    # "plain", x + W2 silu(W1 x) (two products, no norm). At batch 1 a step is op overhead, and a plain block
+    # per side made default-c2i's step 1.07x dearer in shuffle-c2i instead of 1.12-1.13x (session 40).
+    shuffle_mlp_kind: str = "swiglu"
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +68,8 @@ class TokenShuffleConfig(GPTConfig):
         h = self.shuffle_mlp_hidden
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise ArgenError(f"shuffle_mlp_hidden must be an integer >= 1 or None, got {h!r}")
+        if self.shuffle_mlp_kind not in MLP_KINDS:
+            raise ArgenError(f"shuffle_mlp_kind must be one of {', '.join(MLP_KINDS)}, got {self.shuffle_mlp_kind!r}")
         grid = self.grid
         if grid is None:
             raise ArgenError("token-shuffle needs a 2D code grid (rope_type '2d'); 1D tokenizers have no windows")
@@ -98,6 +104,26 @@ class ResidualMLP(nn.Module):
         return x + self.feed_forward(self.norm(x))
 
 
+class PlainResidualMLP(nn.Module):
+    """x + W2 silu(W1 x): a residual MLP block of two products and nothing else (`shuffle_mlp_kind` "plain")."""
+
+    def __init__(self, config: GPTConfig, hidden: Optional[int] = None):
+        super().__init__()
+        hidden = hidden or config.ffn_hidden_dim
+        self.w1 = BatchInvariantLinear(config.dim, hidden, bias=False)
+        self.w2 = BatchInvariantLinear(hidden, config.dim, bias=False)
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]  # padded once around both products, as `FeedForward` does
+        return x + batch_invariant(self._mlp, x.reshape(rows, -1)).reshape(x.shape)
+
+    def _mlp(self, x):
+        return self.w2(F.silu(self.w1(x)))
+
+
+MLP_KINDS = {"swiglu": ResidualMLP, "plain": PlainResidualMLP}
+
+
 @register
 class TokenShuffleGPT(GPT):
     """LlamaGen GPT over s x s windows of codes: k = s² codes per position (see the module docstring).
@@ -115,9 +141,9 @@ class TokenShuffleGPT(GPT):
         if s2 > 1:
             part = cfg.dim // s2
             self.shuffle_compress = BatchInvariantLinear(cfg.dim, part)
-            blocks = cfg.shuffle_mlp_blocks
-            self.shuffle_mlp = nn.ModuleList(ResidualMLP(cfg, cfg.shuffle_mlp_hidden) for _ in range(blocks))
-            self.unshuffle_mlp = nn.ModuleList(ResidualMLP(cfg, cfg.shuffle_mlp_hidden) for _ in range(blocks))
+            blocks, block = cfg.shuffle_mlp_blocks, MLP_KINDS[cfg.shuffle_mlp_kind]
+            self.shuffle_mlp = nn.ModuleList(block(cfg, cfg.shuffle_mlp_hidden) for _ in range(blocks))
+            self.unshuffle_mlp = nn.ModuleList(block(cfg, cfg.shuffle_mlp_hidden) for _ in range(blocks))
             self.unshuffle_expand = BatchInvariantLinear(part, cfg.dim)
             for module in (self.shuffle_compress, self.unshuffle_expand, self.shuffle_mlp, self.unshuffle_mlp):
                 for m in module.modules():

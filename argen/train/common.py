@@ -200,6 +200,13 @@ class EMA:
 # Deterministic data order
 
 
+def check_batch_size(num_items: int, batch_size: int) -> None:
+    """One batch must fit in the training set. The trainers call this before they claim the run folder
+    (and before a GPT or refiner run encodes its training set), so a refusal leaves nothing behind."""
+    if num_items < batch_size:
+        raise ArgenError(f"the dataset has {num_items} items, fewer than one batch of {batch_size}")
+
+
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The item order of `epoch`: a pure function of (seed, epoch)."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345)
@@ -216,8 +223,7 @@ class StepBatchSampler(Sampler):
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int):
-        if num_items < batch_size:
-            raise ArgenError(f"the dataset has {num_items} items, fewer than one batch of {batch_size}")
+        check_batch_size(num_items, batch_size)
         self.num_items = num_items
         self.batch_size = batch_size
         self.drop_last = True

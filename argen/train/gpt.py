@@ -49,8 +49,8 @@ from ..models.token_shuffle import TokenShuffleConfig, TokenShuffleGPT
 from ..pipeline import CLASS_DESCRIPTIONS_FILE, ARPipeline, pipeline_json, save_class_descriptions
 from ..registry import load_component
 from ..tokenizers.base import ImageTokenizer
-from .common import (Trainer, TrainConfig, check_run_args, check_trainable_size, seed_everything, set_threads,
-                     write_json)
+from .common import (Trainer, TrainConfig, check_batch_size, check_run_args, check_trainable_size, seed_everything,
+                     set_threads, write_json)
 from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
 
 CODES_NAME = "codes_train.safetensors"
@@ -194,6 +194,13 @@ class CodeBatches:
         return batch
 
 
+def training_items(limit: Optional[int], flip: bool, data_root=None) -> int:
+    """How many items `training_codes` gives (the train split up to `limit`, doubled by `flip`), before anything
+    is encoded."""
+    images, _ = load_fashion_mnist("train", data_root)
+    return len(images[:limit]) * (2 if flip else 1)
+
+
 def training_codes(vq_model, vq_dir, out: Path, accelerator, codes_cache, flip: bool, limit: Optional[int],
                    progress: bool, data_root=None):
     """(images, labels, codes) of the Fashion-MNIST train split for a run in `out`: the main
@@ -249,7 +256,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
               stop_at_step: Optional[int] = None, refiner=None, coarse_clusters: Optional[int] = None,
               kmeans_seed: int = 0, kmeans_normalize: bool = False,
               shuffle: Optional[int] = None, shuffle_blocks: Optional[int] = None,
-              shuffle_hidden: Optional[int] = None, distill_from: Optional[str] = None,
+              shuffle_hidden: Optional[int] = None, shuffle_mlp: Optional[str] = None,
+              distill_from: Optional[str] = None,
               distill_cfg: Optional[float] = None) -> dict:
     """Train a c2i or t2i GPT on codes of the VQ `vq` (folder or shipped name); returns final metrics.
 
@@ -259,7 +267,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     the refiner's training calls, so both agree); the export needs the refiner (it is copied
     into the exported pipeline), so a run finished before its refiner exports with `--resume`.
     `shuffle=s` trains a `TokenShuffleGPT` (s x s windows of codes per position) instead, with
-    `shuffle_blocks` residual MLP blocks per side (default 2) `shuffle_hidden` wide (default: the FFN's).
+    `shuffle_blocks` residual MLP blocks per side (default 2) `shuffle_hidden` wide (default: the FFN's), of
+    kind `shuffle_mlp` ("swiglu", the default, or "plain": `TokenShuffleConfig.shuffle_mlp_kind`).
     `distill_from` (a generator over the same codes): train on `distill_loss` against it at guidance
     `distill_cfg` (default: its pipeline's default guidance) instead of the cross-entropy.
     """
@@ -282,8 +291,8 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     code_to_cluster = _coarse_map(vq_model, refiner, coarse_clusters, kmeans_seed, kmeans_normalize, model_type)
     if shuffle is not None:  # refused before any data is encoded
         _check_shuffle(shuffle, grid)
-    elif shuffle_blocks is not None or shuffle_hidden is not None:
-        raise ArgenError("--shuffle-blocks / --shuffle-hidden shape a Token-Shuffle model: add --shuffle S")
+    elif shuffle_blocks is not None or shuffle_hidden is not None or shuffle_mlp is not None:
+        raise ArgenError("--shuffle-blocks / --shuffle-hidden / --shuffle-mlp shape a Token-Shuffle model: add --shuffle S")
     teacher, distill_params = None, None
     if distill_from is not None:
         if shuffle is not None or code_to_cluster is not None:
@@ -309,9 +318,14 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
             fields["shuffle_mlp_blocks"] = shuffle_blocks
         if shuffle_hidden is not None:
             fields["shuffle_mlp_hidden"] = shuffle_hidden
+        if shuffle_mlp is not None:
+            fields["shuffle_mlp_kind"] = shuffle_mlp
     gpt_cfg = config_cls.from_name(size, **fields) if size else config_cls(dim=dim, n_layer=n_layer, n_head=n_head,
                                                                            **fields)
     check_trainable_size(lambda: model_cls(gpt_cfg), "this GPT")
+    check_batch_size(training_items(limit, flip, data_root), batch_size)
+    # a warm start that is not a GPT is refused before the run folder is claimed and the training set encoded
+    init_source = GPT.from_pretrained(resolve_model_dir(init_from)).float() if init_from is not None else None
 
     accelerator = make_accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
@@ -341,7 +355,7 @@ def train_gpt(out, *, model_type: str, vq, steps: Optional[int] = None, epochs: 
     torch.manual_seed(seed)  # identical init on every process
     model = model_cls(gpt_cfg)
     k = model.tokens_per_position
-    init_info = init_weights(model, init_from, caption_set) if init_from is not None else None
+    init_info = init_weights(model, init_source, caption_set) if init_from is not None else None
     seed_everything(seed + accelerator.process_index)
 
     dataset = CodeBatches(codes, labels, images, model_type, caption_set)
@@ -558,10 +572,10 @@ def caption_table(encoder, style: str = "basic", seed: int = 0) -> Captions:
 
 
 def init_weights(model: GPT, source, caption_set: Optional[Captions] = None, fit_steps: int = 600) -> dict:
-    """Start `model` from the generator `source` (shipped name or folder): see `GPT.init_from`.
+    """Start `model` from the generator `source` (shipped name or folder, or a loaded GPT): see `GPT.init_from`.
     From a class-conditional source into a text-conditional model, the caption projection is
     fitted on the training captions' features and class labels first."""
-    src = GPT.from_pretrained(resolve_model_dir(source)).float()
+    src = source if isinstance(source, GPT) else GPT.from_pretrained(resolve_model_dir(source)).float()
     feats = labels = None
     if src.condition_kind == "class" and model.condition_kind == "text":
         if caption_set is None or caption_set.labels is None or caption_set.feats.shape[1] != 1:
@@ -614,7 +628,8 @@ def _conditions(model_type, labels, encoder, images, caption_set):
 
 def _block_width(g: dict) -> str:
     hidden = g.get("shuffle_mlp_hidden")
-    return f", SwiGLU hidden width {hidden}" if hidden else ""
+    kind = "plain MLP (x + W2 silu(W1 x))" if g.get("shuffle_mlp_kind") == "plain" else "SwiGLU"
+    return f", {kind} hidden width {hidden}" if hidden else ""
 
 
 def _check_shuffle(shuffle, grid) -> None:

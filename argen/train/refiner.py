@@ -24,8 +24,9 @@ from ..hub import resolve_model_dir
 from ..refiners.ctf import CTFRefiner, coarse_labels
 from ..registry import load_component
 from ..tokenizers.base import ImageTokenizer
-from .common import Trainer, TrainConfig, check_run_args, check_trainable_size, seed_everything, set_threads, write_json
-from .gpt import CodeBatches, _weights_hash, encode_images, training_codes
+from .common import (Trainer, TrainConfig, check_batch_size, check_run_args, check_trainable_size, seed_everything,
+                     set_threads, write_json)
+from .gpt import CodeBatches, _weights_hash, encode_images, training_codes, training_items
 from .rundir import check_codes_cache, check_run_dir, claim_run_dir, list_in_marker
 
 
@@ -56,6 +57,7 @@ def train_refiner(out, *, vq, num_clusters: int = 64, kmeans_seed: int = 0, norm
                         temperature=temperature, restrict=restrict, kmeans_seed=kmeans_seed, normalized=normalize,
                         class_dropout_prob=class_dropout)
     check_trainable_size(lambda: CTFRefiner(**model_kwargs), "this refiner")
+    check_batch_size(training_items(limit, flip, data_root), batch_size)
     accelerator = make_accelerator()
     out = claim_run_dir(out, resume, accelerator.is_main_process)
 

@@ -54,8 +54,8 @@ from ..errors import ArgenError
 from ..tokenizers.flextok import FlexTokTokenizer, powers_of_two
 from ..tokenizers.titok import TiTokTokenizer
 from ..tokenizers.vq import VQTokenizer
-from .common import (Trainer, TrainConfig, check_run_args, check_trainable_size, set_threads, seed_everything,
-                     write_json)
+from .common import (Trainer, TrainConfig, check_batch_size, check_run_args, check_trainable_size, set_threads,
+                     seed_everything, write_json)
 from .gan import AdversarialLoss, decoder_last_layer
 from .rundir import check_run_dir, claim_run_dir, list_in_marker
 
@@ -449,6 +449,7 @@ def train_tokenizer(out, *, steps: Optional[int] = None, epochs: Optional[float]
     vq = model_cls(**vq_kwargs)
     # a warm start that does not fit is refused before the run folder is claimed: nothing is left behind
     init_info = init_tokenizer_weights(vq, init_from) if init_from is not None else None
+    check_batch_size(len(train_images), batch_size)
     out = claim_run_dir(out, resume, accelerator.is_main_process)
     if epochs is not None:
         per_epoch = len(train_images) // (batch_size * accelerator.num_processes)

@@ -44,6 +44,9 @@ CASES = {
     "decode-json-user-file": (DECODE + ["--json", "results.json"], ["'results.json'", "not written by argen"]),
     "decode-json-folder": (DECODE + ["--json", "dir.json"], ["is a folder"]),
     "decode-json-below-a-file": (DECODE + ["--json", "notes.txt/d.json"], ["is a file, not a folder"]),
+    # options of the --llamagen comparison without it (until session 40: ignored, the run went on)
+    "decode-e2e-variants-without-llamagen": (DECODE + ["--e2e-variants", "fp32"], ["--e2e-variants", "--llamagen"]),
+    "decode-e2e-tokens-without-llamagen": (DECODE + ["--e2e-tokens", "4"], ["--e2e-tokens", "--llamagen"]),
     # bench samplers: specs before the model loads, outputs before the timing
     "samplers-spec-G-abc": (["bench", "samplers", "gsd:G=abc"], ["gsd"]),
     "samplers-spec-L-nan": (["bench", "samplers", "sjd:L=nan"], ["sjd"]),
@@ -80,6 +83,14 @@ def test_bench_refuses(scene, userdir, case):
     args, fragments = CASES[case]
     outcome = cli(*args)
     assert_refused(outcome, *fragments)
+
+
+def test_bench_decode_refuses_a_wrong_llamagen_checkout_before_timing(userdir):
+    """Until session 40 the --llamagen path was read after the whole decode timing (minutes at the defaults),
+    whose table was printed first."""
+    outcome = cli(*DECODE, "--variants", "fp32", "--agreement-tokens", "0", "--llamagen", "notes.txt")
+    assert_refused(outcome, "--llamagen notes.txt", "no autoregressive/models/gpt.py")
+    assert outcome.out == ""
 
 
 # ---- positive controls: argen's own outputs are re-written ----------------------------------------

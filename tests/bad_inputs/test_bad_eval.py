@@ -69,6 +69,9 @@ CASES = {
                                ["evaluation did not write"]),
     # counts (item 7: FID needs 2 samples, refused before sampling)
     "fid-num-samples-one": (FID[:-1] + ["1", "--out", "new"], ["--num-samples", "at least 2"]),
+    # a tokenizer given as the model (until session 40: "pass --tokenizer", an option eval does not have)
+    "fid-model-is-a-tokenizer": (FID[:2] + ["--model", "default-vq", "--num-samples", "2", "--out", "new"],
+                                 ["VQTokenizer is not a Generator"]),
     "fid-num-samples-zero": (FID[:-1] + ["0", "--out", "new"], ["--num-samples"]),
     "sample-num-samples-zero": (["eval", "sample", "--model", "default-c2i", "--out", "new", "--num-samples", "0"],
                                 ["--num-samples"]),
